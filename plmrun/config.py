@@ -1,0 +1,538 @@
+"""Typed run configuration: dataclasses, YAML loading, CLI overrides, validation in one place.
+
+A run is a pure function of (config, seed, data). Every key below is read by something; the
+README option table is generated from these dataclasses (`plmrun config --markdown`) and a
+test checks it has not drifted. Unknown keys, wrong types and impossible combinations are
+rejected with one message naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["speedrun", "esm2"] = "speedrun"
+    "Architecture: the speedrun encoder or the Hugging Face EsmForMaskedLM-equivalent preset."
+    hidden_size: int = 256
+    "Width of the residual stream."
+    num_layers: int = 6
+    "Number of transformer blocks."
+    num_heads: int = 4
+    "Attention heads (head dim = hidden_size / num_heads)."
+    expansion_ratio: float = 4.0
+    "MLP width / hidden_size (ESM-2 uses 4.0; the seed's speedrun 8/3)."
+    rope_base: float = 10000.0
+    "Rotary embedding base."
+    unet: bool = True
+    "speedrun: UNet skip connections (first half pushes, second half pops, learned weights)."
+    x0_lambdas: bool = True
+    "speedrun: every block mixes in the embedding output x0 with learned lambdas."
+    value_embeddings: bool = True
+    "speedrun: extra embedding tables mixed into attention values (mirrored over depth)."
+    qk_norm: bool = True
+    "speedrun: RMS-normalise queries and keys per head."
+    soft_logit_cap: float = 32.0
+    "tanh cap on output logits (0 = off)."
+    attention_soft_cap: float = 0.0
+    "tanh cap on attention scores (0 = off; the seed used 64)."
+    p_attention: bool = False
+    "speedrun: Pattention MLP replacement (learned key/value parameter tokens)."
+    num_att_tokens: int = 512
+    "Number of parameter tokens per Pattention layer (read only when p_attention)."
+    tie_embeddings: bool = False
+    "Tie the LM-head decoder to the input embedding."
+    token_dropout: bool = False
+    "ESM-2 token dropout: zero <mask> embeddings and rescale by the masked fraction."
+    sliding_window: int = 0
+    "Final sliding-window size in tokens (0 = full attention within each sequence)."
+    sliding_window_start: int = 0
+    "Window at step 0, grown linearly to sliding_window over window_warmup_steps (0 = fixed)."
+    window_warmup_steps: int = 0
+    "Steps over which the sliding window grows from sliding_window_start."
+    attention_backend: Literal["auto", "cpu", "flex", "flash", "sdpa_dense", "naive"] = "auto"
+    "Packed-attention kernel: auto picks flash/flex on CUDA and the bucketed cpu path elsewhere."
+    layer_norm_eps: float = 1e-5
+    "esm2: LayerNorm epsilon."
+    init_std: float = 0.02
+    "Standard deviation of normal weight initialisation."
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "bundled"
+    "Prepared dataset directory (plmrun data prepare), or 'bundled' for the shipped Swiss-Prot corpus."
+    train_split: str = "train"
+    "Split used for training."
+    valid_split: str = "valid"
+    "Split used for evaluation during training."
+    max_length: int = 512
+    "Longest sequence in tokens (incl. <cls>/<eos>); longer ones get a random crop window."
+    token_budget: int = 4096
+    "Tokens per micro-batch (packed, padded only at the tail)."
+    prefetch: int = 4
+    "Micro-batches prepared ahead by background threads (0 = synchronous)."
+    num_workers: int = 1
+    "Background threads that pack and mask micro-batches."
+
+
+@dataclass
+class MaskingConfig:
+    objective: Literal["mlm", "diffusion", "mlm_to_diffusion"] = "mlm"
+    "Training objective: BERT-style MLM, masked diffusion, or a linear schedule from MLM to diffusion."
+    mask_rate: float = 0.15
+    "MLM: fraction of residues selected as targets (at step 0 when ramped)."
+    mask_rate_end: Optional[float] = None
+    "MLM: mask rate reached after ramp_steps (None = constant)."
+    ramp_steps: int = 0
+    "Steps over which mask_rate ramps to mask_rate_end, or MLM turns into diffusion."
+    mask_token_frac: float = 0.8
+    "MLM: fraction of targets replaced by <mask>."
+    random_token_frac: float = 0.1
+    "MLM: fraction of targets replaced by a random amino acid (the rest stay unchanged)."
+    diffusion_eps: float = 1e-3
+    "Masked diffusion: t ~ U(eps, 1]."
+
+
+@dataclass
+class OptimConfig:
+    optimizer: Literal["muon", "adamw"] = "muon"
+    "muon: Muon for hidden matrices + Adam groups; adamw: one AdamW over all parameters (ESM-2 recipe)."
+    lr: float = 4e-4
+    "adamw: learning rate."
+    lr_hidden: float = 0.02
+    "muon: learning rate of hidden 2-D matrices."
+    lr_embed: float = 0.05
+    "muon: Adam learning rate of embeddings (token and value embeddings)."
+    lr_head: float = 0.008
+    "muon: Adam learning rate of the LM head."
+    lr_scalar: float = 0.04
+    "muon: Adam learning rate of scalars/vectors (lambdas, skip weights, norms, biases)."
+    betas: tuple[float, float] = (0.8, 0.95)
+    "Adam betas (ESM-2 recipe: 0.9, 0.98)."
+    eps: float = 1e-8
+    "Adam epsilon."
+    weight_decay: float = 0.0
+    "Decoupled weight decay (matrices only for muon groups; all but norms/biases for adamw)."
+    muon_momentum: float = 0.95
+    "Muon Nesterov momentum after warm-up."
+    muon_momentum_start: float = 0.85
+    "Muon momentum at step 0."
+    muon_momentum_warmup_steps: int = 300
+    "Steps over which Muon momentum rises to muon_momentum."
+    ns_steps: int = 5
+    "Newton-Schulz iterations."
+    schedule: Literal["cosine", "wsd", "linear", "constant"] = "wsd"
+    "LR schedule after warm-up: cosine, warmup-stable-decay, linear decay, or constant."
+    warmup: float = 0.0
+    "Warm-up: steps if >= 1, fraction of max_steps if < 1."
+    cooldown: float = 0.4
+    "wsd: length of the final linear cool-down (steps if >= 1, else fraction of max_steps)."
+    final_lr_ratio: float = 0.0
+    "LR at the end as a fraction of the peak (ESM-2 recipe: 0.1)."
+    grad_clip: float = 0.0
+    "Clip the global gradient norm to this value (0 = off)."
+    auto_clip_percentile: float = 0.0
+    "Auto-clip to this percentile of the grad-norm history (0 = off)."
+    auto_clip_history: int = 100
+    "Grad norms kept for auto-clip."
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 600
+    "Optimizer steps."
+    grad_accum: int = 1
+    "Micro-batches per rank per step."
+    seed: int = 0
+    "Seed for init, data order, crops and masks."
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    "Where to train (auto = cuda if available)."
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    "bf16 autocast with fp32 master weights, or fp32 (auto = bf16)."
+    compile: bool = False
+    "torch.compile the model (static shapes)."
+    threads: int = 0
+    "torch intra-op threads on CPU (0 = all cores)."
+    eval_every: int = 100
+    "Evaluate on the eval subset every N steps (0 = only at the end)."
+    report_at_val_losses: list[float] = field(default_factory=lambda: [2.8, 2.7, 2.65, 2.6])
+    "Record time and tokens at the first eval reaching each of these val losses."
+    stop_at_val_loss: Optional[float] = None
+    "End the run at the first eval at or below this loss."
+    log_every: int = 10
+    "Write a training-metrics line every N steps."
+    checkpoint_every: int = 0
+    "Save a resumable checkpoint every N steps (0 = only at the end and on SIGTERM)."
+    keep_latest_k: int = 2
+    "Checkpoints kept."
+    cost_per_hour: float = 0.0
+    "Hardware price in $/hour for the cost estimate in summary.json."
+
+
+@dataclass
+class EvalConfig:
+    seed: int = 1234
+    "Seed of the fixed evaluation masks and crop windows."
+    mask_rate: float = 0.15
+    "Fraction of residues masked (all with <mask>) in the eval protocol."
+    max_length: int = 1024
+    "Eval crop: longer sequences get one fixed window of this many tokens (1022 residues)."
+    subset: int = 256
+    "Valid sequences used by in-training evals (the first N; 0 = all)."
+    token_budget: int = 8192
+    "Tokens per eval micro-batch (results do not depend on it)."
+    final_full: bool = True
+    "Evaluate the whole valid split at the end of training."
+
+
+@dataclass
+class LoggingConfig:
+    run_root: str = "runs"
+    "Directory that holds run directories."
+    name: Optional[str] = None
+    "Run directory name (default: <timestamp>-<arch>); an existing one is never reused silently."
+    progress: bool = True
+    "Show a progress bar."
+    tensorboard: bool = False
+    "Also log metrics to TensorBoard."
+    wandb: bool = False
+    "Also log metrics to Weights & Biases (WANDB_MODE=offline works)."
+    wandb_project: str = "plmrun"
+    "W&B project name."
+
+
+@dataclass
+class DistConfig:
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    "Data parallelism under torchrun: auto = ddp; fsdp = FSDP2 fully_shard per block + root."
+    activation_checkpointing: bool = False
+    "Recompute block activations in backward."
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+# ---------------------------------------------------------------- coercion and validation
+def _section_classes() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {name: hints[name] for name in SECTIONS}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the declared type, or raise ConfigError naming the key."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        if value not in get_args(tp):
+            choices = ", ".join(repr(a) for a in get_args(tp))
+            raise ConfigError(f"{key}: {value!r} is not one of {choices}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in get_args(tp):
+                return None
+        return _coerce(value, args[0], key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.strip("[]()").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = get_args(tp)
+        if origin is tuple:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {list(value)!r}")
+            return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+        return [_coerce(v, args[0], key) for v in value]
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - programming error
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
+    classes = _section_classes()
+    if section not in classes:
+        raise ConfigError(f"{where}: unknown section {section!r} (sections: {', '.join(classes)})")
+    sec = getattr(cfg, section)
+    hints = typing.get_type_hints(type(sec))
+    if key not in hints:
+        close = [k for k in hints if k.split("_")[0] == key.split("_")[0]]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(f"{where}: unknown key {section}.{key}{hint}")
+    setattr(sec, key, _coerce(value, hints[key], f"{where}: {section}.{key}"))
+
+
+def merge_dict(cfg: Config, data: dict, where: str) -> None:
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of sections, got {type(data).__name__}")
+    for section, values in data.items():
+        if section == "base":
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: section {section!r} must be a mapping")
+        for key, value in values.items():
+            _apply(cfg, section, key, value, where)
+
+
+def load_yaml(path: str | Path, cfg: Optional[Config] = None, _seen: tuple = ()) -> Config:
+    """Load a YAML config; `base: other.yaml` (relative to the file) is applied first."""
+    path = Path(path)
+    cfg = cfg or Config()
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: circular 'base:' reference")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{line} invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections")
+    if "base" in data:
+        load_yaml(resolve_config_path(data["base"], relative_to=path.parent), cfg, _seen + (path.resolve(),))
+    merge_dict(cfg, data, str(path))
+    return cfg
+
+
+def config_dir() -> Path:
+    """The shipped configs/ directory (inside the package, so non-editable installs have it)."""
+    return Path(__file__).parent / "configs"
+
+
+def resolve_config_path(name: str, relative_to: Optional[Path] = None) -> Path:
+    """A path, or the name of a shipped config (`esm2_8m` -> plmrun/configs/esm2_8m.yaml)."""
+    p = Path(name)
+    candidates = [p]
+    if relative_to is not None:
+        candidates.insert(0, relative_to / p)
+    stem = p.name if p.suffix in (".yaml", ".yml") else p.name + ".yaml"
+    candidates.append(config_dir() / stem)
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ConfigError(f"{name}: no such config file (shipped: {', '.join(list_shipped_configs())})")
+
+
+def list_shipped_configs() -> list[str]:
+    return sorted(p.stem for p in config_dir().glob("*.yaml"))
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str, str]]:
+    """`--section.key=value` or `--section.key value` -> [(section, key, value)]."""
+    out = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--") or "." not in a.split("=")[0]:
+            raise ConfigError(f"unrecognised argument {a!r} (overrides look like --section.key=value)")
+        if "=" in a:
+            name, value = a[2:].split("=", 1)
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"{a}: missing value")
+            name, value = a[2:], args[i + 1]
+            i += 1
+        section, key = name.split(".", 1)
+        out.append((section.replace("-", "_"), key.replace("-", "_"), value))
+        i += 1
+    return out
+
+
+def _yaml_value(value: str) -> Any:
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
+def build_config(config_file: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    cfg = load_yaml(resolve_config_path(config_file)) if config_file else Config()
+    for section, key, value in parse_overrides(overrides or []):
+        _apply(cfg, section, key, _yaml_value(value), f"--{section}.{key}")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict, where: str = "config") -> Config:
+    cfg = Config()
+    merge_dict(cfg, data, where)
+    validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------- cross-field validation
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg: Config) -> Config:
+    m, d, k, o, t, e = cfg.model, cfg.data, cfg.masking, cfg.optim, cfg.train, cfg.eval
+    _check(m.hidden_size > 0 and m.num_layers > 0 and m.num_heads > 0, "model: sizes must be positive")
+    _check(m.hidden_size % m.num_heads == 0,
+           f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads})")
+    _check((m.hidden_size // m.num_heads) % 2 == 0, "model: head dim (hidden_size / num_heads) must be even for RoPE")
+    _check(m.expansion_ratio > 0, "model.expansion_ratio must be > 0")
+    _check(m.soft_logit_cap >= 0 and m.attention_soft_cap >= 0, "model: soft caps must be >= 0 (0 = off)")
+    _check(m.sliding_window >= 0 and m.sliding_window_start >= 0, "model: sliding windows must be >= 0")
+    _check(m.window_warmup_steps >= 0, "model.window_warmup_steps must be >= 0")
+    _check(not (m.window_warmup_steps and not (m.sliding_window and m.sliding_window_start)),
+           "model.window_warmup_steps needs model.sliding_window > 0 and model.sliding_window_start > 0")
+    _check(m.num_att_tokens > 0, "model.num_att_tokens must be > 0")
+    if m.arch == "esm2":
+        # The esm2 preset is exactly Hugging Face's EsmForMaskedLM: speedrun-only switches must be off.
+        for flag in ("unet", "x0_lambdas", "value_embeddings", "p_attention", "qk_norm"):
+            _check(not getattr(m, flag), f"model.{flag} is a speedrun option; set it to false with model.arch=esm2")
+        for key in ("soft_logit_cap", "attention_soft_cap", "sliding_window", "sliding_window_start"):
+            _check(getattr(m, key) == 0, f"model.{key} is a speedrun option; set it to 0 with model.arch=esm2")
+    _check(d.max_length >= 3, "data.max_length must be >= 3 (<cls>, one residue, <eos>)")
+    _check(d.token_budget >= d.max_length,
+           f"data.token_budget ({d.token_budget}) must be >= data.max_length ({d.max_length})")
+    _check(d.prefetch >= 0 and d.num_workers >= 1, "data.prefetch must be >= 0 and data.num_workers >= 1")
+    _check(0 < k.mask_rate < 1, f"masking.mask_rate must be in (0, 1), got {k.mask_rate}")
+    _check(k.mask_rate_end is None or 0 < k.mask_rate_end < 1, "masking.mask_rate_end must be in (0, 1)")
+    _check(k.mask_token_frac >= 0 and k.random_token_frac >= 0 and k.mask_token_frac + k.random_token_frac <= 1,
+           "masking: mask_token_frac + random_token_frac must be <= 1")
+    _check(0 < k.diffusion_eps < 1, "masking.diffusion_eps must be in (0, 1)")
+    _check(k.ramp_steps >= 0, "masking.ramp_steps must be >= 0")
+    _check(not (k.objective == "mlm_to_diffusion" and k.ramp_steps == 0),
+           "masking.objective=mlm_to_diffusion needs masking.ramp_steps > 0")
+    _check(not (k.mask_rate_end is not None and k.ramp_steps == 0),
+           "masking.mask_rate_end needs masking.ramp_steps > 0")
+    for name in ("lr", "lr_hidden", "lr_embed", "lr_head", "lr_scalar"):
+        _check(getattr(o, name) >= 0, f"optim.{name} must be >= 0")
+    _check(all(0 <= b < 1 for b in o.betas), "optim.betas must be in [0, 1)")
+    _check(0 <= o.muon_momentum < 1 and 0 <= o.muon_momentum_start < 1, "optim: Muon momenta must be in [0, 1)")
+    _check(o.ns_steps >= 1, "optim.ns_steps must be >= 1")
+    _check(o.muon_momentum_warmup_steps >= 0, "optim.muon_momentum_warmup_steps must be >= 0")
+    _check(o.warmup >= 0 and o.cooldown >= 0, "optim.warmup and optim.cooldown must be >= 0")
+    _check(0 <= o.final_lr_ratio <= 1, "optim.final_lr_ratio must be in [0, 1]")
+    _check(o.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 = off)")
+    _check(0 <= o.auto_clip_percentile <= 100, "optim.auto_clip_percentile must be in [0, 100]")
+    _check(o.auto_clip_history >= 1, "optim.auto_clip_history must be >= 1")
+    _check(t.max_steps >= 1, "train.max_steps must be >= 1")
+    warm = o.warmup if o.warmup >= 1 else o.warmup * t.max_steps
+    cool = (o.cooldown if o.cooldown >= 1 else o.cooldown * t.max_steps) if o.schedule == "wsd" else 0
+    _check(warm + cool <= t.max_steps,
+           f"optim: warmup ({warm:g} steps) + cooldown ({cool:g} steps) exceed train.max_steps ({t.max_steps})")
+    _check(t.grad_accum >= 1, "train.grad_accum must be >= 1")
+    _check(t.eval_every >= 0 and t.log_every >= 1, "train.eval_every must be >= 0 and train.log_every >= 1")
+    _check(t.checkpoint_every >= 0 and t.keep_latest_k >= 1, "train.checkpoint_every >= 0, train.keep_latest_k >= 1")
+    _check(t.cost_per_hour >= 0, "train.cost_per_hour must be >= 0")
+    _check(t.threads >= 0, "train.threads must be >= 0")
+    _check(0 < e.mask_rate < 1, "eval.mask_rate must be in (0, 1)")
+    _check(e.max_length >= 3 and e.token_budget >= e.max_length,
+           f"eval.token_budget ({e.token_budget}) must be >= eval.max_length ({e.max_length}) >= 3")
+    _check(e.subset >= 0, "eval.subset must be >= 0")
+    return cfg
+
+
+# ---------------------------------------------------------------- documentation
+def option_rows() -> list[tuple[str, str, str, str]]:
+    """(key, type, default, description) for every option, from the dataclasses and their docstrings."""
+    rows = []
+    for section, cls in _section_classes().items():
+        docs = _field_docs(cls)
+        hints = typing.get_type_hints(cls)
+        inst = cls()
+        for f in dataclasses.fields(cls):
+            rows.append((f"{section}.{f.name}", _type_name(hints[f.name]), repr(getattr(inst, f.name)),
+                         docs.get(f.name, "")))
+    return rows
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " \\| ".join(str(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " \\| ".join(_type_name(a) for a in get_args(tp))
+    if origin in (list, tuple):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in get_args(tp))}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Field docstrings (the string literal right after each field) via the class source."""
+    import ast
+    import inspect
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+            docs[a.target.id] = b.value.value
+    return docs
+
+
+def options_markdown() -> str:
+    lines = ["| key | type | default | description |", "|---|---|---|---|"]
+    for key, tp, default, doc in option_rows():
+        lines.append(f"| `{key}` | {tp} | `{default}` | {doc} |")
+    return "\n".join(lines)

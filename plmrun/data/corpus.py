@@ -1,0 +1,69 @@
+"""The bundled Swiss-Prot corpus: package data, prepared into shards once per cache directory.
+
+The shards live in `$PLMRUN_CACHE` (default `~/.cache/plmrun/`) under a name that includes the
+corpus fingerprint (sha256 of the shipped `.xz` files), so a changed corpus never reuses stale
+shards. Two processes preparing at once are safe: each builds in its own temporary directory and
+the first rename wins; the loser discards its copy and uses the winner's.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from importlib import resources
+from pathlib import Path
+
+from plmrun.data.errors import DataError
+from plmrun.data.prepare import prepare
+from plmrun.data.shards import dataset_splits
+
+CORPUS_NAME = "swissprot2014_small"
+SPLITS = ("train", "valid", "test")
+
+
+def corpus_files() -> dict:
+    """Split name -> path of the shipped `.fasta.xz` file (works from wheels and checkouts)."""
+    root = resources.files("plmrun") / "corpus" / CORPUS_NAME
+    files = {s: Path(str(root / f"{s}.fasta.xz")) for s in SPLITS}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise DataError(f"bundled corpus incomplete: {', '.join(missing)} missing (reinstall plmrun)")
+    return files
+
+
+def corpus_fingerprint() -> str:
+    h = hashlib.sha256()
+    for split, path in corpus_files().items():
+        h.update(split.encode())
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def cache_root(cache_dir=None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir)
+    return Path(os.environ.get("PLMRUN_CACHE") or Path.home() / ".cache" / "plmrun")
+
+
+def bundled_dataset_dir(cache_dir=None, progress: bool = False) -> Path:
+    """Directory of the prepared bundled corpus (train/valid/test), preparing it on first use."""
+    final = cache_root(cache_dir) / f"{CORPUS_NAME}-{corpus_fingerprint()}"
+    if set(SPLITS) <= set(dataset_splits(final)):
+        return final
+    files = corpus_files()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = final.parent / f".{final.name}.build-{uuid.uuid4().hex[:8]}"
+    try:
+        prepare(files["train"], work, valid=files["valid"], test=files["test"], progress=progress,
+                command=["plmrun", "(bundled corpus)", CORPUS_NAME])
+        try:
+            os.rename(work, final)             # atomic; fails if another process won
+        except OSError:
+            if not set(SPLITS) <= set(dataset_splits(final)):
+                raise DataError(f"{final}: exists but is not a complete prepared corpus; "
+                                "delete it and retry") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return final
+

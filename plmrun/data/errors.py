@@ -1,0 +1,5 @@
+"""The one exception type for bad data: its message is a single line the CLI prints as-is."""
+
+
+class DataError(Exception):
+    """A data problem the user can fix; the message names the file (and line or record)."""

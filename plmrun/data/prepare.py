@@ -1,0 +1,136 @@
+"""`plmrun data prepare`: inputs -> validated, checksummed token shards (docs/shard-format.md).
+
+The main process reads (and decompresses) inputs into chunks of whole records; workers encode
+them; the main process appends results in input order, so the output does not depend on the
+number of workers. At most 2 chunks per worker are in flight: memory stays bounded whatever
+the input size. The dataset is built in a hidden sibling directory and renamed into place only
+when every split is complete, so a failed run leaves nothing that looks like a dataset.
+"""
+from __future__ import annotations
+
+import collections
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+import uuid
+from functools import partial
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+from tqdm import tqdm
+
+import plmrun
+from plmrun import tokenizer as tok
+from plmrun.data.errors import DataError
+from plmrun.data.readers import chunks, encode_chunk, file_fingerprint, input_kind
+from plmrun.data.shards import SHARD_RESIDUES, SplitWriter
+
+
+def _as_list(x) -> list:
+    if x is None:
+        return []
+    return [str(x)] if isinstance(x, (str, os.PathLike)) else [str(v) for v in x]
+
+
+def _ordered_map(fn, items: Iterable, pool, window: int):
+    """fn over items in order, with at most `window` items in flight (bounded memory)."""
+    if pool is None:
+        yield from map(fn, items)
+        return
+    pending = collections.deque()
+    for item in items:
+        pending.append(pool.apply_async(fn, (item,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise DataError(f"{out}: output directory already exists and is not empty "
+                        "(pass --overwrite to replace it)")
+
+
+def prepare(inputs, out_dir, *, valid=None, test=None, column: Optional[str] = None,
+            id_column: Optional[str] = None, invalid: str = "error", overwrite: bool = False,
+            workers: int = 1, shard_size: int = SHARD_RESIDUES, progress: bool = True,
+            command: Optional[Sequence[str]] = None) -> dict:
+    """Prepare `inputs` (train) and optional valid/test inputs into `out_dir`; returns manifests."""
+    if invalid not in tok.POLICIES:
+        raise DataError(f"--invalid must be one of {', '.join(tok.POLICIES)}, got {invalid!r}")
+    splits = {"train": _as_list(inputs), "valid": _as_list(valid), "test": _as_list(test)}
+    splits = {k: v for k, v in splits.items() if v}
+    if "train" not in splits:
+        raise DataError("no input given")
+    for spec in (s for specs in splits.values() for s in specs):
+        input_kind(spec)                       # missing files fail before any work starts
+    out = Path(out_dir)
+    check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    bar = tqdm(total=None, unit=" res", unit_scale=True, disable=not progress,
+               file=sys.stderr, desc="prepare", delay=1.0)
+    try:
+        manifests = {}
+        for split, specs in splits.items():
+            manifests[split] = _prepare_split(specs, tmp / split, column, id_column, invalid,
+                                              pool, 2 * workers, shard_size, bar, command)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+    _swap_into_place(tmp, out, overwrite)
+    return manifests
+
+
+def _prepare_split(specs, split_dir, column, id_column, invalid, pool, window, shard_size, bar,
+                   command) -> dict:
+    writer = SplitWriter(split_dir, shard_size)
+    skipped = replaced = 0
+    problems = []
+    t0 = time.perf_counter()
+    try:
+        for spec in specs:
+            encode = partial(encode_chunk, policy=invalid)
+            for enc in _ordered_map(encode, chunks(spec, column, id_column), pool, window):
+                writer.add(enc)
+                skipped, replaced = skipped + enc.skipped, replaced + enc.replaced
+                if enc.first_problem and len(problems) < 5:
+                    problems.append(enc.first_problem)
+                bar.update(int(enc.lengths.sum()))
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.finish(
+        sources=[file_fingerprint(s) for s in specs],
+        normalisation={"uppercase": True, "trailing_stop_dropped": True, "invalid_policy": invalid,
+                       "skipped_records": skipped, "replaced_letters": replaced,
+                       "examples": problems},
+        command=" ".join(command) if command else "python: plmrun.data.prepare.prepare(...)",
+        plmrun_version=plmrun.__version__,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        seconds=round(time.perf_counter() - t0, 3))
+
+
+def _swap_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished dataset into place; an old one is removed only afterwards."""
+    old = None
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:                       # appeared while we worked
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise DataError(f"{out}: output directory appeared while preparing (not replaced)")
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,209 @@
+"""Embeddings from a frozen model: mean/cls pooled or per-residue, in input order.
+
+Sequences are cut into windows of at most max_length - 2 residues (plus <cls>/<eos>); a longer
+sequence gets windows with stride (max_length - 2) / 2, the last one flush with the end, and
+each residue's vector is the average over the windows that contain it (cls pooling averages the
+windows' <cls> vectors). Windows are packed shortest first into batches of <= token_budget
+tokens, so results do not depend on the order or the batch size beyond float rounding.
+Mean pooling averages residues only; per-residue output drops <cls>/<eos>.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from plmrun import tokenizer as tok
+from plmrun.data.readers import file_fingerprint
+from plmrun.eval.inference import (DEFAULT_MAX_LENGTH, EvalModel, length_batches, load_eval_model, pack,
+                                   resolve_device, windows)
+
+POOLS = ("mean", "cls", "per-residue")
+
+
+@torch.no_grad()
+def embed_sequences(model, sequences, *, pool: str = "mean", layer: int | None = None,
+                    token_budget: int = 8192, max_length: int | None = None, device=None):
+    """Embed `sequences` (strings or residue-id arrays) with `model` (EvalModel or a PLM).
+
+    Returns an [N, D] float32 array for mean/cls pooling, a list of [L_i, D] arrays for
+    per-residue. `layer` indexes hidden_states (0 = embedding output, -1 = final, the default).
+    """
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+    if isinstance(model, EvalModel):
+        max_length = max_length or model.max_length
+        net = model.net
+    else:
+        net = model
+    max_length = max_length or DEFAULT_MAX_LENGTH
+    if token_budget < max_length:
+        raise ValueError(f"token_budget ({token_budget}) must be >= max_length ({max_length})")
+    device = torch.device(device) if device is not None else next(net.parameters()).device
+    ids = [np.asarray(s, dtype=np.uint8) if not isinstance(s, (str, bytes)) else tok.encode(s) for s in sequences]
+    for i, s in enumerate(ids):
+        if len(s) == 0:
+            raise ValueError(f"sequence {i} is empty")
+    width = max_length - 2
+    pieces = [(i, s) for i, x in enumerate(ids) for s in windows(len(x), width)]
+    piece_tokens = [tok.with_specials(ids[i][s:s + width]) for i, s in pieces]
+    sums: list = [None] * len(ids)   # per-residue sums (or cls sums) per sequence
+    counts: list = [None] * len(ids)
+    layer_idx = -1 if layer is None else layer
+    for batch in length_batches(np.array([len(t) for t in piece_tokens]), token_budget):
+        tokens, positions, cu, max_seqlen = pack([piece_tokens[j] for j in batch], device)
+        out = net(tokens, positions, cu, max_seqlen, logits_index=torch.zeros(0, dtype=torch.long, device=device),
+                  output_hidden_states=True)
+        hs = out.hidden_states
+        if not -len(hs) <= layer_idx < len(hs):
+            raise ValueError(f"layer {layer} out of range: the model has {len(hs)} hidden states "
+                             f"(0 = embedding output .. {len(hs) - 1} = final)")
+        h = hs[layer_idx].float().cpu().numpy()
+        bounds = cu.tolist()
+        for k, j in enumerate(batch):
+            i, start = pieces[j]
+            a, b = bounds[k], bounds[k + 1]
+            if sums[i] is None:
+                n, d = (1, h.shape[1]) if pool == "cls" else (len(ids[i]), h.shape[1])
+                sums[i], counts[i] = np.zeros((n, d), np.float64), np.zeros((n, 1), np.float64)
+            if pool == "cls":
+                sums[i][0] += h[a]
+                counts[i][0] += 1
+            else:
+                sums[i][start:start + (b - a - 2)] += h[a + 1:b - 1]
+                counts[i][start:start + (b - a - 2)] += 1
+    per_residue = [(s / c).astype(np.float32) for s, c in zip(sums, counts)]
+    if pool == "per-residue":
+        return per_residue
+    if pool == "cls":
+        return np.stack([r[0] for r in per_residue])
+    return np.stack([r.mean(0) for r in per_residue])
+
+
+# ---------------------------------------------------------------- FASTA and output files
+def read_fasta(path: str | Path) -> list[tuple[str, str]]:
+    """(record id, sequence) pairs of a FASTA file (or any input `plmrun data` reads); the id is
+    the header's first word and must be unique. Problems exit with one line naming the file."""
+    from plmrun.data.errors import DataError
+    from plmrun.data.readers import read_records
+    try:
+        records = [(name.split()[0] if name.strip() else "", seq) for name, seq, _ in read_records(str(path))]
+    except DataError as e:
+        raise SystemExit(str(e)) from None
+    seen: dict = {}
+    for k, (rid, _) in enumerate(records, 1):
+        if not rid:
+            raise SystemExit(f"{path}: record {k} has an empty header")
+        if rid in seen:
+            raise SystemExit(f"{path}: duplicate record id {rid!r} (records {seen[rid]} and {k})")
+        seen[rid] = k
+    if not records:
+        raise SystemExit(f"{path}: no records")
+    return records
+
+
+def read_embeddings(path: str | Path) -> dict[str, np.ndarray]:
+    """An `plmrun embed` output file as {record id: array}, in input order."""
+    from safetensors.numpy import load_file
+    from safetensors import safe_open
+    with safe_open(str(path), "np") as f:
+        order = json.loads(f.metadata()["ids"])
+    arrays = load_file(str(path))
+    return {rid: arrays[rid] for rid in order}
+
+
+def _save_atomic(arrays: dict, order: list[str], meta: dict, path: Path) -> None:
+    from safetensors.numpy import save_file
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: arrays[k] for k in order}, str(tmp), metadata={**meta, "ids": json.dumps(order)})
+    os.replace(tmp, path)
+
+
+def embed_fasta(model: EvalModel, fasta: str | Path, out: str | Path, *, pool: str = "mean",
+                layer: int | None = None, token_budget: int = 8192, chunk_size: int = 2000,
+                log=print) -> Path:
+    """Embed a FASTA file into `out` (.safetensors), resumably.
+
+    Chunks of `chunk_size` records are written to OUT.partial/ as they finish; a rerun with the
+    same input and options skips finished chunks (other options are refused, never mixed). The
+    final file is written atomically, then the partial folder is removed.
+    """
+    out = Path(out)
+    records = read_fasta(fasta)
+    meta = {"model": model.name, "pool": pool, "layer": str(-1 if layer is None else layer),
+            "max_length": str(model.max_length), "input_sha256": file_fingerprint(fasta)["sha256"]}
+    partial = out.with_name(out.name + ".partial")
+    state_file = partial / "state.json"
+    state = {**meta, "chunk_size": chunk_size, "n_records": len(records)}
+    if state_file.is_file():
+        old = json.loads(state_file.read_text())
+        if old != state:
+            diff = ", ".join(k for k in state if old.get(k) != state[k])
+            raise SystemExit(f"{partial}: unfinished run with different {diff}; rerun with the same "
+                             f"options or delete that folder")
+    else:
+        partial.mkdir(parents=True, exist_ok=True)
+        state_file.write_text(json.dumps(state, indent=1))
+    chunks = range(0, len(records), chunk_size)
+    for k, start in enumerate(chunks):
+        path = partial / f"chunk_{k:06d}.safetensors"
+        if path.is_file():
+            continue
+        part = records[start:start + chunk_size]
+        vecs = embed_sequences(model, [s for _, s in part], pool=pool, layer=layer, token_budget=token_budget)
+        _save_atomic({rid: np.ascontiguousarray(v) for (rid, _), v in zip(part, vecs)},
+                     [rid for rid, _ in part], meta, path)
+        log(f"embedded {min(start + chunk_size, len(records))}/{len(records)} records")
+    merged: dict = {}
+    for k in range(len(chunks)):
+        merged.update(read_embeddings(partial / f"chunk_{k:06d}.safetensors"))
+    _save_atomic(merged, [rid for rid, _ in records], meta, out)
+    shutil.rmtree(partial)
+    return out
+
+
+# ---------------------------------------------------------------- CLI
+def add_embed_command(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("embed", help="embed the sequences of a FASTA file",
+                              description="Embeddings keyed by record id, in input order, as safetensors.")
+    p.add_argument("model", help="run directory, checkpoint, EsmForMaskedLM folder or hub name")
+    p.add_argument("fasta", help="FASTA file (gzip/xz/bz2 allowed)")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--pool", choices=POOLS, default="mean",
+                   help="mean over residues (no specials), the <cls> vector, or one vector per residue")
+    p.add_argument("--layer", type=int, default=None,
+                   help="index into hidden states: 0 = embedding output, -1 = final (default)")
+    p.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH,
+                   help="tokens per window incl. <cls>/<eos>; longer sequences are averaged over windows")
+    p.add_argument("--token-budget", type=int, default=8192, help="tokens per packed batch")
+    p.add_argument("--chunk-size", type=int, default=2000, help="records per resumable chunk")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.set_defaults(func=_run)
+    return p
+
+
+def _run(args) -> int:
+    if args.max_length < 3 or args.token_budget < args.max_length or args.chunk_size < 1:
+        raise SystemExit("embed: need --max-length >= 3, --token-budget >= --max-length, --chunk-size >= 1")
+    model = load_eval_model(args.model, device=resolve_device(args.device), max_length=args.max_length)
+    try:
+        out = embed_fasta(model, args.fasta, args.out, pool=args.pool, layer=args.layer,
+                          token_budget=args.token_budget, chunk_size=args.chunk_size,
+                          log=lambda m: print(m, file=sys.stderr))
+    except ValueError as e:
+        raise SystemExit(f"embed: {e}") from None
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="plmrun")
+    add_embed_command(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["embed", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)

@@ -1,0 +1,177 @@
+"""`plmrun export`: a run, checkpoint or model folder -> a Hugging Face model folder (+ optional Hub upload).
+
+- esm2 preset -> a native `EsmForMaskedLM` folder (config.json, model.safetensors): loads with plain
+  `transformers`, no remote code.
+- speedrun architecture -> `AutoModelForMaskedLM.from_pretrained(DIR, trust_remote_code=True)`: the
+  folder gets copies of plmrun's own model modules (one source, copied at export time, imports
+  rewritten to be relative) and a small wrapper from `hf_remote/`.
+Both get the ESM tokenizer files and a model card with the training summary.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from plmrun import tokenizer as tok
+from plmrun.config import ModelConfig
+from plmrun.model.loading import load_model
+
+_PKG = Path(__file__).resolve().parents[1]
+MODEL_MODULES = ("registry.py", "speedrun.py", "esm2.py", "layers.py", "attention.py")
+
+
+class ExportError(RuntimeError):
+    """Export cannot proceed (the message says why)."""
+
+
+def write_tokenizer_files(out: Path) -> None:
+    (out / "vocab.txt").write_text("\n".join(tok.VOCAB) + "\n")
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "EsmTokenizer", "model_max_length": 1026, "cls_token": "<cls>", "eos_token": "<eos>",
+        "pad_token": "<pad>", "unk_token": "<unk>", "mask_token": "<mask>"}, indent=2))
+    (out / "special_tokens_map.json").write_text(json.dumps({
+        "cls_token": "<cls>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
+        "mask_token": "<mask>"}, indent=2))
+
+
+def esm_hf_config(cfg: ModelConfig) -> dict:
+    return {
+        "architectures": ["EsmForMaskedLM"], "model_type": "esm", "vocab_size": tok.VOCAB_SIZE,
+        "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "intermediate_size": round(cfg.hidden_size * cfg.expansion_ratio), "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "max_position_embeddings": 1026,
+        "position_embedding_type": "rotary", "layer_norm_eps": cfg.layer_norm_eps, "emb_layer_norm_before": False,
+        "token_dropout": cfg.token_dropout, "mask_token_id": tok.MASK, "pad_token_id": tok.PAD,
+        "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std,
+        "is_folding_model": False, "use_cache": False, "torch_dtype": "float32",
+    }
+
+
+def _copy_model_code(out: Path) -> None:
+    """Copy plmrun's model modules and config dataclasses, imports made relative to the folder."""
+    for name in MODEL_MODULES:
+        src = (_PKG / "model" / name).read_text()
+        src = re.sub(r"from \.\.config import", "from .plmrun_config import", src)
+        if re.search(r"^\s*(from|import) plmrun", src, re.M):
+            raise ExportError(f"model/{name} imports plmrun absolutely; export needs relative imports only")
+        (out / name).write_text(src)
+    shutil.copyfile(_PKG / "config.py", out / "plmrun_config.py")
+    for name in ("configuration_plmrun.py", "modeling_plmrun.py"):
+        shutil.copyfile(Path(__file__).parent / "hf_remote" / name, out / name)
+
+
+def _model_card(cfg: ModelConfig, n_params: int, summary: dict | None, source: Path) -> str:
+    lines = [
+        "---", "library_name: transformers", "tags: [protein-language-model, plmrun, masked-lm]", "---", "",
+        f"# {source.name} (plmrun {cfg.arch})", "",
+        f"A protein masked language model trained with plmrun: {n_params / 1e6:.2f}M parameters, "
+        f"{cfg.num_layers} layers, width {cfg.hidden_size}, {cfg.num_heads} heads, ESM-2 33-token vocabulary.", "",
+    ]
+    if cfg.arch == "esm2":
+        lines += ["Loads as a native `EsmForMaskedLM`:", "", "```python",
+                  "from transformers import EsmForMaskedLM, AutoTokenizer",
+                  "model = EsmForMaskedLM.from_pretrained(PATH)", "tokenizer = AutoTokenizer.from_pretrained(PATH)", "```"]
+    else:
+        lines += ["Loads with remote code (the architecture files are in this folder):", "", "```python",
+                  "from transformers import AutoModelForMaskedLM, AutoTokenizer",
+                  "model = AutoModelForMaskedLM.from_pretrained(PATH, trust_remote_code=True)",
+                  "tokenizer = AutoTokenizer.from_pretrained(PATH)", "```"]
+    if summary:
+        lines += ["", "## Training summary", "", "| | |", "|---|---|"]
+        for key in ("steps", "tokens", "train_time_s", "tok_per_s", "mfu", "device", "world_size", "precision",
+                    "best_val_loss"):
+            if summary.get(key) is not None:
+                v = summary[key]
+                lines.append(f"| {key} | {v:.4g} |" if isinstance(v, float) else f"| {key} | {v} |")
+        full = summary.get("final_full_val")
+        if full:
+            lines.append(f"| full valid split loss / accuracy | {full['loss']:.4f} / {full['accuracy']:.4f} |")
+        for thr, r in (summary.get("time_to_target") or {}).items():
+            lines.append(f"| time to val loss {thr} | {r['train_time_s']:.1f} s, {r['tokens']:,} tokens |")
+        data = summary.get("data") or {}
+        if data:
+            lines.append(f"| training data | {data.get('dataset')} (fingerprint {str(data.get('train_fingerprint'))[:16]}) |")
+    lines += ["", "Evaluation protocol and metrics: see the plmrun README (15% of residues masked, all `<mask>`, "
+              "fixed masks; token-weighted loss)."]
+    return "\n".join(lines) + "\n"
+
+
+def export(source: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Write the Hugging Face folder for `source`; returns it. Files are written to a temp folder, then renamed."""
+    source, out = Path(source), Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"{out}: exists and is not empty (use --overwrite)")
+    model, cfg = load_model(source)
+    summary = None
+    for cand in (source / "summary.json", source.parent / "summary.json", source.parent.parent / "summary.json"):
+        if cand.is_file():
+            summary = json.loads(cand.read_text())
+            break
+    tmp = out.parent / f".{out.name}.tmp-export"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    from safetensors.torch import save_file
+    if cfg.arch == "esm2":
+        from plmrun.model.esm2 import to_hf_state_dict
+        hf_cfg = esm_hf_config(cfg)
+        hf_cfg["plmrun_model"] = asdict(cfg)
+        sd = to_hf_state_dict(model)
+    else:
+        hf_cfg = {"architectures": ["PlmrunForMaskedLM"], "model_type": "plmrun", "plmrun_model": asdict(cfg),
+                  "vocab_size": tok.VOCAB_SIZE, "pad_token_id": tok.PAD, "mask_token_id": tok.MASK,
+                  "auto_map": {"AutoConfig": "configuration_plmrun.PlmrunConfig",
+                               "AutoModelForMaskedLM": "modeling_plmrun.PlmrunForMaskedLM",
+                               "AutoModel": "modeling_plmrun.PlmrunForMaskedLM"}}
+        sd = {f"plm.{k}": v for k, v in model.state_dict().items()}
+        _copy_model_code(tmp)
+    # safetensors refuses shared storage (tied embeddings): store independent copies
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}, str(tmp / "model.safetensors"),
+              metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    write_tokenizer_files(tmp)
+    n_params = sum(p.numel() for p in model.parameters())
+    (tmp / "README.md").write_text(_model_card(cfg, n_params, summary, source))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def push_to_hub(folder: Path, repo: str, *, private: bool = False) -> str:
+    """Upload `folder` to the Hub repo; the token comes from HF_TOKEN (never printed or logged)."""
+    from huggingface_hub import HfApi
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if not token:
+        raise ExportError("set HF_TOKEN in the environment to push to the Hub (it is never read from files or flags)")
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo, private=private, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo, commit_message="plmrun export")
+    except Exception as e:  # network, auth, offline mode: one line, token scrubbed
+        msg = str(e).replace(token, "***").splitlines()[0] if str(e) else type(e).__name__
+        raise ExportError(f"upload to {repo} failed: {msg}") from None
+    return f"https://huggingface.co/{repo}"
+
+
+def add_export_command(sub) -> None:
+    p = sub.add_parser("export", help="write a Hugging Face model folder (and optionally upload it)")
+    p.add_argument("model", help="run directory, checkpoint or model folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--push-to-hub", metavar="REPO", help="upload to this Hub repo (token from HF_TOKEN)")
+    p.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args) -> int:
+    out = export(args.model, args.out, overwrite=args.overwrite)
+    print(f"exported {args.model} -> {out}")
+    if args.push_to_hub:
+        print(f"uploaded to {push_to_hub(out, args.push_to_hub, private=args.private)}")
+    return 0

@@ -1,0 +1,79 @@
+"""The one evaluation protocol, used by training evals, `plmrun eval` and the ESM comparison.
+
+15% of residues (eval.mask_rate), all replaced by <mask>, never specials; sequences longer than
+eval.max_length get one crop window; masks and windows are fixed by (eval seed, sequence index).
+Loss is token-weighted over the whole split (Σ CE / Σ targets), metrics come from one confusion
+matrix; both are summed over batches and ranks before anything is divided, so the result does not
+depend on the batch size, the world size or the worker count.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from plmrun.config import EvalConfig
+from plmrun.data.loader import EvalBatches
+from plmrun.eval.metrics import MetricSums
+
+
+def _dist_info() -> tuple[int, int]:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def eval_batches(source, cfg: EvalConfig, *, subset: int = 0, token_budget: int | None = None,
+                 world_size: int | None = None, rank: int | None = None) -> EvalBatches:
+    """The fixed-mask batches of `source` for this rank (all of them when world_size == 1)."""
+    ws, rk = _dist_info()
+    return EvalBatches(source, token_budget=token_budget or cfg.token_budget, max_length=cfg.max_length,
+                       eval_seed=cfg.seed, mask_rate=cfg.mask_rate, subset=subset,
+                       world_size=ws if world_size is None else world_size, rank=rk if rank is None else rank)
+
+
+@torch.no_grad()
+def evaluate(model, source, cfg: EvalConfig, *, subset: int = 0, device: torch.device | str = "cpu",
+             autocast_dtype: torch.dtype | None = None, token_budget: int | None = None,
+             world_size: int | None = None, rank: int | None = None, batches=None) -> dict:
+    """Evaluate `model` (anything with the PLM forward signature) under the one protocol.
+
+    Every rank must call this (it all-reduces). Ranks whose share has fewer batches than others
+    run the forward on their last batch with zero weight, so sharded (FSDP) models stay in step.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    batches = list(batches if batches is not None else
+                   eval_batches(source, cfg, subset=subset, token_budget=token_budget,
+                                world_size=world_size, rank=rank))
+    sums = MetricSums.zeros(device)
+    n_batches = _max_over_ranks(len(batches), device)
+    amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+           else contextlib.nullcontext())
+    for i in range(n_batches):
+        mb = batches[min(i, len(batches) - 1)] if batches else None
+        if mb is None:
+            raise RuntimeError("this rank has no evaluation batch; use fewer ranks than sequences")
+        p = mb.packed
+        tokens = mb.inputs.to(device, non_blocking=True)
+        targets = mb.targets.to(device, non_blocking=True)
+        index = (targets != -100).nonzero().squeeze(1)
+        with amp:
+            out = model(tokens, p.positions.to(device), p.cu_seqlens.to(device), p.max_seqlen, logits_index=index)
+        if i < len(batches):
+            sums.add(out.logits, targets[index], mb.loss_weights.to(device)[index], mb.normalizer)
+    sums.all_reduce()
+    if was_training:
+        model.train()
+    return sums.compute()
+
+
+def _max_over_ranks(n: int, device) -> int:
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return n
+    t = torch.tensor([n], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())

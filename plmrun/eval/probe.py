@@ -1,0 +1,242 @@
+"""Frozen-embedding probes (the quality track): localisation, secondary structure, solubility.
+
+Each task trains a scikit-learn probe on frozen embeddings (mean-pooled, or per residue for
+secondary structure) and reports test accuracy as mean ± std over seeds. Every seed trains on a
+different random 80% of the (capped) training rows; the test set is fixed. Two controls run with
+the model: the same architecture randomly initialised (torch seed 0) and a model-free baseline
+(amino-acid composition per sequence, one-hot residue identity per residue). Splits and caps are
+deterministic hashes of ids, so every run sees the same sequences.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import lzma
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from plmrun import tokenizer as tok
+from plmrun.eval.embed import embed_sequences
+from plmrun.eval.inference import DEFAULT_MAX_LENGTH, EvalModel, load_eval_model, resolve_device
+
+PROBE_DIR = Path(__file__).resolve().parent.parent / "probes"
+HEADS = ("logistic", "ridge", "mlp")
+TRAIN_FRACTION = 0.8
+SS3 = {"H": 0, "G": 0, "I": 0, "E": 1, "B": 1}   # everything else (L, T, S, ...) -> coil (2)
+OVERLAP_NOTE = ("note: ~80% of the localisation sequences also occur in Swiss-Prot 2014 "
+                "(the bundled pretraining corpus)")
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    per_residue: bool
+    max_train: int            # sequences (domains for secondary structure)
+    max_test: int
+    max_train_residues: int = 0   # per-residue tasks: residues per seed
+
+
+# Caps keep the suite for a small model and its control within ~10 minutes on a 2-core CPU
+# (~0.9M tokens embedded per model); raise them with --max-train/--max-test on a GPU.
+TASKS = {
+    "localisation": Task("localisation", False, max_train=800, max_test=300),
+    "secondary_structure": Task("secondary_structure", True, max_train=400, max_test=150, max_train_residues=20000),
+    "solubility": Task("solubility", False, max_train=600, max_test=200),
+}
+
+
+@dataclass
+class TaskData:
+    train_seqs: list[str]
+    train_labels: list       # ints, or int arrays per sequence for per-residue tasks
+    test_seqs: list[str]
+    test_labels: list
+    classes: int
+
+
+def _unit_hash(text: str) -> float:
+    """A stable number in [0, 1) for a string (splits and caps must not depend on file order)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") / 2.0 ** 64
+
+
+def _read_table(name: str, delimiter: str) -> list[dict]:
+    path = PROBE_DIR / name
+    with lzma.open(path, "rt") as f:
+        return list(csv.DictReader(io.StringIO(f.read()), delimiter=delimiter))
+
+
+def _cap(rows: list, key, n: int) -> list:
+    return sorted(rows, key=lambda r: _unit_hash(key(r)))[:n]
+
+
+def load_task(task: Task) -> TaskData:
+    """Train/test sequences and labels of a bundled task, split and capped deterministically."""
+    if task.name == "localisation":
+        rows = _read_table("scl2205_localisation.tsv.xz", "\t")
+        acc = lambda r: r["accession"]
+        train = _cap([r for r in rows if r["split"] == "trn"], acc, task.max_train)
+        test = _cap([r for r in rows if r["split"] == "tst"], acc, task.max_test)
+        lab = lambda r: int(r["label_id"])
+        return TaskData([r["sequence"] for r in train], [lab(r) for r in train],
+                        [r["sequence"] for r in test], [lab(r) for r in test], 13)
+    if task.name == "secondary_structure":
+        rows = _read_table("scope207_domains_dssp8.tsv.xz", "\t")
+        is_test = lambda r: _unit_hash("superfamily:" + r["sccs"].rsplit(".", 1)[0]) < 0.2
+        ident = lambda r: r["id"]
+        train = _cap([r for r in rows if not is_test(r)], ident, task.max_train)
+        test = _cap([r for r in rows if is_test(r)], ident, task.max_test)
+        ss3 = lambda r: np.array([SS3.get(c, 2) for c in r["dssp8"]], dtype=np.int64)
+        return TaskData([r["sequence"] for r in train], [ss3(r) for r in train],
+                        [r["sequence"] for r in test], [ss3(r) for r in test], 3)
+    if task.name == "solubility":
+        rows = _read_table("solvnet_solubility.csv.xz", ",")
+        is_test = lambda r: _unit_hash("solubility:" + r["aa_seq"]) < 0.2
+        seq = lambda r: r["aa_seq"]
+        train = _cap([r for r in rows if not is_test(r)], seq, task.max_train)
+        test = _cap([r for r in rows if is_test(r)], seq, task.max_test)
+        return TaskData([r["aa_seq"] for r in train], [int(r["label"]) for r in train],
+                        [r["aa_seq"] for r in test], [int(r["label"]) for r in test], 2)
+    raise ValueError(f"unknown task {task.name!r} (tasks: {', '.join(TASKS)})")
+
+
+# ---------------------------------------------------------------- features
+def baseline_features(seqs: list[str], per_residue: bool) -> list | np.ndarray:
+    """Amino-acid composition per sequence, or one-hot residue identity per residue (20 standard + other)."""
+    lut = np.full(tok.VOCAB_SIZE, 20, dtype=np.int64)
+    lut[tok.AMINO_ACID_IDS] = np.arange(20)
+    onehots = [np.eye(21, dtype=np.float32)[lut[tok.encode(s)]] for s in seqs]
+    return onehots if per_residue else np.stack([o.mean(0) for o in onehots])
+
+
+def model_features(model: EvalModel, seqs: list[str], per_residue: bool, token_budget: int):
+    return embed_sequences(model, seqs, pool="per-residue" if per_residue else "mean", token_budget=token_budget)
+
+
+# ---------------------------------------------------------------- probes
+def make_head(head: str, seed: int):
+    from sklearn.linear_model import LogisticRegression, RidgeClassifier
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    if head == "logistic":
+        clf = LogisticRegression(C=1.0, max_iter=2000)
+    elif head == "ridge":
+        clf = RidgeClassifier(alpha=1.0)
+    elif head == "mlp":
+        clf = MLPClassifier(hidden_layer_sizes=(256,), early_stopping=True, max_iter=200, random_state=seed)
+    else:
+        raise ValueError(f"unknown probe head {head!r} (heads: {', '.join(HEADS)})")
+    return make_pipeline(StandardScaler(), clf)
+
+
+def fit_and_score(task: Task, train_x, train_y, test_x, test_y, seeds, head: str) -> list[float]:
+    """Test accuracy for each seed (per residue for per-residue tasks)."""
+    if task.per_residue:
+        train_x, train_y = np.concatenate(train_x), np.concatenate(train_y)
+        test_x, test_y = np.concatenate(test_x), np.concatenate(test_y)
+    train_x, train_y = np.asarray(train_x), np.asarray(train_y)
+    scores = []
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        n = int(round(TRAIN_FRACTION * len(train_y)))
+        if task.per_residue and task.max_train_residues:
+            n = min(n, task.max_train_residues)
+        rows = rng.choice(len(train_y), size=n, replace=False)
+        clf = make_head(head, seed).fit(train_x[rows], train_y[rows])
+        scores.append(float((clf.predict(np.asarray(test_x)) == np.asarray(test_y)).mean()))
+    return scores
+
+
+def run_probes(model: EvalModel, tasks=tuple(TASKS), *, seeds=(0, 1, 2), head: str = "logistic",
+               caps: dict | None = None, token_budget: int = 8192, log=print) -> dict:
+    """Probe `model`, its random-init control and the baseline on each task; returns the results dict.
+
+    `caps` optionally overrides task caps: {"max_train": n, "max_test": n, "max_train_residues": n}.
+    """
+    control = model.random_init(0)
+    results = {"model": model.name, "head": head, "seeds": list(seeds), "max_length": model.max_length,
+               "note": OVERLAP_NOTE, "tasks": {}}
+    t_all = time.perf_counter()
+    for name in tasks:
+        if name not in TASKS:
+            raise ValueError(f"unknown task {name!r} (tasks: {', '.join(TASKS)})")
+        task = replace(TASKS[name], **(caps or {}))
+        t0 = time.perf_counter()
+        data = load_task(task)
+        rows = {}
+        for label, feats in (("model", lambda s: model_features(model, s, task.per_residue, token_budget)),
+                             ("random init", lambda s: model_features(control, s, task.per_residue, token_budget)),
+                             ("one-hot" if task.per_residue else "aa composition",
+                              lambda s: baseline_features(s, task.per_residue))):
+            scores = fit_and_score(task, feats(data.train_seqs), data.train_labels, feats(data.test_seqs),
+                                   data.test_labels, seeds, head)
+            rows[label] = {"scores": scores, "mean": float(np.mean(scores)), "std": float(np.std(scores))}
+        results["tasks"][name] = {
+            "metric": "Q3 accuracy" if task.per_residue else "accuracy", "classes": data.classes,
+            "n_train": len(data.train_seqs), "n_test": len(data.test_seqs),
+            "n_test_residues": int(sum(len(s) for s in data.test_seqs)),
+            "rows": rows, "time_s": round(time.perf_counter() - t0, 1)}
+        log(f"{name}: done in {time.perf_counter() - t0:.1f}s")
+    results["time_s"] = round(time.perf_counter() - t_all, 1)
+    return results
+
+
+def format_table(results: dict) -> str:
+    lines = [f"{'task':<20} {'features':<16} {'metric':<12} {'mean ± std':<16} train/test",
+             "-" * 78]
+    for name, t in results["tasks"].items():
+        for label, r in t["rows"].items():
+            lines.append(f"{name:<20} {label:<16} {t['metric']:<12} "
+                         f"{r['mean']:.4f} ± {r['std']:.4f}  {t['n_train']}/{t['n_test']}")
+    lines.append(f"{results['head']} probe, {len(results['seeds'])} seeds, {results['time_s']}s; {results['note']}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- CLI
+def add_probe_command(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("probe", help="frozen-embedding probes with random-init and baseline controls",
+                              description="Probe tasks: " + ", ".join(TASKS) + ". Prints mean ± std over seeds.")
+    p.add_argument("model", help="run directory, checkpoint, EsmForMaskedLM folder or hub name")
+    p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
+    p.add_argument("--seeds", type=int, default=3, help="number of probe seeds (0..N-1)")
+    p.add_argument("--head", choices=HEADS, default="logistic", help="probe: logistic regression, ridge or MLP")
+    p.add_argument("--max-train", type=int, help="override every task's training-sequence cap")
+    p.add_argument("--max-test", type=int, help="override every task's test-sequence cap")
+    p.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH,
+                   help="tokens per window incl. <cls>/<eos>; longer sequences are averaged over windows")
+    p.add_argument("--token-budget", type=int, default=8192, help="tokens per packed batch")
+    p.add_argument("--out", help="write the results (all per-seed scores) to this JSON file")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.set_defaults(func=_run)
+    return p
+
+
+def _run(args) -> int:
+    if args.seeds < 1 or (args.max_train is not None and args.max_train < 2) or \
+            (args.max_test is not None and args.max_test < 1):
+        raise SystemExit("probe: need --seeds >= 1, --max-train >= 2, --max-test >= 1")
+    caps = {k: v for k, v in (("max_train", args.max_train), ("max_test", args.max_test)) if v is not None}
+    model = load_eval_model(args.model, device=resolve_device(args.device), max_length=args.max_length)
+    try:
+        results = run_probes(model, args.tasks, seeds=range(args.seeds), head=args.head, caps=caps,
+                             token_budget=args.token_budget, log=lambda m: print(m, file=sys.stderr))
+    except ValueError as e:
+        raise SystemExit(f"probe: {e}") from None
+    print(format_table(results))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="plmrun")
+    add_probe_command(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["probe", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)

@@ -1,0 +1,177 @@
+"""Compare runs: loss curves (vs tokens and vs wall time) overlaid in one PNG, plus an HTML page
+with the summary table. Reads only the run directories' `metrics.jsonl` and `summary.json`, so it
+works on finished, running and copied runs alike (a run without summary.json shows '-').
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+COLUMNS = [("params", "params"), ("tokens", "tokens"), ("train_time_s", "train time (s)"),
+           ("tok_per_s", "tok/s"), ("mfu", "MFU"), ("best_val_loss", "best val loss"),
+           ("final_val", "final val"), ("time_to_target", "time to target")]
+
+
+@dataclass
+class Run:
+    name: str
+    train: list[dict] = field(default_factory=list)   # metrics lines with kind == "train"
+    evals: list[dict] = field(default_factory=list)   # metrics lines with kind == "eval"
+    summary: dict = field(default_factory=dict)
+
+
+def load_run(path: str | Path, name: str | None = None) -> Run:
+    path = Path(path)
+    metrics = path / "metrics.jsonl"
+    if not metrics.is_file():
+        raise ValueError(f"{path}: no metrics.jsonl (not a run directory)")
+    run = Run(name or path.name)
+    with open(metrics) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                if lineno > 1 and not line.endswith("\n"):
+                    break   # a run still writing its last line
+                raise ValueError(f"{metrics}:{lineno}: invalid JSON ({e.msg})") from None
+            if rec.get("kind") == "train" and "loss" in rec:
+                run.train.append(rec)
+            elif rec.get("kind") == "eval" and "val_loss" in rec:
+                run.evals.append(rec)
+    summary = path / "summary.json"
+    if summary.is_file():
+        try:
+            run.summary = json.loads(summary.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{summary}: invalid JSON ({e.msg})") from None
+    if not run.train and not run.evals:
+        raise ValueError(f"{metrics}: no train or eval lines")
+    return run
+
+
+def _names(paths: list[Path]) -> list[str]:
+    """Directory names, with the parent prepended where two runs share a name."""
+    names = [p.resolve().name for p in paths]
+    return [f"{p.resolve().parent.name}/{n}" if names.count(n) > 1 else n for p, n in zip(paths, names)]
+
+
+def plot(runs: list[Run], out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    for x_key, ax, xlabel in (("tokens", axes[0], "tokens"), ("train_time_s", axes[1], "training time (s)")):
+        for i, run in enumerate(runs):
+            color = f"C{i % 10}"
+            tr = [r for r in run.train if x_key in r]
+            ev = [r for r in run.evals if x_key in r]
+            if tr:
+                ax.plot([r[x_key] for r in tr], [r["loss"] for r in tr], color=color, alpha=0.45, lw=1,
+                        label=f"{run.name} train")
+            if ev:
+                ax.plot([r[x_key] for r in ev], [r["val_loss"] for r in ev], color=color, lw=2, marker="o",
+                        ms=3, label=f"{run.name} val")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("loss (nats)")
+        ax.grid(alpha=0.3)
+    axes[0].set_title("loss vs tokens")
+    axes[1].set_title("loss vs time")
+    axes[1].legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def fmt(value) -> str:
+    """Compact text for a summary value (numbers, dicts of targets, missing)."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
+    if isinstance(value, dict):
+        if "loss" in value and not isinstance(value["loss"], dict):
+            return fmt(value["loss"])
+        return "; ".join(f"{k}: {fmt(v)}" for k, v in value.items()) or "-"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(fmt(v) for v in value) or "-"
+    return str(value)
+
+
+def summary_rows(runs: list[Run]) -> list[list[str]]:
+    return [[run.name] + [fmt(run.summary.get(key)) for key, _ in COLUMNS] for run in runs]
+
+
+def markdown_table(runs: list[Run]) -> str:
+    head = ["run"] + [title for _, title in COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in summary_rows(runs)]
+    return "\n".join(lines)
+
+
+def write_html(runs: list[Run], png_name: str, out: Path) -> None:
+    head = "".join(f"<th>{html.escape(t)}</th>" for t in ["run"] + [t for _, t in COLUMNS])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>\n"
+                   for row in summary_rows(runs))
+    out.write_text(f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>plmrun report</title>
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} td:first-child{{text-align:left}}</style>
+</head><body>
+<h1>plmrun report: {len(runs)} run{'s' if len(runs) != 1 else ''}</h1>
+<img src="{html.escape(png_name)}" alt="loss curves" style="max-width:100%">
+<h2>Summary</h2>
+<table><tr>{head}</tr>
+{body}</table>
+</body></html>
+""")
+
+
+def make_report(run_dirs: list[str | Path], out_dir: str | Path) -> list[Run]:
+    """Write loss_curves.png and report.html into out_dir; returns the runs read."""
+    paths = [Path(p) for p in run_dirs]
+    runs = [load_run(p, n) for p, n in zip(paths, _names(paths))]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot(runs, out_dir / "loss_curves.png")
+    write_html(runs, "loss_curves.png", out_dir / "report.html")
+    return runs
+
+
+# ---------------------------------------------------------------- CLI
+def add_report_command(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("report", help="overlay loss curves of runs and tabulate their summaries",
+                              description="Writes loss_curves.png and report.html; prints the summary table.")
+    p.add_argument("runs", nargs="+", help="run directories (with metrics.jsonl)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=_run)
+    return p
+
+
+def _run(args) -> int:
+    try:
+        runs = make_report(args.runs, args.out)
+    except ValueError as e:
+        raise SystemExit(f"report: {e}") from None
+    print(markdown_table(runs))
+    print(f"wrote {Path(args.out) / 'report.html'} and {Path(args.out) / 'loss_curves.png'}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="plmrun")
+    add_report_command(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["report", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)

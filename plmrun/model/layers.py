@@ -1,0 +1,137 @@
+"""Pieces both architectures share: the PLM base (outputs, parameter kinds), norms, rotary,
+soft-caps and ESM token dropout on packed input."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+
+MASK_ID = 32
+VOCAB_SIZE = 33
+ESM_MASK_RATIO_TRAIN = 0.15 * 0.8  # hard-coded in ESM-2 (and HF EsmEmbeddings) token dropout
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor                          # [T or len(logits_index), 33] fp32
+    hidden_states: Optional[tuple[torch.Tensor, ...]] = None
+
+
+class PLM(nn.Module):
+    """Base of every model: `forward(tokens, positions, cu_seqlens, max_seqlen, ...)`.
+
+    Subclasses name their embedding and head parameters so optimizers can group parameters by
+    role without knowing the architecture.
+    """
+    embed_prefixes: tuple[str, ...] = ()
+    head_prefixes: tuple[str, ...] = ()
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def parameter_kinds(self) -> dict[str, str]:
+        """name -> 'embed' | 'head' | 'hidden' | 'scalar' for every (deduplicated) parameter.
+
+        scalar: anything with < 2 dims (norm weights, biases, lambdas); embed: token and value
+        embedding tables (a tied decoder is the embedding); head: LM-head matrices; hidden: the
+        2-D matrices inside blocks (the ones Muon orthogonalises).
+        """
+        kinds = {}
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                kinds[name] = "scalar"
+            elif name.startswith(self.embed_prefixes):
+                kinds[name] = "embed"
+            elif name.startswith(self.head_prefixes):
+                kinds[name] = "head"
+            else:
+                kinds[name] = "hidden"
+        return kinds
+
+    def matmul_params(self) -> int:
+        """Parameters that cost 2 FLOPs per token in the forward (all but embedding lookups)."""
+        n = sum(p.numel() for name, p in self.named_parameters()
+                if p.dim() >= 2 and not name.startswith(self.embed_prefixes))
+        if self.cfg.tie_embeddings:  # the tied decoder is a matmul with the embedding table
+            n += VOCAB_SIZE * self.cfg.hidden_size
+        return n
+
+    def _head_rows(self, h: torch.Tensor, logits_index) -> torch.Tensor:
+        return h if logits_index is None else h.index_select(0, logits_index.to(h.device))
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    """Weightless RMSNorm over the last dim."""
+    return F.rms_norm(x, (x.shape[-1],))
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls produce here: the autocast dtype when autocast is on, else x's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+def fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The vocabulary projection in fp32 even under autocast: it is cheap (33 outputs) and
+    keeps logits and the loss from bf16 rounding."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+
+
+def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    return cap * torch.tanh(x / cap) if cap else x
+
+
+class Rotary(nn.Module):
+    """Rotary embedding, rotate-half layout (as ESM/HF); positions restart at every sequence."""
+
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        self.head_dim, self.base = head_dim, base
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self) -> torch.Tensor:
+        return 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
+
+    def reset_buffers(self) -> None:
+        """Recompute inv_freq (it is not saved: loaders that build on the meta device call this)."""
+        self.inv_freq = self._inv_freq().to(self.inv_freq.device if not self.inv_freq.is_meta else "cpu")
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape [T, 1, Dh/2], computed in fp32 and cast once for all layers."""
+        freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
+        return freqs.cos()[:, None].to(dtype), freqs.sin()[:, None].to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def token_dropout(x: torch.Tensor, tokens: torch.Tensor, layout) -> torch.Tensor:
+    """ESM-2 token dropout: zero <mask> embeddings, then rescale each sequence by
+    (1 - 0.15*0.8) / (1 - its observed <mask> fraction), as if masks were input dropout."""
+    is_mask = tokens == MASK_ID
+    doc = layout.doc_ids.long()
+    cu = layout.cu_seqlens.long()
+    lengths = (cu[1:] - cu[:-1]).to(x.dtype if x.is_floating_point() else torch.float)
+    n_mask = torch.zeros(len(lengths), dtype=lengths.dtype, device=x.device).index_add_(0, doc, is_mask.to(lengths.dtype))
+    observed = n_mask / lengths.clamp_min(1)
+    scale = (1 - ESM_MASK_RATIO_TRAIN) / (1 - observed).clamp_min(1e-6)
+    return x.masked_fill(is_mask[:, None], 0.0) * scale[doc][:, None].to(x.dtype)
+
+
+def window_at(cfg: ModelConfig, step: Optional[int]) -> int:
+    """Sliding window (0 = full) at a training step: linear from sliding_window_start to
+    sliding_window over window_warmup_steps. Fixed at sliding_window when sliding_window_start
+    or window_warmup_steps is 0, and for step=None (evaluation)."""
+    w, w0, n = cfg.sliding_window, cfg.sliding_window_start, cfg.window_warmup_steps
+    if not w or not w0 or not n or step is None or step >= n:
+        return w
+    return max(1, round(w0 + max(step, 0) / n * (w - w0)))

@@ -1,0 +1,166 @@
+"""The speedrun encoder (after SpeedrunningPLMs / modded-nanogpt), on packed sequences.
+
+x0 = norm(embed(tokens)) [token dropout]. Each block: x = a*x + b*x0 (x0 lambdas), attention
+(bias-free Q/K/V/O, QK-norm, RoPE, value embeddings mixed into V, optional tanh score cap and
+sliding window), then a ReLU^2 MLP or a Pattention layer; both sublayers pre-norm with a
+weightless RMSNorm and zero-initialised output projections. UNet: the first L//2 blocks push
+their outputs, the last L//2 pop them (x += w_i * skip) before running. Head: dense -> GELU ->
+norm -> decoder (+bias), tanh soft-capped logits. Every feature is a ModelConfig switch.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from .attention import PackedLayout, packed_attention
+from .layers import (PLM, VOCAB_SIZE, ModelOutput, Rotary, apply_rotary, compute_dtype, fp32_linear, rms_norm, soft_cap,
+                     token_dropout, window_at)
+
+
+def _linear(d_in: int, d_out: int, std: float, zero: bool = False) -> nn.Linear:
+    lin = nn.Linear(d_in, d_out, bias=False)
+    nn.init.zeros_(lin.weight) if zero else nn.init.normal_(lin.weight, std=std)
+    return lin
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, has_value_embedding: bool):
+        super().__init__()
+        D, self.H = cfg.hidden_size, cfg.num_heads
+        self.cfg = cfg
+        self.q, self.k, self.v = (_linear(D, D, cfg.init_std) for _ in range(3))
+        self.o = _linear(D, D, cfg.init_std, zero=True)
+        # v <- l0 * v + l1 * value_embedding, as in modded-nanogpt
+        self.value_lambdas = nn.Parameter(torch.tensor([0.5, 0.5])) if has_value_embedding else None
+
+    def forward(self, x, cos, sin, ve, layout: PackedLayout, window: int):
+        T, D = x.shape
+        q, k, v = (f(x).view(T, self.H, D // self.H) for f in (self.q, self.k, self.v))
+        if self.cfg.qk_norm:
+            q, k = rms_norm(q), rms_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if ve is not None:
+            v = self.value_lambdas[0] * v + self.value_lambdas[1] * ve.view_as(v).to(v.dtype)
+        o = packed_attention(q, k, v, layout.cu_seqlens, layout.max_seqlen, backend=self.cfg.attention_backend,
+                             window=window, soft_cap=self.cfg.attention_soft_cap, layout=layout)
+        return self.o(o.reshape(T, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = round(cfg.hidden_size * cfg.expansion_ratio)
+        self.up = _linear(cfg.hidden_size, hidden, cfg.init_std)
+        self.down = _linear(hidden, cfg.hidden_size, cfg.init_std, zero=True)
+
+    def forward(self, x):
+        return self.down(F.relu(self.up(x)).square())
+
+
+class Pattention(nn.Module):
+    """Tokenformer's Pattention (Wang et al. 2024) in place of the MLP: the token attends to
+    num_att_tokens learned key/value parameter tokens. Scores s = x K^T are normalised per
+    token to L2 norm sqrt(n) and passed through GELU instead of a softmax (the paper's
+    modified softmax, which keeps gradients alive for many tokens); out = GELU(s) V.
+    The value tokens are zero-initialised like every other output projection."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        n, D = cfg.num_att_tokens, cfg.hidden_size
+        self.key_tokens = nn.Parameter(torch.randn(n, D) * cfg.init_std)
+        self.value_tokens = nn.Parameter(torch.zeros(n, D))
+        self.tau = math.sqrt(n)
+
+    def forward(self, x):
+        s = F.linear(x, self.key_tokens)
+        s = s * (self.tau / s.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)).to(s.dtype)
+        return F.linear(F.gelu(s), self.value_tokens.t())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, has_value_embedding: bool):
+        super().__init__()
+        self.attn = SelfAttention(cfg, has_value_embedding)
+        self.mlp = Pattention(cfg) if cfg.p_attention else MLP(cfg)
+        self.x0_lambdas = nn.Parameter(torch.tensor([1.0, 0.0])) if cfg.x0_lambdas else None
+
+    def forward(self, x, x0, cos, sin, ve, layout, window):
+        if self.x0_lambdas is not None:
+            x = self.x0_lambdas[0] * x + self.x0_lambdas[1] * x0
+        x = x + self.attn(rms_norm(x), cos, sin, ve, layout, window)
+        return x + self.mlp(rms_norm(x))
+
+
+class LMHead(nn.Module):
+    def __init__(self, cfg: ModelConfig, tied: Optional[nn.Parameter]):
+        super().__init__()
+        D = cfg.hidden_size
+        self.dense = _linear(D, D, cfg.init_std)
+        self.decoder = _linear(D, VOCAB_SIZE, cfg.init_std)
+        if tied is not None:
+            self.decoder.weight = tied
+        self.bias = nn.Parameter(torch.zeros(VOCAB_SIZE))
+        self.cap = cfg.soft_logit_cap
+
+    def forward(self, h):
+        x = rms_norm(F.gelu(self.dense(h)))
+        return soft_cap(fp32_linear(x, self.decoder.weight, self.bias), self.cap)
+
+
+def value_embedding_table(layer: int, num_layers: int) -> Optional[int]:
+    """num_layers//2 tables mirrored over depth: layer i and layer L-1-i share table i."""
+    i = min(layer, num_layers - 1 - layer)
+    return i if i < num_layers // 2 else None
+
+
+class SpeedrunPLM(PLM):
+    embed_prefixes = ("embed.", "value_embeds.")
+    head_prefixes = ("head.",)
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        D, L = cfg.hidden_size, cfg.num_layers
+        self.embed = nn.Embedding(VOCAB_SIZE, D)
+        nn.init.normal_(self.embed.weight, std=cfg.init_std)
+        n_ve = L // 2 if cfg.value_embeddings else 0
+        self.value_embeds = nn.ModuleList(nn.Embedding(VOCAB_SIZE, D) for _ in range(n_ve))
+        for e in self.value_embeds:
+            nn.init.normal_(e.weight, std=cfg.init_std)
+        self.blocks = nn.ModuleList(
+            Block(cfg, cfg.value_embeddings and value_embedding_table(i, L) is not None) for i in range(L))
+        self.skip_weights = nn.Parameter(torch.ones(L // 2)) if cfg.unet else None
+        self.rotary = Rotary(D // cfg.num_heads, cfg.rope_base)
+        self.head = LMHead(cfg, self.embed.weight if cfg.tie_embeddings else None)
+
+    def forward(self, tokens, positions, cu_seqlens, max_seqlen, *, logits_index=None,
+                output_hidden_states=False, step=None) -> ModelOutput:
+        cfg, L = self.cfg, self.cfg.num_layers
+        layout = PackedLayout(cu_seqlens, max_seqlen)
+        window = window_at(cfg, step)
+        x = rms_norm(self.embed(tokens))
+        if cfg.token_dropout:  # after the norm: a weightless RMSNorm would undo the rescaling
+            x = token_dropout(x, tokens, layout)
+        x0 = x
+        cos, sin = self.rotary(positions, compute_dtype(x))
+        ves = [e(tokens) for e in self.value_embeds]
+        hidden = [x] if output_hidden_states else None
+        skips = []
+        for i, block in enumerate(self.blocks):
+            if cfg.unet and i >= L - L // 2 and skips:
+                x = x + self.skip_weights[i - (L - L // 2)] * skips.pop()
+            t = value_embedding_table(i, L) if ves else None
+            x = block(x, x0, cos, sin, None if t is None else ves[t], layout, window)
+            if cfg.unet and i < L // 2:
+                skips.append(x)
+            if hidden is not None:
+                hidden.append(x)
+        h = rms_norm(x)
+        if hidden is not None:
+            hidden.append(h)
+        logits = self.head(self._head_rows(h, logits_index))
+        return ModelOutput(logits=logits, hidden_states=tuple(hidden) if hidden is not None else None)

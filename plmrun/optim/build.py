@@ -1,0 +1,141 @@
+"""Parameter grouping and the one `Optimizers` object the trainer drives.
+
+Groups come from the model: `model.parameter_kinds()` maps every trainable parameter name to
+'embed', 'head', 'hidden' or 'scalar'. Weight decay (decoupled, scaled by the current LR) goes to
+matrices only: parameters with ndim >= 2 whose kind is not 'scalar'.
+  optimizer='muon':  Muon for 'hidden' (lr_hidden); AdamW groups for 'embed' (lr_embed),
+                     'head' (lr_head) and 'scalar' (lr_scalar), betas/eps from the config.
+  optimizer='adamw': one AdamW over everything at `lr` (the ESM-2 recipe).
+Every group carries `name` and `base_lr`; `set_step(s)` sets lr = base_lr × lr_multiplier(s) and
+the Muon momentum warm-up. Call it before each step (the trainer owns the step counter).
+"""
+from __future__ import annotations
+
+import torch
+
+from plmrun.config import OptimConfig
+from plmrun.optim.clip import clip_gradients
+from plmrun.optim.muon import Muon
+from plmrun.optim.schedule import lr_multiplier, muon_momentum
+
+KINDS = ("embed", "head", "hidden", "scalar")
+
+
+class Optimizers:
+    """The optimizers of one model, stepped, scheduled, clipped and checkpointed together."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer], cfg: OptimConfig, max_steps: int):
+        self.optimizers = optimizers
+        self.cfg = cfg
+        self.max_steps = max_steps
+        self.grad_norm_history: list[float] = []
+        self.set_step(0)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def lr_multiplier(self, step: int) -> float:
+        return lr_multiplier(step, self.cfg, self.max_steps)
+
+    def set_step(self, step: int) -> None:
+        mult = self.lr_multiplier(step)
+        mom = muon_momentum(step, self.cfg)
+        for g in self.param_groups:
+            g["lr"] = g["base_lr"] * mult
+            if g["name"] == "hidden":
+                g["momentum"] = mom
+
+    def current_lrs(self) -> dict[str, float]:
+        return {g["name"]: g["lr"] for g in self.param_groups}
+
+    def clip_gradients(self) -> tuple[float, float]:
+        """Global grad norm (before clipping) and the threshold used (0 = none); see clip.py."""
+        return clip_gradients(self.params, self.cfg, self.grad_norm_history)
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [opt.state_dict() for opt in self.optimizers],
+                "grad_norm_history": list(self.grad_norm_history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = [[g["name"] for g in sd["param_groups"]] for sd in state["optimizers"]]
+        mine = [[g["name"] for g in opt.param_groups] for opt in self.optimizers]
+        if saved != mine:
+            raise ValueError(f"optimizer state has parameter groups {saved}, this run has {mine} "
+                             "(different optim.optimizer or model?)")
+        for opt, sd in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(sd)
+        self.grad_norm_history = list(state["grad_norm_history"])
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, max_steps: int,
+                    ns_dtype: torch.dtype = torch.bfloat16) -> Optimizers:
+    """Group `model`'s trainable parameters by kind and build the optimizers for `cfg`.
+
+    ns_dtype: Newton–Schulz precision (bf16 is fast; float32 for exact fp32 comparisons).
+    """
+    named = _named_kinds(model)
+    decay = {n: p.ndim >= 2 and kind != "scalar" for n, (p, kind) in named.items()}
+    betas, eps = tuple(cfg.betas), cfg.eps
+
+    def groups(names: list[str], name: str, lr: float) -> list[dict]:
+        out = []
+        for flag, suffix in ((True, ""), (False, "_no_decay")):
+            params = [named[n][0] for n in names if decay[n] == flag]
+            if params:
+                out.append(dict(params=params, name=name + suffix, base_lr=lr, lr=lr,
+                                weight_decay=cfg.weight_decay if flag else 0.0))
+        return out
+
+    if cfg.optimizer == "adamw":
+        adam = groups(list(named), "adamw", cfg.lr)
+        return Optimizers([torch.optim.AdamW(adam, betas=betas, eps=eps)], cfg, max_steps)
+    by_kind = {k: [n for n, (_, kind) in named.items() if kind == k] for k in KINDS}
+    for n in by_kind["hidden"]:
+        if named[n][0].ndim != 2:
+            raise ValueError(f"parameter {n!r} of shape {tuple(named[n][0].shape)} is 'hidden' but Muon "
+                             "needs 2-D matrices (fix model.parameter_kinds())")
+    adam = (groups(by_kind["embed"], "embed", cfg.lr_embed) + groups(by_kind["head"], "head", cfg.lr_head)
+            + groups(by_kind["scalar"], "scalar", cfg.lr_scalar))
+    opts: list[torch.optim.Optimizer] = []
+    if by_kind["hidden"]:
+        hidden = [dict(params=[named[n][0] for n in by_kind["hidden"]], name="hidden", base_lr=cfg.lr_hidden)]
+        opts.append(Muon(hidden, lr=cfg.lr_hidden, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay,
+                         ns_steps=cfg.ns_steps, ns_dtype=ns_dtype))
+    if adam:
+        opts.append(torch.optim.AdamW(adam, betas=betas, eps=eps))
+    return Optimizers(opts, cfg, max_steps)
+
+
+def _named_kinds(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, str]]:
+    """{name: (parameter, kind)} for trainable parameters, checked against parameter_kinds()."""
+    if not hasattr(model, "parameter_kinds"):
+        raise ValueError(f"{type(model).__name__} has no parameter_kinds(); pass the model itself, "
+                         "not a DDP/torch.compile wrapper")
+    kinds = model.parameter_kinds()
+    params = dict(model.named_parameters())
+    for name, kind in kinds.items():
+        if name not in params:
+            raise ValueError(f"parameter_kinds() names {name!r}, which is not a parameter of the model")
+        if kind not in KINDS:
+            raise ValueError(f"parameter {name!r} has kind {kind!r}; expected one of {', '.join(KINDS)}")
+    out = {}
+    for name, p in params.items():
+        if not p.requires_grad:
+            continue
+        if name not in kinds:
+            raise ValueError(f"parameter {name!r} has no kind in model.parameter_kinds()")
+        out[name] = (p, kinds[name])
+    return out

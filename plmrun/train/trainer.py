@@ -1,0 +1,458 @@
+"""The training loop: packed micro-batches in, one optimizer step per global batch, honest numbers out.
+
+Loss of a global step = Σ(weight·CE) / Σ normaliser over every micro-batch of every rank (both sums
+all-reduced), so 1 process × 4 accumulation steps and 2 processes × 2 give the same update. The run
+clock (`train_time_s`) counts only training steps; evals are timed separately, and time-to-target
+records both. Everything needed to continue exactly is in the checkpoint (train/checkpoint.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from plmrun.config import Config
+from plmrun.eval.mlm import evaluate
+from plmrun.train import checkpoint as ckpt
+from plmrun.train.parallelize import (DistEnv, all_reduce_sum, autocast_dtype, init_distributed, parallelize,
+                                      unwrap)
+from plmrun.train.rundir import (MetricsLog, RunDirError, config_yaml, default_run_name, environment_info,
+                                 plot_curves, prepare_run_dir, read_metrics, write_json_atomic)
+
+
+class TrainingError(RuntimeError):
+    """Training stopped for a reason the user must see (NaN/Inf, loss spike, bad resume)."""
+
+
+# ------------------------------------------------------------------ peak FLOP/s
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.4) -> float:
+    """FLOP/s of a large square matmul on this device and dtype: the MFU denominator."""
+    n = 2048 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds or reps < 2:
+        a @ b
+        reps += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return 2.0 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------ data
+def open_training_data(cfg: Config, env: DistEnv):
+    from plmrun.data.shards import open_dataset
+    if cfg.data.dataset == "bundled":
+        from plmrun.data.corpus import bundled_dataset_dir
+        # Rank 0 prepares the shipped corpus on first use; the others wait and reuse it.
+        if env.world_size > 1 and not env.is_main:
+            torch.distributed.barrier()
+        path = bundled_dataset_dir()
+        if env.world_size > 1 and env.is_main:
+            torch.distributed.barrier()
+    else:
+        path = Path(cfg.data.dataset)
+    return path, open_dataset(path, cfg.data.train_split), open_dataset(path, cfg.data.valid_split)
+
+
+# ------------------------------------------------------------------ signals and faults
+class _StopFlag:
+    """Set by SIGTERM/SIGINT: the loop saves a checkpoint at the end of the step and exits cleanly."""
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+        self._old = {}
+
+    def install(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a test thread)
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: stop now
+        self.signal = signum
+
+    def restore(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _fault_injection(step: int, rank: int) -> None:
+    """PLMRUN_FAULT=kill@STEP[:RANK] or term@STEP[:RANK]: the kill tests' way to crash a rank after STEP."""
+    spec = os.environ.get("PLMRUN_FAULT")
+    if not spec:
+        return
+    kind, _, where = spec.partition("@")
+    at, _, frank = where.partition(":")
+    marker = os.environ.get("PLMRUN_FAULT_ONCE")  # a file: inject only on the first attempt
+    if int(at) == step and (not frank or int(frank) == rank):
+        if marker and os.path.exists(marker):
+            return
+        if marker:
+            Path(marker).write_text(spec)
+        os.kill(os.getpid(), signal.SIGKILL if kind == "kill" else signal.SIGTERM)
+
+
+# ------------------------------------------------------------------ the loop
+def train(cfg: Config, *, resume: Optional[str] = None, init_from_hf: Optional[str] = None) -> dict:
+    """Train as configured; returns the summary (also written to summary.json)."""
+    launch = time.perf_counter()
+    env = init_distributed(cfg)
+    threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    if env.device.type == "cpu":
+        torch.set_num_threads(threads)
+    torch.manual_seed(cfg.train.seed)
+
+    # run directory (rank 0 decides the name; everyone agrees)
+    name = cfg.logging.name or default_run_name(cfg)
+    if resume:
+        name = Path(resume).name
+    if env.world_size > 1:
+        obj = [name]
+        torch.distributed.broadcast_object_list(obj, src=0)
+        name = obj[0]
+    run_dir = Path(cfg.logging.run_root) / name
+    is_resume = False
+    if env.is_main:
+        run_dir, is_resume = prepare_run_dir(cfg, name, resume=bool(resume))
+    if env.world_size > 1:
+        obj = [is_resume]
+        torch.distributed.broadcast_object_list(obj, src=0)
+        is_resume = obj[0]
+
+    data_path, train_src, valid_src = open_training_data(cfg, env)
+
+    from plmrun.model.registry import build_model, flops_per_step
+    model = build_model(cfg.model)
+    if init_from_hf:
+        from plmrun.model.loading import load_hf_weights_into
+        load_hf_weights_into(model, init_from_hf)
+    model.to(env.device)
+    plm = model
+    n_params = sum(p.numel() for p in plm.parameters())
+    kinds = plm.parameter_kinds()
+    n_dense = sum(p.numel() for n, p in plm.named_parameters() if kinds[n] in ("hidden", "head", "scalar"))
+    model = parallelize(model, cfg, env)
+
+    from plmrun.optim.build import build_optimizer
+    # Newton-Schulz in fp32 for fp32 runs, so distributed and resumed runs match single-process ones exactly.
+    ns_dtype = torch.float32 if cfg.train.precision == "fp32" else torch.bfloat16
+    optimizers = build_optimizer(plm, cfg.optim, cfg.train.max_steps, ns_dtype=ns_dtype)
+
+    from plmrun.data.loader import TrainLoader
+    from plmrun.data.masking import Masker
+    loader = TrainLoader(train_src, token_budget=cfg.data.token_budget, max_length=cfg.data.max_length,
+                         seed=cfg.train.seed, world_size=env.world_size, rank=env.rank,
+                         grad_accum=cfg.train.grad_accum, masker=Masker.from_config(cfg.masking),
+                         prefetch=cfg.data.prefetch, num_workers=cfg.data.num_workers,
+                         pin_memory=env.device.type == "cuda", device=env.device)
+
+    amp_dtype = autocast_dtype(cfg, env.device)
+    peak = measure_matmul_peak(env.device, amp_dtype or torch.float32)
+    data_info = {"dataset": str(data_path), "train_fingerprint": train_src.fingerprint,
+                 "valid_fingerprint": valid_src.fingerprint, "train_sequences": len(train_src),
+                 "valid_sequences": len(valid_src)}
+
+    # state that travels in checkpoints
+    state = {"step": 0, "tokens": 0, "train_time_s": 0.0, "eval_time_s": 0.0, "time_to_target": {},
+             "best_val_loss": None, "flops": 0.0, "world_x_accum": env.world_size * cfg.train.grad_accum,
+             "data": data_info}
+    ckpt_root = run_dir / "checkpoints"
+    latest = ckpt.latest_checkpoint(ckpt_root) if is_resume else None
+    if latest is not None:
+        saved = ckpt.load_checkpoint(latest, model, optimizers)
+        _check_resume(saved, state, latest)
+        state.update({k: saved[k] for k in state if k in saved})
+        loader.load_state_dict(saved["loader"])
+        optimizers.grad_norm_history = list(saved["grad_norm_history"])
+        ckpt.set_rng_state(saved["rng"])
+        if env.is_main:
+            _truncate_metrics(run_dir, state["step"])
+    log = MetricsLog(run_dir, cfg, name, enabled=env.is_main)  # after the resume truncated metrics.jsonl
+    if env.is_main:
+        if not is_resume:
+            (run_dir / "environment.json").write_text(
+                __import__("json").dumps(environment_info(env.device, env.world_size, data_info), indent=2))
+        print(f"plmrun: run {run_dir}  params {n_params/1e6:.2f}M  device {env.device}  world {env.world_size}"
+              f"  precision {'bf16' if amp_dtype else 'fp32'}  peak {peak/1e9:.0f} GFLOP/s"
+              + (f"  resumed at step {state['step']}" if latest is not None else ""), flush=True)
+
+    stop = _StopFlag().install()
+    targets_left = sorted(cfg.train.report_at_val_losses, reverse=True)
+    start_step = state["step"]
+    progress = None
+    if env.is_main and cfg.logging.progress:
+        from tqdm import tqdm
+        progress = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", unit="step",
+                        dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+    stopped_reason = "max_steps"
+    last_eval_step = -1
+    wall_start = time.perf_counter() - state["train_time_s"] - state["eval_time_s"]
+    interval = {"t": 0.0, "tokens": 0, "flops": 0.0}
+    try:
+        for step in range(start_step, cfg.train.max_steps):
+            t0 = time.perf_counter()
+            optimizers.set_step(step)
+            micro = loader.next_step(step)
+            local = torch.zeros(3, dtype=torch.float64)  # normaliser, real tokens, model FLOPs
+            for mb in micro:
+                p = mb.packed
+                local[0] += mb.normalizer
+                local[1] += p.num_real_tokens
+                local[2] += flops_per_step(cfg.model, p.cu_seqlens[: p.num_sequences + 1], step=step)
+            all_reduce_sum(local)
+            global_norm = float(local[0])
+            if global_norm <= 0:
+                raise TrainingError(f"step {step}: no loss targets in the global batch (check the masking settings)")
+            loss_sum = forward_backward(model, micro, global_norm=global_norm, world_size=env.world_size,
+                                        device=env.device, amp_dtype=amp_dtype, step=step)
+            grad_norm, clip_to = optimizers.clip_gradients()
+            all_reduce_sum(loss_sum)
+            loss = float(loss_sum) / global_norm
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                raise TrainingError(f"step {step} rank {env.rank}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'}"
+                                    f" (loss {loss}, grad norm {grad_norm}); the last good checkpoint is kept in {ckpt_root}")
+            optimizers.step()
+            optimizers.zero_grad()
+            if env.device.type == "cuda":
+                torch.cuda.synchronize(env.device)
+            dt = time.perf_counter() - t0
+            step_tokens = int(local[1])
+            step_flops = float(local[2])
+            state["step"] = step + 1
+            state["tokens"] += step_tokens
+            state["train_time_s"] += dt
+            state["flops"] += step_flops
+            interval["t"] += dt
+            interval["tokens"] += step_tokens
+            interval["flops"] += step_flops
+            if progress is not None:
+                progress.update(1)
+            if (step + 1) % cfg.train.log_every == 0 or step == start_step:
+                tok_s = interval["tokens"] / max(interval["t"], 1e-9)
+                mfu = interval["flops"] / max(interval["t"], 1e-9) / (peak * env.world_size)
+                rec = {"kind": "train", "step": step + 1, "tokens": state["tokens"],
+                       "train_time_s": round(state["train_time_s"], 3), "loss": loss, "grad_norm": grad_norm,
+                       "clip": clip_to, "tok_per_s": tok_s, "mfu": mfu, "lr_mult": optimizers.lr_multiplier(step),
+                       "packing_efficiency": loader.packing_efficiency}
+                log.write(rec)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}", refresh=False)
+                interval = {"t": 0.0, "tokens": 0, "flops": 0.0}
+            _fault_injection(step + 1, env.rank)
+
+            done = step + 1 == cfg.train.max_steps
+            if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 or done:
+                val = _timed_eval(model, valid_src, cfg, env, amp_dtype=None, subset=cfg.eval.subset, state=state)
+                last_eval_step = step + 1
+                rec = {"kind": "eval", "step": step + 1, "tokens": state["tokens"],
+                       "train_time_s": round(state["train_time_s"], 3),
+                       "wall_time_s": round(time.perf_counter() - wall_start, 3),
+                       **{("val_" + k if k != "tokens" else "val_targets"): v for k, v in val.items()}}
+                log.write(rec)
+                if state["best_val_loss"] is None or val["loss"] < state["best_val_loss"]:
+                    state["best_val_loss"] = val["loss"]
+                while targets_left and val["loss"] <= targets_left[0]:
+                    thr = targets_left.pop(0)
+                    if str(thr) not in state["time_to_target"]:
+                        state["time_to_target"][str(thr)] = {
+                            "step": step + 1, "tokens": state["tokens"], "train_time_s": state["train_time_s"],
+                            "wall_time_s_incl_eval": state["train_time_s"] + state["eval_time_s"],
+                            "val_loss": val["loss"]}
+                        if env.is_main:
+                            msg = (f"reached val loss {thr} at step {step + 1}: {state['train_time_s']:.1f} s of training,"
+                                   f" {state['tokens']:,} tokens")
+                            (progress.write if progress else print)(msg)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{loss:.3f}", val=f"{val['loss']:.3f}", refresh=True)
+                if cfg.train.stop_at_val_loss is not None and val["loss"] <= cfg.train.stop_at_val_loss:
+                    stopped_reason = "stop_at_val_loss"
+            signalled = float(all_reduce_sum(torch.tensor([float(stop.signal is not None)]))) > 0
+            want_ckpt = (cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0) or signalled
+            if want_ckpt and not done:
+                _save(ckpt_root, model, optimizers, loader, state, cfg)
+            if signalled:
+                stopped_reason = f"signal {stop.signal or 'on another rank'}: checkpoint saved, resume with --resume"
+                break
+            if stopped_reason != "max_steps":
+                break
+    finally:
+        stop.restore()
+        if progress is not None:
+            progress.close()
+        loader.close()
+
+    summary = None
+    if not stopped_reason.startswith("signal"):
+        final_full = None
+        if cfg.eval.final_full:
+            final_full = _timed_eval(model, valid_src, cfg, env, amp_dtype=None, subset=0, state=state)
+            log.write({"kind": "eval", "final": True, "step": state["step"], "tokens": state["tokens"],
+                       "train_time_s": round(state["train_time_s"], 3),
+                       **{("val_" + k if k != "tokens" else "val_targets"): v for k, v in final_full.items()}})
+        _save_final_model(run_dir, model, cfg, env)
+        if env.is_main:
+            summary = _summary(cfg, name, run_dir, state, n_params, n_dense, peak, env, final_full, stopped_reason,
+                               launch, read_metrics(run_dir))
+            write_json_atomic(run_dir / "summary.json", summary)
+            plot_curves(run_dir)
+            _print_summary(summary)
+    log.close()
+    if env.world_size > 1:
+        torch.distributed.barrier()
+    return summary or {"stopped": stopped_reason, "run_dir": str(run_dir), "step": state["step"]}
+
+
+def forward_backward(model, micro: list, *, global_norm: float, world_size: int, device: torch.device,
+                     amp_dtype=None, step: Optional[int] = None) -> torch.Tensor:
+    """Accumulate the gradient of Σ(w·CE) / global_norm over this rank's micro-batches.
+
+    Returns this rank's Σ(w·CE) (float64). Gradient sync happens on the last micro-batch only.
+    DDP/FSDP average gradients over ranks, so each rank scales by world_size / global_norm:
+    the result is the gradient of the global-sum loss, whatever the split into ranks and
+    micro-batches.
+    """
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for j, mb in enumerate(micro):
+        p = mb.packed
+        tokens = mb.inputs.to(device, non_blocking=True)
+        targets = mb.targets.to(device, non_blocking=True)
+        index = (targets != -100).nonzero().squeeze(1)
+        with _no_sync(model, last=j == len(micro) - 1), _autocast(device, amp_dtype):
+            out = model(tokens, p.positions.to(device, non_blocking=True), p.cu_seqlens.to(device, non_blocking=True),
+                        p.max_seqlen, logits_index=index, step=step)
+        ce = F.cross_entropy(out.logits.float(), targets[index], reduction="none")
+        weighted = (ce * mb.loss_weights.to(device, non_blocking=True)[index]).sum()
+        (weighted * (world_size / global_norm)).backward()
+        loss_sum += weighted.detach().double()
+    return loss_sum
+
+
+def _autocast(device: torch.device, dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _no_sync(model, last: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch (DDP no_sync / FSDP2 equivalent)."""
+    if last:
+        return contextlib.nullcontext()
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        @contextlib.contextmanager
+        def fsdp_no_sync():
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+        return fsdp_no_sync()
+    return contextlib.nullcontext()
+
+
+def _timed_eval(model, source, cfg, env, *, amp_dtype, subset, state) -> dict:
+    t0 = time.perf_counter()
+    val = evaluate(model, source, cfg.eval, subset=subset, device=env.device, autocast_dtype=amp_dtype)
+    state["eval_time_s"] += time.perf_counter() - t0
+    return val
+
+
+def _save(root, model, optimizers, loader, state, cfg):
+    train_state = dict(state)
+    train_state["loader"] = loader.state_dict()
+    train_state["grad_norm_history"] = list(optimizers.grad_norm_history)
+    train_state["rng"] = ckpt.rng_state()
+    ckpt.save_checkpoint(root, state["step"], model, optimizers, train_state, cfg.train.keep_latest_k)
+
+
+def _check_resume(saved: dict, state: dict, path: Path) -> None:
+    """Refuse a resume that could not continue the same data stream exactly."""
+    for key in ("train_fingerprint", "valid_fingerprint"):
+        if saved["data"][key] != state["data"][key]:
+            raise TrainingError(f"{path}: checkpoint was trained on different data ({key} differs); "
+                                "resume with the same dataset or start a new run")
+    if saved["world_x_accum"] != state["world_x_accum"]:
+        raise TrainingError(f"{path}: checkpoint used world_size × grad_accum = {saved['world_x_accum']}, now "
+                            f"{state['world_x_accum']}; keep the product equal so the global batch stream is unchanged")
+
+
+def _truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop metric lines written after the checkpoint by the attempt that crashed."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    keep = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step and not r.get("final")]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(__import__("json").dumps(r) + "\n" for r in keep))
+    os.replace(tmp, path)
+
+
+def _save_final_model(run_dir: Path, model, cfg: Config, env: DistEnv) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from plmrun.model.loading import save_model_dir
+    sd = get_model_state_dict(unwrap(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if env.is_main:
+        save_model_dir(run_dir / "model", sd, cfg.model)
+
+
+def _summary(cfg, name, run_dir, state, n_params, n_dense, peak, env, final_full, reason, launch, records) -> dict:
+    evals = [r for r in records if r.get("kind") == "eval" and not r.get("final")]
+    t = state["train_time_s"]
+    total = time.perf_counter() - launch
+    return {
+        "name": name,
+        "run_dir": str(run_dir),
+        "arch": cfg.model.arch,
+        "params": n_params,
+        "params_non_embedding": n_dense,
+        "steps": state["step"],
+        "tokens": state["tokens"],
+        "train_time_s": t,
+        "eval_time_s": state["eval_time_s"],
+        "total_time_s": total,
+        "tok_per_s": state["tokens"] / max(t, 1e-9),
+        "mfu": state["flops"] / max(t, 1e-9) / (peak * env.world_size),
+        "peak_flops_per_device": peak,
+        "device": str(env.device),
+        "world_size": env.world_size,
+        "precision": "fp32" if cfg.train.precision == "fp32" else "bf16",
+        "best_val_loss": state["best_val_loss"],
+        "final_val": {k[4:]: v for k, v in evals[-1].items() if k.startswith("val_")} if evals else None,
+        "final_full_val": final_full,
+        "eval_subset": cfg.eval.subset,
+        "time_to_target": state["time_to_target"],
+        "stopped": reason,
+        "cost_usd": cfg.train.cost_per_hour * env.world_size * total / 3600.0,
+        "data": state["data"],
+    }
+
+
+def _print_summary(s: dict) -> None:
+    lines = [f"run {s['run_dir']}: {s['steps']} steps, {s['tokens']:,} tokens in {s['train_time_s']:.1f} s of training"
+             f" ({s['total_time_s']:.1f} s total) — {s['tok_per_s']:,.0f} tok/s, MFU {s['mfu']:.1%}"]
+    if s["final_val"]:
+        lines.append(f"val loss (first {s['eval_subset'] or 'all'} valid sequences): {s['final_val']['loss']:.4f}"
+                     f"  best {s['best_val_loss']:.4f}")
+    if s["final_full_val"]:
+        f = s["final_full_val"]
+        lines.append(f"full valid split: loss {f['loss']:.4f}  ppl {f['perplexity']:.2f}  acc {f['accuracy']:.3f}"
+                     f"  F1 {f['f1']:.3f}  MCC {f['mcc']:.3f}")
+    for thr, r in sorted(s["time_to_target"].items(), key=lambda kv: -float(kv[0])):
+        lines.append(f"time-to-target {thr}: {r['train_time_s']:.1f} s training ({r['wall_time_s_incl_eval']:.1f} s incl."
+                     f" eval), {r['tokens']:,} tokens, step {r['step']}")
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Install plmrun and what it needs. CPU torch first (pinned, so pip never pulls a multi-GB CUDA build),
+# then the package; --dev adds test dependencies and mmseqs2 (homology-aware splits).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! $PY -c "import torch" 2>/dev/null; then
+    # Here the CPU wheel lies on disk; elsewhere choose your build (see the README) before running this.
+    $PY -m pip install --quiet "torch==2.13.0"
+fi
+if [[ "${1:-}" == "--dev" ]]; then
+    $PY -m pip install --quiet -e ".[dev]"
+    if ! command -v mmseqs >/dev/null 2>&1; then
+        if command -v apt-get >/dev/null 2>&1; then
+            SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+            $SUDO apt-get update -qq && $SUDO apt-get install -y -qq mmseqs2 >/dev/null
+        else
+            echo "warning: mmseqs2 not found and apt-get unavailable; install it for 'plmrun data split'" >&2
+        fi
+    fi
+else
+    $PY -m pip install --quiet -e .
+fi
+$PY -c "import plmrun, torch; print(f'plmrun {plmrun.__version__} with torch {torch.__version__}')"

@@ -1,0 +1,160 @@
+import numpy as np
+import pytest
+import torch
+
+from plmrun import tokenizer as tok
+from plmrun.config import ModelConfig
+from plmrun.eval import embed
+from plmrun.eval.embed import embed_sequences, read_embeddings
+from plmrun.eval.inference import EvalModel, HFEsmAdapter, windows
+from plmrun.model.loading import save_model_dir
+from plmrun.model.registry import build_model
+
+SEQS = ["MKTAYIAKQR", "ACDEFGHIKLMNPQRSTVWY", "MK", "LLLLLAAAAGGGSS", "W", "QQQQQPPPPPEEEEE"]
+
+
+def tiny_plmrun(max_length=64):
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2)
+    net = build_model(cfg).eval()
+    with torch.no_grad():  # the zero-initialised projections would make every block an identity
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return EvalModel(net, cfg, "tiny", max_length)
+
+
+def tiny_hf(max_length=64):
+    from transformers import EsmConfig, EsmForMaskedLM
+    torch.manual_seed(1)  # not the control's seed
+    cfg = EsmConfig(vocab_size=33, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=64, pad_token_id=1, mask_token_id=32, position_embedding_type="rotary",
+                    token_dropout=True, max_position_embeddings=1026, emb_layer_norm_before=False)
+    return EvalModel(HFEsmAdapter(EsmForMaskedLM(cfg).eval()), cfg, "tiny-hf", max_length)
+
+
+@torch.no_grad()
+def single_forward_hidden(model: EvalModel, ids: np.ndarray) -> tuple:
+    """Reference: one unpacked sequence through the plmrun model or the HF model itself."""
+    t = torch.from_numpy(tok.with_specials(ids))
+    if isinstance(model.net, HFEsmAdapter):
+        return tuple(h[0].numpy() for h in model.net.hf(input_ids=t[None], output_hidden_states=True).hidden_states)
+    out = model.net(t, torch.arange(len(t)), torch.tensor([0, len(t)], dtype=torch.int32), len(t),
+                    output_hidden_states=True)
+    return tuple(h.numpy() for h in out.hidden_states)
+
+
+@pytest.mark.parametrize("make", [tiny_plmrun, tiny_hf])
+def test_pools_match_one_sequence_forwards(make):
+    model = make()
+    refs = [single_forward_hidden(model, tok.encode(s)) for s in SEQS]
+    # a small budget forces several length-sorted batches; results must come back in input order
+    mean = embed_sequences(model, SEQS, pool="mean", token_budget=model.max_length)
+    cls = embed_sequences(model, SEQS, pool="cls", token_budget=model.max_length)
+    per = embed_sequences(model, SEQS, pool="per-residue", token_budget=model.max_length)
+    first = embed_sequences(model, SEQS, pool="mean", layer=1, token_budget=model.max_length)
+    for i, (s, ref) in enumerate(zip(SEQS, refs)):
+        assert per[i].shape == (len(s), 32)
+        np.testing.assert_allclose(per[i], ref[-1][1:-1], atol=1e-5)
+        np.testing.assert_allclose(mean[i], ref[-1][1:-1].mean(0), atol=1e-5)
+        np.testing.assert_allclose(cls[i], ref[-1][0], atol=1e-5)
+        np.testing.assert_allclose(first[i], ref[1][1:-1].mean(0), atol=1e-5)
+    assert not np.allclose(mean[0], mean[1])
+
+
+def test_long_sequences_average_overlapping_windows():
+    model = tiny_plmrun(max_length=10)           # 8 residues per window
+    assert windows(20, 8) == [0, 4, 8, 12] and windows(8, 8) == [0] and windows(9, 8) == [0, 1]
+    seq = "MKTAYIAKQRQISFVKSHFS"                  # 20 residues
+    ids = tok.encode(seq)
+    acc, cnt, cls = np.zeros((20, 32)), np.zeros((20, 1)), []
+    for s in windows(20, 8):
+        h = single_forward_hidden(model, ids[s:s + 8])[-1]
+        acc[s:s + 8] += h[1:-1]
+        cnt[s:s + 8] += 1
+        cls.append(h[0])
+    per = embed_sequences(model, [seq, "MK"], pool="per-residue", token_budget=30)[0]
+    np.testing.assert_allclose(per, acc / cnt, atol=1e-5)
+    np.testing.assert_allclose(embed_sequences(model, [seq], pool="mean")[0], (acc / cnt).mean(0), atol=1e-5)
+    np.testing.assert_allclose(embed_sequences(model, [seq], pool="cls")[0], np.mean(cls, 0), atol=1e-5)
+
+
+def test_bad_arguments():
+    model = tiny_plmrun()
+    with pytest.raises(ValueError, match="layer 7 out of range: the model has 4 hidden states"):
+        embed_sequences(model, SEQS, layer=7)
+    with pytest.raises(ValueError, match="pool must be"):
+        embed_sequences(model, SEQS, pool="max")
+    with pytest.raises(ValueError, match="sequence 1 is empty"):
+        embed_sequences(model, ["MK", ""])
+
+
+def write_fasta(path, seqs):
+    path.write_text("".join(f">seq{i} some description\n{s[:7]}\n{s[7:]}\n" for i, s in enumerate(seqs)))
+    return path
+
+
+def test_cli_resumes_and_keeps_input_order(tmp_path, monkeypatch):
+    model = tiny_plmrun()
+    save_model_dir(tmp_path / "model", model.net.state_dict(), model.config)
+    fasta = write_fasta(tmp_path / "in.fasta", SEQS)
+    out = tmp_path / "emb.safetensors"
+    calls = []
+    real = embed.embed_sequences
+
+    def counting(model, seqs, **kw):
+        calls.append(len(seqs))
+        if len(calls) == 2 and kw.get("pool") == "mean" and not (tmp_path / "resumed").exists():
+            raise KeyboardInterrupt  # interrupted after the first chunk
+        return real(model, seqs, **kw)
+
+    monkeypatch.setattr(embed, "embed_sequences", counting)
+    args = [str(tmp_path / "model"), str(fasta), "--out", str(out), "--chunk-size", "4", "--device", "cpu"]
+    with pytest.raises(KeyboardInterrupt):
+        embed.main(args)
+    assert not out.exists() and (tmp_path / "emb.safetensors.partial" / "chunk_000000.safetensors").is_file()
+    with pytest.raises(SystemExit, match="unfinished run with different pool"):
+        embed.main(args + ["--pool", "cls"])
+    (tmp_path / "resumed").touch()
+    calls.clear()
+    assert embed.main(args) == 0
+    assert calls == [2]                          # only the second chunk was computed
+    assert not (tmp_path / "emb.safetensors.partial").exists()
+    got = read_embeddings(out)
+    assert list(got) == [f"seq{i}" for i in range(len(SEQS))]
+    want = real(model, SEQS, pool="mean")
+    np.testing.assert_allclose(np.stack(list(got.values())), want, atol=1e-5)
+
+    per_out = tmp_path / "per.safetensors"
+    assert embed.main(args[:2] + ["--out", str(per_out), "--pool", "per-residue", "--layer", "0"]) == 0
+    per = read_embeddings(per_out)
+    assert [v.shape for v in per.values()] == [(len(s), 32) for s in SEQS]
+
+
+def test_fasta_problems_are_one_line_errors(tmp_path):
+    model_dir = tmp_path / "model"
+    m = tiny_plmrun()
+    save_model_dir(model_dir, m.net.state_dict(), m.config)
+    dup = tmp_path / "dup.fasta"
+    dup.write_text(">a\nMK\n>a\nLL\n")
+    with pytest.raises(SystemExit, match="duplicate record id 'a'"):
+        embed.main([str(model_dir), str(dup), "--out", str(tmp_path / "x.safetensors")])
+    bad = tmp_path / "bad.fasta"
+    bad.write_text(">a\nMK\n>b\nL1L\n")
+    with pytest.raises(SystemExit, match="bad.fasta:4"):
+        embed.main([str(model_dir), str(bad), "--out", str(tmp_path / "x.safetensors")])
+
+
+def test_hf_folder_loads_through_the_adapter_and_random_init_control(tmp_path):
+    from plmrun.eval.inference import load_eval_model
+    model = tiny_hf()
+    model.net.hf.save_pretrained(tmp_path / "hf")
+    loaded = load_eval_model(str(tmp_path / "hf"))
+    assert isinstance(loaded.net, HFEsmAdapter)
+    np.testing.assert_allclose(embed_sequences(loaded, SEQS), embed_sequences(model, SEQS), atol=1e-6)
+    control = loaded.random_init(0)
+    assert isinstance(control.net, HFEsmAdapter) and control.name.endswith("(random init)")
+    assert not np.allclose(embed_sequences(control, SEQS), embed_sequences(loaded, SEQS), atol=1e-3)
+    plm = tiny_plmrun()
+    plm_control = plm.random_init(0)
+    assert type(plm_control.net) is type(plm.net)
+    assert plm_control.net.state_dict().keys() == plm.net.state_dict().keys()

@@ -1,0 +1,142 @@
+"""Export round trips: plmrun model -> Hugging Face folder -> transformers, equal logits at every layer."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from plmrun.config import ModelConfig, config_from_dict
+from plmrun.eval.export import ExportError, export, push_to_hub
+from plmrun.model.loading import load_model, save_model_dir
+from plmrun.model.registry import build_model
+
+transformers = pytest.importorskip("transformers")
+
+SPEEDRUN = dict(arch="speedrun", hidden_size=32, num_layers=4, num_heads=2, expansion_ratio=2.0,
+                attention_soft_cap=30.0, soft_logit_cap=20.0)
+ESM2 = dict(arch="esm2", hidden_size=32, num_layers=2, num_heads=4, unet=False, x0_lambdas=False,
+            value_embeddings=False, qk_norm=False, soft_logit_cap=0.0, token_dropout=True)
+
+
+def _saved_model(tmp_path, kw):
+    cfg = config_from_dict({"model": kw}).model
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with torch.no_grad():  # zero-initialised projections would hide errors: randomise everything
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    save_model_dir(tmp_path / "model", model.state_dict(), cfg)
+    return model.eval(), cfg
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    lens = [7, 12, 5]
+    ids = torch.full((3, 12), 1, dtype=torch.long)
+    for i, n in enumerate(lens):
+        ids[i, 0], ids[i, n - 1] = 0, 2
+        ids[i, 1:n - 1] = torch.randint(4, 24, (n - 2,), generator=g)
+    ids[0, 3] = 32  # a <mask>, so token dropout is exercised
+    return ids, (ids != 1).long(), lens
+
+
+def _ours_padded(model, ids, lens):
+    """plmrun's packed forward, per layer, reshaped to the padded layout."""
+    toks = torch.cat([ids[i, :n] for i, n in enumerate(lens)])
+    pos = torch.cat([torch.arange(n) for n in lens])
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+    with torch.no_grad():
+        out = model(toks, pos, cu, max(lens), output_hidden_states=True)
+    return out, cu
+
+
+def _compare(out, cu, lens, logits, hidden):
+    for i, n in enumerate(lens):
+        a, b = int(cu[i]), int(cu[i + 1])
+        torch.testing.assert_close(logits[i, :n], out.logits[a:b], atol=1e-5, rtol=1e-5)
+        assert len(hidden) == len(out.hidden_states)
+        for h_hf, h_ours in zip(hidden, out.hidden_states):
+            torch.testing.assert_close(h_hf[i, :n], h_ours[a:b], atol=1e-5, rtol=1e-5)
+
+
+def test_esm2_exports_as_native_esm_for_masked_lm(tmp_path):
+    model, cfg = _saved_model(tmp_path, ESM2)
+    out_dir = export(tmp_path / "model", tmp_path / "hf")
+    hf = transformers.EsmForMaskedLM.from_pretrained(out_dir).eval()
+    ids, mask, lens = _batch()
+    with torch.no_grad():
+        res = hf(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    ours, cu = _ours_padded(model, ids, lens)
+    # HF's hidden_states: embeddings, then each layer (the last one after emb_layer_norm_after)
+    # ours: embeddings, each layer, then the final norm
+    hidden_hf = res.hidden_states[:-1] + (res.hidden_states[-1],)
+    assert len(res.hidden_states) == cfg.num_layers + 1
+    for i, n in enumerate(lens):
+        a, b = int(cu[i]), int(cu[i + 1])
+        torch.testing.assert_close(res.logits[i, :n], ours.logits[a:b], atol=1e-5, rtol=1e-5)
+        for layer in range(cfg.num_layers):
+            torch.testing.assert_close(hidden_hf[layer][i, :n], ours.hidden_states[layer][a:b], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(hidden_hf[-1][i, :n], ours.hidden_states[-1][a:b], atol=1e-5, rtol=1e-5)
+    tokz = transformers.AutoTokenizer.from_pretrained(out_dir)
+    assert tokz("MKV")["input_ids"] == [0, 20, 15, 7, 2]
+    # and back: the exported folder loads into plmrun again
+    again, cfg2 = load_model(out_dir)
+    assert cfg2.arch == "esm2"
+    torch.testing.assert_close(_ours_padded(again, ids, lens)[0].logits, ours.logits)
+
+
+def test_speedrun_loads_with_remote_code_in_a_clean_process_without_plmrun(tmp_path):
+    model, cfg = _saved_model(tmp_path, SPEEDRUN)
+    out_dir = export(tmp_path / "model", tmp_path / "hf")
+    assert (out_dir / "speedrun.py").read_text() .count("from .plmrun_config import") == 1
+    ids, mask, lens = _batch()
+    torch.save({"ids": ids, "mask": mask}, tmp_path / "batch.pt")
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["plmrun"] = None  # plmrun must not be importable: the folder is self-contained
+        import torch, transformers
+        b = torch.load({str(tmp_path / 'batch.pt')!r})
+        m = transformers.AutoModelForMaskedLM.from_pretrained({str(out_dir)!r}, trust_remote_code=True).eval()
+        with torch.no_grad():
+            r = m(input_ids=b["ids"], attention_mask=b["mask"], output_hidden_states=True)
+        torch.save({{"logits": r.logits, "hidden": r.hidden_states}}, {str(tmp_path / 'out.pt')!r})
+    """)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = torch.load(tmp_path / "out.pt")
+    ours, cu = _ours_padded(model, ids, lens)
+    _compare(ours, cu, lens, res["logits"], res["hidden"])
+    card = (out_dir / "README.md").read_text()
+    assert "trust_remote_code=True" in card
+
+
+def test_export_refuses_non_empty_output(tmp_path):
+    _saved_model(tmp_path, SPEEDRUN)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "keep.txt").write_text("x")
+    with pytest.raises(ExportError, match="not empty"):
+        export(tmp_path / "model", tmp_path / "hf")
+    export(tmp_path / "model", tmp_path / "hf", overwrite=True)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "plmrun"
+
+
+def test_push_to_hub_offline_fails_cleanly_and_never_leaks_the_token(tmp_path, monkeypatch, capsys):
+    _saved_model(tmp_path, ESM2)
+    out_dir = export(tmp_path / "model", tmp_path / "hf")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    with pytest.raises(ExportError, match="HF_TOKEN"):
+        push_to_hub(out_dir, "someone/model")
+    secret = "hf_SECRETTOKEN1234567890"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ExportError) as info:
+        push_to_hub(out_dir, "someone/model")
+    assert secret not in str(info.value)
+    assert "\n" not in str(info.value)
+    captured = capsys.readouterr()
+    assert secret not in captured.out + captured.err

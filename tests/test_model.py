@@ -1,0 +1,170 @@
+"""Model switches, outputs, parameter kinds, packing invariance, FLOP counting."""
+
+import pytest
+import torch
+
+from plmrun.config import ModelConfig, load_yaml, resolve_config_path
+from plmrun.model.layers import window_at
+from plmrun.model.registry import attention_pairs, build_model, flops_per_step
+
+
+TINY = dict(hidden_size=32, num_layers=4, num_heads=2, num_att_tokens=16, attention_backend="cpu")
+
+
+def batch(lengths=(9, 1, 17, 2, 12), pad=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    toks = [torch.cat([torch.tensor([0]), torch.randint(4, 24, (n - 2,), generator=g), torch.tensor([2])])
+            if n >= 2 else torch.tensor([0]) for n in lengths]
+    toks[0][3] = 32  # a <mask>, so token dropout has work
+    lens = list(lengths) + ([pad] if pad else [])
+    tokens = torch.cat(toks + ([torch.ones(pad, dtype=torch.long)] if pad else []))
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    pos = torch.cat([torch.arange(n) for n in lens])
+    return tokens, pos, cu, max(lens)
+
+
+SWITCHES = {
+    "default": {},
+    "all_off": dict(unet=False, x0_lambdas=False, value_embeddings=False, qk_norm=False, soft_logit_cap=0.0),
+    "no_unet": dict(unet=False),
+    "no_x0": dict(x0_lambdas=False),
+    "no_value_emb": dict(value_embeddings=False),
+    "no_qk_norm": dict(qk_norm=False),
+    "attn_soft_cap": dict(attention_soft_cap=8.0),
+    "p_attention": dict(p_attention=True),
+    "tied": dict(tie_embeddings=True),
+    "token_dropout": dict(token_dropout=True),
+    "window": dict(sliding_window=4),
+    "window_schedule": dict(sliding_window=8, sliding_window_start=2, window_warmup_steps=10),
+    "odd_layers": dict(num_layers=5, expansion_ratio=8 / 3),
+    "naive_backend": dict(attention_backend="naive"),
+    "dense_backend": dict(attention_backend="sdpa_dense"),
+    "esm2": dict(arch="esm2", unet=False, x0_lambdas=False, value_embeddings=False, qk_norm=False,
+                 soft_logit_cap=0.0, token_dropout=True),
+}
+
+
+def cfg_with(**kw):
+    return ModelConfig(**{**TINY, **kw})
+
+
+@pytest.mark.parametrize("name", list(SWITCHES))
+def test_switch_forward_backward(name):
+    torch.manual_seed(0)
+    model = build_model(cfg_with(**SWITCHES[name]))
+    tokens, pos, cu, m = batch()
+    out = model(tokens, pos, cu, m, output_hidden_states=True, step=3)
+    assert out.logits.shape == (len(tokens), 33) and out.logits.dtype == torch.float32
+    assert len(out.hidden_states) == model.cfg.num_layers + 2
+    assert all(h.shape == (len(tokens), 32) for h in out.hidden_states)
+    cap = model.cfg.soft_logit_cap
+    if cap:
+        assert out.logits.abs().max() <= cap
+    loss = torch.nn.functional.cross_entropy(out.logits, tokens)
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values()), \
+        [n for n, g in grads.items() if g is None]
+    # zero-init output projections: some hidden matrix must receive gradient already at step 0
+    assert any(g.abs().sum() > 0 for n, g in grads.items() if model.parameter_kinds()[n] == "hidden")
+
+
+def test_esm2_refuses_speedrun_switches():
+    with pytest.raises(ValueError, match="turn off qk_norm, soft_logit_cap"):
+        build_model(cfg_with(arch="esm2", unet=False, x0_lambdas=False, value_embeddings=False))
+
+
+def test_switches_change_the_parameters():
+    names = lambda **kw: set(dict(build_model(cfg_with(**kw)).named_parameters()))  # noqa: E731
+    base = names()
+    assert any("value_embeds" in n for n in base) and "skip_weights" in base
+    assert not any("value_embeds" in n for n in names(value_embeddings=False))
+    assert "skip_weights" not in names(unet=False)
+    assert not any("x0_lambdas" in n for n in names(x0_lambdas=False))
+    assert any("key_tokens" in n for n in names(p_attention=True))
+    assert "head.decoder.weight" not in names(tie_embeddings=True)  # shared with embed.weight
+
+
+def test_logits_index_selects_rows():
+    torch.manual_seed(0)
+    model = build_model(cfg_with()).eval()
+    tokens, pos, cu, m = batch()
+    idx = torch.tensor([0, 5, 7, len(tokens) - 1])
+    with torch.no_grad():
+        full = model(tokens, pos, cu, m).logits
+        part = model(tokens, pos, cu, m, logits_index=idx).logits
+    torch.testing.assert_close(part, full[idx])
+
+
+@pytest.mark.parametrize("arch", ["speedrun", "esm2"])
+def test_parameter_kinds_cover_everything(arch):
+    extra = {} if arch == "speedrun" else SWITCHES["esm2"]
+    model = build_model(cfg_with(**extra))
+    kinds = model.parameter_kinds()
+    params = dict(model.named_parameters())
+    assert set(kinds) == set(params)
+    for n, k in kinds.items():
+        assert (k == "scalar") == (params[n].dim() < 2), n
+    assert kinds["embed.weight"] == "embed" and kinds["head.decoder.weight"] == "head"
+    assert {"embed", "head", "hidden", "scalar"} == set(kinds.values())
+    if arch == "speedrun":
+        assert kinds["value_embeds.0.weight"] == "embed" and kinds["blocks.0.attn.q.weight"] == "hidden"
+        assert kinds["skip_weights"] == "scalar"
+
+
+@pytest.mark.parametrize("name", ["default", "esm2", "window", "p_attention", "attn_soft_cap"])
+def test_packing_invariance(name):
+    """A sequence's logits do not depend on what else is packed with it (fp32, 1e-5)."""
+    torch.manual_seed(0)
+    model = build_model(cfg_with(**{**SWITCHES[name], "token_dropout": True})).eval()
+    tokens, pos, cu, m = batch(lengths=(9, 1, 17, 2, 12), pad=5)
+    with torch.no_grad():
+        packed = model(tokens, pos, cu, m).logits
+        for s, e in zip(cu.tolist(), cu.tolist()[1:]):
+            alone = model(tokens[s:e], pos[s:e], torch.tensor([0, e - s], dtype=torch.int32), e - s).logits
+            torch.testing.assert_close(packed[s:e], alone, rtol=0, atol=1e-5)
+
+
+def test_bf16_autocast_on_cpu():
+    torch.manual_seed(0)
+    model = build_model(cfg_with(p_attention=True, attention_soft_cap=8.0))
+    tokens, pos, cu, m = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(tokens, pos, cu, m)
+    assert out.logits.dtype == torch.float32
+    out.logits.logsumexp(-1).mean().backward()
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
+    with torch.no_grad():
+        ref = model(tokens, pos, cu, m).logits
+    assert (out.logits.detach() - ref).abs().max() < 0.1
+
+
+def test_window_schedule():
+    cfg = ModelConfig(sliding_window=128, sliding_window_start=32, window_warmup_steps=100)
+    assert [window_at(cfg, s) for s in (0, 50, 100, 1000, None)] == [32, 80, 128, 128, 128]
+    assert window_at(ModelConfig(sliding_window=64), 0) == 64
+    assert window_at(ModelConfig(), 5) == 0
+
+
+def test_flops_count():
+    lengths = torch.tensor([5, 3, 7])
+    assert attention_pairs(lengths, 0) == 25 + 9 + 49
+    naive = sum(sum(1 for i in range(L) for j in range(L) if abs(i - j) < 3) for L in lengths.tolist())
+    assert attention_pairs(lengths, 3) == naive
+    cfg = cfg_with()
+    model = build_model(cfg)
+    cu = torch.tensor([0, 5, 8, 15], dtype=torch.int32)
+    n = sum(p.numel() for name, p in model.named_parameters()
+            if p.dim() == 2 and not name.startswith(("embed", "value_embeds")))
+    assert flops_per_step(cfg, cu) == 3 * (2 * n * 15 + 4 * 32 * 4 * 83)
+    assert flops_per_step(cfg, cu, training=False) * 3 == flops_per_step(cfg, cu)
+
+
+@pytest.mark.parametrize("name,params", [("esm2_8m", 7.5e6), ("esm2_35m", 33.5e6), ("esm2_150m", 148e6),
+                                         ("esm2_650m", 651e6), ("speedrun_133m", 133e6)])
+def test_named_sizes(name, params):
+    cfg = load_yaml(resolve_config_path(name)).model
+    with torch.device("meta"):
+        n = sum(p.numel() for p in build_model(cfg).parameters())
+    assert abs(n - params) / params < 0.02, n

@@ -1,0 +1,359 @@
+"""Optimizer grouping, schedules, Muon against an SVD reference, exact resume, clipping."""
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from plmrun.config import OptimConfig
+from plmrun.optim.build import build_optimizer
+from plmrun.optim.clip import clip_gradients
+from plmrun.optim.muon import NS_COEFFICIENTS, Muon, newton_schulz
+from plmrun.optim.schedule import lr_multiplier, muon_momentum, steps_of
+
+
+class Tiny(nn.Module):
+    """Every kind of parameter: embedding, hidden matrices (tall and wide), head matrix + bias, scalars."""
+
+    def __init__(self, vocab=11, d=8):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.up = nn.Linear(d, 3 * d)
+        self.down = nn.Linear(3 * d, d, bias=False)
+        self.gain = nn.Parameter(torch.ones(d))
+        self.head = nn.Linear(d, vocab)
+
+    def parameter_kinds(self):
+        return {"embed.weight": "embed", "up.weight": "hidden", "up.bias": "scalar", "down.weight": "hidden",
+                "gain": "scalar", "head.weight": "head", "head.bias": "head"}
+
+    def loss(self, x):
+        h = self.embed(x)
+        h = h + self.down(F.relu(self.up(h)).square())
+        return F.cross_entropy(self.head(F.rms_norm(h, (h.shape[-1],)) * self.gain), x)
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return Tiny()
+
+
+def _cfg(**kw):
+    return OptimConfig(**kw)
+
+
+# ---------------------------------------------------------------- grouping
+def test_muon_grouping_lrs_and_decay():
+    m = _model()
+    cfg = _cfg(weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6, lr_hidden=0.02, lr_embed=0.05, lr_head=0.008,
+               lr_scalar=0.04)
+    opt = build_optimizer(m, cfg, max_steps=100)
+    muon, adam = opt.optimizers
+    assert isinstance(muon, Muon) and isinstance(adam, torch.optim.AdamW)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert set(groups) == {"hidden", "embed", "head", "head_no_decay", "scalar_no_decay"}
+    ids = {n: [id(p) for p in g["params"]] for n, g in groups.items()}
+    assert ids["hidden"] == [id(m.up.weight), id(m.down.weight)]
+    assert ids["embed"] == [id(m.embed.weight)]
+    assert ids["head"] == [id(m.head.weight)] and ids["head_no_decay"] == [id(m.head.bias)]
+    assert sorted(ids["scalar_no_decay"]) == sorted([id(m.up.bias), id(m.gain)])
+    expect_lr = {"hidden": 0.02, "embed": 0.05, "head": 0.008, "head_no_decay": 0.008, "scalar_no_decay": 0.04}
+    assert {n: g["base_lr"] for n, g in groups.items()} == expect_lr
+    expect_wd = {"hidden": 0.1, "embed": 0.1, "head": 0.1, "head_no_decay": 0.0, "scalar_no_decay": 0.0}
+    assert {n: g["weight_decay"] for n, g in groups.items()} == expect_wd
+    assert all(g["betas"] == (0.9, 0.98) and g["eps"] == 1e-6 for g in adam.param_groups)
+    assert muon.param_groups[0]["ns_steps"] == cfg.ns_steps
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(m.parameters()))
+
+
+def test_adamw_grouping_is_esm2_recipe():
+    m = _model()
+    opt = build_optimizer(m, _cfg(optimizer="adamw", lr=4e-4, weight_decay=0.01, betas=(0.9, 0.98)), max_steps=10)
+    (adam,) = opt.optimizers
+    assert type(adam) is torch.optim.AdamW
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert {n: (g["base_lr"], g["weight_decay"]) for n, g in groups.items()} == {
+        "adamw": (4e-4, 0.01), "adamw_no_decay": (4e-4, 0.0)}
+    assert all(p.ndim >= 2 for p in groups["adamw"]["params"])
+    assert all(p.ndim < 2 for p in groups["adamw_no_decay"]["params"])
+
+
+def test_frozen_parameters_are_left_out():
+    m = _model()
+    m.gain.requires_grad_(False)
+    opt = build_optimizer(m, _cfg(), max_steps=10)
+    assert not any(p is m.gain for p in opt.params)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda k: k.pop("gain"), "'gain' has no kind"),
+    (lambda k: k.update({"nope.weight": "hidden"}), "'nope.weight', which is not a parameter"),
+    (lambda k: k.update({"gain": "vector"}), "kind 'vector'"),
+    (lambda k: k.update({"gain": "hidden"}), "'gain' of shape (8,) is 'hidden'"),
+])
+def test_bad_parameter_kinds_are_one_line_errors(change, message):
+    m = _model()
+    kinds = m.parameter_kinds()
+    change(kinds)
+    m.parameter_kinds = lambda: kinds
+    with pytest.raises(ValueError, match=None) as e:
+        build_optimizer(m, _cfg(), max_steps=10)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_wrapper_without_parameter_kinds_is_refused():
+    with pytest.raises(ValueError, match="no parameter_kinds"):
+        build_optimizer(nn.Sequential(_model().up), _cfg(), max_steps=10)
+
+
+# ---------------------------------------------------------------- schedules
+def _mult(step, max_steps=100, **kw):
+    return lr_multiplier(step, _cfg(**kw), max_steps)
+
+
+def test_warmup_in_steps_or_fraction():
+    assert steps_of(10, 100) == 10 and steps_of(0.1, 100) == 10 and steps_of(0.0, 100) == 0
+    for warmup in (10, 0.1):
+        vals = [_mult(s, warmup=warmup, schedule="constant") for s in range(12)]
+        assert vals[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+        assert vals[10:] == [1.0, 1.0]
+    assert _mult(0, warmup=0, schedule="constant") == 1.0
+
+
+def test_cosine_schedule():
+    kw = dict(schedule="cosine", warmup=10, final_lr_ratio=0.1)
+    assert _mult(9, **kw) == 1.0 and _mult(10, **kw) == 1.0
+    assert _mult(55, **kw) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
+    assert _mult(99, **kw) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    assert _mult(100, **kw) == pytest.approx(0.1) and _mult(500, **kw) == pytest.approx(0.1)
+
+
+def test_wsd_schedule():
+    kw = dict(schedule="wsd", warmup=0.1, cooldown=0.4, final_lr_ratio=0.0)
+    assert _mult(0, **kw) == pytest.approx(0.1)
+    assert _mult(10, **kw) == 1.0 and _mult(59, **kw) == 1.0
+    assert _mult(60, **kw) == 1.0 and _mult(80, **kw) == pytest.approx(0.5)
+    assert _mult(99, **kw) == pytest.approx(1 / 40) and _mult(100, **kw) == 0.0
+    assert _mult(80, schedule="wsd", cooldown=20, final_lr_ratio=0.2) == 1.0
+    assert _mult(90, schedule="wsd", cooldown=20, final_lr_ratio=0.2) == pytest.approx(0.6)
+
+
+def test_linear_schedule_esm2_recipe():
+    kw = dict(schedule="linear", warmup=20, final_lr_ratio=0.1)
+    assert _mult(19, **kw) == 1.0 and _mult(20, **kw) == 1.0
+    assert _mult(60, **kw) == pytest.approx(1 - 0.9 * 0.5)
+    assert _mult(100, **kw) == pytest.approx(0.1) and _mult(1000, **kw) == pytest.approx(0.1)
+
+
+def test_constant_schedule_ignores_final_ratio():
+    assert [_mult(s, schedule="constant", final_lr_ratio=0.1) for s in (0, 50, 99, 200)] == [1.0] * 4
+
+
+def test_muon_momentum_warmup():
+    cfg = _cfg(muon_momentum_start=0.85, muon_momentum=0.95, muon_momentum_warmup_steps=300)
+    assert muon_momentum(0, cfg) == 0.85
+    assert muon_momentum(150, cfg) == pytest.approx(0.90)
+    assert muon_momentum(300, cfg) == 0.95 and muon_momentum(10_000, cfg) == 0.95
+    assert muon_momentum(0, _cfg(muon_momentum_warmup_steps=0)) == 0.95
+
+
+def test_set_step_applies_schedule_and_momentum():
+    cfg = _cfg(schedule="linear", warmup=4, final_lr_ratio=0.1, muon_momentum_warmup_steps=10)
+    opt = build_optimizer(_model(), cfg, max_steps=20)
+    for step in (0, 3, 5, 12, 19):
+        opt.set_step(step)
+        mult = lr_multiplier(step, cfg, 20)
+        assert opt.lr_multiplier(step) == mult
+        for g in opt.param_groups:
+            assert g["lr"] == g["base_lr"] * mult
+        assert opt.current_lrs()["hidden"] == cfg.lr_hidden * mult
+        assert opt.optimizers[0].param_groups[0]["momentum"] == muon_momentum(step, cfg)
+    assert all("momentum" not in g for g in opt.optimizers[1].param_groups)  # Adam groups untouched
+
+
+# ---------------------------------------------------------------- Muon maths
+def _ns_reference(g: torch.Tensor, steps: int) -> torch.Tensor:
+    """NS in SVD space (float64): each singular value of g/‖g‖_F goes through the quintic `steps` times."""
+    u, s, vh = torch.linalg.svd(g.double(), full_matrices=False)
+    a, b, c = NS_COEFFICIENTS
+    s = s / torch.linalg.matrix_norm(g.double())
+    for _ in range(steps):
+        s = a * s + b * s ** 3 + c * s ** 5
+    return u @ torch.diag(s) @ vh
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (24, 8), (8, 24)])
+def test_newton_schulz_matches_svd_reference(shape):
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    out = newton_schulz(g, 5, torch.float32)
+    assert out.dtype == torch.float32 and out.shape == shape
+    torch.testing.assert_close(out.double(), _ns_reference(g, 5), atol=2e-5, rtol=0)
+    sv = torch.linalg.svdvals(out)
+    assert sv.min() > 0.6 and sv.max() < 1.25  # roughly orthogonal, as the coefficients intend
+    bf = newton_schulz(g, 5)
+    assert bf.dtype == torch.bfloat16
+    torch.testing.assert_close(bf.float(), out, atol=0.05, rtol=0)
+
+
+def test_muon_steps_match_direct_reference():
+    """Two steps (momentum warm-up changes mu), weight decay and the shape factor, fp32."""
+    torch.manual_seed(0)
+    w_tall, w_wide = torch.randn(12, 4), torch.randn(4, 10)
+    grads = [[torch.randn(12, 4), torch.randn(4, 10)] for _ in range(2)]
+    params = [nn.Parameter(w_tall.clone()), nn.Parameter(w_wide.clone())]
+    opt = Muon(params, lr=0.1, momentum=0.9, weight_decay=0.5, ns_steps=5, ns_dtype=torch.float32)
+    ref = [w_tall.double(), w_wide.double()]
+    bufs = [torch.zeros_like(r) for r in ref]
+    for step, mu in enumerate((0.8, 0.9)):
+        opt.param_groups[0]["momentum"] = mu
+        for p, g in zip(params, grads[step]):
+            p.grad = g.clone()
+        opt.step()
+        for i, g in enumerate(grads[step]):
+            g = g.double()
+            bufs[i] = mu * bufs[i] + (1 - mu) * g
+            update = (1 - mu) * g + mu * bufs[i]
+            rows, cols = ref[i].shape
+            ref[i] = ref[i] * (1 - 0.1 * 0.5) - 0.1 * max(1, rows / cols) ** 0.5 * _ns_reference(update, 5)
+        for p, r in zip(params, ref):
+            torch.testing.assert_close(p.detach().double(), r, atol=1e-5, rtol=0)
+    assert math.sqrt(12 / 4) > 1  # the tall matrix exercises the shape factor
+
+
+def test_muon_without_nesterov_uses_the_buffer():
+    g = torch.randn(6, 6, generator=torch.Generator().manual_seed(1))
+    p = nn.Parameter(torch.zeros(6, 6))
+    opt = Muon([p], lr=1.0, momentum=0.5, nesterov=False, ns_dtype=torch.float32)
+    p.grad = g.clone()
+    opt.step()
+    torch.testing.assert_close(p.detach().double(), -_ns_reference(0.5 * g, 5), atol=1e-5, rtol=0)
+
+
+def test_muon_rejects_non_matrices():
+    with pytest.raises(ValueError, match="2-D matrices only"):
+        Muon([nn.Parameter(torch.zeros(3))], lr=0.1)
+
+
+# ---------------------------------------------------------------- resume
+def _train(model, opt, steps, start, data):
+    losses = []
+    for s in range(start, start + steps):
+        opt.set_step(s)
+        loss = model.loss(data[s])
+        loss.backward()
+        opt.clip_gradients()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_state_dict_round_trip_gives_identical_steps(optimizer):
+    cfg = _cfg(optimizer=optimizer, warmup=2, schedule="cosine", weight_decay=0.1, auto_clip_percentile=50,
+               auto_clip_history=3, grad_clip=5.0, muon_momentum_warmup_steps=4)
+    data = torch.randint(0, 11, (8, 32), generator=torch.Generator().manual_seed(0))
+    model = _model()
+    opt = build_optimizer(model, cfg, max_steps=8)
+    _train(model, opt, 4, 0, data)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    assert len(saved_opt["grad_norm_history"]) == 3
+    straight = _train(model, opt, 4, 4, data)
+
+    resumed_model = _model(seed=1)
+    resumed_model.load_state_dict(saved_model)
+    resumed_opt = build_optimizer(resumed_model, cfg, max_steps=8)
+    resumed_opt.load_state_dict(saved_opt)
+    assert _train(resumed_model, resumed_opt, 4, 4, data) == straight
+    for a, b in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
+    assert resumed_opt.grad_norm_history == opt.grad_norm_history
+
+
+def test_loading_state_of_another_optimizer_is_refused():
+    muon = build_optimizer(_model(), _cfg(optimizer="muon"), max_steps=4)
+    adamw = build_optimizer(_model(), _cfg(optimizer="adamw"), max_steps=4)
+    with pytest.raises(ValueError, match="parameter groups"):
+        muon.load_state_dict(adamw.state_dict())
+
+
+def test_zero_grad_sets_none():
+    m = _model()
+    opt = build_optimizer(m, _cfg(), max_steps=4)
+    m.loss(torch.arange(11)).backward()
+    opt.zero_grad()
+    assert all(p.grad is None for p in m.parameters())
+
+
+# ---------------------------------------------------------------- clipping
+def _params_with_grads(norms):
+    """One parameter per entry, each with a gradient of the given norm."""
+    ps = []
+    for i, n in enumerate(norms):
+        p = nn.Parameter(torch.zeros(4))
+        p.grad = torch.full((4,), n / 2.0)  # ‖(n/2,)*4‖ = n
+        ps.append(p)
+    return ps
+
+
+def _global_norm(ps):
+    return math.sqrt(sum(float(p.grad.square().sum()) for p in ps))
+
+
+def test_grad_clip_global_norm():
+    ps = _params_with_grads([3.0, 4.0])
+    norm, clip = clip_gradients(ps, _cfg(grad_clip=1.0), [])
+    assert norm == pytest.approx(5.0) and clip == 1.0
+    assert _global_norm(ps) == pytest.approx(1.0, rel=1e-5)
+    ps = _params_with_grads([3.0, 4.0])
+    assert clip_gradients(ps, _cfg(grad_clip=10.0), []) == (pytest.approx(5.0), 10.0)
+    assert _global_norm(ps) == pytest.approx(5.0)
+    history = []
+    assert clip_gradients(ps, _cfg(), history) == (pytest.approx(5.0), 0.0) and history == []
+
+
+def test_auto_clip_percentile_of_recent_norms():
+    cfg = _cfg(auto_clip_percentile=50, auto_clip_history=3)
+    history = []
+    seen = []
+    for n in (1.0, 2.0, 10.0, 3.0, 8.0):
+        ps = _params_with_grads([n])
+        norm, clip = clip_gradients(ps, cfg, history)
+        seen = (seen + [n])[-3:]
+        assert norm == pytest.approx(n)
+        assert history == pytest.approx(seen)
+        assert clip == pytest.approx(float(np.percentile(seen, 50)))
+        assert _global_norm(ps) == pytest.approx(min(n, clip), rel=1e-5)
+    # at step 3 the 10.0 spike was clipped to the median 2.0; grad_clip wins when it is smaller
+    ps = _params_with_grads([9.0])
+    assert clip_gradients(ps, _cfg(auto_clip_percentile=50, grad_clip=1.0), [9.0, 9.0])[1] == 1.0
+
+
+def test_non_finite_norm_is_reported_not_recorded():
+    ps = _params_with_grads([float("inf")])
+    history = [1.0]
+    norm, clip = clip_gradients(ps, _cfg(auto_clip_percentile=90, grad_clip=1.0), history)
+    assert math.isinf(norm) and clip == 0.0 and history == [1.0]
+
+
+def test_dcp_optimizer_state_dict_round_trip():
+    """The trainer's distributed-checkpoint path: FQN-keyed state of `Optimizers.optimizers` + the history."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    cfg = _cfg(warmup=2, schedule="cosine", weight_decay=0.1, auto_clip_percentile=50, auto_clip_history=3)
+    data = torch.randint(0, 11, (8, 32), generator=torch.Generator().manual_seed(0))
+    model = _model()
+    opt = build_optimizer(model, cfg, max_steps=8)
+    _train(model, opt, 4, 0, data)
+    saved = copy.deepcopy(get_optimizer_state_dict(model, opt.optimizers))
+    saved_model, history = copy.deepcopy(model.state_dict()), list(opt.grad_norm_history)
+    assert "up.weight" in saved["state"]
+    straight = _train(model, opt, 4, 4, data)
+    resumed = _model(seed=1)
+    resumed.load_state_dict(saved_model)
+    resumed_opt = build_optimizer(resumed, cfg, max_steps=8)
+    set_optimizer_state_dict(resumed, resumed_opt.optimizers, saved)
+    resumed_opt.grad_norm_history = history
+    assert _train(resumed, resumed_opt, 4, 4, data) == straight

@@ -1,0 +1,80 @@
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from plmrun.config import ModelConfig
+from plmrun.eval import probe
+from plmrun.eval.inference import EvalModel
+from plmrun.model.loading import save_model_dir
+from plmrun.model.registry import build_model
+
+
+def test_secondary_structure_split_by_superfamily_and_3_states():
+    import csv
+    import io
+    import lzma
+    task = replace(probe.TASKS["secondary_structure"], max_train=10**6, max_test=10**6)
+    data = probe.load_task(task)
+    with lzma.open(probe.PROBE_DIR / "scope207_domains_dssp8.tsv.xz", "rt") as f:
+        rows = list(csv.DictReader(io.StringIO(f.read()), delimiter="\t"))
+    sf = {r["sequence"]: r["sccs"].rsplit(".", 1)[0] for r in rows}
+    train_sf, test_sf = {sf[s] for s in data.train_seqs}, {sf[s] for s in data.test_seqs}
+    assert train_sf and test_sf and not train_sf & test_sf
+    assert len(data.train_seqs) + len(data.test_seqs) == len(rows)
+    assert 0.1 < len(data.test_seqs) / len(rows) < 0.3
+    dssp = {r["sequence"]: r["dssp8"] for r in rows}
+    s = data.train_seqs[0]
+    want = ["HHHEECCCCC"["HGIEBLTS-".index(c)] if c in "HGIEBLTS" else "C" for c in dssp[s]]
+    assert "".join("HEC"[k] for k in data.train_labels[0]) == "".join(want)
+
+
+def test_splits_and_caps_are_deterministic():
+    loc = probe.load_task(replace(probe.TASKS["localisation"], max_train=50, max_test=20))
+    assert len(loc.train_seqs) == 50 and len(loc.test_seqs) == 20 and loc.classes == 13
+    assert probe.load_task(replace(probe.TASKS["localisation"], max_train=50, max_test=20)).train_seqs == loc.train_seqs
+    sol = probe.load_task(replace(probe.TASKS["solubility"], max_train=10**6, max_test=10**6))
+    assert not set(sol.train_seqs) & set(sol.test_seqs) and set(sol.train_labels) == {0, 1}
+
+
+def test_baselines():
+    comp = probe.baseline_features(["AAC", "W"], per_residue=False)
+    assert comp.shape == (2, 21) and np.allclose(comp.sum(1), 1)
+    onehot = probe.baseline_features(["AXC"], per_residue=True)[0]
+    assert onehot.shape == (3, 21) and onehot[1, 20] == 1 and onehot.sum() == 3
+
+
+def test_probe_scores_signal_and_chance():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, size=300)
+    informative = np.eye(3)[y] + 0.1 * rng.normal(size=(300, 3))
+    noise = rng.normal(size=(300, 3))
+    task = probe.TASKS["localisation"]
+    for head in probe.HEADS:
+        assert probe.fit_and_score(task, informative[:200], y[:200], informative[200:], y[200:], [0], head)[0] > 0.95
+    chance = probe.fit_and_score(task, noise[:200], y[:200], noise[200:], y[200:], [0, 1, 2], "logistic")
+    assert max(chance) < 0.55
+    a, b = probe.fit_and_score(task, noise[:200], y[:200], noise[200:], y[200:], [0, 1], "logistic")
+    assert a != b  # seeds train on different subsets
+
+
+def test_pipeline_on_a_tiny_model(tmp_path, capsys):
+    torch.manual_seed(1)
+    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2)
+    save_model_dir(tmp_path / "model", build_model(cfg).state_dict(), cfg)
+    out = tmp_path / "results.json"
+    assert probe.main([str(tmp_path / "model"), "--seeds", "2", "--max-train", "24", "--max-test", "12",
+                       "--max-length", "130", "--out", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads(out.read_text())
+    assert set(results["tasks"]) == set(probe.TASKS)
+    for name, t in results["tasks"].items():
+        labels = ["model", "random init", "one-hot" if name == "secondary_structure" else "aa composition"]
+        assert list(t["rows"]) == labels and t["n_train"] == 24 and t["n_test"] == 12
+        for label in labels:
+            r = t["rows"][label]
+            assert len(r["scores"]) == 2 and all(0 <= s <= 1 for s in r["scores"])
+            assert f"{name:<20} {label:<16}" in printed
+    assert "Swiss-Prot 2014" in printed

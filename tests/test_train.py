@@ -1,0 +1,148 @@
+"""The trainer: end to end on the bundled corpus, loss normalisation, exact resume, run directories."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from plmrun.config import build_config
+from plmrun.data.masking import eval_masks
+from plmrun.data.packing import pack
+from plmrun.data.shards import InMemorySequences
+from plmrun.model.registry import build_model
+from plmrun.train.trainer import forward_backward
+
+TINY = ["--model.hidden_size=32", "--model.num_layers=2", "--model.num_heads=2", "--data.token_budget=512",
+        "--data.max_length=128", "--train.max_steps=6", "--train.eval_every=3", "--eval.subset=16",
+        "--eval.token_budget=2048", "--eval.final_full=false", "--train.precision=fp32", "--logging.progress=false",
+        "--train.log_every=1", "--train.threads=1"]
+
+
+def _plmrun(args, tmp_path, env_extra=None, check=True):
+    env = dict(os.environ, PLMRUN_CACHE=str(tmp_path.parent / "plmrun-cache"), **(env_extra or {}))
+    proc = subprocess.run([sys.executable, "-m", "plmrun.cli", *args], cwd=tmp_path, capture_output=True, text=True,
+                          env=env, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _sequences(n=12, seed=0):
+    rng = np.random.default_rng(seed)
+    return InMemorySequences([rng.integers(4, 24, size=int(rng.integers(5, 60))).astype(np.uint8) for _ in range(n)])
+
+
+def _micro_batches(src, groups, budget):
+    """The same sequences packed into len(groups) micro-batches, masked identically (fixed per sequence)."""
+    out = []
+    for g in groups:
+        idx = np.array(g)
+        p = pack(src, idx, np.zeros(len(idx), dtype=np.int64), token_budget=budget, max_length=128)
+        out.append(eval_masks(p, eval_seed=7, mask_rate=0.3))
+    return out
+
+
+def test_micro_batch_split_invariance():
+    """1×8 vs 4×2 accumulation (same sequences) give the same gradient and loss (fp32)."""
+    src = _sequences(16)
+    cfg = build_config(None, ["--model.hidden_size=32", "--model.num_layers=2", "--model.num_heads=2"]).model
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    splits = {"8x2": [list(range(i, i + 2)) for i in range(0, 16, 2)], "2x8": [list(range(0, 8)), list(range(8, 16))]}
+    grads, losses = {}, {}
+    for name, groups in splits.items():
+        micro = _micro_batches(src, groups, budget=1024)
+        norm = sum(mb.normalizer for mb in micro)
+        model.zero_grad()
+        loss = forward_backward(model, micro, global_norm=norm, world_size=1, device=torch.device("cpu"))
+        losses[name] = float(loss) / norm
+        grads[name] = [p.grad.clone() for p in model.parameters()]
+    assert losses["8x2"] == pytest.approx(losses["2x8"], rel=1e-6)
+    for a, b in zip(grads["8x2"], grads["2x8"]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    # a mean of per-micro-batch means (the seed's bug) would differ
+    per_mb = [float(forward_backward(model, [mb], global_norm=mb.normalizer, world_size=1, device=torch.device("cpu")))
+              for mb in _micro_batches(src, splits["8x2"], 1024)]
+    assert abs(np.mean(per_mb) - losses["8x2"]) > 1e-4
+
+
+def test_train_cli_end_to_end(tmp_path):
+    proc = _plmrun(["train", *TINY, "--logging.name=e2e"], tmp_path)
+    run = tmp_path / "runs" / "e2e"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["tokens"] > 0 and summary["tok_per_s"] > 0
+    assert 0 < summary["mfu"] < 1
+    assert summary["final_val"]["loss"] < 3.6
+    for f in ("config.yaml", "environment.json", "metrics.jsonl", "model/model.safetensors", "model/config.json",
+              "plots/loss_vs_tokens.png", "plots/loss_vs_time.png"):
+        assert (run / f).is_file(), f
+    env = json.loads((run / "environment.json").read_text())
+    assert env["torch"] == torch.__version__ and env["data"]["train_fingerprint"]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [3, 6]
+    assert "time-to-target" in proc.stdout or summary["time_to_target"] == {}
+    # the run directory is never silently reused with another config
+    bad = _plmrun(["train", *TINY, "--logging.name=e2e", "--train.seed=1"], tmp_path, check=False)
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and "already finished" in bad.stderr
+    # the saved model evaluates under the same protocol from the CLI
+    ev = _plmrun(["eval", str(run), "--split", "valid", "--subset", "16", "--out", "m.json"], tmp_path)
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["loss"] == pytest.approx(summary["final_val"]["loss"], abs=1e-5)
+
+
+def test_sigterm_checkpoint_and_resume_is_bitwise_identical(tmp_path):
+    args = [*TINY, "--train.checkpoint_every=2"]
+    _plmrun(["train", *args, "--logging.name=straight"], tmp_path)
+    # SIGTERM after step 3: checkpoint saved at the end of the step, clean exit
+    stopped = _plmrun(["train", *args, "--logging.name=resumed"], tmp_path, env_extra={"PLMRUN_FAULT": "term@3"})
+    run = tmp_path / "runs" / "resumed"
+    assert not (run / "summary.json").exists()
+    assert (run / "checkpoints" / "step_00000003" / "train_state.json").is_file()
+    _plmrun(["train", "--resume", str(run)], tmp_path)
+    a = [json.loads(x) for x in (tmp_path / "runs" / "straight" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda rs: [(r["kind"], r["step"], r.get("loss"), r.get("val_loss"), r.get("tokens")) for r in rs]
+    assert strip(a) == strip(b)
+    from safetensors.torch import load_file
+    wa = load_file(tmp_path / "runs" / "straight" / "model" / "model.safetensors")
+    wb = load_file(run / "model" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_run_directory_is_never_silently_reused(tmp_path):
+    from plmrun.train.rundir import RunDirError, prepare_run_dir
+    cfg = build_config(None, [f"--logging.run_root={tmp_path}"])
+    path, resumed = prepare_run_dir(cfg, "r", resume=False)
+    assert not resumed and (path / "config.yaml").is_file()
+    assert prepare_run_dir(cfg, "r", resume=False) == (path, True)  # same config, unfinished: automatic resume
+    other = build_config(None, [f"--logging.run_root={tmp_path}", "--train.seed=9"])
+    with pytest.raises(RunDirError, match="different config"):
+        prepare_run_dir(other, "r", resume=False)
+    with pytest.raises(RunDirError, match="no such run directory"):
+        prepare_run_dir(cfg, "missing", resume=True)
+
+
+def test_half_written_checkpoint_is_ignored(tmp_path):
+    from plmrun.train.checkpoint import latest_checkpoint
+    root = tmp_path / "checkpoints"
+    (root / "step_00000002").mkdir(parents=True)
+    (root / "step_00000002" / "train_state.json").write_text("{}")
+    (root / ".tmp-step_00000004").mkdir()
+    (root / "step_00000006").mkdir()  # renamed without its state file: never complete
+    assert latest_checkpoint(root).name == "step_00000002"
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path):
+    proc = _plmrun(["train", "--model.num_heads=3"], tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "divisible" in proc.stderr
+    proc = _plmrun(["train", "--data.dataset=/nonexistent/dir", *TINY], tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
+    proc = _plmrun(["eval", str(tmp_path / "nothing")], tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error:")
