@@ -131,7 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     from plmrun.eval.report import add_report_command
     for add in (add_export_command, add_embed_command, add_probe_command, add_zeroshot_command, add_report_command):
         add(sub)
+    from plmrun.train.record import add_record_command
+    add_record_command(sub)
     _add_config(sub)
+    from plmrun.train.sweep import add_sweep_command
+    add_sweep_command(sub)
+    from plmrun.train.plan import add_plan_command
+    add_plan_command(sub)
     return parser
 
 
@@ -152,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     except errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except SystemExit as e:  # commands that stop with a message (SystemExit("...")) get the same one-line form
+        if isinstance(e.code, str):
+            print(f"error: {e.code}", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

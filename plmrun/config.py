@@ -151,8 +151,8 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 600
-    "Optimizer steps."
+    max_steps: int = 250
+    "Optimizer steps (the default run: about 5 minutes of training on a 2-core CPU)."
     grad_accum: int = 1
     "Micro-batches per rank per step."
     seed: int = 0
@@ -165,9 +165,9 @@ class TrainConfig:
     "torch.compile the model (static shapes)."
     threads: int = 0
     "torch intra-op threads on CPU (0 = all cores)."
-    eval_every: int = 100
+    eval_every: int = 50
     "Evaluate on the eval subset every N steps (0 = only at the end)."
-    report_at_val_losses: list[float] = field(default_factory=lambda: [2.8, 2.7, 2.65, 2.6])
+    report_at_val_losses: list[float] = field(default_factory=lambda: [2.9, 2.85, 2.8, 2.75, 2.7])
     "Record time and tokens at the first eval reaching each of these val losses."
     stop_at_val_loss: Optional[float] = None
     "End the run at the first eval at or below this loss."
@@ -179,6 +179,12 @@ class TrainConfig:
     "Checkpoints kept."
     cost_per_hour: float = 0.0
     "Hardware price in $/hour for the cost estimate in summary.json."
+    loss_spike: Literal["ignore", "warn", "skip", "abort"] = "warn"
+    "A step whose loss exceeds loss_spike_factor × the mean of the last loss_spike_window losses: log it, skip its update, or stop."
+    loss_spike_factor: float = 2.0
+    "Spike threshold as a multiple of the recent mean loss (> 1)."
+    loss_spike_window: int = 20
+    "Recent non-spike steps averaged for the spike threshold."
 
 
 @dataclass
@@ -219,6 +225,8 @@ class DistConfig:
     "Data parallelism under torchrun: auto = ddp; fsdp = FSDP2 fully_shard per block + root."
     activation_checkpointing: bool = False
     "Recompute block activations in backward."
+    meta_init: bool = False
+    "Build the model on the meta device and initialise it after sharding (large models: no full copy per rank)."
 
 
 @dataclass
@@ -486,6 +494,8 @@ def validate(cfg: Config) -> Config:
     _check(t.checkpoint_every >= 0 and t.keep_latest_k >= 1, "train.checkpoint_every >= 0, train.keep_latest_k >= 1")
     _check(t.cost_per_hour >= 0, "train.cost_per_hour must be >= 0")
     _check(t.threads >= 0, "train.threads must be >= 0")
+    _check(t.loss_spike_factor > 1, f"train.loss_spike_factor must be > 1, got {t.loss_spike_factor}")
+    _check(t.loss_spike_window >= 1, "train.loss_spike_window must be >= 1")
     _check(0 < e.mask_rate < 1, "eval.mask_rate must be in (0, 1)")
     _check(e.max_length >= 3 and e.token_budget >= e.max_length,
            f"eval.token_budget ({e.token_budget}) must be >= eval.max_length ({e.max_length}) >= 3")

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from plmrun.config import ModelConfig, config_from_dict
+from plmrun.config import config_from_dict
 from plmrun.eval.export import ExportError, export, push_to_hub
 from plmrun.model.loading import load_model, save_model_dir
 from plmrun.model.registry import build_model

@@ -2,12 +2,10 @@ import json
 from dataclasses import replace
 
 import numpy as np
-import pytest
 import torch
 
 from plmrun.config import ModelConfig
 from plmrun.eval import probe
-from plmrun.eval.inference import EvalModel
 from plmrun.model.loading import save_model_dir
 from plmrun.model.registry import build_model
 

@@ -3,7 +3,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,7 +91,7 @@ def test_train_cli_end_to_end(tmp_path):
     bad = _plmrun(["train", *TINY, "--logging.name=e2e", "--train.seed=1"], tmp_path, check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "already finished" in bad.stderr
     # the saved model evaluates under the same protocol from the CLI
-    ev = _plmrun(["eval", str(run), "--split", "valid", "--subset", "16", "--out", "m.json"], tmp_path)
+    _plmrun(["eval", str(run), "--split", "valid", "--subset", "16", "--out", "m.json"], tmp_path)
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["loss"] == pytest.approx(summary["final_val"]["loss"], abs=1e-5)
 
@@ -101,7 +100,7 @@ def test_sigterm_checkpoint_and_resume_is_bitwise_identical(tmp_path):
     args = [*TINY, "--train.checkpoint_every=2"]
     _plmrun(["train", *args, "--logging.name=straight"], tmp_path)
     # SIGTERM after step 3: checkpoint saved at the end of the step, clean exit
-    stopped = _plmrun(["train", *args, "--logging.name=resumed"], tmp_path, env_extra={"PLMRUN_FAULT": "term@3"})
+    _plmrun(["train", *args, "--logging.name=resumed"], tmp_path, env_extra={"PLMRUN_FAULT": "term@3"})
     run = tmp_path / "runs" / "resumed"
     assert not (run / "summary.json").exists()
     assert (run / "checkpoints" / "step_00000003" / "train_state.json").is_file()

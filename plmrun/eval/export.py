@@ -16,8 +16,6 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from plmrun import tokenizer as tok
 from plmrun.config import ModelConfig
 from plmrun.model.loading import load_model

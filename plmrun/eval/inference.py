@@ -97,15 +97,13 @@ def load_eval_model(spec: str, *, device: str | torch.device = "cpu",
         try:
             hf = EsmForMaskedLM.from_pretrained(spec)
         except OSError as e:
-            raise SystemExit(f"{spec}: not a local run, checkpoint or model folder, nor a loadable "
-                             f"Hugging Face model ({str(e).splitlines()[0]})") from None
+            from plmrun.model.loading import ModelLoadError
+            raise ModelLoadError(f"{spec}: not a local run, checkpoint or model folder, nor a loadable "
+                                 f"Hugging Face model ({str(e).splitlines()[0]})") from None
         net, config = HFEsmAdapter(hf), hf.config
     else:
-        from plmrun.model.loading import ModelLoadError, load_model
-        try:
-            net, config = load_model(spec)
-        except ModelLoadError as e:
-            raise SystemExit(str(e)) from None
+        from plmrun.model.loading import load_model
+        net, config = load_model(spec)
     return EvalModel(net.to(device).eval(), config, spec, max_length)
 
 

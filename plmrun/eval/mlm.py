@@ -15,6 +15,7 @@ import torch
 from plmrun.config import EvalConfig
 from plmrun.data.loader import EvalBatches
 from plmrun.eval.metrics import MetricSums
+from plmrun.tokenizer import PAD
 
 
 def _dist_info() -> tuple[int, int]:
@@ -48,26 +49,40 @@ def evaluate(model, source, cfg: EvalConfig, *, subset: int = 0, device: torch.d
     batches = list(batches if batches is not None else
                    eval_batches(source, cfg, subset=subset, token_budget=token_budget,
                                 world_size=world_size, rank=rank))
-    sums = MetricSums.zeros(device)
-    n_batches = _max_over_ranks(len(batches), device)
     amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
-    for i in range(n_batches):
-        mb = batches[min(i, len(batches) - 1)] if batches else None
-        if mb is None:
-            raise RuntimeError("this rank has no evaluation batch; use fewer ranks than sequences")
+    sums = accumulate(model, batches, device, amp, _max_over_ranks(len(batches), device))
+    sums.all_reduce()
+    if was_training:
+        model.train()
+    return sums.compute()
+
+
+def accumulate(model, batches: list, device: torch.device, amp=None, n_batches: int | None = None) -> MetricSums:
+    """Metric sums of `batches` on this rank (no communication); n_batches >= len(batches) pads with idle forwards."""
+    amp = amp or contextlib.nullcontext()
+    sums = MetricSums.zeros(device)
+    for i in range(len(batches) if n_batches is None else n_batches):
+        if i >= len(batches):  # this rank's share is used up: a throw-away forward keeps FSDP collectives in step
+            with amp:
+                model(*_idle_batch(device))
+            continue
+        mb = batches[i]
         p = mb.packed
         tokens = mb.inputs.to(device, non_blocking=True)
         targets = mb.targets.to(device, non_blocking=True)
         index = (targets != -100).nonzero().squeeze(1)
         with amp:
             out = model(tokens, p.positions.to(device), p.cu_seqlens.to(device), p.max_seqlen, logits_index=index)
-        if i < len(batches):
-            sums.add(out.logits, targets[index], mb.loss_weights.to(device)[index], mb.normalizer)
-    sums.all_reduce()
-    if was_training:
-        model.train()
-    return sums.compute()
+        sums.add(out.logits, targets[index], mb.loss_weights.to(device)[index], mb.normalizer)
+    return sums
+
+
+def _idle_batch(device) -> tuple:
+    """One short all-<pad> sequence in the packed forward's argument order."""
+    n = 8
+    return (torch.full((n,), PAD, dtype=torch.long, device=device), torch.arange(n, device=device),
+            torch.tensor([0, n], dtype=torch.int32, device=device), n)
 
 
 def _max_over_ranks(n: int, device) -> int:

@@ -46,7 +46,7 @@ class Task:
 # Caps keep the suite for a small model and its control within ~10 minutes on a 2-core CPU
 # (~0.9M tokens embedded per model); raise them with --max-train/--max-test on a GPU.
 TASKS = {
-    "localisation": Task("localisation", False, max_train=800, max_test=300),
+    "localisation": Task("localisation", False, max_train=600, max_test=200),
     "secondary_structure": Task("secondary_structure", True, max_train=400, max_test=150, max_train_residues=20000),
     "solubility": Task("solubility", False, max_train=600, max_test=200),
 }

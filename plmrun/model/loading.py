@@ -29,7 +29,8 @@ def save_model_dir(out: Path, state_dict: dict, cfg: ModelConfig) -> None:
     from safetensors.torch import save_file
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    # clone: safetensors refuses tensors sharing memory (tied embedding and decoder)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
     tmp = out / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"plmrun_format": str(FORMAT)})
     os.replace(tmp, out / "model.safetensors")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Optional
 
@@ -33,6 +34,28 @@ def _barrier() -> None:
 
 def _rank() -> int:
     return dist.get_rank() if _is_dist() else 0
+
+
+def injected_fault(step: int, rank: int, kinds: tuple[str, ...]) -> Optional[str]:
+    """The fault (one of `kinds`) PLMRUN_FAULT=KIND@STEP[:RANK] asks for at this step and rank, else None.
+
+    Only the reliability tests set it (kinds: kill, term, nan after a step; killsave inside the
+    save). With PLMRUN_FAULT_ONCE=<file> it fires on the first attempt only, so a restarted job
+    runs clean.
+    """
+    spec = os.environ.get("PLMRUN_FAULT")
+    if not spec:
+        return None
+    kind, _, where = spec.partition("@")
+    at, _, frank = where.partition(":")
+    if kind not in kinds or int(at) != step or (frank and int(frank) != rank):
+        return None
+    marker = os.environ.get("PLMRUN_FAULT_ONCE")
+    if marker:
+        if os.path.exists(marker):
+            return None
+        Path(marker).write_text(spec)
+    return kind
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:
@@ -67,6 +90,8 @@ def save_checkpoint(root: Path, step: int, model, optimizers, train_state: dict,
     _barrier()
     model_sd, optim_sd = get_state_dict(model, _opt_list(optimizers))
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    if injected_fault(step, _rank(), ("killsave",)):  # the shards are written, the rename is not
+        os.kill(os.getpid(), signal.SIGKILL)
     _barrier()
     if _rank() == 0:
         state_tmp = tmp / (STATE_FILE + ".tmp")
@@ -90,6 +115,10 @@ def load_checkpoint(path: Path, model, optimizers) -> dict:
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, opts, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return json.loads((path / STATE_FILE).read_text())
+
+
+def read_train_state(path: Path) -> dict:
+    return json.loads((Path(path) / STATE_FILE).read_text())
 
 
 def rng_state() -> dict:

@@ -47,7 +47,12 @@ def init_distributed(cfg: Config) -> DistEnv:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         # A short timeout so a dead rank brings the job down instead of hanging for 30 minutes.
-        dist.init_process_group(backend, timeout=timedelta(seconds=int(os.environ.get("PLMRUN_DIST_TIMEOUT", "300"))))
+        timeout = timedelta(seconds=int(os.environ.get("PLMRUN_DIST_TIMEOUT", "300")))
+        store, rank, world = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+        # torchrun keeps its store across --max-restarts: without a per-attempt prefix the restarted ranks
+        # read the dead attempt's gloo/NCCL addresses and fail with "Connection refused" (pytorch#167288).
+        store = dist.PrefixStore(f"plmrun/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     return DistEnv(world, rank, local_rank, device)
 
 
@@ -58,25 +63,37 @@ def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
+def blocks_of(model: nn.Module) -> nn.ModuleList:
+    """The repeated transformer blocks (speedrun: blocks, esm2: layers): the FSDP2 / checkpointing unit."""
+    return model.blocks if hasattr(model, "blocks") else model.layers
+
+
 def parallelize(model: nn.Module, cfg: Config, env: DistEnv) -> nn.Module:
-    """Apply activation checkpointing, FSDP2 or DDP, then torch.compile, in that order."""
+    """Apply activation checkpointing, FSDP2 or DDP, then torch.compile, in that order.
+
+    With dist.meta_init the model arrives on the meta device: it is sharded first, then its
+    (sharded) storage is allocated on the device and initialised, before DDP broadcasts it.
+    """
+    blocks = blocks_of(model)
     if cfg.dist.activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-        for i, block in enumerate(model.blocks):
-            model.blocks[i] = checkpoint_wrapper(block)
-    if env.world_size > 1:
-        if cfg.dist.strategy == "fsdp":
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-            mp = None
-            if env.device.type == "cuda" and cfg.train.precision != "fp32":
-                mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-            kwargs = {"mp_policy": mp} if mp is not None else {}
-            for block in model.blocks:
-                fully_shard(block, **kwargs)
-            fully_shard(model, **kwargs)
-        else:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        for i, block in enumerate(blocks):
+            blocks[i] = checkpoint_wrapper(block)
+    if env.world_size > 1 and cfg.dist.strategy == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = None
+        if env.device.type == "cuda" and cfg.train.precision != "fp32":
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        kwargs = {"mp_policy": mp} if mp is not None else {}
+        for block in blocks:
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
+    if cfg.dist.meta_init:
+        from plmrun.model.init import materialize
+        materialize(model, env.device)
+    if env.world_size > 1 and cfg.dist.strategy != "fsdp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     if cfg.train.compile:
         model = torch.compile(model, dynamic=False)
     return model
@@ -94,6 +111,12 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks. NCCL only reduces CUDA tensors: CPU bookkeeping tensors make a round trip."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
+        if t.device.type == "cpu" and dist.get_backend() == "nccl":
+            on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(on_gpu)
+            t.copy_(on_gpu)
+        else:
+            dist.all_reduce(t)
     return t

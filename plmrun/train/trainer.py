@@ -8,6 +8,7 @@ records both. Everything needed to continue exactly is in the checkpoint (train/
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import signal
@@ -24,8 +25,8 @@ from plmrun.eval.mlm import evaluate
 from plmrun.train import checkpoint as ckpt
 from plmrun.train.parallelize import (DistEnv, all_reduce_sum, autocast_dtype, init_distributed, parallelize,
                                       unwrap)
-from plmrun.train.rundir import (MetricsLog, RunDirError, config_yaml, default_run_name, environment_info,
-                                 plot_curves, prepare_run_dir, read_metrics, write_json_atomic)
+from plmrun.train.rundir import (MetricsLog, default_run_name, environment_info, plot_curves, prepare_run_dir,
+                                 read_metrics, write_json_atomic)
 
 
 class TrainingError(RuntimeError):
@@ -66,6 +67,17 @@ def open_training_data(cfg: Config, env: DistEnv):
     return path, open_dataset(path, cfg.data.train_split), open_dataset(path, cfg.data.valid_split)
 
 
+def build_train_loader(cfg: Config, env: DistEnv, train_src):
+    """This rank's packed, masked, prefetching micro-batch stream as configured."""
+    from plmrun.data.loader import TrainLoader
+    from plmrun.data.masking import Masker
+    return TrainLoader(train_src, token_budget=cfg.data.token_budget, max_length=cfg.data.max_length,
+                       seed=cfg.train.seed, world_size=env.world_size, rank=env.rank,
+                       grad_accum=cfg.train.grad_accum, masker=Masker.from_config(cfg.masking),
+                       prefetch=cfg.data.prefetch, num_workers=cfg.data.num_workers,
+                       pin_memory=env.device.type == "cuda", device=env.device)
+
+
 # ------------------------------------------------------------------ signals and faults
 class _StopFlag:
     """Set by SIGTERM/SIGINT: the loop saves a checkpoint at the end of the step and exits cleanly."""
@@ -92,20 +104,19 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def _fault_injection(step: int, rank: int) -> None:
-    """PLMRUN_FAULT=kill@STEP[:RANK] or term@STEP[:RANK]: the kill tests' way to crash a rank after STEP."""
-    spec = os.environ.get("PLMRUN_FAULT")
-    if not spec:
-        return
-    kind, _, where = spec.partition("@")
-    at, _, frank = where.partition(":")
-    marker = os.environ.get("PLMRUN_FAULT_ONCE")  # a file: inject only on the first attempt
-    if int(at) == step and (not frank or int(frank) == rank):
-        if marker and os.path.exists(marker):
-            return
-        if marker:
-            Path(marker).write_text(spec)
+def _fault_injection(step: int, rank: int, model) -> None:
+    """The reliability tests' faults after `step` (PLMRUN_FAULT, see checkpoint.injected_fault)."""
+    kind = ckpt.injected_fault(step, rank, ("kill", "term", "nan"))
+    if kind == "nan":  # poison this rank's weights: its next loss and every gradient become NaN
+        with torch.no_grad():
+            next(unwrap(model).parameters()).fill_(float("nan"))
+    elif kind is not None:
         os.kill(os.getpid(), signal.SIGKILL if kind == "kill" else signal.SIGTERM)
+
+
+def _spike(loss: float, recent: list, cfg) -> bool:
+    """A loss above loss_spike_factor × the mean of the recent (non-spike) losses."""
+    return bool(recent) and loss > cfg.train.loss_spike_factor * sum(recent) / len(recent)
 
 
 # ------------------------------------------------------------------ the loop
@@ -136,13 +147,31 @@ def train(cfg: Config, *, resume: Optional[str] = None, init_from_hf: Optional[s
         is_resume = obj[0]
 
     data_path, train_src, valid_src = open_training_data(cfg, env)
+    ckpt_root = run_dir / "checkpoints"
+    latest = ckpt.latest_checkpoint(ckpt_root) if is_resume else None
+    if env.world_size > 1:  # rank 0's view of the directory decides for everyone
+        obj = [latest]
+        torch.distributed.broadcast_object_list(obj, src=0)
+        latest = obj[0]
+    if latest is not None:
+        accum = resume_grad_accum(ckpt.read_train_state(latest), env.world_size, cfg.train.grad_accum, latest,
+                                  verbose=env.is_main)
+        if accum != cfg.train.grad_accum:
+            cfg = copy.deepcopy(cfg)
+            cfg.train.grad_accum = accum
 
     from plmrun.model.registry import build_model, flops_per_step
-    model = build_model(cfg.model)
-    if init_from_hf:
-        from plmrun.model.loading import load_hf_weights_into
-        load_hf_weights_into(model, init_from_hf)
-    model.to(env.device)
+    if cfg.dist.meta_init:
+        if init_from_hf:
+            raise TrainingError("--init-from-hf loads full weights; it cannot be combined with dist.meta_init")
+        with torch.device("meta"):
+            model = build_model(cfg.model)
+    else:
+        model = build_model(cfg.model)
+        if init_from_hf:
+            from plmrun.model.loading import load_hf_weights_into
+            load_hf_weights_into(model, init_from_hf)
+        model.to(env.device)
     plm = model
     n_params = sum(p.numel() for p in plm.parameters())
     kinds = plm.parameter_kinds()
@@ -154,13 +183,7 @@ def train(cfg: Config, *, resume: Optional[str] = None, init_from_hf: Optional[s
     ns_dtype = torch.float32 if cfg.train.precision == "fp32" else torch.bfloat16
     optimizers = build_optimizer(plm, cfg.optim, cfg.train.max_steps, ns_dtype=ns_dtype)
 
-    from plmrun.data.loader import TrainLoader
-    from plmrun.data.masking import Masker
-    loader = TrainLoader(train_src, token_budget=cfg.data.token_budget, max_length=cfg.data.max_length,
-                         seed=cfg.train.seed, world_size=env.world_size, rank=env.rank,
-                         grad_accum=cfg.train.grad_accum, masker=Masker.from_config(cfg.masking),
-                         prefetch=cfg.data.prefetch, num_workers=cfg.data.num_workers,
-                         pin_memory=env.device.type == "cuda", device=env.device)
+    loader = build_train_loader(cfg, env, train_src)
 
     amp_dtype = autocast_dtype(cfg, env.device)
     peak = measure_matmul_peak(env.device, amp_dtype or torch.float32)
@@ -171,9 +194,7 @@ def train(cfg: Config, *, resume: Optional[str] = None, init_from_hf: Optional[s
     # state that travels in checkpoints
     state = {"step": 0, "tokens": 0, "train_time_s": 0.0, "eval_time_s": 0.0, "time_to_target": {},
              "best_val_loss": None, "flops": 0.0, "world_x_accum": env.world_size * cfg.train.grad_accum,
-             "data": data_info}
-    ckpt_root = run_dir / "checkpoints"
-    latest = ckpt.latest_checkpoint(ckpt_root) if is_resume else None
+             "data": data_info, "recent_losses": [], "spikes": 0}
     if latest is not None:
         saved = ckpt.load_checkpoint(latest, model, optimizers)
         _check_resume(saved, state, latest)
@@ -201,7 +222,6 @@ def train(cfg: Config, *, resume: Optional[str] = None, init_from_hf: Optional[s
         progress = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", unit="step",
                         dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
     stopped_reason = "max_steps"
-    last_eval_step = -1
     wall_start = time.perf_counter() - state["train_time_s"] - state["eval_time_s"]
     interval = {"t": 0.0, "tokens": 0, "flops": 0.0}
     try:
@@ -222,13 +242,36 @@ def train(cfg: Config, *, resume: Optional[str] = None, init_from_hf: Optional[s
             loss_sum = forward_backward(model, micro, global_norm=global_norm, world_size=env.world_size,
                                         device=env.device, amp_dtype=amp_dtype, step=step)
             grad_norm, clip_to = optimizers.clip_gradients()
-            all_reduce_sum(loss_sum)
-            loss = float(loss_sum) / global_norm
+            # one collective: the global loss sum and which ranks saw a non-finite local loss
+            red = torch.zeros(1 + env.world_size, dtype=torch.float64)
+            red[0] = float(loss_sum)
+            red[1 + env.rank] = 0.0 if math.isfinite(float(loss_sum)) else 1.0
+            all_reduce_sum(red)
+            loss = float(red[0]) / global_norm
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                raise TrainingError(f"step {step} rank {env.rank}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'}"
-                                    f" (loss {loss}, grad norm {grad_norm}); the last good checkpoint is kept in {ckpt_root}")
-            optimizers.step()
-            optimizers.zero_grad()
+                bad = [r for r in range(env.world_size) if red[1 + r] > 0]
+                where = f"rank {', '.join(map(str, bad))}" if bad else "the gradients of all ranks"
+                raise TrainingError(f"step {step + 1}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'}"
+                                    f" from {where} (loss {loss}, grad norm {grad_norm}; reported by rank {env.rank});"
+                                    f" the last good checkpoint is kept in {ckpt_root}")
+            spike = cfg.train.loss_spike != "ignore" and _spike(loss, state["recent_losses"], cfg)
+            if spike:
+                state["spikes"] += 1
+                msg = (f"step {step + 1}: loss spike {loss:.4f} > {cfg.train.loss_spike_factor} × recent mean "
+                       f"{sum(state['recent_losses']) / len(state['recent_losses']):.4f}")
+                if cfg.train.loss_spike == "abort":
+                    raise TrainingError(msg + " (train.loss_spike=abort); the last good checkpoint is kept in "
+                                        f"{ckpt_root}")
+                if env.is_main:
+                    print(f"warning: {msg}" + ("; update skipped" if cfg.train.loss_spike == "skip" else ""),
+                          file=sys.stderr, flush=True)
+            else:
+                state["recent_losses"] = (state["recent_losses"] + [loss])[-cfg.train.loss_spike_window:]
+            if spike and cfg.train.loss_spike == "skip":
+                optimizers.zero_grad()
+            else:
+                optimizers.step()
+                optimizers.zero_grad()
             if env.device.type == "cuda":
                 torch.cuda.synchronize(env.device)
             dt = time.perf_counter() - t0
@@ -250,16 +293,17 @@ def train(cfg: Config, *, resume: Optional[str] = None, init_from_hf: Optional[s
                        "train_time_s": round(state["train_time_s"], 3), "loss": loss, "grad_norm": grad_norm,
                        "clip": clip_to, "tok_per_s": tok_s, "mfu": mfu, "lr_mult": optimizers.lr_multiplier(step),
                        "packing_efficiency": loader.packing_efficiency}
+                if spike:
+                    rec["spike"] = cfg.train.loss_spike
                 log.write(rec)
                 if progress is not None:
                     progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}", refresh=False)
                 interval = {"t": 0.0, "tokens": 0, "flops": 0.0}
-            _fault_injection(step + 1, env.rank)
+            _fault_injection(step + 1, env.rank, model)
 
             done = step + 1 == cfg.train.max_steps
             if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 or done:
                 val = _timed_eval(model, valid_src, cfg, env, amp_dtype=None, subset=cfg.eval.subset, state=state)
-                last_eval_step = step + 1
                 rec = {"kind": "eval", "step": step + 1, "tokens": state["tokens"],
                        "train_time_s": round(state["train_time_s"], 3),
                        "wall_time_s": round(time.perf_counter() - wall_start, 3),
@@ -378,6 +422,25 @@ def _save(root, model, optimizers, loader, state, cfg):
     train_state["grad_norm_history"] = list(optimizers.grad_norm_history)
     train_state["rng"] = ckpt.rng_state()
     ckpt.save_checkpoint(root, state["step"], model, optimizers, train_state, cfg.train.keep_latest_k)
+
+
+def resume_grad_accum(saved: dict, world_size: int, grad_accum: int, path: Path, verbose: bool = False) -> int:
+    """grad_accum that keeps the checkpoint's global batch stream (world_size × grad_accum) on this world size.
+
+    The loader's stream position only depends on that product, so a run pre-empted on 8 GPUs can
+    continue exactly on 4 with twice the accumulation. A product the world size does not divide
+    is refused: it would change the global batch.
+    """
+    product = saved["world_x_accum"]
+    if product == world_size * grad_accum:
+        return grad_accum
+    if product % world_size:
+        raise TrainingError(f"{path}: checkpoint used world_size × grad_accum = {product}, which {world_size} ranks "
+                            f"cannot reproduce; resume on a world size that divides {product}")
+    if verbose:
+        print(f"plmrun: resuming on {world_size} ranks with grad_accum {product // world_size} (was "
+              f"world_size × grad_accum = {product}): the same global batches", flush=True)
+    return product // world_size
 
 
 def _check_resume(saved: dict, state: dict, path: Path) -> None:

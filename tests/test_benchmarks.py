@@ -1,0 +1,128 @@
+"""benchmarks/: throughput (tiny, end to end), speedrun (tiny, end to end; HF reference lookup; token
+cap), gpu_bench table, and gpu.sh's failure without CUDA."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+import gpu_bench  # noqa: E402
+import speedrun  # noqa: E402
+import throughput  # noqa: E402
+
+TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "data.token_budget=512",
+        "data.max_length=256"]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PLMRUN_CACHE", str(tmp_path.parent / "plmrun-cache"))
+
+
+def test_summarize_takes_medians():
+    windows = [{"seconds": s, "real_tokens": 100, "padded_tokens": 400, "flops": 1e9} for s in (1.0, 2.0, 4.0)]
+    out = throughput.summarize({"windows": windows}, peak_flops=1e9)
+    assert out == {"real_tok_per_s": 50.0, "padded_tok_per_s": 200.0, "mfu": 0.5, "padding_frac": 0.75}
+
+
+def test_recipe_at_shape_is_the_esm2_recipe_at_the_plmrun_shape():
+    speed = throughput.plmrun_config(None, ["data.token_budget=2048", "eval.subset=9", "train.precision=fp32"])
+    esm = throughput.recipe_at_shape(speed)
+    assert (esm.model.arch, esm.model.hidden_size, esm.model.num_layers, esm.model.num_heads) == ("esm2", 320, 6, 20)
+    assert esm.model.expansion_ratio == speed.model.expansion_ratio == 4.0 and esm.model.tie_embeddings
+    o = esm.optim
+    assert (o.optimizer, o.lr, o.betas, o.weight_decay, o.schedule, o.final_lr_ratio) == \
+        ("adamw", 4e-4, (0.9, 0.98), 0.01, "linear", 0.1) and o.warmup > 0
+    m = esm.masking
+    assert (m.objective, m.mask_rate, m.mask_token_frac, m.random_token_frac) == ("mlm", 0.15, 0.8, 0.1)
+    assert (esm.data.token_budget, esm.eval.subset, esm.train.precision) == (2048, 9, "fp32")
+    assert throughput.recipe_at_shape(throughput.plmrun_config(None, TINY)).model.num_heads == 2  # 32/20: not ESM
+
+
+def test_throughput_end_to_end(tmp_path, cache):
+    out = tmp_path / "tp"
+    tiny = TINY + ["data.token_budget=1024", "data.max_length=1024"]  # long crops: HF batches get padding
+    assert throughput.main(["--precision", "fp32", "--windows", "2", "--steps-per-window", "1", "--warmup", "1",
+                            "--hf-batch", "3", "--hf-steps-per-window", "1", "--threads", "1", "--out", str(out),
+                            *[x for s in tiny for x in ("--set", s)]]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    rows = {r["case"]: r for r in report["rows"]}
+    assert list(rows) == ["plmrun", "plmrun-esm2", "hf-esm"] and report["peak_flops"]["fp32"] > 0
+    for r in rows.values():
+        assert len(r["windows"]) == 2 and r["real_tok_per_s"] > 0 and 0 < r["mfu"] < 1 and r["peak_memory_mb"] > 0
+        assert all(w["real_tokens"] <= w["padded_tokens"] for w in r["windows"])
+    assert all(w["padded_tokens"] == 1024 for w in rows["plmrun"]["windows"])  # one micro-batch per step
+    assert rows["hf-esm"]["padding_frac"] > 0 and rows["plmrun"]["x_hf"] > 0 and rows["hf-esm"]["x_hf"] is None
+    # the same architecture; HF also holds its (unused) contact-head regression: layers x heads + 1
+    assert rows["hf-esm"]["params"] - rows["plmrun-esm2"]["params"] == 2 * 2 + 1
+    md = out.with_suffix(".md").read_text()
+    assert "| plmrun | fp32 |" in md and "| hf-esm | fp32 |" in md
+
+
+def test_throughput_bad_override_is_one_line(capsys):
+    assert throughput.main(["--set", "model.hidden_size=33", "--skip-hf"]) == 2
+    assert capsys.readouterr().err.startswith("error: model.hidden_size (33)")
+
+
+def test_hf_reference_is_the_quoted_curve():
+    r = speedrun.hf_reference(2.70)
+    assert r["reached"] and (r["tokens_to_target"], r["time_to_target_s"]) == (408_811, 1261.6)
+    assert speedrun.hf_reference(3.0)["tokens_to_target"] == 108_532
+    assert not speedrun.hf_reference(2.5)["reached"] and "tokens_to_target" not in speedrun.hf_reference(2.5)
+
+
+def test_speedrun_token_cap_and_not_reached():
+    cfg = speedrun.speedrun_config(throughput.plmrun_config(None, ["data.token_budget=4096"]), target=2.7,
+                                   eval_every=10, max_tokens=10_000, threads=1, run_root="r", name="n")
+    assert (cfg.train.max_steps, cfg.train.stop_at_val_loss, cfg.train.eval_every) == (3, 2.7, 10)
+    summary = {"params": 10, "steps": 3, "tokens": 9000, "train_time_s": 1.0, "tok_per_s": 9000.0, "mfu": 0.1,
+               "precision": "bf16", "best_val_loss": 2.9, "stopped": "max_steps", "run_dir": "r/n",
+               "time_to_target": {"2.8": {"tokens": 1, "train_time_s": 1, "wall_time_s_incl_eval": 1,
+                                          "val_loss": 2.79, "step": 1}}}
+    row = speedrun.result_row("plmrun", summary, 2.7)
+    assert not row["reached"] and "tokens_to_target" not in row
+    md = speedrun.markdown({"target": 2.7, "hardware": {"gpu": None, "cpu": "c", "threads": 1}, "date": "d",
+                            "eval_every": 10, "eval_subset": 256, "rows": [row],
+                            "hf_reference": speedrun.hf_reference(2.7)})
+    assert "**plmrun did not reach 2.7** within 9,000 tokens" in md and "| plmrun | 0.00M | not reached |" in md
+
+
+def test_speedrun_end_to_end(tmp_path, cache):
+    out = tmp_path / "sr"
+    assert speedrun.main(["--config", "debug", "--set", "eval.subset=16", "--target", "3.3", "--eval-every", "5",
+                          "--threads", "1", "--skip-recipe", "--run-root", str(tmp_path / "runs"),
+                          "--out", str(out)]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    (row,) = report["rows"]
+    assert row["reached"] and row["tokens_to_target"] > 0 and row["stopped"] == "stop_at_val_loss"
+    summary = json.loads((Path(row["run_dir"]) / "summary.json").read_text())
+    assert summary["time_to_target"]["3.3"]["tokens"] == row["tokens_to_target"]
+    assert f"**Tokens to 3.3: {row['tokens_to_target']:,}**" in out.with_suffix(".md").read_text()
+
+
+def test_gpu_table_scaling():
+    base = {"config": "speedrun_133m", "overrides": [], "params": 133e6, "token_budget_per_gpu": 65536,
+            "mfu": 0.3, "peak_memory_mb_max_gpu": 40960, "peak_flops_per_gpu": 7e14,
+            "hardware": {"gpu": "NVIDIA H100", "torch": "2.13"}}
+    table = gpu_bench.table([{**base, "gpus": 1, "real_tok_per_s": 500_000.0},
+                             {**base, "gpus": 8, "real_tok_per_s": 3_600_000.0}])
+    assert "| speedrun_133m | 133.0M | 8 | 65,536 | 3,600,000 | 30.0% | 40.0 | 90% |" in table
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the failure without CUDA")
+def test_gpu_scripts_fail_clearly_without_cuda(tmp_path):
+    assert subprocess.run(["bash", "-n", str(BENCH / "gpu.sh")]).returncode == 0
+    env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}")
+    if shutil.which("nvidia-smi"):  # a driver without a GPU: hide it so the first check is the one tested
+        (tmp_path / "nvidia-smi").write_text("#!/bin/sh\nexit 9\n")
+        (tmp_path / "nvidia-smi").chmod(0o755)
+    proc = subprocess.run(["bash", str(BENCH / "gpu.sh")], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: nvidia-smi")
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_bench.py")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: no CUDA device")

@@ -1,0 +1,238 @@
+"""torchrun end to end on CPU/gloo: DDP and FSDP2 equal one process, crashes resume bit for bit, failures stop loudly.
+
+Every run is the tiny model of test_train.py (6 steps); the reference is one process × grad_accum 2, the
+distributed runs are 2 processes × grad_accum 1 (the same global batches, see data/loader.py).
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_train import TINY
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+
+CKPT = ["--train.checkpoint_every=2"]
+
+
+def _env(tmp, extra=None):
+    return dict(os.environ, PLMRUN_CACHE=str(tmp / "cache"), OMP_NUM_THREADS="1", PLMRUN_DIST_TIMEOUT="60",
+                **(extra or {}))
+
+
+def _run(cmd, tmp, extra=None, check=True, timeout=300):
+    proc = subprocess.run(cmd, cwd=tmp, env=_env(tmp, extra), capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    return proc
+
+
+def _plmrun(args, tmp, extra=None, check=True):
+    return _run([sys.executable, "-m", "plmrun.cli", "train", *TINY, *args], tmp, extra, check)
+
+
+def _torchrun(args, tmp, extra=None, check=True, launcher=("--standalone", "--nproc_per_node=2")):
+    return _run([sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "plmrun.cli", "train", *TINY, *args],
+                tmp, extra, check)
+
+
+def _series(run: Path):
+    rs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["kind"], r["step"], r.get("tokens"), r.get("loss", r.get("val_loss"))) for r in rs]
+
+
+def _weights(run: Path):
+    return load_file(run / "model" / "model.safetensors")
+
+
+def _assert_identical(a: Path, b: Path):
+    assert _series(a) == _series(b)
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A shared directory with the reference runs: 1 process × accum 2, and DDP 2 × 1 (both with checkpoints)."""
+    tmp = tmp_path_factory.mktemp("dist")
+    _plmrun([*CKPT, "--train.grad_accum=2", "--logging.name=single"], tmp)
+    _torchrun([*CKPT, "--dist.strategy=ddp", "--logging.name=ddp"], tmp)
+    return tmp
+
+
+def test_ddp_and_fsdp2_match_one_process(work):
+    """DDP: bitwise equal. FSDP2 (+ activation checkpointing): |Δloss| ≤ 1e-6, |Δweight| ≤ 5e-6 (reduce-scatter order)."""
+    runs = work / "runs"
+    _assert_identical(runs / "single", runs / "ddp")
+    _torchrun(["--dist.strategy=fsdp", "--dist.activation_checkpointing=true", "--logging.name=fsdp"], work)
+    a, b = _series(runs / "single"), _series(runs / "fsdp")
+    assert [x[:3] for x in a] == [x[:3] for x in b]
+    assert max(abs(x[3] - y[3]) for x, y in zip(a, b)) <= 1e-6
+    wa, wb = _weights(runs / "single"), _weights(runs / "fsdp")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 5e-6
+    summary = json.loads((runs / "fsdp" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["tokens"] == json.loads(
+        (runs / "single" / "summary.json").read_text())["tokens"]
+
+
+def test_sigkilled_rank_restarts_and_resumes_bitwise(work):
+    """torchrun --max-restarts=1: rank 1 SIGKILLed after step 3, the job restarts from step 2 and ends identical."""
+    t0 = time.perf_counter()
+    proc = _torchrun([*CKPT, "--dist.strategy=ddp", "--logging.name=killed"], work,
+                     {"PLMRUN_FAULT": "kill@3:1", "PLMRUN_FAULT_ONCE": str(work / "killed.once")},
+                     launcher=("--standalone", "--nproc_per_node=2", "--max-restarts=1"))
+    assert (work / "killed.once").exists() and "resumed at step 2" in proc.stdout
+    _assert_identical(work / "runs" / "ddp", work / "runs" / "killed")
+    print(f"kill + restart + resume: {time.perf_counter() - t0:.1f} s")
+
+
+def test_sigterm_saves_and_resumes_on_another_world_size(work):
+    """SIGTERM on rank 1 after step 3: every rank saves and exits 0; one process (accum 2) then continues exactly."""
+    proc = _torchrun(["--dist.strategy=ddp", "--logging.name=termed"], work, {"PLMRUN_FAULT": "term@3:1"})
+    run = work / "runs" / "termed"
+    assert not (run / "summary.json").exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000003"]
+    resumed = _run([sys.executable, "-m", "plmrun.cli", "train", "--resume", str(run)], work)
+    assert "grad_accum 2" in resumed.stdout and "resumed at step 3" in resumed.stdout
+    _assert_identical(work / "runs" / "single", run)
+
+
+def test_resume_that_would_change_the_global_batch_is_refused(work):
+    """A 1 × 1 checkpoint cannot continue on 2 ranks (2 does not divide 1): refused, one line, nothing trained."""
+    from plmrun.config import build_config
+    from plmrun.train.trainer import train
+    with pytest.MonkeyPatch.context() as mp:  # in this process: SIGTERM is caught by the trainer's handler
+        mp.setenv("PLMRUN_CACHE", str(work / "cache"))
+        mp.setenv("PLMRUN_FAULT", "term@2")
+        mp.chdir(work)
+        assert train(build_config(None, [*TINY, "--logging.name=odd"]))["stopped"].startswith("signal")
+    proc = _torchrun(["--logging.name=odd"], work, check=False)
+    assert proc.returncode != 0
+    assert "world_size × grad_accum = 1, which 2 ranks cannot reproduce" in proc.stderr
+    assert max(r[1] for r in _series(work / "runs" / "odd")) == 2
+
+
+def test_kill_during_checkpoint_save_falls_back_to_previous(work):
+    """SIGKILL after the step-4 shards are written but before the rename: the rerun resumes from step 2."""
+    args = [*CKPT, "--train.grad_accum=2", "--logging.name=savekill"]
+    proc = _plmrun(args, work, {"PLMRUN_FAULT": "killsave@4"}, check=False)
+    ckpts = work / "runs" / "savekill" / "checkpoints"
+    assert proc.returncode == -9 and (ckpts / ".tmp-step_00000004").is_dir()
+    assert [p.name for p in ckpts.glob("step_*")] == ["step_00000002"]
+    again = _plmrun(args, work)
+    assert "resumed at step 2" in again.stdout and not (ckpts / ".tmp-step_00000004").exists()
+    _assert_identical(work / "runs" / "single", work / "runs" / "savekill")
+
+
+def test_nan_stops_naming_step_and_rank(work):
+    """Rank 1's weights poisoned after step 2: step 3 stops every rank, naming step 3 and rank 1; checkpoint 2 kept."""
+    proc = _torchrun([*CKPT, "--dist.strategy=ddp", "--logging.name=nan"], work, {"PLMRUN_FAULT": "nan@2:1"},
+                     check=False)
+    assert proc.returncode != 0
+    assert "error: step 3: non-finite loss from rank 1" in proc.stderr
+    assert [p.name for p in (work / "runs" / "nan" / "checkpoints").glob("step_*")] == ["step_00000002"]
+
+
+def test_dead_rank_brings_the_job_down_promptly(work):
+    """Rank 1 SIGKILLed after step 2 with no restarts: torchrun ends with an error in seconds, not a timeout."""
+    t0 = time.perf_counter()
+    proc = _torchrun(["--dist.strategy=ddp", "--logging.name=dead"], work, {"PLMRUN_FAULT": "kill@2:1"}, check=False)
+    took = time.perf_counter() - t0
+    assert proc.returncode != 0 and "Signal 9" in proc.stderr + proc.stdout
+    assert took < 45, f"job took {took:.0f} s to end after a rank died"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_loopback_fsdp_meta_init(work):
+    """Two torchrun launchers (one process each) meet through c10d rendezvous on 127.0.0.1 and train FSDP2 from meta."""
+    port = _free_port()
+    cmds = [[sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={r}", "--nproc-per-node=1",
+             "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=plmrun-test",
+             "-m", "plmrun.cli", "train", *TINY, "--dist.strategy=fsdp", "--dist.meta_init=true",
+             "--logging.name=twonode"] for r in (0, 1)]
+    procs = [subprocess.Popen(c, cwd=work, env=_env(work), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in cmds]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-3000:] + outs[1][1][-3000:]
+    summary = json.loads((work / "runs" / "twonode" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 6
+    losses = [x[3] for x in _series(work / "runs" / "twonode") if x[0] == "train"]
+    assert losses[-1] < losses[0] < 3.6  # initialised from scratch (meta), and it learns
+
+
+def test_check_resume_refuses_other_data(tmp_path):
+    from plmrun.train.trainer import TrainingError, _check_resume
+    data = {"train_fingerprint": "a", "valid_fingerprint": "b"}
+    now = {"data": data, "world_x_accum": 2}
+    _check_resume({"data": dict(data), "world_x_accum": 2}, now, tmp_path)
+    with pytest.raises(TrainingError, match="different data"):
+        _check_resume({"data": {**data, "train_fingerprint": "z"}, "world_x_accum": 2}, now, tmp_path)
+    from plmrun.train.trainer import resume_grad_accum
+    assert resume_grad_accum({"world_x_accum": 8}, 4, 1, tmp_path) == 2
+    assert resume_grad_accum({"world_x_accum": 8}, 8, 1, tmp_path) == 1
+    with pytest.raises(TrainingError, match="cannot reproduce"):
+        resume_grad_accum({"world_x_accum": 6}, 4, 1, tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["speedrun", "esm2"])
+def test_meta_init_matches_the_constructors_distributions(arch):
+    """init_weights after to_empty gives every parameter the constructor's kind of start (zeros, constants, N(0, std))."""
+    from plmrun.config import build_config
+    from plmrun.model.init import materialize
+    from plmrun.model.registry import build_model
+    extra = (["--model.arch=esm2", "--model.unet=false", "--model.x0_lambdas=false", "--model.value_embeddings=false",
+              "--model.qk_norm=false", "--model.soft_logit_cap=0", "--model.tie_embeddings=true"] if arch == "esm2"
+             else ["--model.p_attention=true", "--model.num_layers=4"])
+    cfg = build_config(None, ["--model.hidden_size=64", "--model.num_heads=2", "--model.init_std=0.05", *extra]).model
+    torch.manual_seed(0)
+    ref = build_model(cfg)
+    with torch.device("meta"):
+        meta = build_model(cfg)
+    materialize(meta, "cpu")
+    got = dict(meta.named_parameters())
+    for name, p in ref.named_parameters():
+        q = got[name]
+        if p.numel() >= 256 and p.std() > 0 and not torch.all(p == p.flatten()[0]):
+            assert abs(q.std().item() - p.std().item()) < 0.1 * p.std().item() and abs(q.mean().item()) < 0.01, name
+        else:
+            assert torch.equal(p, q), name
+    assert torch.equal(ref.rotary.inv_freq, meta.rotary.inv_freq)
+    if arch == "esm2":
+        assert meta.head.decoder.weight is meta.embed.weight
+
+
+SPIKY = ["--optim.lr_embed=0.5", "--optim.lr_head=0.5", "--optim.lr_scalar=0.5", "--optim.schedule=constant",
+         "--train.loss_spike_factor=1.2", "--train.loss_spike_window=2", "--train.eval_every=0"]
+
+
+def test_loss_spike_policies(work, monkeypatch):
+    """An LR that makes the loss jump after step 1: warn changes nothing, skip drops the updates, abort stops."""
+    from plmrun.config import build_config
+    from plmrun.train.trainer import TrainingError, train
+    monkeypatch.setenv("PLMRUN_CACHE", str(work / "cache"))
+    cfg = lambda *extra: build_config(None, [*TINY, *SPIKY, f"--logging.run_root={work / 'spikes'}", *extra])
+    for policy in ("ignore", "warn", "skip"):
+        train(cfg(f"--train.loss_spike={policy}", f"--logging.name={policy}"))
+    train(cfg("--train.loss_spike=ignore", "--train.max_steps=1", "--logging.name=one"))
+    runs = work / "spikes"
+    flags = {p: [r.get("spike") for r in map(json.loads, (runs / p / "metrics.jsonl").read_text().splitlines())
+                 if r["kind"] == "train"] for p in ("ignore", "warn", "skip")}
+    assert flags["ignore"] == [None] * 6 and flags["warn"][:2] == [None, "warn"]
+    _assert_identical(runs / "ignore", runs / "warn")  # warn only reports
+    assert flags["skip"] == [None] + ["skip"] * 5  # every later step is still worse than step 1
+    wa, wb = _weights(runs / "skip"), _weights(runs / "one")  # so the weights are those after step 1
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    with pytest.raises(TrainingError, match=r"step 2: loss spike .*\(train.loss_spike=abort\)"):
+        train(cfg("--train.loss_spike=abort", "--logging.name=abort"))
