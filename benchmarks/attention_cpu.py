@@ -1,4 +1,5 @@
-"""Packed attention on CPU: bucketed `cpu` backend vs dense block-diagonal SDPA vs the naive loop.
+"""Packed attention on CPU: bucketed `cpu` backend (eager, and with the torch.compile'd bucket kernel
+that `train.compile` turns on) vs dense block-diagonal SDPA vs the naive loop.
 
 Forward + backward time (median of repeats) on packed micro-batches of T tokens whose
 sequence lengths follow a protein-like distribution (log-normal, mean ~380, cropped to 512),
@@ -23,7 +24,18 @@ import torch
 from plmrun.model import attention as A
 
 
-BACKENDS = ("cpu", "sdpa_dense", "naive")
+BACKENDS = ("cpu", "cpu_compiled", "sdpa_dense", "naive")
+
+
+def run_backend(name, q, k, v, cu, max_len, cap, layout):
+    """`cpu_compiled` is the cpu backend with A.use_compiled_cpu_kernel() on for this call."""
+    if name != "cpu_compiled":
+        return A.packed_attention(q, k, v, cu, max_len, backend=name, soft_cap=cap, layout=layout)
+    A.use_compiled_cpu_kernel(True)
+    try:
+        return A.packed_attention(q, k, v, cu, max_len, backend="cpu", soft_cap=cap, layout=layout)
+    finally:
+        A.use_compiled_cpu_kernel(False)
 
 
 def _plan_with_cost(layout, cost):
@@ -91,8 +103,8 @@ def main() -> None:
             qkv = [torch.randn(args.tokens, args.heads, args.head_dim, generator=g).to(dtype) for _ in range(3)]
             for cap in (0.0, 30.0):
                 layouts = {name: A.PackedLayout(cu, max(lengths)) for name in BACKENDS}
-                fns = {name: (lambda q, k, v, name=name, cap=cap: A.packed_attention(
-                    q, k, v, cu, max(lengths), backend=name, soft_cap=cap, layout=layouts[name])) for name in BACKENDS}
+                fns = {name: (lambda q, k, v, name=name, cap=cap: run_backend(
+                    name, q, k, v, cu, max(lengths), cap, layouts[name])) for name in BACKENDS}
                 for name, t in interleaved(fns, qkv, args.repeats).items():
                     rows.append(dict(batch=b, dtype=str(dtype).split(".")[-1], soft_cap=cap, backend=name,
                                      seconds=t, num_segments=len(lengths), mean_len=float(np.mean(lengths[:-1])),
@@ -122,11 +134,13 @@ def main() -> None:
         for cap in (0.0, 30.0):
             sel = lambda name: statistics.median(  # noqa: E731
                 r["seconds"] for r in rows if r["backend"] == name and r["dtype"] == dt and r["soft_cap"] == cap)
-            summary[f"{dt}_cap{cap:g}"] = {n: sel(n) for n in ("cpu", "sdpa_dense", "naive")}
+            summary[f"{dt}_cap{cap:g}"] = {n: sel(n) for n in BACKENDS}
     print("\nmedian fwd+bwd seconds over batches (T=%d, H=%d, Dh=%d):" % (args.tokens, args.heads, args.head_dim))
-    print(f"{'case':18s} {'cpu':>9s} {'sdpa_dense':>11s} {'naive':>9s} {'dense/cpu':>10s}")
+    print(f"{'case':18s} {'cpu':>9s} {'cpu_compiled':>13s} {'sdpa_dense':>11s} {'naive':>9s} {'dense/cpu':>10s}"
+          f" {'cpu/compiled':>13s}")
     for case, s in summary.items():
-        print(f"{case:18s} {s['cpu']:9.4f} {s['sdpa_dense']:11.4f} {s['naive']:9.4f} {s['sdpa_dense'] / s['cpu']:10.2f}")
+        print(f"{case:18s} {s['cpu']:9.4f} {s['cpu_compiled']:13.4f} {s['sdpa_dense']:11.4f} {s['naive']:9.4f}"
+              f" {s['sdpa_dense'] / s['cpu']:10.2f} {s['cpu'] / s['cpu_compiled']:13.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(config=vars(args), torch=torch.__version__, threads=torch.get_num_threads(),

@@ -84,6 +84,13 @@ def result_row(case: str, summary: dict, target: float) -> dict:
     return row
 
 
+def _ratio(theirs: float, ours: float, what: str) -> str:
+    """'2.0× fewer tokens' or '3.5× more tokens' (never a ratio below 1 called 'fewer')."""
+    if ours <= theirs:
+        return f"**{theirs / ours:.1f}× {'fewer' if what == 'tokens' else 'less'} {what}**"
+    return f"**{ours / theirs:.1f}× more {what}**"
+
+
 def _fmt(row: dict, key: str, fmt: str) -> str:
     return format(row[key], fmt) if row.get("reached") else "not reached"
 
@@ -97,12 +104,15 @@ def markdown(report: dict) -> str:
     main = rows[0]
     if main["reached"]:
         head = f"**Tokens to {t}: {main['tokens_to_target']:,}** ({main['case']})"
-        if hf["reached"] and abs(main["params"] / hf["params"] - 1) > 0.25:
-            head += f"; the HF peer has {hf['params'] / 1e6:.2f}M parameters, a different size: no ratio."
-        elif hf["reached"]:
-            head += (f" vs {hf['tokens_to_target']:,} for the HF peer: **{hf['tokens_to_target'] / main['tokens_to_target']:.1f}×"
-                     f" fewer tokens**, {hf['time_to_target_s'] / main['time_to_target_s']:.0f}× less training time.")
-        lines.append(head)
+        for other, note in [(r, "same protocol") for r in rows[1:]] + [(hf, "80/10/10 eval masks: an easier protocol")]:
+            if not other["reached"]:
+                head += f"; {other['case']}: not reached"
+            elif abs(main["params"] / other["params"] - 1) > 0.25:
+                head += f"; {other['case']} has {other['params'] / 1e6:.2f}M parameters, a different size: no ratio"
+            else:
+                head += (f"; vs {other['case']} ({note}): {_ratio(other['tokens_to_target'], main['tokens_to_target'], 'tokens')},"
+                         f" {_ratio(other['time_to_target_s'], main['time_to_target_s'], 'training time')}")
+        lines.append(head + ".")
     else:
         lines.append(f"**{main['case']} did not reach {t}** within {main['tokens']:,} tokens (best {main['best_val_loss']:.4f}).")
     lines += ["", "| run | params | tokens to target | time to target (s) | incl. eval (s) | tok/s | stopped |",

@@ -77,6 +77,20 @@ def test_hf_reference_is_the_quoted_curve():
     assert not speedrun.hf_reference(2.5)["reached"] and "tokens_to_target" not in speedrun.hf_reference(2.5)
 
 
+def test_speedrun_headline_says_more_or_fewer_correctly():
+    assert speedrun._ratio(600, 200, "tokens") == "**3.0× fewer tokens**"
+    assert speedrun._ratio(200, 700, "tokens") == "**3.5× more tokens**"
+    assert speedrun._ratio(50, 100, "training time") == "**2.0× more training time**"
+    row = lambda case, tokens, secs: {"case": case, "params": 7.5e6, "reached": True, "tokens_to_target": tokens,
+                                      "time_to_target_s": secs, "wall_time_s_incl_eval": secs, "tok_per_s": 1.0,
+                                      "stopped": "stop_at_val_loss"}
+    md = speedrun.markdown({"target": 2.9, "hardware": {"gpu": None, "cpu": "c", "threads": 2}, "date": "d",
+                            "eval_every": 25, "eval_subset": 256,
+                            "rows": [row("plmrun", 700_000, 140.0), row("plmrun esm2 recipe", 200_000, 47.6)],
+                            "hf_reference": speedrun.hf_reference(2.9)})
+    assert "vs plmrun esm2 recipe (same protocol): **3.5× more tokens**, **2.9× more training time**" in md
+
+
 def test_speedrun_token_cap_and_not_reached():
     cfg = speedrun.speedrun_config(throughput.plmrun_config(None, ["data.token_budget=4096"]), target=2.7,
                                    eval_every=10, max_tokens=10_000, threads=1, run_root="r", name="n")

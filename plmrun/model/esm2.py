@@ -35,7 +35,7 @@ class EsmLayer(nn.Module):
         q, k, v = (f(h).view(T, self.H, D // self.H) for f in (self.q, self.k, self.v))
         q = q * (D // self.H) ** -0.5
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        a = packed_attention(q, k, v, layout.cu_seqlens, layout.max_seqlen, backend=self.cfg.attention_backend,
+        a = packed_attention(q, k, v, backend=self.cfg.attention_backend,
                              window=window, soft_cap=self.cfg.attention_soft_cap, scale=1.0, layout=layout)
         x = x + self.o(a.reshape(T, D))
         return x + self.down(F.gelu(self.up(self.mlp_norm(x))))

@@ -46,7 +46,7 @@ class SelfAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if ve is not None:
             v = self.value_lambdas[0] * v + self.value_lambdas[1] * ve.view_as(v).to(v.dtype)
-        o = packed_attention(q, k, v, layout.cu_seqlens, layout.max_seqlen, backend=self.cfg.attention_backend,
+        o = packed_attention(q, k, v, backend=self.cfg.attention_backend,
                              window=window, soft_cap=self.cfg.attention_soft_cap, layout=layout)
         return self.o(o.reshape(T, D))
 

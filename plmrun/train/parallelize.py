@@ -95,7 +95,13 @@ def parallelize(model: nn.Module, cfg: Config, env: DistEnv) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     if cfg.train.compile:
-        model = torch.compile(model, dynamic=False)
+        # Per block, in place (parameter names unchanged), static shapes: the micro-batch is always
+        # token_budget tokens; data-dependent attention backends stay eager inside the block.
+        for block in blocks:
+            block.compile(dynamic=False)
+        if env.device.type == "cpu":
+            from plmrun.model.attention import use_compiled_cpu_kernel
+            use_compiled_cpu_kernel()
     return model
 
 
