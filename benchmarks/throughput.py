@@ -280,7 +280,8 @@ def main(argv=None) -> int:
     ap.add_argument("--config", help="plmrun config file or shipped name (default: defaults at the ESM-2 8M shape)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="config override for the plmrun case (model shape keys also reach the esm2 and HF cases)")
-    ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ap.add_argument("--precision", nargs="+", choices=["fp32", "bf16"],
+                    help="default: fp32, and bf16 where this device multiplies bf16 natively")
     ap.add_argument("--windows", type=int, default=5)
     ap.add_argument("--steps-per-window", type=int, default=2, help="plmrun optimizer steps per timed window")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
@@ -297,7 +298,9 @@ def main(argv=None) -> int:
     if min(a.windows, a.steps_per_window, a.hf_steps_per_window, a.hf_batch) < 1 or a.warmup < 0:
         ap.error("--windows, --steps-per-window, --hf-steps-per-window and --hf-batch must be >= 1, --warmup >= 0")
     from plmrun.config import ConfigError
-    from plmrun.train.parallelize import resolve_device
+    from plmrun.train.parallelize import native_bf16, resolve_device
+    if a.precision is None:
+        a.precision = ["fp32", "bf16"] if native_bf16(resolve_device("auto")) else ["fp32"]
     try:
         configs = {p: case_configs(a.config, a.set, p) for p in a.precision}
     except ConfigError as e:

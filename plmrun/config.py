@@ -160,7 +160,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     "Where to train (auto = cuda if available)."
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    "bf16 autocast with fp32 master weights, or fp32 (auto = bf16)."
+    "bf16 autocast with fp32 master weights, or fp32 (auto = bf16 where bf16 matmuls are native: CUDA, AVX-512/AMX CPUs)."
     compile: bool = False
     "torch.compile each block (static shapes) and, on CPU, the bf16 attention kernel; ~20 s to compile."
     threads: int = 0

@@ -69,6 +69,10 @@ def test_record_decisions():
     assert not missed["all_reached"] and not missed["new_record"]
     assert missed["time_to_target_s"] is None and missed["tokens_to_target"] is None
     assert hardware_key(HW, TRACK) == "Test CPU, 2 threads"
+    # the same model name on another vector ISA (e.g. Zen 3 vs Zen 4 "AMD EPYC") is other hardware
+    assert hardware_key({**HW, "cpu_isa": "AVX2"}, TRACK) == "Test CPU (AVX2), 2 threads"
+    other_isa = entry([70.0, 71.0, 72.0], [first, faster], hw={**HW, "cpu_isa": "AVX2"})
+    assert other_isa["new_record"] and other_isa["vs_record"] is None
     assert hardware_key({**HW, "gpu": "H100"}, TRACKS["gpu-8xH100"]) == "8x H100"
 
 

@@ -184,3 +184,19 @@ def test_compile_matches_eager_keeps_parameter_names_and_static_graphs():
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     finally:
         A.use_compiled_cpu_kernel(False)
+
+
+def test_precision_auto_is_bf16_only_where_bf16_matmuls_are_native(monkeypatch):
+    """An AVX2-only CPU emulates bf16 matmuls (~70× slower than fp32): auto must pick fp32 there."""
+    from plmrun.train import parallelize as P
+    cpu = torch.device("cpu")
+    cfg = build_config(None, [])
+    assert cfg.train.precision == "auto"
+    for native, expect in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(P.torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+        assert P.native_bf16(cpu) is native
+        assert P.resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+        assert P.autocast_dtype(cfg, cpu) is expect
+        for explicit, dtype in (("fp32", None), ("bf16", torch.bfloat16)):  # explicit choices are kept
+            assert P.resolve_precision(explicit, cpu) == explicit
+            assert P.autocast_dtype(build_config(None, [f"--train.precision={explicit}"]), cpu) is dtype

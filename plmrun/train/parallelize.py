@@ -56,11 +56,28 @@ def init_distributed(cfg: Config) -> DistEnv:
     return DistEnv(world, rank, local_rank, device)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether this device multiplies bf16 matrices in hardware: a CUDA GPU that supports bf16, or a
+    CPU for which oneDNN has bf16 kernels (AVX-512 / AMX). Elsewhere (e.g. AVX2-only CPUs) bf16
+    matmuls are emulated: measured here on an AVX2 EPYC, 0.75 GFLOP/s against 55 in fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """train.precision as run: 'auto' is bf16 where bf16 matmuls are native (native_bf16), else fp32."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
 def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast (fp32 master weights) unless precision is fp32."""
-    if cfg.train.precision == "fp32":
-        return None
-    return torch.bfloat16
+    """bf16 autocast (fp32 master weights) when the resolved precision is bf16, else None (fp32)."""
+    return torch.bfloat16 if resolve_precision(cfg.train.precision, device) == "bf16" else None
 
 
 def blocks_of(model: nn.Module) -> nn.ModuleList:
@@ -82,7 +99,7 @@ def parallelize(model: nn.Module, cfg: Config, env: DistEnv) -> nn.Module:
     if env.world_size > 1 and cfg.dist.strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = None
-        if env.device.type == "cuda" and cfg.train.precision != "fp32":
+        if env.device.type == "cuda" and autocast_dtype(cfg, env.device) is not None:
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         kwargs = {"mp_policy": mp} if mp is not None else {}
         for block in blocks:

@@ -67,15 +67,19 @@ def hardware_info() -> dict:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": cores, "threads": torch.get_num_threads(), "gpu": gpu,
-            "gpus": torch.cuda.device_count() if gpu else 0, "torch": torch.__version__}
+    # The model name alone does not tell CPU generations apart ("AMD EPYC" is Zen 3 or Zen 4 in a VM);
+    # the vector ISA torch uses does, and it decides bf16 speed.
+    return {"cpu": cpu, "cpu_isa": torch.backends.cpu.get_cpu_capability(), "cores": cores,
+            "threads": torch.get_num_threads(), "gpu": gpu, "gpus": torch.cuda.device_count() if gpu else 0,
+            "torch": torch.__version__}
 
 
 def hardware_key(hw: dict, track: Track) -> str:
     """Records are compared only within one key: the GPU model x count, or the CPU model x threads."""
     if track.device == "cuda":
         return f"{track.world_size}x {hw['gpu']}"
-    return f"{hw['cpu']}, {hw['threads']} threads"
+    isa = f" ({hw['cpu_isa']})" if hw.get("cpu_isa") else ""
+    return f"{hw['cpu']}{isa}, {hw['threads']} threads"
 
 
 # ------------------------------------------------------------------ statistics and entries

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from plmrun.config import Config
 from plmrun.eval.mlm import evaluate
 from plmrun.train import checkpoint as ckpt
-from plmrun.train.parallelize import (DistEnv, all_reduce_sum, autocast_dtype, init_distributed, parallelize,
-                                      unwrap)
+from plmrun.train.parallelize import (DistEnv, all_reduce_sum, autocast_dtype, init_distributed, native_bf16,
+                                      parallelize, unwrap)
 from plmrun.train.rundir import (MetricsLog, default_run_name, environment_info, plot_curves, prepare_run_dir,
                                  read_metrics, write_json_atomic)
 
@@ -179,13 +179,16 @@ def train(cfg: Config, *, resume: Optional[str] = None, init_from_hf: Optional[s
     model = parallelize(model, cfg, env)
 
     from plmrun.optim.build import build_optimizer
+    amp_dtype = autocast_dtype(cfg, env.device)
+    if amp_dtype is not None and not native_bf16(env.device) and env.is_main:
+        print(f"warning: train.precision={cfg.train.precision}, but bf16 matmuls are emulated on this {env.device.type}"
+              " (tens of times slower than fp32); train.precision=auto picks fp32 here", file=sys.stderr, flush=True)
     # Newton-Schulz in fp32 for fp32 runs, so distributed and resumed runs match single-process ones exactly.
-    ns_dtype = torch.float32 if cfg.train.precision == "fp32" else torch.bfloat16
+    ns_dtype = torch.float32 if amp_dtype is None else torch.bfloat16
     optimizers = build_optimizer(plm, cfg.optim, cfg.train.max_steps, ns_dtype=ns_dtype)
 
     loader = build_train_loader(cfg, env, train_src)
 
-    amp_dtype = autocast_dtype(cfg, env.device)
     peak = measure_matmul_peak(env.device, amp_dtype or torch.float32)
     data_info = {"dataset": str(data_path), "train_fingerprint": train_src.fingerprint,
                  "valid_fingerprint": valid_src.fingerprint, "train_sequences": len(train_src),
@@ -352,7 +355,7 @@ def train(cfg: Config, *, resume: Optional[str] = None, init_from_hf: Optional[s
         _save_final_model(run_dir, model, cfg, env)
         if env.is_main:
             summary = _summary(cfg, name, run_dir, state, n_params, n_dense, peak, env, final_full, stopped_reason,
-                               launch, read_metrics(run_dir))
+                               launch, read_metrics(run_dir), "fp32" if amp_dtype is None else "bf16")
             write_json_atomic(run_dir / "summary.json", summary)
             plot_curves(run_dir)
             _print_summary(summary)
@@ -473,7 +476,8 @@ def _save_final_model(run_dir: Path, model, cfg: Config, env: DistEnv) -> None:
         save_model_dir(run_dir / "model", sd, cfg.model)
 
 
-def _summary(cfg, name, run_dir, state, n_params, n_dense, peak, env, final_full, reason, launch, records) -> dict:
+def _summary(cfg, name, run_dir, state, n_params, n_dense, peak, env, final_full, reason, launch, records,
+             precision) -> dict:
     evals = [r for r in records if r.get("kind") == "eval" and not r.get("final")]
     t = state["train_time_s"]
     total = time.perf_counter() - launch
@@ -493,7 +497,7 @@ def _summary(cfg, name, run_dir, state, n_params, n_dense, peak, env, final_full
         "peak_flops_per_device": peak,
         "device": str(env.device),
         "world_size": env.world_size,
-        "precision": "fp32" if cfg.train.precision == "fp32" else "bf16",
+        "precision": precision,
         "best_val_loss": state["best_val_loss"],
         "final_val": {k[4:]: v for k, v in evals[-1].items() if k.startswith("val_")} if evals else None,
         "final_full_val": final_full,
