@@ -92,13 +92,16 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    from plmrun.train.parallelize import native_bf16
+    # bf16 only where this CPU multiplies bf16 natively (AVX2-only CPUs emulate it, tens of times slower)
+    dtypes = (torch.bfloat16, torch.float32) if native_bf16(torch.device("cpu")) else (torch.float32,)
     rng = np.random.default_rng(0)
     rows = []
     for b in range(args.batches):
         lengths = protein_batch(args.tokens, rng)
         cu = torch.tensor([0] + np.cumsum(lengths).tolist(), dtype=torch.int32)
         sum_sq = sum(n * n for n in lengths)
-        for dtype in (torch.bfloat16, torch.float32):
+        for dtype in dtypes:
             g = torch.Generator().manual_seed(b)
             qkv = [torch.randn(args.tokens, args.heads, args.head_dim, generator=g).to(dtype) for _ in range(3)]
             for cap in (0.0, 30.0):
@@ -111,12 +114,12 @@ def main() -> None:
                                      dense_over_sumsq=args.tokens ** 2 / sum_sq))
                     print(f"batch {b} {rows[-1]['dtype']:8s} cap={cap:4.0f} {name:10s} {t * 1e3:8.1f} ms "
                           f"({len(lengths)} segments, T^2/sum L^2 = {args.tokens ** 2 / sum_sq:.1f})", flush=True)
-    # planner call-cost sweep (bf16, no cap): one bucket per length run (0) ... one bucket (huge)
+    # planner call-cost sweep (first dtype, no cap): one bucket per length run (0) ... one bucket (huge)
     sweep = []
     lengths = protein_batch(args.tokens, np.random.default_rng(1))
     cu = torch.tensor([0] + np.cumsum(lengths).tolist(), dtype=torch.int32)
     g = torch.Generator().manual_seed(0)
-    qkv = [torch.randn(args.tokens, args.heads, args.head_dim, generator=g).bfloat16() for _ in range(3)]
+    qkv = [torch.randn(args.tokens, args.heads, args.head_dim, generator=g).to(dtypes[0]) for _ in range(3)]
     costs = (0, 32 ** 2, 64 ** 2, 128 ** 2, 256 ** 2, 512 ** 2, 10 ** 9)
     plans, fns = {}, {}
     for cost in costs:
@@ -130,7 +133,7 @@ def main() -> None:
         print(f"call_cost {cost:>10d}: {plans[cost]:2d} buckets {t * 1e3:8.1f} ms", flush=True)
 
     summary = {}
-    for dt in ("bfloat16", "float32"):
+    for dt in (str(d).split(".")[-1] for d in dtypes):
         for cap in (0.0, 30.0):
             sel = lambda name: statistics.median(  # noqa: E731
                 r["seconds"] for r in rows if r["backend"] == name and r["dtype"] == dt and r["soft_cap"] == cap)
