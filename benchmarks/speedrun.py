@@ -6,8 +6,8 @@ plmrun at the same width, depth and MLP ratio; quote the Hugging Face peer's mea
         [--max-tokens N] [--eval-every 10] [--skip-recipe] [--threads 0]
 
 Without --config the plmrun default config is used at the ESM-2 8M width/depth/MLP (as in
-throughput.py). Each run stops at the first eval at or below the target (train.stop_at_val_loss)
-or at its config's max_steps; --max-tokens lowers max_steps to at most that many token-budget
+throughput.py); `--config default` runs the defaults at their own shape (the default run's model).
+Each run stops at the first eval at or below the target (train.stop_at_val_loss) or at its config's max_steps; --max-tokens lowers max_steps to at most that many token-budget
 tokens (which also shortens LR schedules defined over max_steps). A run that ends without reaching
 the target is reported as "not reached", never as a number. Time-to-target is summary.json's
 time_to_target: training-step time at the first eval reaching the target (evals not counted).
@@ -85,7 +85,9 @@ def result_row(case: str, summary: dict, target: float) -> dict:
 
 
 def _ratio(theirs: float, ours: float, what: str) -> str:
-    """'2.0× fewer tokens' or '3.5× more tokens' (never a ratio below 1 called 'fewer')."""
+    """'2.0× fewer tokens' or '3.5× more tokens' (never a ratio below 1 called 'fewer'; within 5%: 'the same')."""
+    if abs(theirs / ours - 1) <= 0.05:
+        return f"**the same {what}** ({theirs / ours:.2f}×)"
     if ours <= theirs:
         return f"**{theirs / ours:.1f}× {'fewer' if what == 'tokens' else 'less'} {what}**"
     return f"**{ours / theirs:.1f}× more {what}**"
@@ -98,7 +100,9 @@ def _fmt(row: dict, key: str, fmt: str) -> str:
 def markdown(report: dict) -> str:
     t, hw = report["target"], report["hardware"]
     rows, hf = report["rows"], report["hf_reference"]
-    lines = [f"Speedrun to val loss {t}, {report['date']}, {hw['gpu'] or hw['cpu'] + ', ' + str(hw['threads']) + ' threads'}."
+    isa = f" ({hw['cpu_isa']})" if hw.get("cpu_isa") else ""
+    machine = hw["gpu"] or f"{hw['cpu']}{isa}, {hw['threads']} threads"
+    lines = [f"Speedrun to val loss {t}, {report['date']}, {machine}."
              f" Eval every {report['eval_every']} steps on the first {report['eval_subset']} valid sequences"
              " (15% of residues, all <mask>, fixed masks).", ""]
     main = rows[0]
@@ -130,7 +134,8 @@ def markdown(report: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", help="plmrun config file or shipped name (default: defaults at the ESM-2 8M shape)")
+    ap.add_argument("--config", help="plmrun config file, shipped name or 'default' (plmrun's defaults at their own "
+                                     "shape); without it: the defaults at the ESM-2 8M shape")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override for the plmrun run")
     ap.add_argument("--target", type=float, default=2.70, help="val loss to reach (default 2.70)")
     ap.add_argument("--max-tokens", type=int, default=None, help="token cap (lowers max_steps)")

@@ -7,10 +7,11 @@ padded batches from `DataCollatorForLanguageModeling` — on the same machine an
         [--skip-hf] [--threads 0]
 
 Without --config the plmrun default config is used at the ESM-2 8M width, depth and MLP ratio
-(320, 6 layers, 4x), the shape of the HF reference numbers; the esm2 preset (ESM-2 recipe: AdamW)
-and the HF model take the plmrun config's width, depth and MLP ratio, with ESM-2's 20 heads. plmrun runs its real
-training step (TrainLoader with prefetch, trainer.forward_backward, the optimizer and clipping);
-the HF peer's batches are collated before the clock starts (its collation time is not counted).
+(320, 6 layers, 4x), the shape of the HF reference numbers (`--config default`: the defaults at their
+own shape); the esm2 preset (ESM-2 recipe: AdamW) and the HF model take the plmrun config's width,
+depth and MLP ratio, with ESM-2's 20 heads where the width allows. plmrun runs its real training
+step (TrainLoader with prefetch, trainer.forward_backward, the optimizer and clipping); the HF peer's batches
+are collated before the clock starts (its collation time is not counted).
 
 Real tokens are <cls>, residues and <eos>, never padding; padded tokens are what the model computes
 on. MFU counts useful FLOPs only (plmrun.model.registry.flops_per_step on the real sequence lengths,
@@ -44,10 +45,11 @@ CASES = ("plmrun", "plmrun-esm2", "hf-esm")
 
 # ------------------------------------------------------------------ configs
 def plmrun_config(config: str | None, sets: list[str]):
-    """The plmrun case: `config` (default: plmrun's defaults at the ESM-2 8M width/depth/MLP), then --set."""
+    """The plmrun case: `config` ('default': plmrun's defaults as they are; None: the defaults at the
+    ESM-2 8M width/depth/MLP), then --set."""
     from plmrun.config import build_config
-    base = [] if config else [f"--model.{k}={v}" for k, v in ESM2_8M_SHAPE.items()]
-    return build_config(config, base + ["--" + s.removeprefix("--") for s in sets])
+    base = [f"--model.{k}={v}" for k, v in ESM2_8M_SHAPE.items()] if config is None else []
+    return build_config(None if config == "default" else config, base + ["--" + s.removeprefix("--") for s in sets])
 
 
 def recipe_at_shape(speed, recipe: str = "esm2_recipe_8m"):
@@ -277,7 +279,8 @@ def markdown(report: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", help="plmrun config file or shipped name (default: defaults at the ESM-2 8M shape)")
+    ap.add_argument("--config", help="plmrun config file, shipped name or 'default' (plmrun's defaults at their own "
+                                     "shape); without it: the defaults at the ESM-2 8M shape")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="config override for the plmrun case (model shape keys also reach the esm2 and HF cases)")
     ap.add_argument("--precision", nargs="+", choices=["fp32", "bf16"],

@@ -45,6 +45,16 @@ def test_recipe_at_shape_is_the_esm2_recipe_at_the_plmrun_shape():
     assert throughput.recipe_at_shape(throughput.plmrun_config(None, TINY)).model.num_heads == 2  # 32/20: not ESM
 
 
+def test_config_default_is_the_default_run_at_its_own_shape():
+    from plmrun.config import Config
+    default = throughput.plmrun_config("default", ["train.threads=1"])
+    assert default.model == Config().model and default.train.threads == 1
+    assert (throughput.plmrun_config(None, []).model.hidden_size, default.model.hidden_size) == (320, Config().model.hidden_size)
+    esm = throughput.recipe_at_shape(default)   # width 256: 20 heads do not divide it, so the plmrun heads
+    assert (esm.model.hidden_size, esm.model.num_layers, esm.model.num_heads) == \
+        (default.model.hidden_size, default.model.num_layers, default.model.num_heads)
+
+
 def test_throughput_end_to_end(tmp_path, cache):
     out = tmp_path / "tp"
     tiny = TINY + ["data.token_budget=1024", "data.max_length=1024"]  # long crops: HF batches get padding
@@ -81,6 +91,8 @@ def test_speedrun_headline_says_more_or_fewer_correctly():
     assert speedrun._ratio(600, 200, "tokens") == "**3.0× fewer tokens**"
     assert speedrun._ratio(200, 700, "tokens") == "**3.5× more tokens**"
     assert speedrun._ratio(50, 100, "training time") == "**2.0× more training time**"
+    assert speedrun._ratio(245_386, 245_386, "tokens") == "**the same tokens** (1.00×)"
+    assert speedrun._ratio(104, 100, "training time") == "**the same training time** (1.04×)"
     row = lambda case, tokens, secs: {"case": case, "params": 7.5e6, "reached": True, "tokens_to_target": tokens,
                                       "time_to_target_s": secs, "wall_time_s_incl_eval": secs, "tok_per_s": 1.0,
                                       "stopped": "stop_at_val_loss"}

@@ -2,10 +2,13 @@ import json
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 
 from plmrun.config import ModelConfig
 from plmrun.eval import probe
+from plmrun.eval.embed import embed_sequences
+from plmrun.eval.inference import load_eval_model
 from plmrun.model.loading import save_model_dir
 from plmrun.model.registry import build_model
 
@@ -76,3 +79,25 @@ def test_pipeline_on_a_tiny_model(tmp_path, capsys):
             assert len(r["scores"]) == 2 and all(0 <= s <= 1 for s in r["scores"])
             assert f"{name:<20} {label:<16}" in printed
     assert "Swiss-Prot 2014" in printed
+
+
+def test_layer_picks_the_probed_hidden_state(tmp_path):
+    torch.manual_seed(2)
+    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2)
+    net = build_model(cfg)
+    with torch.no_grad():   # non-zero output projections, so each block changes the features
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_model_dir(tmp_path / "model", net.state_dict(), cfg)
+    model = load_eval_model(str(tmp_path / "model"), device=torch.device("cpu"), max_length=130)
+    caps = {"max_train": 10, "max_test": 6}
+    by_layer = {layer: probe.run_probes(model, ["solubility"], seeds=[0], caps=caps, layer=layer, log=lambda m: None)
+                for layer in (0, 1)}
+    assert by_layer[0]["layer"] == 0 and by_layer[1]["layer"] == 1
+    seqs = probe.load_task(replace(probe.TASKS["solubility"], **caps)).test_seqs
+    f0, f1 = (probe.model_features(model, seqs, False, 8192, layer) for layer in (0, 1))
+    assert not np.allclose(f0, f1)
+    np.testing.assert_allclose(f1, embed_sequences(model, seqs, layer=1), rtol=0, atol=0)
+    with pytest.raises(SystemExit, match=r"^probe: layer 7 out of range"):
+        probe.main([str(tmp_path / "model"), "--tasks", "solubility", "--seeds", "1", "--max-train", "4",
+                    "--max-test", "2", "--max-length", "130", "--layer", "7", "--device", "cpu"])

@@ -115,8 +115,9 @@ def baseline_features(seqs: list[str], per_residue: bool) -> list | np.ndarray:
     return onehots if per_residue else np.stack([o.mean(0) for o in onehots])
 
 
-def model_features(model: EvalModel, seqs: list[str], per_residue: bool, token_budget: int):
-    return embed_sequences(model, seqs, pool="per-residue" if per_residue else "mean", token_budget=token_budget)
+def model_features(model: EvalModel, seqs: list[str], per_residue: bool, token_budget: int, layer: int | None = None):
+    return embed_sequences(model, seqs, pool="per-residue" if per_residue else "mean", layer=layer,
+                           token_budget=token_budget)
 
 
 # ---------------------------------------------------------------- probes
@@ -155,13 +156,16 @@ def fit_and_score(task: Task, train_x, train_y, test_x, test_y, seeds, head: str
 
 
 def run_probes(model: EvalModel, tasks=tuple(TASKS), *, seeds=(0, 1, 2), head: str = "logistic",
-               caps: dict | None = None, token_budget: int = 8192, log=print) -> dict:
+               caps: dict | None = None, token_budget: int = 8192, layer: int | None = None,
+               log=print) -> dict:
     """Probe `model`, its random-init control and the baseline on each task; returns the results dict.
 
     `caps` optionally overrides task caps: {"max_train": n, "max_test": n, "max_train_residues": n}.
+    `layer` picks the hidden state both models are probed at (as in `embed_sequences`; None = final).
     """
     control = model.random_init(0)
-    results = {"model": model.name, "head": head, "seeds": list(seeds), "max_length": model.max_length,
+    results = {"model": model.name, "head": head, "layer": -1 if layer is None else layer,
+               "seeds": list(seeds), "max_length": model.max_length,
                "note": OVERLAP_NOTE, "tasks": {}}
     t_all = time.perf_counter()
     for name in tasks:
@@ -171,8 +175,8 @@ def run_probes(model: EvalModel, tasks=tuple(TASKS), *, seeds=(0, 1, 2), head: s
         t0 = time.perf_counter()
         data = load_task(task)
         rows = {}
-        for label, feats in (("model", lambda s: model_features(model, s, task.per_residue, token_budget)),
-                             ("random init", lambda s: model_features(control, s, task.per_residue, token_budget)),
+        embed = lambda net: (lambda s: model_features(net, s, task.per_residue, token_budget, layer))
+        for label, feats in (("model", embed(model)), ("random init", embed(control)),
                              ("one-hot" if task.per_residue else "aa composition",
                               lambda s: baseline_features(s, task.per_residue))):
             scores = fit_and_score(task, feats(data.train_seqs), data.train_labels, feats(data.test_seqs),
@@ -195,7 +199,8 @@ def format_table(results: dict) -> str:
         for label, r in t["rows"].items():
             lines.append(f"{name:<20} {label:<16} {t['metric']:<12} "
                          f"{r['mean']:.4f} ± {r['std']:.4f}  {t['n_train']}/{t['n_test']}")
-    lines.append(f"{results['head']} probe, {len(results['seeds'])} seeds, {results['time_s']}s; {results['note']}")
+    lines.append(f"{results['head']} probe on hidden state {results['layer']}, {len(results['seeds'])} seeds, "
+                 f"{results['time_s']}s; {results['note']}")
     return "\n".join(lines)
 
 
@@ -212,6 +217,9 @@ def add_probe_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH,
                    help="tokens per window incl. <cls>/<eos>; longer sequences are averaged over windows")
     p.add_argument("--token-budget", type=int, default=8192, help="tokens per packed batch")
+    p.add_argument("--layer", type=int, default=None,
+                   help="hidden state to probe, for the model and its control: 0 = embedding output, "
+                        "1..N = after block N, -1 = the final (normed) output, the default")
     p.add_argument("--out", help="write the results (all per-seed scores) to this JSON file")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.set_defaults(func=_run)
@@ -226,7 +234,7 @@ def _run(args) -> int:
     model = load_eval_model(args.model, device=resolve_device(args.device), max_length=args.max_length)
     try:
         results = run_probes(model, args.tasks, seeds=range(args.seeds), head=args.head, caps=caps,
-                             token_budget=args.token_budget, log=lambda m: print(m, file=sys.stderr))
+                             token_budget=args.token_budget, layer=args.layer, log=lambda m: print(m, file=sys.stderr))
     except ValueError as e:
         raise SystemExit(f"probe: {e}") from None
     print(format_table(results))
