@@ -101,3 +101,39 @@ def test_layer_picks_the_probed_hidden_state(tmp_path):
     with pytest.raises(SystemExit, match=r"^probe: layer 7 out of range"):
         probe.main([str(tmp_path / "model"), "--tasks", "solubility", "--seeds", "1", "--max-train", "4",
                     "--max-test", "2", "--max-length", "130", "--layer", "7", "--device", "cpu"])
+
+
+def test_best_layer_is_picked_on_held_out_training_rows_not_test(tmp_path):
+    torch.manual_seed(3)
+    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2)
+    net = build_model(cfg)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_model_dir(tmp_path / "model", net.state_dict(), cfg)
+    model = load_eval_model(str(tmp_path / "model"), device=torch.device("cpu"), max_length=130)
+    from plmrun.eval.embed import num_hidden_states
+    assert num_hidden_states(model) == 4   # embedding output, 2 blocks, final norm
+    task = replace(probe.TASKS["solubility"], max_train=30, max_test=10)
+    data = probe.load_task(task)
+    # one pass, hidden states side by side, equals the per-layer embeddings
+    both = embed_sequences(model, data.test_seqs, layer=(1, 3))
+    np.testing.assert_array_equal(both, np.concatenate([embed_sequences(model, data.test_seqs, layer=k)
+                                                        for k in (1, 3)], axis=1))
+    row = probe.best_layer_scores(task, data, model, [0, 1], "logistic", 8192)
+    by = row["by_layer"]
+    assert set(by) == {"0", "1", "2", "3"}
+    best_val = max(r["validation"] for r in by.values())
+    assert by[str(row["layer"])]["validation"] == best_val          # chosen by validation ...
+    assert row["mean"] == by[str(row["layer"])]["test"]              # ... and reported on test
+    feats = embed_sequences(model, data.train_seqs, layer=row["layer"])
+    test = embed_sequences(model, data.test_seqs, layer=row["layer"])
+    assert row["scores"] == probe.fit_and_score(task, feats, data.train_labels, test, data.test_labels, [0, 1],
+                                                "logistic")
+    results = probe.run_probes(model, ["solubility"], seeds=[0], caps={"max_train": 12, "max_test": 6},
+                               layer="best", log=lambda m: None)
+    rows = results["tasks"]["solubility"]["rows"]
+    assert "layer" in rows["model"] and "layer" in rows["random init"] and "layer" not in rows["aa composition"]
+    assert "best hidden state" in probe.format_table(results)
+    with pytest.raises(SystemExit):   # argparse: not an integer or 'best'
+        probe.main([str(tmp_path / "model"), "--layer", "middle"])

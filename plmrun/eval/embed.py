@@ -33,7 +33,8 @@ def embed_sequences(model, sequences, *, pool: str = "mean", layer: int | None =
     """Embed `sequences` (strings or residue-id arrays) with `model` (EvalModel or a PLM).
 
     Returns an [N, D] float32 array for mean/cls pooling, a list of [L_i, D] arrays for
-    per-residue. `layer` indexes hidden_states (0 = embedding output, -1 = final, the default).
+    per-residue. `layer` indexes hidden_states (0 = embedding output, -1 = final, the default);
+    a tuple of indices gives those hidden states side by side ([N, len(layer) * D]) from one pass.
     """
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
@@ -55,16 +56,17 @@ def embed_sequences(model, sequences, *, pool: str = "mean", layer: int | None =
     piece_tokens = [tok.with_specials(ids[i][s:s + width]) for i, s in pieces]
     sums: list = [None] * len(ids)   # per-residue sums (or cls sums) per sequence
     counts: list = [None] * len(ids)
-    layer_idx = -1 if layer is None else layer
+    layer_ids = [-1 if layer is None else layer] if not isinstance(layer, (tuple, list)) else list(layer)
     for batch in length_batches(np.array([len(t) for t in piece_tokens]), token_budget):
         tokens, positions, cu, max_seqlen = pack([piece_tokens[j] for j in batch], device)
         out = net(tokens, positions, cu, max_seqlen, logits_index=torch.zeros(0, dtype=torch.long, device=device),
                   output_hidden_states=True)
         hs = out.hidden_states
-        if not -len(hs) <= layer_idx < len(hs):
-            raise ValueError(f"layer {layer} out of range: the model has {len(hs)} hidden states "
-                             f"(0 = embedding output .. {len(hs) - 1} = final)")
-        h = hs[layer_idx].float().cpu().numpy()
+        for k in layer_ids:
+            if not -len(hs) <= k < len(hs):
+                raise ValueError(f"layer {k} out of range: the model has {len(hs)} hidden states "
+                                 f"(0 = embedding output .. {len(hs) - 1} = final)")
+        h = torch.cat([hs[k] for k in layer_ids], dim=1).float().cpu().numpy()
         bounds = cu.tolist()
         for k, j in enumerate(batch):
             i, start = pieces[j]
@@ -84,6 +86,17 @@ def embed_sequences(model, sequences, *, pool: str = "mean", layer: int | None =
     if pool == "cls":
         return np.stack([r[0] for r in per_residue])
     return np.stack([r.mean(0) for r in per_residue])
+
+
+def num_hidden_states(model) -> int:
+    """How many hidden states `embed_sequences` can index (embedding output, each block, final)."""
+    net = model.net if isinstance(model, EvalModel) else model
+    device = next(net.parameters()).device
+    tokens, positions, cu, max_seqlen = pack([tok.with_specials(tok.encode("MK"))], device)
+    with torch.no_grad():
+        out = net(tokens, positions, cu, max_seqlen, logits_index=torch.zeros(0, dtype=torch.long, device=device),
+                  output_hidden_states=True)
+    return len(out.hidden_states)
 
 
 # ---------------------------------------------------------------- FASTA and output files

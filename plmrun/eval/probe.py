@@ -5,7 +5,9 @@ secondary structure) and reports test accuracy as mean ± std over seeds. Every 
 different random 80% of the (capped) training rows; the test set is fixed. Two controls run with
 the model: the same architecture randomly initialised (torch seed 0) and a model-free baseline
 (amino-acid composition per sequence, one-hot residue identity per residue). Splits and caps are
-deterministic hashes of ids, so every run sees the same sequences.
+deterministic hashes of ids, so every run sees the same sequences. `layer` probes another hidden
+state than the final one; `layer="best"` probes every hidden state and reports each model at the one
+that scores best on the training rows its seeds held out, so the test set never chooses.
 """
 from __future__ import annotations
 
@@ -23,12 +25,13 @@ from pathlib import Path
 import numpy as np
 
 from plmrun import tokenizer as tok
-from plmrun.eval.embed import embed_sequences
+from plmrun.eval.embed import embed_sequences, num_hidden_states
 from plmrun.eval.inference import DEFAULT_MAX_LENGTH, EvalModel, load_eval_model, resolve_device
 
 PROBE_DIR = Path(__file__).resolve().parent.parent / "probes"
 HEADS = ("logistic", "ridge", "mlp")
 TRAIN_FRACTION = 0.8
+VALIDATION_ROWS = 20000   # held-out training rows (residues for per-residue tasks) that pick `--layer best`
 SS3 = {"H": 0, "G": 0, "I": 0, "E": 1, "B": 1}   # everything else (L, T, S, ...) -> coil (2)
 OVERLAP_NOTE = ("note: ~80% of the localisation sequences also occur in Swiss-Prot 2014 "
                 "(the bundled pretraining corpus)")
@@ -115,7 +118,8 @@ def baseline_features(seqs: list[str], per_residue: bool) -> list | np.ndarray:
     return onehots if per_residue else np.stack([o.mean(0) for o in onehots])
 
 
-def model_features(model: EvalModel, seqs: list[str], per_residue: bool, token_budget: int, layer: int | None = None):
+def model_features(model: EvalModel, seqs: list[str], per_residue: bool, token_budget: int,
+                   layer: int | tuple | None = None):
     return embed_sequences(model, seqs, pool="per-residue" if per_residue else "mean", layer=layer,
                            token_budget=token_budget)
 
@@ -137,13 +141,15 @@ def make_head(head: str, seed: int):
     return make_pipeline(StandardScaler(), clf)
 
 
-def fit_and_score(task: Task, train_x, train_y, test_x, test_y, seeds, head: str) -> list[float]:
-    """Test accuracy for each seed (per residue for per-residue tasks)."""
+def fit_and_score(task: Task, train_x, train_y, test_x, test_y, seeds, head: str,
+                  validation: bool = False) -> list[float] | tuple[list[float], list[float]]:
+    """Test accuracy for each seed (per residue for per-residue tasks); with `validation`, also the
+    accuracy on (up to VALIDATION_ROWS of) the training rows that seed did not train on."""
     if task.per_residue:
         train_x, train_y = np.concatenate(train_x), np.concatenate(train_y)
         test_x, test_y = np.concatenate(test_x), np.concatenate(test_y)
     train_x, train_y = np.asarray(train_x), np.asarray(train_y)
-    scores = []
+    scores, val_scores = [], []
     for seed in seeds:
         rng = np.random.default_rng(seed)
         n = int(round(TRAIN_FRACTION * len(train_y)))
@@ -152,16 +158,40 @@ def fit_and_score(task: Task, train_x, train_y, test_x, test_y, seeds, head: str
         rows = rng.choice(len(train_y), size=n, replace=False)
         clf = make_head(head, seed).fit(train_x[rows], train_y[rows])
         scores.append(float((clf.predict(np.asarray(test_x)) == np.asarray(test_y)).mean()))
-    return scores
+        if validation:   # drawn after `rows`, so the training rows are the same with and without it
+            held_out = rng.permutation(np.setdiff1d(np.arange(len(train_y)), rows))[:VALIDATION_ROWS]
+            val_scores.append(float((clf.predict(train_x[held_out]) == train_y[held_out]).mean()))
+    return (scores, val_scores) if validation else scores
+
+
+def best_layer_scores(task: Task, data: TaskData, model: EvalModel, seeds, head: str, token_budget: int) -> dict:
+    """Probe every hidden state; pick the one with the best held-out-training accuracy (never the
+    test score) and return its test scores, with every layer's validation and test means."""
+    layers = tuple(range(num_hidden_states(model)))
+    train = model_features(model, data.train_seqs, task.per_residue, token_budget, layers)
+    test = model_features(model, data.test_seqs, task.per_residue, token_budget, layers)
+    width = (train[0] if task.per_residue else train).shape[1] // len(layers)
+    cols = lambda x, j: [a[:, j * width:(j + 1) * width] for a in x] if task.per_residue \
+        else x[:, j * width:(j + 1) * width]
+    by_layer = {}
+    for j in layers:
+        scores, val = fit_and_score(task, cols(train, j), data.train_labels, cols(test, j), data.test_labels,
+                                    seeds, head, validation=True)
+        by_layer[j] = {"scores": scores, "validation": float(np.mean(val)), "test": float(np.mean(scores))}
+    best = max(layers, key=lambda j: (by_layer[j]["validation"], -j))   # ties: the earlier layer
+    s = by_layer[best]["scores"]
+    return {"scores": s, "mean": float(np.mean(s)), "std": float(np.std(s)), "layer": best,
+            "by_layer": {str(j): {k: v for k, v in r.items() if k != "scores"} for j, r in by_layer.items()}}
 
 
 def run_probes(model: EvalModel, tasks=tuple(TASKS), *, seeds=(0, 1, 2), head: str = "logistic",
-               caps: dict | None = None, token_budget: int = 8192, layer: int | None = None,
+               caps: dict | None = None, token_budget: int = 8192, layer: int | str | None = None,
                log=print) -> dict:
     """Probe `model`, its random-init control and the baseline on each task; returns the results dict.
 
     `caps` optionally overrides task caps: {"max_train": n, "max_test": n, "max_train_residues": n}.
-    `layer` picks the hidden state both models are probed at (as in `embed_sequences`; None = final).
+    `layer` picks the hidden state both models are probed at (as in `embed_sequences`; None = final);
+    "best": each model's hidden state with the best accuracy on held-out training rows.
     """
     control = model.random_init(0)
     results = {"model": model.name, "head": head, "layer": -1 if layer is None else layer,
@@ -176,12 +206,18 @@ def run_probes(model: EvalModel, tasks=tuple(TASKS), *, seeds=(0, 1, 2), head: s
         data = load_task(task)
         rows = {}
         embed = lambda net: (lambda s: model_features(net, s, task.per_residue, token_budget, layer))
-        for label, feats in (("model", embed(model)), ("random init", embed(control)),
-                             ("one-hot" if task.per_residue else "aa composition",
-                              lambda s: baseline_features(s, task.per_residue))):
-            scores = fit_and_score(task, feats(data.train_seqs), data.train_labels, feats(data.test_seqs),
-                                   data.test_labels, seeds, head)
+        for label, net in (("model", model), ("random init", control)):
+            if layer == "best":
+                rows[label] = best_layer_scores(task, data, net, seeds, head, token_budget)
+                continue
+            scores = fit_and_score(task, embed(net)(data.train_seqs), data.train_labels,
+                                   embed(net)(data.test_seqs), data.test_labels, seeds, head)
             rows[label] = {"scores": scores, "mean": float(np.mean(scores)), "std": float(np.std(scores))}
+        base = lambda s: baseline_features(s, task.per_residue)
+        scores = fit_and_score(task, base(data.train_seqs), data.train_labels, base(data.test_seqs),
+                               data.test_labels, seeds, head)
+        rows["one-hot" if task.per_residue else "aa composition"] = {
+            "scores": scores, "mean": float(np.mean(scores)), "std": float(np.std(scores))}
         results["tasks"][name] = {
             "metric": "Q3 accuracy" if task.per_residue else "accuracy", "classes": data.classes,
             "n_train": len(data.train_seqs), "n_test": len(data.test_seqs),
@@ -198,8 +234,11 @@ def format_table(results: dict) -> str:
     for name, t in results["tasks"].items():
         for label, r in t["rows"].items():
             lines.append(f"{name:<20} {label:<16} {t['metric']:<12} "
-                         f"{r['mean']:.4f} ± {r['std']:.4f}  {t['n_train']}/{t['n_test']}")
-    lines.append(f"{results['head']} probe on hidden state {results['layer']}, {len(results['seeds'])} seeds, "
+                         f"{r['mean']:.4f} ± {r['std']:.4f}  {t['n_train']}/{t['n_test']}"
+                         + (f"  hidden state {r['layer']}" if "layer" in r else ""))
+    where = ("each model's best hidden state (picked on held-out training rows)" if results["layer"] == "best"
+             else f"hidden state {results['layer']}")
+    lines.append(f"{results['head']} probe on {where}, {len(results['seeds'])} seeds, "
                  f"{results['time_s']}s; {results['note']}")
     return "\n".join(lines)
 
@@ -217,13 +256,23 @@ def add_probe_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH,
                    help="tokens per window incl. <cls>/<eos>; longer sequences are averaged over windows")
     p.add_argument("--token-budget", type=int, default=8192, help="tokens per packed batch")
-    p.add_argument("--layer", type=int, default=None,
+    p.add_argument("--layer", type=_layer_arg, default=None,
                    help="hidden state to probe, for the model and its control: 0 = embedding output, "
-                        "1..N = after block N, -1 = the final (normed) output, the default")
+                        "1..N = after block N, -1 = the final (normed) output, the default; 'best': each "
+                        "model's hidden state with the best accuracy on held-out training rows")
     p.add_argument("--out", help="write the results (all per-seed scores) to this JSON file")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.set_defaults(func=_run)
     return p
+
+
+def _layer_arg(value: str) -> int | str:
+    if value == "best":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'best', got {value!r}") from None
 
 
 def _run(args) -> int:
