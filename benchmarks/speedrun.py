@@ -7,11 +7,12 @@ plmrun at the same width, depth and MLP ratio; quote the Hugging Face peer's mea
 
 Without --config the plmrun default config is used at the ESM-2 8M width/depth/MLP (as in
 throughput.py); `--config default` runs the defaults at their own shape (the default run's model).
-Each run stops at the first eval at or below the target (train.stop_at_val_loss) or at its config's max_steps; --max-tokens lowers max_steps to at most that many token-budget
-tokens (which also shortens LR schedules defined over max_steps). A run that ends without reaching
-the target is reported as "not reached", never as a number. Time-to-target is summary.json's
-time_to_target: training-step time at the first eval reaching the target (evals not counted).
-Writes benchmarks/results/speedrun.json and speedrun.md; run directories go to --run-root.
+Each run stops at the first eval at or below the target (train.stop_at_val_loss) or at its config's
+max_steps; --max-tokens lowers max_steps to at most that many token-budget tokens (which also
+shortens LR schedules defined over max_steps). A run that ends without reaching the target is
+reported as "not reached", never as a number. Time-to-target is summary.json's time_to_target:
+training-step time at the first eval reaching the target (evals not counted). Writes
+benchmarks/results/speedrun.json and speedrun.md; run directories go to --run-root.
 """
 from __future__ import annotations
 
@@ -100,8 +101,8 @@ def _fmt(row: dict, key: str, fmt: str) -> str:
 def markdown(report: dict) -> str:
     t, hw = report["target"], report["hardware"]
     rows, hf = report["rows"], report["hf_reference"]
-    isa = f" ({hw['cpu_isa']})" if hw.get("cpu_isa") else ""
-    machine = hw["gpu"] or f"{hw['cpu']}{isa}, {hw['threads']} threads"
+    from plmrun.train.record import cpu_label
+    machine = hw["gpu"] or cpu_label(hw)
     lines = [f"Speedrun to val loss {t}, {report['date']}, {machine}."
              f" Eval every {report['eval_every']} steps on the first {report['eval_subset']} valid sequences"
              " (15% of residues, all <mask>, fixed masks).", ""]

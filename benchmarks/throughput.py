@@ -10,8 +10,8 @@ Without --config the plmrun default config is used at the ESM-2 8M width, depth 
 (320, 6 layers, 4x), the shape of the HF reference numbers (`--config default`: the defaults at their
 own shape); the esm2 preset (ESM-2 recipe: AdamW) and the HF model take the plmrun config's width,
 depth and MLP ratio, with ESM-2's 20 heads where the width allows. plmrun runs its real training
-step (TrainLoader with prefetch, trainer.forward_backward, the optimizer and clipping); the HF peer's batches
-are collated before the clock starts (its collation time is not counted).
+step (TrainLoader with prefetch, trainer.forward_backward, the optimizer and clipping); the HF
+peer's batches are collated before the clock starts (its collation time is not counted).
 
 Real tokens are <cls>, residues and <eos>, never padding; padded tokens are what the model computes
 on. MFU counts useful FLOPs only (plmrun.model.registry.flops_per_step on the real sequence lengths,

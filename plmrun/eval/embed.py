@@ -58,10 +58,7 @@ def embed_sequences(model, sequences, *, pool: str = "mean", layer: int | None =
     counts: list = [None] * len(ids)
     layer_ids = [-1 if layer is None else layer] if not isinstance(layer, (tuple, list)) else list(layer)
     for batch in length_batches(np.array([len(t) for t in piece_tokens]), token_budget):
-        tokens, positions, cu, max_seqlen = pack([piece_tokens[j] for j in batch], device)
-        out = net(tokens, positions, cu, max_seqlen, logits_index=torch.zeros(0, dtype=torch.long, device=device),
-                  output_hidden_states=True)
-        hs = out.hidden_states
+        hs, cu = _hidden_states(net, [piece_tokens[j] for j in batch], device)
         for k in layer_ids:
             if not -len(hs) <= k < len(hs):
                 raise ValueError(f"layer {k} out of range: the model has {len(hs)} hidden states "
@@ -88,15 +85,20 @@ def embed_sequences(model, sequences, *, pool: str = "mean", layer: int | None =
     return np.stack([r.mean(0) for r in per_residue])
 
 
+def _hidden_states(net, token_arrays: list, device) -> tuple:
+    """Every hidden state of one packed forward (no logits), and the batch's cu_seqlens."""
+    tokens, positions, cu, max_seqlen = pack(token_arrays, device)
+    out = net(tokens, positions, cu, max_seqlen, logits_index=torch.zeros(0, dtype=torch.long, device=device),
+              output_hidden_states=True)
+    return out.hidden_states, cu
+
+
+@torch.no_grad()
 def num_hidden_states(model) -> int:
     """How many hidden states `embed_sequences` can index (embedding output, each block, final)."""
     net = model.net if isinstance(model, EvalModel) else model
-    device = next(net.parameters()).device
-    tokens, positions, cu, max_seqlen = pack([tok.with_specials(tok.encode("MK"))], device)
-    with torch.no_grad():
-        out = net(tokens, positions, cu, max_seqlen, logits_index=torch.zeros(0, dtype=torch.long, device=device),
-                  output_hidden_states=True)
-    return len(out.hidden_states)
+    hs, _ = _hidden_states(net, [tok.with_specials(tok.encode("MK"))], next(net.parameters()).device)
+    return len(hs)
 
 
 # ---------------------------------------------------------------- FASTA and output files

@@ -179,9 +179,12 @@ def best_layer_scores(task: Task, data: TaskData, model: EvalModel, seeds, head:
                                     seeds, head, validation=True)
         by_layer[j] = {"scores": scores, "validation": float(np.mean(val)), "test": float(np.mean(scores))}
     best = max(layers, key=lambda j: (by_layer[j]["validation"], -j))   # ties: the earlier layer
-    s = by_layer[best]["scores"]
-    return {"scores": s, "mean": float(np.mean(s)), "std": float(np.std(s)), "layer": best,
+    return {**score_row(by_layer[best]["scores"]), "layer": best,
             "by_layer": {str(j): {k: v for k, v in r.items() if k != "scores"} for j, r in by_layer.items()}}
+
+
+def score_row(scores: list[float]) -> dict:
+    return {"scores": scores, "mean": float(np.mean(scores)), "std": float(np.std(scores))}
 
 
 def run_probes(model: EvalModel, tasks=tuple(TASKS), *, seeds=(0, 1, 2), head: str = "logistic",
@@ -205,19 +208,17 @@ def run_probes(model: EvalModel, tasks=tuple(TASKS), *, seeds=(0, 1, 2), head: s
         t0 = time.perf_counter()
         data = load_task(task)
         rows = {}
-        embed = lambda net: (lambda s: model_features(net, s, task.per_residue, token_budget, layer))
         for label, net in (("model", model), ("random init", control)):
             if layer == "best":
                 rows[label] = best_layer_scores(task, data, net, seeds, head, token_budget)
-                continue
-            scores = fit_and_score(task, embed(net)(data.train_seqs), data.train_labels,
-                                   embed(net)(data.test_seqs), data.test_labels, seeds, head)
-            rows[label] = {"scores": scores, "mean": float(np.mean(scores)), "std": float(np.std(scores))}
-        base = lambda s: baseline_features(s, task.per_residue)
-        scores = fit_and_score(task, base(data.train_seqs), data.train_labels, base(data.test_seqs),
-                               data.test_labels, seeds, head)
-        rows["one-hot" if task.per_residue else "aa composition"] = {
-            "scores": scores, "mean": float(np.mean(scores)), "std": float(np.std(scores))}
+            else:
+                feats = [model_features(net, s, task.per_residue, token_budget, layer)
+                         for s in (data.train_seqs, data.test_seqs)]
+                rows[label] = score_row(fit_and_score(task, feats[0], data.train_labels, feats[1], data.test_labels,
+                                                      seeds, head))
+        base = [baseline_features(s, task.per_residue) for s in (data.train_seqs, data.test_seqs)]
+        rows["one-hot" if task.per_residue else "aa composition"] = score_row(
+            fit_and_score(task, base[0], data.train_labels, base[1], data.test_labels, seeds, head))
         results["tasks"][name] = {
             "metric": "Q3 accuracy" if task.per_residue else "accuracy", "classes": data.classes,
             "n_train": len(data.train_seqs), "n_test": len(data.test_seqs),
@@ -283,7 +284,8 @@ def _run(args) -> int:
     model = load_eval_model(args.model, device=resolve_device(args.device), max_length=args.max_length)
     try:
         results = run_probes(model, args.tasks, seeds=range(args.seeds), head=args.head, caps=caps,
-                             token_budget=args.token_budget, layer=args.layer, log=lambda m: print(m, file=sys.stderr))
+                             token_budget=args.token_budget, layer=args.layer,
+                             log=lambda m: print(m, file=sys.stderr))
     except ValueError as e:
         raise SystemExit(f"probe: {e}") from None
     print(format_table(results))

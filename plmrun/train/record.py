@@ -78,6 +78,11 @@ def hardware_key(hw: dict, track: Track) -> str:
     """Records are compared only within one key: the GPU model x count, or the CPU model x threads."""
     if track.device == "cuda":
         return f"{track.world_size}x {hw['gpu']}"
+    return cpu_label(hw)
+
+
+def cpu_label(hw: dict) -> str:
+    """'AMD EPYC (AVX2), 2 threads': the CPU model, the vector ISA torch uses and the thread count."""
     isa = f" ({hw['cpu_isa']})" if hw.get("cpu_isa") else ""
     return f"{hw['cpu']}{isa}, {hw['threads']} threads"
 
