@@ -1,5 +1,5 @@
 """benchmarks/: throughput (tiny, end to end), speedrun (tiny, end to end; HF reference lookup; token
-cap), gpu_bench table, and gpu.sh's failure without CUDA."""
+cap), step_profile (tiny, end to end), gpu_bench table, and gpu.sh's failure without CUDA."""
 import json
 import os
 import shutil
@@ -14,6 +14,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 import gpu_bench  # noqa: E402
 import speedrun  # noqa: E402
+import step_profile  # noqa: E402
 import throughput  # noqa: E402
 
 TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "data.token_budget=512",
@@ -152,3 +153,16 @@ def test_gpu_scripts_fail_clearly_without_cuda(tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("error: nvidia-smi")
     proc = subprocess.run([sys.executable, str(BENCH / "gpu_bench.py")], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.startswith("error: no CUDA device")
+
+
+def test_step_profile_end_to_end(tmp_path, cache):
+    out = tmp_path / "sp.json"
+    assert step_profile.main(["--steps", "1", "--ns-steps", "2", "1", "--threads", "1", "--out", str(out),
+                              *[x for s in TINY for x in ("--set", s)]]) == 0
+    report = json.loads(out.read_text())
+    speed, esm = report["cases"]["plmrun"], report["cases"]["plmrun esm2 recipe"]
+    assert (speed["optimizer"], esm["optimizer"]) == ("muon", "adamw")
+    assert all(r["fwd_bwd_s"] > 0 and r["optimizer_s"] > 0 for r in (speed, esm))
+    assert report["newton_schulz"]["matrices"] == 2 * 6 and set(report["newton_schulz"]["seconds"]) == {"2", "1"}
+    with pytest.raises(SystemExit):
+        step_profile.main(["--steps", "0"])
