@@ -1,14 +1,20 @@
 """Where a training step's time goes: forward + backward vs the optimizer, for a plmrun config
 (speedrun architecture, Muon + Adam) and the ESM-2 recipe at the same shape (esm2 preset, AdamW),
-on the same packed batches; then Muon's Newton–Schulz alone at several iteration counts.
+on the same packed batches; then the step's operator time by kind (matrix multiplies, attention
+kernels, everything else) from torch.profiler; then Muon's Newton–Schulz alone at several
+iteration counts.
 
     python benchmarks/step_profile.py [--config default] [--set section.key=value ...] [--steps 12]
-        [--ns-steps 5 4 3] [--threads 0]
+        [--ns-steps 5 4 3] [--threads 0] [--precision auto|fp32|bf16]
 
 --config works as in throughput.py ('default': the default run's model; none: the ESM-2 8M shape).
-Newton–Schulz runs in fp32 (what an fp32 run uses) on random matrices of the model's Muon shapes,
-the iteration counts interleaved in one process so they see the same machine state. Medians after
-two warm-up steps. Prints a table and writes benchmarks/results/step_profile.json.
+--precision is the training precision (auto: what the trainer picks on this device, i.e. bf16 where
+bf16 matmuls are native); Newton–Schulz runs in what that precision's run uses (fp32 runs: fp32,
+bf16 runs: bf16), on random matrices of the model's Muon shapes, the iteration counts interleaved
+in one process so they see the same machine state. Medians after two warm-up steps. The operator
+breakdown sums each operator's self time over PROFILED_STEPS steps (profiler overhead included), so
+it says which kind of work a faster matmul unit would not speed up. Prints tables and writes
+benchmarks/results/step_profile.json.
 """
 from __future__ import annotations
 
@@ -26,10 +32,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import RESULTS, plmrun_config, recipe_at_shape  # noqa: E402
 
 WARMUP = 2
+PROFILED_STEPS = 3
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 
 
-def profile_steps(cfg, steps: int) -> dict:
-    """Median seconds of forward + backward and of clipping + optimizer step over `steps` real steps."""
+def op_kind(name: str) -> str:
+    """'matmul', 'attention' or 'other' for a profiler operator name."""
+    if name in MATMUL_OPS:
+        return "matmul"
+    if "scaled_dot_product" in name or "flash_attention" in name or "flex_attention" in name:
+        return "attention"
+    return "other"
+
+
+def profile_steps(cfg, steps: int, amp_dtype: torch.dtype | None = None) -> dict:
+    """Median seconds of forward + backward and of clipping + optimizer step over `steps` real steps,
+    then per-step operator self time by kind over PROFILED_STEPS more steps."""
     from plmrun.model.registry import build_model
     from plmrun.optim.build import build_optimizer
     from plmrun.train.parallelize import init_distributed
@@ -37,27 +55,34 @@ def profile_steps(cfg, steps: int) -> dict:
     env = init_distributed(cfg)
     _, train_src, _ = open_training_data(cfg, env)
     model = build_model(cfg.model)
-    optimizers = build_optimizer(model, cfg.optim, cfg.train.max_steps, ns_dtype=torch.float32)
+    optimizers = build_optimizer(model, cfg.optim, cfg.train.max_steps, ns_dtype=amp_dtype or torch.float32)
     loader = build_train_loader(cfg, env, train_src)
-    fwd_bwd, opt = [], []
-    for step in range(WARMUP + steps):
+
+    def one_step(step: int) -> tuple[float, float]:
         optimizers.set_step(step)
         micro = loader.next_step(step)
         t0 = time.perf_counter()
         forward_backward(model, micro, global_norm=float(sum(mb.normalizer for mb in micro)), world_size=1,
-                         device=env.device, step=step)
+                         device=env.device, amp_dtype=amp_dtype, step=step)
         t1 = time.perf_counter()
         optimizers.clip_gradients()
         optimizers.step()
         optimizers.zero_grad()
-        if step >= WARMUP:
-            fwd_bwd.append(t1 - t0)
-            opt.append(time.perf_counter() - t1)
+        return t1 - t0, time.perf_counter() - t1
+
+    times = [one_step(step) for step in range(WARMUP + steps)][WARMUP:]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for step in range(WARMUP + steps, WARMUP + steps + PROFILED_STEPS):
+            one_step(step)
+    kinds = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    for event in prof.key_averages():
+        kinds[op_kind(event.key)] += event.self_cpu_time_total / 1e6 / PROFILED_STEPS
     return {"params": sum(p.numel() for p in model.parameters()), "optimizer": cfg.optim.optimizer,
-            "fwd_bwd_s": statistics.median(fwd_bwd), "optimizer_s": statistics.median(opt)}
+            "fwd_bwd_s": statistics.median(t for t, _ in times), "optimizer_s": statistics.median(o for _, o in times),
+            "op_seconds": kinds}
 
 
-def profile_newton_schulz(cfg, ns_steps: list[int], repeats: int = 7) -> dict:
+def profile_newton_schulz(cfg, ns_steps: list[int], dtype: torch.dtype, repeats: int = 7) -> dict:
     """Median seconds of one step's Newton–Schulz over the model's Muon matrices, per iteration count."""
     from plmrun.model.registry import build_model
     from plmrun.optim.muon import newton_schulz
@@ -69,7 +94,7 @@ def profile_newton_schulz(cfg, ns_steps: list[int], repeats: int = 7) -> dict:
         for n in ns_steps:
             t0 = time.perf_counter()
             for g in grads:
-                newton_schulz(g, n, torch.float32)
+                newton_schulz(g, n, dtype)
             times[n].append(time.perf_counter() - t0)
     return {"matrices": len(grads), "seconds": {str(n): statistics.median(t) for n, t in times.items()}}
 
@@ -81,6 +106,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="timed steps per case (after 2 warm-up steps)")
     ap.add_argument("--ns-steps", type=int, nargs="+", default=[5, 4, 3], help="Newton–Schulz iteration counts")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = the config's)")
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="training precision (auto: bf16 where this device multiplies bf16 natively, else fp32)")
     ap.add_argument("--out", default=str(RESULTS / "step_profile.json"))
     a = ap.parse_args(argv)
     if a.steps < 1 or min(a.ns_steps) < 1:
@@ -95,18 +122,28 @@ def main(argv=None) -> int:
         return 2
     if speed.train.threads:
         torch.set_num_threads(speed.train.threads)
+    from plmrun.train.parallelize import resolve_device, resolve_precision
+    precision = resolve_precision(a.precision, resolve_device(speed.train.device))
+    amp_dtype = torch.bfloat16 if precision == "bf16" else None
+    print(f"precision {precision}")
     print(f"{'case':<20} {'params':>8} {'optimizer':>9} {'fwd+bwd ms':>11} {'optimizer ms':>13} {'optimizer share':>16}")
     rows = {}
     for case, cfg in cases.items():
-        r = rows[case] = profile_steps(cfg, a.steps)
+        r = rows[case] = profile_steps(cfg, a.steps, amp_dtype)
         share = r["optimizer_s"] / (r["fwd_bwd_s"] + r["optimizer_s"])
         print(f"{case:<20} {r['params'] / 1e6:7.2f}M {r['optimizer']:>9} {r['fwd_bwd_s'] * 1e3:11.1f} "
               f"{r['optimizer_s'] * 1e3:13.1f} {share:15.0%}", flush=True)
-    ns = profile_newton_schulz(speed, a.ns_steps)
-    print(f"Newton–Schulz, {ns['matrices']} matrices, fp32: "
+    print(f"\noperator self time per step ({PROFILED_STEPS} profiled steps, profiler overhead included)")
+    print(f"{'case':<20} {'matmul ms':>10} {'attention ms':>13} {'other ms':>9} {'matmul share':>13}")
+    for case, r in rows.items():
+        k = r["op_seconds"]
+        print(f"{case:<20} {k['matmul'] * 1e3:10.1f} {k['attention'] * 1e3:13.1f} {k['other'] * 1e3:9.1f} "
+              f"{k['matmul'] / sum(k.values()):12.0%}")
+    ns = profile_newton_schulz(speed, a.ns_steps, amp_dtype or torch.float32)
+    print(f"\nNewton–Schulz, {ns['matrices']} matrices, {precision}: "
           + ", ".join(f"{n} steps {s * 1e3:.1f} ms" for n, s in ns["seconds"].items()))
     report = {"date": datetime.date.today().isoformat(), "hardware": hardware_info(), "config": a.config,
-              "overrides": a.set, "steps": a.steps, "cases": rows, "newton_schulz": ns}
+              "overrides": a.set, "precision": precision, "steps": a.steps, "cases": rows, "newton_schulz": ns}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")

@@ -97,9 +97,9 @@ class MaskingConfig:
     "MLM: mask rate reached after ramp_steps (None = constant)."
     ramp_steps: int = 0
     "Steps over which mask_rate ramps to mask_rate_end, or MLM turns into diffusion."
-    mask_token_frac: float = 1.0
-    "MLM: fraction of targets replaced by <mask> (1.0 = all, as in the eval protocol; ESM-2: 0.8)."
-    random_token_frac: float = 0.0
+    mask_token_frac: float = 0.8
+    "MLM: fraction of targets replaced by <mask> (ESM-2: 0.8; 1.0 = all, which hurts embeddings: docs/recipe.md)."
+    random_token_frac: float = 0.1
     "MLM: fraction of targets replaced by a random amino acid, the rest stay unchanged (ESM-2: 0.1)."
     diffusion_eps: float = 1e-3
     "Masked diffusion: t ~ U(eps, 1]."

@@ -157,12 +157,22 @@ def test_gpu_scripts_fail_clearly_without_cuda(tmp_path):
 
 def test_step_profile_end_to_end(tmp_path, cache):
     out = tmp_path / "sp.json"
-    assert step_profile.main(["--steps", "1", "--ns-steps", "2", "1", "--threads", "1", "--out", str(out),
+    assert step_profile.main(["--steps", "1", "--ns-steps", "2", "1", "--threads", "1", "--precision", "fp32",
+                              "--out", str(out),
                               *[x for s in TINY for x in ("--set", s)]]) == 0
     report = json.loads(out.read_text())
     speed, esm = report["cases"]["plmrun"], report["cases"]["plmrun esm2 recipe"]
     assert (speed["optimizer"], esm["optimizer"]) == ("muon", "adamw")
     assert all(r["fwd_bwd_s"] > 0 and r["optimizer_s"] > 0 for r in (speed, esm))
     assert report["newton_schulz"]["matrices"] == 2 * 6 and set(report["newton_schulz"]["seconds"]) == {"2", "1"}
+    assert report["precision"] == "fp32"
+    for r in (speed, esm):   # a packed-attention step has matmul, attention and other operator time
+        assert set(r["op_seconds"]) == {"matmul", "attention", "other"} and all(v > 0 for v in r["op_seconds"].values())
     with pytest.raises(SystemExit):
         step_profile.main(["--steps", "0"])
+
+
+def test_step_profile_op_kinds():
+    assert [step_profile.op_kind(n) for n in ("aten::mm", "aten::addmm",
+            "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::mul", "aten::copy_")] == \
+        ["matmul", "matmul", "attention", "other", "other"]
