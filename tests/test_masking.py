@@ -58,6 +58,18 @@ def test_mlm_fractions_are_configurable(big):
     assert abs(frac_mask - 0.5) < 0.02 and not torch.any((b.inputs == big.tokens) & sel & (big.tokens > 23))
 
 
+def test_default_masking_keeps_visible_residues_as_targets(big):
+    """The default is 30% targets with ESM-2's 80/10/10: with every target <mask>, nothing in the loss
+    reads the last block's output at a visible residue and embeddings degrade (docs/recipe.md, round 4)."""
+    b = Masker.from_config(MaskingConfig())(big, seed=0, index=0, step=0)
+    sel = b.targets != IGNORE
+    residues = (big.tokens >= 4) & (big.tokens <= 30)
+    frac = lambda m: (m & sel).sum().item() / sel.sum().item()
+    assert abs(sel.sum().item() / residues.sum().item() - 0.3) < 0.02
+    assert abs(frac(b.inputs == MASK) - 0.8) < 0.02
+    assert abs(frac(b.inputs == big.tokens) - 0.1) < 0.02   # unchanged (a random draw may repeat the residue)
+
+
 def test_masks_are_a_pure_function_of_seed_index_step(big):
     m = Masker()
     a = m(big, seed=1, index=5, step=10)
