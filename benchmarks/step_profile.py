@@ -13,7 +13,8 @@ bf16 matmuls are native); Newton–Schulz runs in what that precision's run uses
 bf16 runs: bf16), on random matrices of the model's Muon shapes, the iteration counts interleaved
 in one process so they see the same machine state. Medians after two warm-up steps. The operator
 breakdown sums each operator's self time over PROFILED_STEPS steps (profiler overhead included), so
-it says which kind of work a faster matmul unit would not speed up. Prints tables and writes
+it says which kind of work a faster matmul unit would not speed up (CPU operator time: a CPU tool;
+on CUDA, benchmarks/gpu_bench.py measures). Prints tables and writes
 benchmarks/results/step_profile.json.
 """
 from __future__ import annotations
