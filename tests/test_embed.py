@@ -78,6 +78,25 @@ def test_long_sequences_average_overlapping_windows():
     np.testing.assert_allclose(embed_sequences(model, [seq], pool="cls")[0], np.mean(cls, 0), atol=1e-5)
 
 
+def test_pooled_embedding_holds_only_sequences_in_flight():
+    """Mean pooling pools each sequence as soon as its last window is done: memory is one batch of
+    per-residue states, not every sequence's (which, with several layers, ran a 3,000-sequence probe
+    out of memory)."""
+    import tracemalloc
+    model = tiny_plmrun(max_length=512)
+    rng = np.random.default_rng(0)
+    seqs = ["".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), size=400)) for _ in range(60)]
+    layers = (0, 1, 2, 3)
+    tracemalloc.start()
+    pooled = embed_sequences(model, seqs, pool="mean", layer=layers, token_budget=2048)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    all_states = 60 * 400 * 32 * len(layers) * 8   # every residue's float64 sums: 24.6 MB
+    assert pooled.shape == (60, 32 * len(layers)) and peak < all_states / 4
+    per_residue = embed_sequences(model, seqs[:3], pool="per-residue", layer=layers, token_budget=2048)
+    np.testing.assert_array_equal(pooled[:3], np.stack([r.mean(0) for r in per_residue]))
+
+
 def test_bad_arguments():
     model = tiny_plmrun()
     with pytest.raises(ValueError, match="layer 7 out of range: the model has 4 hidden states"):

@@ -54,11 +54,34 @@ def test_probe_scores_signal_and_chance():
     noise = rng.normal(size=(300, 3))
     task = probe.TASKS["localisation"]
     for head in probe.HEADS:
-        assert probe.fit_and_score(task, informative[:200], y[:200], informative[200:], y[200:], [0], head)[0] > 0.95
+        assert probe.fit_and_score(task, informative[:200], y[:200], informative[200:], y[200:], [0],
+                                   head).scores[0] > 0.95
     chance = probe.fit_and_score(task, noise[:200], y[:200], noise[200:], y[200:], [0, 1, 2], "logistic")
-    assert max(chance) < 0.55
-    a, b = probe.fit_and_score(task, noise[:200], y[:200], noise[200:], y[200:], [0, 1], "logistic")
+    assert max(chance.scores) < 0.55
+    # per test item: the fraction of seeds that got it right, so its mean is the mean accuracy
+    assert chance.correct.shape == (100,) and set(np.unique(chance.correct)) <= {0, 1 / 3, 2 / 3, 1}
+    assert chance.correct.mean() == pytest.approx(np.mean(chance.scores))
+    a, b = probe.fit_and_score(task, noise[:200], y[:200], noise[200:], y[200:], [0, 1], "logistic").scores
     assert a != b  # seeds train on different subsets
+
+
+def test_paired_difference_resamples_whole_sequences():
+    same = probe.paired_difference(np.array([1.0, 0, 1]), np.array([1.0, 0, 1]))
+    assert same == {"diff": 0.0, "ci95": [0.0, 0.0]}
+    # per-residue: sequence 0 (3 residues) all better, sequence 1 (1 residue) tied -> 3/4
+    d = probe.paired_difference(np.array([1.0, 1, 1, 0]), np.zeros(4), item_sizes=[3, 1])
+    assert d["diff"] == 0.75
+    # a resample holds either sequence, each whole: only 0, 3/4 (mixed draws) or 1 can occur
+    lo, hi = d["ci95"]
+    assert lo == 0.0 and hi == 1.0
+    # the interval covers the truth for a real effect and excludes 0; noise gives an interval around 0
+    rng = np.random.default_rng(0)
+    b = (rng.random(2000) < 0.40).astype(float)
+    a = np.where(rng.random(2000) < 0.1, 1.0, b)          # a = b plus ~6 points of extra right answers
+    d = probe.paired_difference(a, b)
+    assert 0 < d["ci95"][0] < d["diff"] < d["ci95"][1] and d["diff"] == pytest.approx((a - b).mean())
+    noise = probe.paired_difference(rng.permutation(b), b)
+    assert noise["ci95"][0] < noise["diff"] < noise["ci95"][1] and noise["ci95"][1] - noise["ci95"][0] < 0.07
 
 
 def test_pipeline_on_a_tiny_model(tmp_path, capsys):
@@ -78,6 +101,12 @@ def test_pipeline_on_a_tiny_model(tmp_path, capsys):
             r = t["rows"][label]
             assert len(r["scores"]) == 2 and all(0 <= s <= 1 for s in r["scores"])
             assert f"{name:<20} {label:<16}" in printed
+        # model minus each control: the difference of the reported means, with a bootstrap interval
+        assert list(t["model_minus"]) == labels[1:]
+        for other, d in t["model_minus"].items():
+            assert d["diff"] == pytest.approx(t["rows"]["model"]["mean"] - t["rows"][other]["mean"])
+            assert d["ci95"][0] <= d["diff"] <= d["ci95"][1]
+            assert f"{name:<20} {'model - ' + other:<29} {d['diff']:+.4f}" in printed
     assert "Swiss-Prot 2014" in printed
 
 
@@ -120,7 +149,7 @@ def test_best_layer_is_picked_on_held_out_training_rows_not_test(tmp_path):
     both = embed_sequences(model, data.test_seqs, layer=(1, 3))
     np.testing.assert_array_equal(both, np.concatenate([embed_sequences(model, data.test_seqs, layer=k)
                                                         for k in (1, 3)], axis=1))
-    row = probe.best_layer_scores(task, data, model, [0, 1], "logistic", 8192)
+    fit, row = probe.best_layer_scores(task, data, model, [0, 1], "logistic", 8192)
     by = row["by_layer"]
     assert set(by) == {"0", "1", "2", "3"}
     best_val = max(r["validation"] for r in by.values())
@@ -128,8 +157,8 @@ def test_best_layer_is_picked_on_held_out_training_rows_not_test(tmp_path):
     assert row["mean"] == by[str(row["layer"])]["test"]              # ... and reported on test
     feats = embed_sequences(model, data.train_seqs, layer=row["layer"])
     test = embed_sequences(model, data.test_seqs, layer=row["layer"])
-    assert row["scores"] == probe.fit_and_score(task, feats, data.train_labels, test, data.test_labels, [0, 1],
-                                                "logistic")
+    assert row["scores"] == fit.scores == probe.fit_and_score(task, feats, data.train_labels, test,
+                                                              data.test_labels, [0, 1], "logistic").scores
     results = probe.run_probes(model, ["solubility"], seeds=[0], caps={"max_train": 12, "max_test": 6},
                                layer="best", log=lambda m: None)
     rows = results["tasks"]["solubility"]["rows"]

@@ -54,8 +54,10 @@ def embed_sequences(model, sequences, *, pool: str = "mean", layer: int | None =
     width = max_length - 2
     pieces = [(i, s) for i, x in enumerate(ids) for s in windows(len(x), width)]
     piece_tokens = [tok.with_specials(ids[i][s:s + width]) for i, s in pieces]
-    sums: list = [None] * len(ids)   # per-residue sums (or cls sums) per sequence
+    sums: list = [None] * len(ids)   # per-residue sums (or cls sums) of sequences still in flight
     counts: list = [None] * len(ids)
+    windows_left = np.bincount([i for i, _ in pieces], minlength=len(ids))
+    results: list = [None] * len(ids)   # pooled vectors (or per-residue arrays) of finished sequences
     layer_ids = [-1 if layer is None else layer] if not isinstance(layer, (tuple, list)) else list(layer)
     for batch in length_batches(np.array([len(t) for t in piece_tokens]), token_budget):
         hs, cu = _hidden_states(net, [piece_tokens[j] for j in batch], device)
@@ -77,12 +79,12 @@ def embed_sequences(model, sequences, *, pool: str = "mean", layer: int | None =
             else:
                 sums[i][start:start + (b - a - 2)] += h[a + 1:b - 1]
                 counts[i][start:start + (b - a - 2)] += 1
-    per_residue = [(s / c).astype(np.float32) for s, c in zip(sums, counts)]
-    if pool == "per-residue":
-        return per_residue
-    if pool == "cls":
-        return np.stack([r[0] for r in per_residue])
-    return np.stack([r.mean(0) for r in per_residue])
+            windows_left[i] -= 1
+            if windows_left[i] == 0:   # pool now: only sequences in flight hold per-residue states
+                r = (sums[i] / counts[i]).astype(np.float32)
+                results[i] = r if pool == "per-residue" else r[0] if pool == "cls" else r.mean(0)
+                sums[i] = counts[i] = None
+    return results if pool == "per-residue" else np.stack(results)
 
 
 def _hidden_states(net, token_arrays: list, device) -> tuple:

@@ -8,6 +8,8 @@ the model: the same architecture randomly initialised (torch seed 0) and a model
 deterministic hashes of ids, so every run sees the same sequences. `layer` probes another hidden
 state than the final one; `layer="best"` probes every hidden state and reports each model at the one
 that scores best on the training rows its seeds held out, so the test set never chooses.
+"Model minus control" is a paired difference on the same test items with a 95% bootstrap interval
+over test sequences: the seed std says how much the probe moves, not whether the model is better.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ PROBE_DIR = Path(__file__).resolve().parent.parent / "probes"
 HEADS = ("logistic", "ridge", "mlp")
 TRAIN_FRACTION = 0.8
 VALIDATION_ROWS = 20000   # held-out training rows (residues for per-residue tasks) that pick `--layer best`
+BOOTSTRAP_RESAMPLES = 2000   # paired bootstrap over test sequences for "model minus control"
 SS3 = {"H": 0, "G": 0, "I": 0, "E": 1, "B": 1}   # everything else (L, T, S, ...) -> coil (2)
 OVERLAP_NOTE = ("note: ~80% of the localisation sequences also occur in Swiss-Prot 2014 "
                 "(the bundled pretraining corpus)")
@@ -47,9 +50,11 @@ class Task:
 
 
 # Caps keep the suite for a small model and its control within ~10 minutes on a 2-core CPU
-# (~0.9M tokens embedded per model); raise them with --max-train/--max-test on a GPU.
+# (~1.9M tokens embedded per model, fp32). Localisation gets most of it: a small model's gain over
+# its control there is ~2 points, which 200 test sequences (the old cap) cannot separate from noise
+# and 1,000 can. Raise the caps with --max-train/--max-test on a GPU.
 TASKS = {
-    "localisation": Task("localisation", False, max_train=600, max_test=200),
+    "localisation": Task("localisation", False, max_train=1500, max_test=1000),
     "secondary_structure": Task("secondary_structure", True, max_train=400, max_test=150, max_train_residues=20000),
     "solubility": Task("solubility", False, max_train=600, max_test=200),
 }
@@ -141,15 +146,24 @@ def make_head(head: str, seed: int):
     return make_pipeline(StandardScaler(), clf)
 
 
+@dataclass
+class ProbeFit:
+    scores: list[float]        # test accuracy per seed
+    correct: np.ndarray        # per test item (residue for per-residue tasks): fraction of seeds right
+    validation: list[float]    # per seed: accuracy on held-out training rows (empty unless asked)
+
+
 def fit_and_score(task: Task, train_x, train_y, test_x, test_y, seeds, head: str,
-                  validation: bool = False) -> list[float] | tuple[list[float], list[float]]:
-    """Test accuracy for each seed (per residue for per-residue tasks); with `validation`, also the
-    accuracy on (up to VALIDATION_ROWS of) the training rows that seed did not train on."""
+                  validation: bool = False) -> ProbeFit:
+    """Train one probe per seed (each on its own random TRAIN_FRACTION of the training rows) and
+    score it on the fixed test rows; with `validation`, also on (up to VALIDATION_ROWS of) the
+    training rows that seed did not train on."""
     if task.per_residue:
         train_x, train_y = np.concatenate(train_x), np.concatenate(train_y)
         test_x, test_y = np.concatenate(test_x), np.concatenate(test_y)
     train_x, train_y = np.asarray(train_x), np.asarray(train_y)
-    scores, val_scores = [], []
+    test_x, test_y = np.asarray(test_x), np.asarray(test_y)
+    scores, val_scores, correct = [], [], np.zeros(len(test_y))
     for seed in seeds:
         rng = np.random.default_rng(seed)
         n = int(round(TRAIN_FRACTION * len(train_y)))
@@ -157,30 +171,46 @@ def fit_and_score(task: Task, train_x, train_y, test_x, test_y, seeds, head: str
             n = min(n, task.max_train_residues)
         rows = rng.choice(len(train_y), size=n, replace=False)
         clf = make_head(head, seed).fit(train_x[rows], train_y[rows])
-        scores.append(float((clf.predict(np.asarray(test_x)) == np.asarray(test_y)).mean()))
+        right = clf.predict(test_x) == test_y
+        scores.append(float(right.mean()))
+        correct += right
         if validation:   # drawn after `rows`, so the training rows are the same with and without it
             held_out = rng.permutation(np.setdiff1d(np.arange(len(train_y)), rows))[:VALIDATION_ROWS]
             val_scores.append(float((clf.predict(train_x[held_out]) == train_y[held_out]).mean()))
-    return (scores, val_scores) if validation else scores
+    return ProbeFit(scores, correct / len(seeds), val_scores)
 
 
-def best_layer_scores(task: Task, data: TaskData, model: EvalModel, seeds, head: str, token_budget: int) -> dict:
+def paired_difference(correct_a: np.ndarray, correct_b: np.ndarray, item_sizes: list[int] | None = None,
+                      resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
+    """Accuracy of A minus B on the same test items, with a 95% bootstrap interval over test
+    sequences (a per-residue task resamples whole sequences, since residues of one chain are not
+    independent). `item_sizes` gives each sequence's number of items for per-residue tasks."""
+    sizes = np.ones(len(correct_a), dtype=np.int64) if item_sizes is None else np.asarray(item_sizes)
+    seq_of_item = np.repeat(np.arange(len(sizes)), sizes)
+    diff_per_seq = np.bincount(seq_of_item, weights=correct_a - correct_b, minlength=len(sizes))
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(sizes), size=(resamples, len(sizes)))
+    boot = diff_per_seq[draws].sum(1) / sizes[draws].sum(1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"diff": float(diff_per_seq.sum() / sizes.sum()), "ci95": [float(lo), float(hi)]}
+
+
+def best_layer_scores(task: Task, data: TaskData, model: EvalModel, seeds, head: str,
+                      token_budget: int) -> tuple[ProbeFit, dict]:
     """Probe every hidden state; pick the one with the best held-out-training accuracy (never the
-    test score) and return its test scores, with every layer's validation and test means."""
+    test score). Returns its fit and a results row with every layer's validation and test means."""
     layers = tuple(range(num_hidden_states(model)))
     train = model_features(model, data.train_seqs, task.per_residue, token_budget, layers)
     test = model_features(model, data.test_seqs, task.per_residue, token_budget, layers)
     width = (train[0] if task.per_residue else train).shape[1] // len(layers)
     cols = lambda x, j: [a[:, j * width:(j + 1) * width] for a in x] if task.per_residue \
         else x[:, j * width:(j + 1) * width]
-    by_layer = {}
-    for j in layers:
-        scores, val = fit_and_score(task, cols(train, j), data.train_labels, cols(test, j), data.test_labels,
-                                    seeds, head, validation=True)
-        by_layer[j] = {"scores": scores, "validation": float(np.mean(val)), "test": float(np.mean(scores))}
-    best = max(layers, key=lambda j: (by_layer[j]["validation"], -j))   # ties: the earlier layer
-    return {**score_row(by_layer[best]["scores"]), "layer": best,
-            "by_layer": {str(j): {k: v for k, v in r.items() if k != "scores"} for j, r in by_layer.items()}}
+    fits = {j: fit_and_score(task, cols(train, j), data.train_labels, cols(test, j), data.test_labels,
+                             seeds, head, validation=True) for j in layers}
+    best = max(layers, key=lambda j: (np.mean(fits[j].validation), -j))   # ties: the earlier layer
+    by_layer = {str(j): {"validation": float(np.mean(f.validation)), "test": float(np.mean(f.scores))}
+                for j, f in fits.items()}
+    return fits[best], {**score_row(fits[best].scores), "layer": best, "by_layer": by_layer}
 
 
 def score_row(scores: list[float]) -> dict:
@@ -207,23 +237,29 @@ def run_probes(model: EvalModel, tasks=tuple(TASKS), *, seeds=(0, 1, 2), head: s
         task = replace(TASKS[name], **(caps or {}))
         t0 = time.perf_counter()
         data = load_task(task)
-        rows = {}
+        fits, rows = {}, {}
         for label, net in (("model", model), ("random init", control)):
             if layer == "best":
-                rows[label] = best_layer_scores(task, data, net, seeds, head, token_budget)
+                fits[label], rows[label] = best_layer_scores(task, data, net, seeds, head, token_budget)
             else:
                 feats = [model_features(net, s, task.per_residue, token_budget, layer)
                          for s in (data.train_seqs, data.test_seqs)]
-                rows[label] = score_row(fit_and_score(task, feats[0], data.train_labels, feats[1], data.test_labels,
-                                                      seeds, head))
+                fits[label] = fit_and_score(task, feats[0], data.train_labels, feats[1], data.test_labels,
+                                            seeds, head)
+                rows[label] = score_row(fits[label].scores)
+        base_label = "one-hot" if task.per_residue else "aa composition"
         base = [baseline_features(s, task.per_residue) for s in (data.train_seqs, data.test_seqs)]
-        rows["one-hot" if task.per_residue else "aa composition"] = score_row(
-            fit_and_score(task, base[0], data.train_labels, base[1], data.test_labels, seeds, head))
+        fits[base_label] = fit_and_score(task, base[0], data.train_labels, base[1], data.test_labels, seeds, head)
+        rows[base_label] = score_row(fits[base_label].scores)
+        sizes = [len(s) for s in data.test_seqs] if task.per_residue else None
         results["tasks"][name] = {
             "metric": "Q3 accuracy" if task.per_residue else "accuracy", "classes": data.classes,
             "n_train": len(data.train_seqs), "n_test": len(data.test_seqs),
             "n_test_residues": int(sum(len(s) for s in data.test_seqs)),
-            "rows": rows, "time_s": round(time.perf_counter() - t0, 1)}
+            "rows": rows,
+            "model_minus": {other: paired_difference(fits["model"].correct, fits[other].correct, sizes)
+                            for other in ("random init", base_label)},
+            "time_s": round(time.perf_counter() - t0, 1)}
         log(f"{name}: done in {time.perf_counter() - t0:.1f}s")
     results["time_s"] = round(time.perf_counter() - t_all, 1)
     return results
@@ -237,10 +273,15 @@ def format_table(results: dict) -> str:
             lines.append(f"{name:<20} {label:<16} {t['metric']:<12} "
                          f"{r['mean']:.4f} ± {r['std']:.4f}  {t['n_train']}/{t['n_test']}"
                          + (f"  hidden state {r['layer']}" if "layer" in r else ""))
+        for other, d in t.get("model_minus", {}).items():
+            lines.append(f"{name:<20} {'model - ' + other:<29} {d['diff']:+.4f}  95% CI "
+                         f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]")
     where = ("each model's best hidden state (picked on held-out training rows)" if results["layer"] == "best"
              else f"hidden state {results['layer']}")
     lines.append(f"{results['head']} probe on {where}, {len(results['seeds'])} seeds, "
-                 f"{results['time_s']}s; {results['note']}")
+                 f"{results['time_s']}s; differences are paired (same test items, accuracy averaged over "
+                 f"seeds), intervals from {BOOTSTRAP_RESAMPLES} bootstrap resamples of the test sequences; "
+                 f"{results['note']}")
     return "\n".join(lines)
 
 
