@@ -288,7 +288,9 @@ def format_table(results: dict) -> str:
 # ---------------------------------------------------------------- CLI
 def add_probe_command(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("probe", help="frozen-embedding probes with random-init and baseline controls",
-                              description="Probe tasks: " + ", ".join(TASKS) + ". Prints mean ± std over seeds.")
+                              description="Probe tasks: " + ", ".join(TASKS) + ". Prints mean ± std over seeds, and "
+                                          "the model minus each control with a 95% bootstrap interval "
+                                          "over test sequences.")
     p.add_argument("model", help="run directory, checkpoint, EsmForMaskedLM folder or hub name")
     p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     p.add_argument("--seeds", type=int, default=3, help="number of probe seeds (0..N-1)")
