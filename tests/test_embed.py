@@ -76,6 +76,14 @@ def test_long_sequences_average_overlapping_windows():
     np.testing.assert_allclose(per, acc / cnt, atol=1e-5)
     np.testing.assert_allclose(embed_sequences(model, [seq], pool="mean")[0], (acc / cnt).mean(0), atol=1e-5)
     np.testing.assert_allclose(embed_sequences(model, [seq], pool="cls")[0], np.mean(cls, 0), atol=1e-5)
+    # several long sequences, shuffled among short ones, windows spread over many small batches
+    # (3 windows each): every pool equals the sequence embedded on its own
+    seqs = ["MK", seq[::-1] + seq, "W", seq, seq[3:] + "AAAA", "ACDEFG"]
+    for pool in ("mean", "cls", "per-residue"):
+        together = embed_sequences(model, seqs, pool=pool, token_budget=30)
+        for i, s in enumerate(seqs):
+            np.testing.assert_allclose(together[i], embed_sequences(model, [s], pool=pool, token_budget=30)[0],
+                                       atol=1e-5)
 
 
 def test_pooled_embedding_holds_only_sequences_in_flight():
@@ -94,7 +102,7 @@ def test_pooled_embedding_holds_only_sequences_in_flight():
     all_states = 60 * 400 * 32 * len(layers) * 8   # every residue's float64 sums: 24.6 MB
     assert pooled.shape == (60, 32 * len(layers)) and peak < all_states / 4
     per_residue = embed_sequences(model, seqs[:3], pool="per-residue", layer=layers, token_budget=2048)
-    np.testing.assert_array_equal(pooled[:3], np.stack([r.mean(0) for r in per_residue]))
+    np.testing.assert_allclose(pooled[:3], np.stack([r.mean(0) for r in per_residue]), atol=1e-6)
 
 
 def test_bad_arguments():

@@ -80,6 +80,8 @@ def test_paired_difference_resamples_whole_sequences():
     a = np.where(rng.random(2000) < 0.1, 1.0, b)          # a = b plus ~6 points of extra right answers
     d = probe.paired_difference(a, b)
     assert 0 < d["ci95"][0] < d["diff"] < d["ci95"][1] and d["diff"] == pytest.approx((a - b).mean())
+    with pytest.raises(ValueError, match="same non-zero number"):
+        probe.paired_difference(np.ones(4), np.ones(4), item_sizes=[2, 1])
     noise = probe.paired_difference(rng.permutation(b), b)
     assert noise["ci95"][0] < noise["diff"] < noise["ci95"][1] and noise["ci95"][1] - noise["ci95"][0] < 0.07
 

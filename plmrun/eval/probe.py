@@ -186,6 +186,9 @@ def paired_difference(correct_a: np.ndarray, correct_b: np.ndarray, item_sizes: 
     sequences (a per-residue task resamples whole sequences, since residues of one chain are not
     independent). `item_sizes` gives each sequence's number of items for per-residue tasks."""
     sizes = np.ones(len(correct_a), dtype=np.int64) if item_sizes is None else np.asarray(item_sizes)
+    if not (len(correct_a) == len(correct_b) == sizes.sum() > 0):
+        raise ValueError(f"paired_difference: {len(correct_a)} and {len(correct_b)} items, sizes sum to "
+                         f"{sizes.sum()}: need the same non-zero number")
     seq_of_item = np.repeat(np.arange(len(sizes)), sizes)
     diff_per_seq = np.bincount(seq_of_item, weights=correct_a - correct_b, minlength=len(sizes))
     rng = np.random.default_rng(seed)
@@ -251,7 +254,7 @@ def run_probes(model: EvalModel, tasks=tuple(TASKS), *, seeds=(0, 1, 2), head: s
         base = [baseline_features(s, task.per_residue) for s in (data.train_seqs, data.test_seqs)]
         fits[base_label] = fit_and_score(task, base[0], data.train_labels, base[1], data.test_labels, seeds, head)
         rows[base_label] = score_row(fits[base_label].scores)
-        sizes = [len(s) for s in data.test_seqs] if task.per_residue else None
+        sizes = [len(y) for y in data.test_labels] if task.per_residue else None
         results["tasks"][name] = {
             "metric": "Q3 accuracy" if task.per_residue else "accuracy", "classes": data.classes,
             "n_train": len(data.train_seqs), "n_test": len(data.test_seqs),
