@@ -11,16 +11,6 @@ import sys
 from pathlib import Path
 
 
-def _user_errors() -> tuple[type, ...]:
-    from plmrun.config import ConfigError
-    from plmrun.data.errors import DataError
-    from plmrun.eval.export import ExportError
-    from plmrun.model.loading import ModelLoadError
-    from plmrun.train.rundir import RunDirError
-    from plmrun.train.trainer import TrainingError
-    return (ConfigError, DataError, ExportError, ModelLoadError, RunDirError, TrainingError, FileNotFoundError)
-
-
 # ------------------------------------------------------------------ train
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model (no arguments: the default small model on the bundled corpus)",
@@ -150,12 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if rest and not getattr(args, "takes_overrides", False):
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
-    errors = _user_errors()
+    from plmrun.errors import PlmrunError
     try:
         if getattr(args, "takes_overrides", False):
             return args.func(args, rest)
         return args.func(args) or 0
-    except errors as e:
+    except (PlmrunError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except SystemExit as e:  # commands that stop with a message (SystemExit("...")) get the same one-line form

@@ -7,6 +7,7 @@ rejected with one message naming the key.
 """
 from __future__ import annotations
 
+from plmrun.errors import PlmrunError
 import dataclasses
 import types
 import typing
@@ -17,7 +18,7 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 import yaml
 
 
-class ConfigError(ValueError):
+class ConfigError(PlmrunError, ValueError):
     """A configuration problem the user can fix; the message names the key."""
 
 

@@ -11,6 +11,7 @@ is an error, or with `policy="x"` becomes `X`, or with `policy="skip"` makes `en
 """
 from __future__ import annotations
 
+from plmrun.errors import PlmrunError
 import hashlib
 
 import numpy as np
@@ -35,7 +36,7 @@ for _i in RESIDUE_IDS:
 DECODE_TABLE = np.frombuffer("".join(v if len(v) == 1 else "?" for v in VOCAB).encode(), np.uint8)
 
 
-class InvalidSequenceError(ValueError):
+class InvalidSequenceError(PlmrunError, ValueError):
     """A letter outside the vocabulary; `position` is 0-based within the sequence as given."""
 
     def __init__(self, letter: str, position: int):

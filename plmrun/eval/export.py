@@ -9,6 +9,7 @@ Both get the ESM tokenizer files and a model card with the training summary.
 """
 from __future__ import annotations
 
+from plmrun.errors import PlmrunError
 import json
 import os
 import re
@@ -24,7 +25,7 @@ _PKG = Path(__file__).resolve().parents[1]
 MODEL_MODULES = ("registry.py", "speedrun.py", "esm2.py", "layers.py", "attention.py")
 
 
-class ExportError(RuntimeError):
+class ExportError(PlmrunError, RuntimeError):
     """Export cannot proceed (the message says why)."""
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from plmrun import tokenizer as tok
+from plmrun.device import resolve_device  # noqa: F401  (re-exported)
 from plmrun.model.layers import ModelOutput
 
 DEFAULT_MAX_LENGTH = 1024
@@ -105,12 +106,6 @@ def load_eval_model(spec: str, *, device: str | torch.device = "cpu",
         from plmrun.model.loading import load_model
         net, config = load_model(spec)
     return EvalModel(net.to(device).eval(), config, spec, max_length)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 # ---------------------------------------------------------------- packing

@@ -7,6 +7,7 @@ exported by `plmrun export` (its config.json carries our ModelConfig under `plmr
 """
 from __future__ import annotations
 
+from plmrun.errors import PlmrunError
 import json
 import os
 from pathlib import Path
@@ -19,7 +20,7 @@ from plmrun.config import ConfigError, ModelConfig, config_from_dict
 FORMAT = 1
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(PlmrunError, RuntimeError):
     """The path is not something a model can be loaded from; the message says what it is."""
 
 

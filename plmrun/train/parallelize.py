@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from plmrun.config import Config
+from plmrun.device import resolve_device  # noqa: F401  (re-exported for callers of this module)
 
 
 @dataclass
@@ -26,14 +27,6 @@ class DistEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is visible")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
 
 
 def init_distributed(cfg: Config) -> DistEnv:

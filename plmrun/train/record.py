@@ -10,6 +10,7 @@ time-to-target is lower than the current record's with p < 0.05 (the first compl
 """
 from __future__ import annotations
 
+from plmrun.errors import PlmrunError
 import datetime
 import json
 import math
@@ -24,7 +25,7 @@ MIN_SEEDS = 3
 P_THRESHOLD = 0.05
 
 
-class RecordError(RuntimeError):
+class RecordError(PlmrunError, RuntimeError):
     """A record attempt that cannot run as asked (the message says why)."""
 
 

@@ -5,6 +5,7 @@ model/{model.safetensors,config.json}, checkpoints/step_XXXXXXXX/, plots/*.png, 
 """
 from __future__ import annotations
 
+from plmrun.errors import PlmrunError
 import datetime as _dt
 import json
 import os
@@ -19,7 +20,7 @@ import yaml
 from plmrun.config import Config
 
 
-class RunDirError(RuntimeError):
+class RunDirError(PlmrunError, RuntimeError):
     """A run directory that cannot be used as asked (exists, different config, finished)."""
 
 

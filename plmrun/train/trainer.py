@@ -7,6 +7,7 @@ records both. Everything needed to continue exactly is in the checkpoint (train/
 """
 from __future__ import annotations
 
+from plmrun.errors import PlmrunError
 import contextlib
 import copy
 import math
@@ -29,7 +30,7 @@ from plmrun.train.rundir import (MetricsLog, default_run_name, environment_info,
                                  read_metrics, write_json_atomic)
 
 
-class TrainingError(RuntimeError):
+class TrainingError(PlmrunError, RuntimeError):
     """Training stopped for a reason the user must see (NaN/Inf, loss spike, bad resume)."""
 
 
