@@ -7,7 +7,6 @@ rejected with one message naming the key.
 """
 from __future__ import annotations
 
-from plmrun.errors import PlmrunError
 import dataclasses
 import types
 import typing
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
+
+from .errors import PlmrunError  # relative: config.py is copied into exported model folders with errors.py
 
 
 class ConfigError(PlmrunError, ValueError):

@@ -61,6 +61,7 @@ def _copy_model_code(out: Path) -> None:
             raise ExportError(f"model/{name} imports plmrun absolutely; export needs relative imports only")
         (out / name).write_text(src)
     shutil.copyfile(_PKG / "config.py", out / "plmrun_config.py")
+    shutil.copyfile(_PKG / "errors.py", out / "errors.py")  # config.py's one import
     for name in ("configuration_plmrun.py", "modeling_plmrun.py"):
         shutil.copyfile(Path(__file__).parent / "hf_remote" / name, out / name)
 
