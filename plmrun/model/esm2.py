@@ -167,3 +167,46 @@ def to_hf_state_dict(model: Esm2PLM) -> dict[str, torch.Tensor]:
     out["esm.contact_head.regression.weight"] = torch.zeros(1, n)
     out["esm.contact_head.regression.bias"] = torch.zeros(1)
     return out
+
+
+# HF buffers and heads that are not part of the masked-LM computation
+_HF_IGNORED = ("esm.embeddings.position_ids", "esm.contact_head.", "esm.pooler.")
+
+
+def load_hf_state_dict(model: Esm2PLM, hf_state: dict[str, torch.Tensor]) -> None:
+    """Copy an EsmForMaskedLM state dict (rotary ESM-2) into `model`; one-line errors on mismatch."""
+    if not isinstance(model, Esm2PLM):
+        raise TypeError(f"load_hf_state_dict needs an esm2-preset model, got {type(model).__name__}")
+    hf_state = {(k if k.startswith(("esm.", "lm_head.")) else f"esm.{k}"): v for k, v in dict(hf_state).items()}
+    if "esm.embeddings.position_embeddings.weight" in hf_state:
+        raise ValueError("checkpoint uses absolute position embeddings (ESM-1b style); the esm2 preset is rotary only")
+    # tied checkpoints may omit the decoder: it is the word embedding
+    hf_state.setdefault("lm_head.decoder.weight", hf_state.get("esm.embeddings.word_embeddings.weight"))
+    ours = model.state_dict()
+    mapping = hf_key_map(len(model.blocks))
+    if model.cfg.tie_embeddings and not torch.equal(hf_state["lm_head.decoder.weight"],
+                                                    hf_state["esm.embeddings.word_embeddings.weight"]):
+        raise ValueError("checkpoint has an untied LM decoder but model.tie_embeddings=true; set it to false")
+    missing = [hf for hf in mapping.values() if hf not in hf_state]
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} esm2 weights, e.g. {missing[0]!r} "
+                         f"(different number of layers? model has {len(model.blocks)})")
+    known = set(mapping.values()) | {HF_INV_FREQ}
+    extra = [k for k in hf_state if k not in known and not k.startswith(_HF_IGNORED)
+             and not k.endswith("rotary_embeddings.inv_freq")]
+    if extra:
+        raise ValueError(f"checkpoint has {len(extra)} weights the esm2 preset does not know, e.g. {extra[0]!r}")
+    new = {}
+    for name, hf in mapping.items():
+        if tuple(ours[name].shape) != tuple(hf_state[hf].shape):
+            raise ValueError(f"shape mismatch for {hf}: checkpoint {tuple(hf_state[hf].shape)}, "
+                             f"model {tuple(ours[name].shape)} (check hidden_size/num_heads/expansion_ratio)")
+        new[name] = hf_state[hf]
+    model.load_state_dict(new, strict=True)
+    inv = hf_state.get(HF_INV_FREQ)
+    if inv is None:  # old checkpoints keep one copy per layer
+        inv = next((v for k, v in hf_state.items() if k.endswith("rotary_embeddings.inv_freq")), None)
+    if inv is not None:  # keep the checkpoint's (possibly fp16-rounded) frequencies for exact parity
+        if inv.shape != model.rotary.inv_freq.shape:
+            raise ValueError(f"rotary inv_freq has shape {tuple(inv.shape)}, model expects {tuple(model.rotary.inv_freq.shape)}")
+        model.rotary.inv_freq.copy_(inv)
