@@ -44,31 +44,24 @@ def test_cpu_backends_match_naive(backend, opts):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-@pytest.fixture
-def compiled_cpu_kernel():
-    A.use_compiled_cpu_kernel(True)
-    yield
-    A.use_compiled_cpu_kernel(False)
-
-
 @pytest.mark.parametrize("opts", [o for o in OPTIONS if "soft_cap" in o],
                          ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
-def test_compiled_cpu_kernel_matches_naive(opts, compiled_cpu_kernel):
+def test_compiled_cpu_kernel_matches_naive(opts):
     """train.compile's bucket kernel (soft-capped buckets take it in every dtype) is exact."""
     qkv, cu, m = make_qkv(LENGTHS)
     ref, ref_g = run("naive", qkv, cu, m, **opts)
-    out, out_g = run("cpu", qkv, cu, m, **opts)
+    out, out_g = run("cpu", qkv, cu, m, compiled_cpu_kernel=True, **opts)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     for a, b in zip(out_g, ref_g):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-def test_compiled_cpu_kernel_bf16_matches_eager_sdpa(compiled_cpu_kernel):
+def test_compiled_cpu_kernel_bf16_matches_eager_sdpa():
     """bf16 buckets: the compiled kernel against the naive fp32 reference, forward and gradients."""
     qkv, cu, m = make_qkv(LENGTHS, dtype=torch.float32)
     ref, ref_g = run("naive", qkv, cu, m)
     low = [x.detach().bfloat16().requires_grad_() for x in qkv]
-    out, out_g = run("cpu", low, cu, m)
+    out, out_g = run("cpu", low, cu, m, compiled_cpu_kernel=True)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
     for a, b in zip(out_g, ref_g):

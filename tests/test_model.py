@@ -168,3 +168,28 @@ def test_named_sizes(name, params):
     with torch.device("meta"):
         n = sum(p.numel() for p in build_model(cfg).parameters())
     assert abs(n - params) / params < 0.02, n
+
+
+@pytest.mark.parametrize("overrides", [[], ["--model.p_attention=true", "--model.tie_embeddings=true",
+                                             "--model.num_att_tokens=16"],
+                                       ["--model.arch=esm2", "--model.unet=false", "--model.x0_lambdas=false",
+                                        "--model.value_embeddings=false", "--model.qk_norm=false",
+                                        "--model.soft_logit_cap=0", "--model.tie_embeddings=true"]])
+def test_meta_init_is_bitwise_the_constructor(overrides):
+    """One init per model: built on meta then materialised == built normally, bit for bit (ties kept)."""
+    import torch
+    from plmrun.config import build_config
+    from plmrun.model.registry import build_model
+    cfg = build_config(None, ["--model.hidden_size=64", "--model.num_heads=2", *overrides]).model
+    torch.manual_seed(0)
+    ref = build_model(cfg)
+    with torch.device("meta"):
+        meta = build_model(cfg)
+    assert all(p.is_meta for p in meta.parameters())
+    torch.manual_seed(0)
+    meta.materialize("cpu")
+    got = meta.state_dict()
+    for name, p in ref.state_dict().items():
+        assert torch.equal(p, got[name]), name
+    assert torch.equal(ref.rotary.inv_freq, meta.rotary.inv_freq)
+    assert (meta.head.decoder.weight is meta.embed.weight) == cfg.tie_embeddings

@@ -213,28 +213,23 @@ def naive_attention(q, k, v, cu_seqlens, *, causal=False, window=0, soft_cap=0.0
     return torch.cat(outs)
 
 
-_compiled_kernel = None
-_use_compiled = False
-
-
-def use_compiled_cpu_kernel(enabled: bool = True) -> None:
-    """Run the cpu backend's bf16/fp16 buckets (and soft-capped ones) through a torch.compile'd
-    explicit kernel (_scores_softmax_v, dynamic shapes: one graph serves every bucket shape).
+@functools.cache
+def _compiled_cpu_kernel():
+    """_scores_softmax_v through torch.compile (dynamic shapes: one graph serves every bucket shape).
 
     Measured by benchmarks/attention_cpu.py: on protein bucket shapes in bf16 it is 1.5-2.5x
     faster, forward and backward, than SDPA's CPU flash kernel, which stays the fp32 path (there
-    the compiled kernel gains nothing). train.parallelize turns it on with train.compile.
+    the compiled kernel gains nothing). A model asks for it with `use_compiled_cpu_attention()`
+    (train.parallelize does with train.compile on CPU); nothing here is a global switch.
     """
-    global _compiled_kernel, _use_compiled
-    if enabled and _compiled_kernel is None:
-        _compiled_kernel = torch.compile(_scores_softmax_v, dynamic=True)
-    _use_compiled = enabled
+    return torch.compile(_scores_softmax_v, dynamic=True)
 
 
-def _cpu_attention(q, k, v, layout, *, causal, window, soft_cap, scale):
+def _cpu_attention(q, k, v, layout, *, causal, window, soft_cap, scale, compiled_kernel=False):
     plans, gather_back = layout.cpu_buckets(q.device, window, causal)
     H, Dh = q.shape[1:]
-    compiled = _compiled_kernel if _use_compiled and (q.dtype in (torch.bfloat16, torch.float16) or soft_cap) else None
+    use = compiled_kernel and (q.dtype in (torch.bfloat16, torch.float16) or soft_cap)
+    compiled = _compiled_cpu_kernel() if use else None
     parts = []
     for index, mask, B, lmax in plans:
         qb, kb, vb = (x.index_select(0, index).view(B, lmax, H, Dh).transpose(1, 2) for x in (q, k, v))
@@ -303,8 +298,12 @@ _IMPLS = {"cpu": _cpu_attention, "sdpa_dense": _dense_attention, "flex": _flex_a
 
 
 def packed_attention(q, k, v, cu_seqlens=None, max_seqlen=None, *, backend="auto", causal=False, window=0,
-                     soft_cap=0.0, scale=None, layout: Optional[PackedLayout] = None):
+                     soft_cap=0.0, scale=None, layout: Optional[PackedLayout] = None,
+                     compiled_cpu_kernel: bool = False):
     """Attention of q/k/v [T, H, Dh] within the segments of cu_seqlens; returns [T, H, Dh].
+
+    compiled_cpu_kernel: the cpu backend runs its bf16/fp16 (and soft-capped) buckets through a
+    torch.compile'd explicit kernel (_compiled_cpu_kernel) instead of SDPA; other backends ignore it.
 
     `layout` (a PackedLayout of the same cu_seqlens) lets callers share per-batch plans
     across layers; it is built here when omitted. Models pass only the layout: code compiled
@@ -317,14 +316,18 @@ def packed_attention(q, k, v, cu_seqlens=None, max_seqlen=None, *, backend="auto
     if name == "flex":  # traceable: torch.compile of a block fuses around the flex kernel
         _check(q, k, v, layout)
         return _flex_attention(q, k, v, layout, causal=causal, window=window, soft_cap=soft_cap, scale=scale)
-    return _eager_attention(name, q, k, v, layout, causal=causal, window=window, soft_cap=soft_cap, scale=scale)
+    return _eager_attention(name, q, k, v, layout, causal=causal, window=window, soft_cap=soft_cap, scale=scale,
+                            compiled_cpu_kernel=compiled_cpu_kernel)
 
 
 @torch.compiler.disable
-def _eager_attention(name, q, k, v, layout, *, causal, window, soft_cap, scale):
+def _eager_attention(name, q, k, v, layout, *, causal, window, soft_cap, scale, compiled_cpu_kernel):
     """The data-dependent backends (bucket plans and segment loops are Python over cu_seqlens):
     torch.compile of a block compiles the code around them and leaves them eager."""
     _check(q, k, v, layout)
     if name == "naive":
         return naive_attention(q, k, v, layout.cu_seqlens, causal=causal, window=window, soft_cap=soft_cap, scale=scale)
+    if name == "cpu":
+        return _cpu_attention(q, k, v, layout, causal=causal, window=window, soft_cap=soft_cap, scale=scale,
+                              compiled_kernel=compiled_cpu_kernel)
     return _IMPLS[name](q, k, v, layout, causal=causal, window=window, soft_cap=soft_cap, scale=scale)

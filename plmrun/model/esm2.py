@@ -4,10 +4,13 @@ Embedding (ESM token dropout when enabled; no embedding LayerNorm, as in ESM-2),
 with biased LayerNorm/Q/K/V/O/MLP, queries scaled by Dh^-0.5 *before* rotary (ESM's order),
 erf-GELU MLP, `emb_layer_norm_after`, head dense -> GELU -> LayerNorm -> decoder + bias.
 It matches EsmForMaskedLM to fp32 rounding (tested); speedrun-only switches (qk_norm, caps,
-windows, ...) are refused, as in config validation. `load_hf_state_dict` / `to_hf_state_dict`
-convert weights both ways.
+windows, ...) are refused, as in config validation. `hf_key_map` names each weight as
+EsmForMaskedLM does (loading.py reads every Hugging Face layout through it); `to_hf_state_dict`
+writes the EsmForMaskedLM state dict for export. Starting values: `init_weights` only.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -23,6 +26,7 @@ class EsmLayer(nn.Module):
         super().__init__()
         D, self.H = cfg.hidden_size, cfg.num_heads
         self.cfg = cfg
+        self.compiled_cpu_kernel = False  # set by PLM.use_compiled_cpu_attention
         self.attn_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
         self.q, self.k, self.v, self.o = (nn.Linear(D, D) for _ in range(4))
         self.mlp_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
@@ -35,7 +39,7 @@ class EsmLayer(nn.Module):
         q, k, v = (f(h).view(T, self.H, D // self.H) for f in (self.q, self.k, self.v))
         q = q * (D // self.H) ** -0.5
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        a = packed_attention(q, k, v, backend=self.cfg.attention_backend,
+        a = packed_attention(q, k, v, backend=self.cfg.attention_backend, compiled_cpu_kernel=self.compiled_cpu_kernel,
                              window=window, soft_cap=self.cfg.attention_soft_cap, scale=1.0, layout=layout)
         x = x + self.o(a.reshape(T, D))
         return x + self.down(F.gelu(self.up(self.mlp_norm(x))))
@@ -48,7 +52,7 @@ class EsmLMHead(nn.Module):
         self.dense = nn.Linear(D, D)
         self.norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
         self.decoder = nn.Linear(D, VOCAB_SIZE, bias=False)
-        self.bias = nn.Parameter(torch.zeros(VOCAB_SIZE))
+        self.bias = nn.Parameter(torch.empty(VOCAB_SIZE))
 
     def forward(self, h):
         return fp32_linear(self.norm(F.gelu(self.dense(h))), self.decoder.weight, self.bias)
@@ -66,18 +70,42 @@ class Esm2PLM(PLM):
         if on:
             raise ValueError(f"model.arch=esm2 is the exact Hugging Face architecture: turn off {', '.join(on)}")
         D = cfg.hidden_size
-        self.embed = nn.Embedding(VOCAB_SIZE, D)
-        self.layers = nn.ModuleList(EsmLayer(cfg) for _ in range(cfg.num_layers))
-        self.final_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
-        self.rotary = Rotary(D // cfg.num_heads, cfg.rope_base)
-        self.head = EsmLMHead(cfg)
-        for m in self.modules():  # HF EsmPreTrainedModel init: N(0, std) matrices, zero biases
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=cfg.init_std)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
+        device = torch.get_default_device()
+        with torch.device("meta"):  # structure only: init_weights gives every starting value
+            self.embed = nn.Embedding(VOCAB_SIZE, D)
+            self.blocks = nn.ModuleList(EsmLayer(cfg) for _ in range(cfg.num_layers))
+            self.final_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
+            self.rotary = Rotary(D // cfg.num_heads, cfg.rope_base)
+            self.head = EsmLMHead(cfg)
         if cfg.tie_embeddings:
             self.head.decoder.weight = self.embed.weight
+        if device.type != "meta":
+            self.materialize(device)
+
+    def init_weights(self) -> None:
+        """HF EsmPreTrainedModel's init: N(0, std) matrices and embeddings, zero biases, unit LayerNorms.
+
+        First PyTorch's default draw of every Linear/Embedding in construction order, overwritten
+        at once: the random stream then advances exactly as when the constructors drew them, so a
+        seeded build is bitwise what earlier versions built. A tied decoder draws into a throwaway copy.
+        """
+        std, tied = self.cfg.init_std, self.cfg.tie_embeddings
+        drawn = [m for m in self.modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+        drawn_ids = {id(m) for m in drawn}
+        for m in drawn:
+            if tied and m is self.head.decoder:
+                nn.init.kaiming_uniform_(torch.empty_like(m.weight), a=math.sqrt(5))
+            else:
+                m.reset_parameters()
+        for m in self.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.reset_parameters()
+            elif id(m) in drawn_ids:
+                (torch.empty_like(m.weight) if tied and m is self.head.decoder else m.weight).normal_(0.0, std)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+        self.head.bias.zero_()
+        self.rotary.reset_buffers()
 
     def forward(self, tokens, positions, cu_seqlens, max_seqlen, *, logits_index=None,
                 output_hidden_states=False, step=None) -> ModelOutput:
@@ -88,8 +116,8 @@ class Esm2PLM(PLM):
             x = token_dropout(x, tokens, layout)
         cos, sin = self.rotary(positions, compute_dtype(x))
         hidden = [x] if output_hidden_states else None
-        for layer in self.layers:
-            x = layer(x, cos, sin, layout, window)
+        for block in self.blocks:
+            x = block(x, cos, sin, layout, window)
             if hidden is not None:
                 hidden.append(x)
         h = self.final_norm(x)
@@ -100,7 +128,7 @@ class Esm2PLM(PLM):
 
 
 # ------------------------------------------------------------------ Hugging Face weights
-_LAYER_MAP = {  # ours (under layers.{i}.) -> HF (under esm.encoder.layer.{i}.)
+_LAYER_MAP = {  # ours (under blocks.{i}.) -> HF (under esm.encoder.layer.{i}.)
     "attn_norm": "attention.LayerNorm", "q": "attention.self.query", "k": "attention.self.key",
     "v": "attention.self.value", "o": "attention.output.dense", "mlp_norm": "LayerNorm",
     "up": "intermediate.dense", "down": "output.dense",
@@ -113,40 +141,57 @@ _TOP_MAP = {
     "head.norm.weight": "lm_head.layer_norm.weight", "head.norm.bias": "lm_head.layer_norm.bias",
     "head.decoder.weight": "lm_head.decoder.weight", "head.bias": "lm_head.bias",
 }
-# HF buffers and heads that are not part of the masked-LM computation
-_HF_IGNORED = ("esm.embeddings.position_ids", "esm.contact_head.", "esm.pooler.")
-_HF_INV_FREQ = "esm.rotary_embeddings.inv_freq"
+HF_INV_FREQ = "esm.rotary_embeddings.inv_freq"
 
 
-def _key_map(model: Esm2PLM) -> dict[str, str]:
+def hf_key_map(num_layers: int) -> dict[str, str]:
+    """Our parameter name -> EsmForMaskedLM's (current transformers naming) for a model of num_layers."""
     m = dict(_TOP_MAP)
-    for i in range(len(model.layers)):
+    for i in range(num_layers):
         for ours, hf in _LAYER_MAP.items():
             for p in ("weight", "bias"):
-                m[f"layers.{i}.{ours}.{p}"] = f"esm.encoder.layer.{i}.{hf}.{p}"
+                m[f"blocks.{i}.{ours}.{p}"] = f"esm.encoder.layer.{i}.{hf}.{p}"
     return m
+
+
+def to_hf_state_dict(model: Esm2PLM) -> dict[str, torch.Tensor]:
+    """The EsmForMaskedLM state dict of `model` (for export; load it with strict=False: HF's
+    position_ids buffer is not a weight)."""
+    cfg = model.cfg
+    if not isinstance(model, Esm2PLM):
+        raise TypeError(f"to_hf_state_dict needs an esm2-preset model, got {type(model).__name__}")
+    ours = model.state_dict()
+    out = {hf: ours[name].detach().clone() for name, hf in hf_key_map(len(model.blocks)).items()}
+    out[HF_INV_FREQ] = model.rotary.inv_freq.detach().clone()
+    n = cfg.num_layers * cfg.num_heads  # contact head: not trained here, zeros keep strict loading happy
+    out["esm.contact_head.regression.weight"] = torch.zeros(1, n)
+    out["esm.contact_head.regression.bias"] = torch.zeros(1)
+    return out
+
+
+# HF buffers and heads that are not part of the masked-LM computation
+_HF_IGNORED = ("esm.embeddings.position_ids", "esm.contact_head.", "esm.pooler.")
 
 
 def load_hf_state_dict(model: Esm2PLM, hf_state: dict[str, torch.Tensor]) -> None:
     """Copy an EsmForMaskedLM state dict (rotary ESM-2) into `model`; one-line errors on mismatch."""
     if not isinstance(model, Esm2PLM):
         raise TypeError(f"load_hf_state_dict needs an esm2-preset model, got {type(model).__name__}")
-    hf_state = dict(hf_state)
-    hf_state = {(k if k.startswith(("esm.", "lm_head.")) else f"esm.{k}"): v for k, v in hf_state.items()}
+    hf_state = {(k if k.startswith(("esm.", "lm_head.")) else f"esm.{k}"): v for k, v in dict(hf_state).items()}
     if "esm.embeddings.position_embeddings.weight" in hf_state:
         raise ValueError("checkpoint uses absolute position embeddings (ESM-1b style); the esm2 preset is rotary only")
     # tied checkpoints may omit the decoder: it is the word embedding
     hf_state.setdefault("lm_head.decoder.weight", hf_state.get("esm.embeddings.word_embeddings.weight"))
     ours = model.state_dict()
-    mapping = _key_map(model)
+    mapping = hf_key_map(len(model.blocks))
     if model.cfg.tie_embeddings and not torch.equal(hf_state["lm_head.decoder.weight"],
                                                     hf_state["esm.embeddings.word_embeddings.weight"]):
         raise ValueError("checkpoint has an untied LM decoder but model.tie_embeddings=true; set it to false")
     missing = [hf for hf in mapping.values() if hf not in hf_state]
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} esm2 weights, e.g. {missing[0]!r} "
-                         f"(different number of layers? model has {len(model.layers)})")
-    known = set(mapping.values()) | {_HF_INV_FREQ}
+                         f"(different number of layers? model has {len(model.blocks)})")
+    known = set(mapping.values()) | {HF_INV_FREQ}
     extra = [k for k in hf_state if k not in known and not k.startswith(_HF_IGNORED)
              and not k.endswith("rotary_embeddings.inv_freq")]
     if extra:
@@ -158,25 +203,10 @@ def load_hf_state_dict(model: Esm2PLM, hf_state: dict[str, torch.Tensor]) -> Non
                              f"model {tuple(ours[name].shape)} (check hidden_size/num_heads/expansion_ratio)")
         new[name] = hf_state[hf]
     model.load_state_dict(new, strict=True)
-    inv = hf_state.get(_HF_INV_FREQ)
+    inv = hf_state.get(HF_INV_FREQ)
     if inv is None:  # old checkpoints keep one copy per layer
         inv = next((v for k, v in hf_state.items() if k.endswith("rotary_embeddings.inv_freq")), None)
     if inv is not None:  # keep the checkpoint's (possibly fp16-rounded) frequencies for exact parity
         if inv.shape != model.rotary.inv_freq.shape:
             raise ValueError(f"rotary inv_freq has shape {tuple(inv.shape)}, model expects {tuple(model.rotary.inv_freq.shape)}")
         model.rotary.inv_freq.copy_(inv)
-
-
-def to_hf_state_dict(model: Esm2PLM) -> dict[str, torch.Tensor]:
-    """The EsmForMaskedLM state dict of `model` (for export; load it with strict=False: HF's
-    position_ids buffer is not a weight)."""
-    cfg = model.cfg
-    if not isinstance(model, Esm2PLM):
-        raise TypeError(f"to_hf_state_dict needs an esm2-preset model, got {type(model).__name__}")
-    ours = model.state_dict()
-    out = {hf: ours[name].detach().clone() for name, hf in _key_map(model).items()}
-    out[_HF_INV_FREQ] = model.rotary.inv_freq.detach().clone()
-    n = cfg.num_layers * cfg.num_heads  # contact head: not trained here, zeros keep strict loading happy
-    out["esm.contact_head.regression.weight"] = torch.zeros(1, n)
-    out["esm.contact_head.regression.bias"] = torch.zeros(1)
-    return out

@@ -1,9 +1,11 @@
-"""Pieces both architectures share: the PLM base (outputs, parameter kinds), norms, rotary,
-soft-caps and ESM token dropout on packed input."""
+"""Pieces both architectures share: the PLM base (outputs, parameter kinds, build-then-initialise),
+norms, rotary, soft-caps and ESM token dropout on packed input."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
+
+import math
 
 import torch
 import torch.nn as nn
@@ -30,10 +32,46 @@ class PLM(nn.Module):
     """
     embed_prefixes: tuple[str, ...] = ()
     head_prefixes: tuple[str, ...] = ()
+    blocks: nn.ModuleList  # the repeated transformer blocks: the FSDP2 / activation-checkpointing unit
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+
+    def init_weights(self) -> None:
+        """Give every parameter and buffer its starting value, in place (subclasses: the one init)."""
+        raise NotImplementedError
+
+    def materialize(self, device) -> None:
+        """Allocate a meta-built (possibly FSDP2-sharded) model's storage on `device`, then init_weights().
+
+        Constructors build on the meta device and call this, so a model built normally and one built on
+        meta, sharded and materialised later are initialised by the same code. `to_empty` replaces plain
+        parameters one module at a time, which unties a tied decoder; the ties are restored first
+        (FSDP2's DTensors are swapped in place and stay tied).
+        """
+        first, aliases = {}, []
+        for module in self.modules():
+            for attr, p in module._parameters.items():
+                if p is None:
+                    continue
+                if id(p) in first:
+                    aliases.append((module, attr, *first[id(p)]))
+                else:
+                    first[id(p)] = (module, attr)
+        self.to_empty(device=device)
+        for module, attr, src, src_attr in aliases:
+            if module._parameters[attr] is not src._parameters[src_attr]:
+                module._parameters[attr] = src._parameters[src_attr]
+        with torch.no_grad():
+            self.init_weights()
+
+    def use_compiled_cpu_attention(self, enabled: bool = True) -> None:
+        """Run this model's cpu-backend attention buckets through the torch.compile'd kernel
+        (train.compile on CPU; see attention.packed_attention). A property of this model only."""
+        for module in self.modules():
+            if "compiled_cpu_kernel" in vars(module):
+                module.compiled_cpu_kernel = enabled
 
     def parameter_kinds(self) -> dict[str, str]:
         """name -> 'embed' | 'head' | 'hidden' | 'scalar' for every (deduplicated) parameter.
@@ -64,6 +102,42 @@ class PLM(nn.Module):
 
     def _head_rows(self, h: torch.Tensor, logits_index) -> torch.Tensor:
         return h if logits_index is None else h.index_select(0, logits_index.to(h.device))
+
+
+def init_linear_(linear: nn.Linear, std: float, *, zero: bool = False, scratch: bool = False) -> None:
+    """PyTorch's default draw for nn.Linear (kaiming-uniform weight, uniform bias), then N(0, std) or
+    zeros (biases zero).
+
+    The default draw is overwritten at once; it is kept so the random stream advances exactly as it did
+    when every constructor drew it, which keeps seeded runs (and the published numbers) bitwise the same.
+    scratch=True draws into a throwaway copy: for a tied decoder, whose weight is the embedding.
+    """
+    if scratch:
+        weight = torch.empty_like(linear.weight)
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        weight.normal_(0.0, std)
+        return
+    linear.reset_parameters()
+    if zero:
+        linear.weight.zero_()
+    else:
+        linear.weight.normal_(0.0, std)
+    if linear.bias is not None:
+        linear.bias.zero_()
+
+
+def fill_(p: torch.Tensor, values) -> None:
+    """Fill p (plain or an FSDP2 DTensor shard) with a scalar or a list of starting values."""
+    if not isinstance(values, (list, tuple)):
+        p.fill_(values)
+        return
+    full = torch.tensor(values, dtype=p.dtype)
+    if hasattr(p, "device_mesh"):  # DTensor shard: distribute the full value the same way
+        from torch.distributed.tensor import distribute_tensor
+        full = distribute_tensor(full.to(p.device), p.device_mesh, p.placements)
+        p.copy_(full)
+    else:
+        p.copy_(full.to(p.device))
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:

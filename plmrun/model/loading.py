@@ -135,6 +135,8 @@ def load_checkpoint_weights(path: Path, model) -> None:
 
 
 def _load_strict(model, sd: dict, where: Path) -> None:
+    if model.cfg.arch == "esm2":  # esm2 folders saved before the block list was named `blocks`
+        sd = {("blocks." + k[len("layers."):] if k.startswith("layers.") else k): v for k, v in sd.items()}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise ModelLoadError(f"{where}: weights do not match the architecture in config.json "

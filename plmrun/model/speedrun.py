@@ -6,6 +6,10 @@ sliding window), then a ReLU^2 MLP or a Pattention layer; both sublayers pre-nor
 weightless RMSNorm and zero-initialised output projections. UNet: the first L//2 blocks push
 their outputs, the last L//2 pop them (x += w_i * skip) before running. Head: dense -> GELU ->
 norm -> decoder (+bias), tanh soft-capped logits. Every feature is a ModelConfig switch.
+
+Starting values live in the `init_weights` methods only (N(0, init_std) matrices and embeddings,
+zero output projections / value tokens / biases, lambdas 0.5/0.5 and 1/0, unit skip weights); the
+constructor builds on the meta device and calls them, and so does meta-device init after sharding.
 """
 from __future__ import annotations
 
@@ -18,14 +22,12 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from .attention import PackedLayout, packed_attention
-from .layers import (PLM, VOCAB_SIZE, ModelOutput, Rotary, apply_rotary, compute_dtype, fp32_linear, rms_norm, soft_cap,
-                     token_dropout, window_at)
+from .layers import (PLM, VOCAB_SIZE, ModelOutput, Rotary, apply_rotary, compute_dtype, fill_, fp32_linear, init_linear_,
+                     rms_norm, soft_cap, token_dropout, window_at)
 
 
-def _linear(d_in: int, d_out: int, std: float, zero: bool = False) -> nn.Linear:
-    lin = nn.Linear(d_in, d_out, bias=False)
-    nn.init.zeros_(lin.weight) if zero else nn.init.normal_(lin.weight, std=std)
-    return lin
+def _linear(d_in: int, d_out: int) -> nn.Linear:
+    return nn.Linear(d_in, d_out, bias=False)
 
 
 class SelfAttention(nn.Module):
@@ -33,10 +35,17 @@ class SelfAttention(nn.Module):
         super().__init__()
         D, self.H = cfg.hidden_size, cfg.num_heads
         self.cfg = cfg
-        self.q, self.k, self.v = (_linear(D, D, cfg.init_std) for _ in range(3))
-        self.o = _linear(D, D, cfg.init_std, zero=True)
+        self.compiled_cpu_kernel = False  # set by PLM.use_compiled_cpu_attention
+        self.q, self.k, self.v, self.o = (_linear(D, D) for _ in range(4))
         # v <- l0 * v + l1 * value_embedding, as in modded-nanogpt
-        self.value_lambdas = nn.Parameter(torch.tensor([0.5, 0.5])) if has_value_embedding else None
+        self.value_lambdas = nn.Parameter(torch.empty(2)) if has_value_embedding else None
+
+    def init_weights(self, std: float) -> None:
+        for lin in (self.q, self.k, self.v):
+            init_linear_(lin, std)
+        init_linear_(self.o, std, zero=True)
+        if self.value_lambdas is not None:
+            fill_(self.value_lambdas, [0.5, 0.5])
 
     def forward(self, x, cos, sin, ve, layout: PackedLayout, window: int):
         T, D = x.shape
@@ -46,7 +55,7 @@ class SelfAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if ve is not None:
             v = self.value_lambdas[0] * v + self.value_lambdas[1] * ve.view_as(v).to(v.dtype)
-        o = packed_attention(q, k, v, backend=self.cfg.attention_backend,
+        o = packed_attention(q, k, v, backend=self.cfg.attention_backend, compiled_cpu_kernel=self.compiled_cpu_kernel,
                              window=window, soft_cap=self.cfg.attention_soft_cap, layout=layout)
         return self.o(o.reshape(T, D))
 
@@ -55,8 +64,12 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         hidden = round(cfg.hidden_size * cfg.expansion_ratio)
-        self.up = _linear(cfg.hidden_size, hidden, cfg.init_std)
-        self.down = _linear(hidden, cfg.hidden_size, cfg.init_std, zero=True)
+        self.up = _linear(cfg.hidden_size, hidden)
+        self.down = _linear(hidden, cfg.hidden_size)
+
+    def init_weights(self, std: float) -> None:
+        init_linear_(self.up, std)
+        init_linear_(self.down, std, zero=True)
 
     def forward(self, x):
         return self.down(F.relu(self.up(x)).square())
@@ -72,9 +85,13 @@ class Pattention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         n, D = cfg.num_att_tokens, cfg.hidden_size
-        self.key_tokens = nn.Parameter(torch.randn(n, D) * cfg.init_std)
-        self.value_tokens = nn.Parameter(torch.zeros(n, D))
+        self.key_tokens = nn.Parameter(torch.empty(n, D))
+        self.value_tokens = nn.Parameter(torch.empty(n, D))
         self.tau = math.sqrt(n)
+
+    def init_weights(self, std: float) -> None:
+        self.key_tokens.normal_().mul_(std)  # = randn(n, D) * std, as first written
+        self.value_tokens.zero_()
 
     def forward(self, x):
         s = F.linear(x, self.key_tokens)
@@ -87,7 +104,13 @@ class Block(nn.Module):
         super().__init__()
         self.attn = SelfAttention(cfg, has_value_embedding)
         self.mlp = Pattention(cfg) if cfg.p_attention else MLP(cfg)
-        self.x0_lambdas = nn.Parameter(torch.tensor([1.0, 0.0])) if cfg.x0_lambdas else None
+        self.x0_lambdas = nn.Parameter(torch.empty(2)) if cfg.x0_lambdas else None
+
+    def init_weights(self, std: float) -> None:
+        self.attn.init_weights(std)
+        self.mlp.init_weights(std)
+        if self.x0_lambdas is not None:
+            fill_(self.x0_lambdas, [1.0, 0.0])
 
     def forward(self, x, x0, cos, sin, ve, layout, window):
         if self.x0_lambdas is not None:
@@ -100,12 +123,17 @@ class LMHead(nn.Module):
     def __init__(self, cfg: ModelConfig, tied: Optional[nn.Parameter]):
         super().__init__()
         D = cfg.hidden_size
-        self.dense = _linear(D, D, cfg.init_std)
-        self.decoder = _linear(D, VOCAB_SIZE, cfg.init_std)
+        self.dense = _linear(D, D)
+        self.decoder = _linear(D, VOCAB_SIZE)
         if tied is not None:
             self.decoder.weight = tied
-        self.bias = nn.Parameter(torch.zeros(VOCAB_SIZE))
+        self.bias = nn.Parameter(torch.empty(VOCAB_SIZE))
         self.cap = cfg.soft_logit_cap
+
+    def init_weights(self, std: float, *, tied: bool) -> None:
+        init_linear_(self.dense, std)
+        init_linear_(self.decoder, std, scratch=tied)  # tied: the decoder is the embedding, drawn already
+        self.bias.zero_()
 
     def forward(self, h):
         x = rms_norm(F.gelu(self.dense(h)))
@@ -125,17 +153,35 @@ class SpeedrunPLM(PLM):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         D, L = cfg.hidden_size, cfg.num_layers
-        self.embed = nn.Embedding(VOCAB_SIZE, D)
-        nn.init.normal_(self.embed.weight, std=cfg.init_std)
-        n_ve = L // 2 if cfg.value_embeddings else 0
-        self.value_embeds = nn.ModuleList(nn.Embedding(VOCAB_SIZE, D) for _ in range(n_ve))
+        device = torch.get_default_device()
+        with torch.device("meta"):  # structure only: init_weights gives every starting value
+            self.embed = nn.Embedding(VOCAB_SIZE, D)
+            n_ve = L // 2 if cfg.value_embeddings else 0
+            self.value_embeds = nn.ModuleList(nn.Embedding(VOCAB_SIZE, D) for _ in range(n_ve))
+            self.blocks = nn.ModuleList(
+                Block(cfg, cfg.value_embeddings and value_embedding_table(i, L) is not None) for i in range(L))
+            self.skip_weights = nn.Parameter(torch.empty(L // 2)) if cfg.unet else None
+            self.rotary = Rotary(D // cfg.num_heads, cfg.rope_base)
+            self.head = LMHead(cfg, self.embed.weight if cfg.tie_embeddings else None)
+        if device.type != "meta":
+            self.materialize(device)
+
+    def init_weights(self) -> None:
+        """Every starting value, drawn in the order the constructors of earlier versions drew them
+        (PyTorch's default draws included, see init_linear_), so a seeded build is bitwise unchanged."""
+        std = self.cfg.init_std
+        self.embed.reset_parameters()
+        self.embed.weight.normal_(0.0, std)
         for e in self.value_embeds:
-            nn.init.normal_(e.weight, std=cfg.init_std)
-        self.blocks = nn.ModuleList(
-            Block(cfg, cfg.value_embeddings and value_embedding_table(i, L) is not None) for i in range(L))
-        self.skip_weights = nn.Parameter(torch.ones(L // 2)) if cfg.unet else None
-        self.rotary = Rotary(D // cfg.num_heads, cfg.rope_base)
-        self.head = LMHead(cfg, self.embed.weight if cfg.tie_embeddings else None)
+            e.reset_parameters()
+        for e in self.value_embeds:
+            e.weight.normal_(0.0, std)
+        for block in self.blocks:
+            block.init_weights(std)
+        if self.skip_weights is not None:
+            self.skip_weights.fill_(1.0)
+        self.head.init_weights(std, tied=self.cfg.tie_embeddings)
+        self.rotary.reset_buffers()
 
     def forward(self, tokens, positions, cu_seqlens, max_seqlen, *, logits_index=None,
                 output_hidden_states=False, step=None) -> ModelOutput:

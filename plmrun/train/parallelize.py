@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from plmrun.config import Config
-from plmrun.device import resolve_device  # noqa: F401  (re-exported for callers of this module)
+from plmrun.device import resolve_device
 
 
 @dataclass
@@ -73,18 +73,14 @@ def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if resolve_precision(cfg.train.precision, device) == "bf16" else None
 
 
-def blocks_of(model: nn.Module) -> nn.ModuleList:
-    """The repeated transformer blocks (speedrun: blocks, esm2: layers): the FSDP2 / checkpointing unit."""
-    return model.blocks if hasattr(model, "blocks") else model.layers
-
-
 def parallelize(model: nn.Module, cfg: Config, env: DistEnv) -> nn.Module:
     """Apply activation checkpointing, FSDP2 or DDP, then torch.compile, in that order.
 
     With dist.meta_init the model arrives on the meta device: it is sharded first, then its
     (sharded) storage is allocated on the device and initialised, before DDP broadcasts it.
     """
-    blocks = blocks_of(model)
+    plm = model
+    blocks = model.blocks  # every PLM names its repeated blocks `blocks`
     if cfg.dist.activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
         for i, block in enumerate(blocks):
@@ -99,8 +95,7 @@ def parallelize(model: nn.Module, cfg: Config, env: DistEnv) -> nn.Module:
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
     if cfg.dist.meta_init:
-        from plmrun.model.init import materialize
-        materialize(model, env.device)
+        model.materialize(env.device)  # the constructor's own init, on the (sharded) storage
     if env.world_size > 1 and cfg.dist.strategy != "fsdp":
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
@@ -110,8 +105,7 @@ def parallelize(model: nn.Module, cfg: Config, env: DistEnv) -> nn.Module:
         for block in blocks:
             block.compile(dynamic=False)
         if env.device.type == "cpu":
-            from plmrun.model.attention import use_compiled_cpu_kernel
-            use_compiled_cpu_kernel()
+            plm.use_compiled_cpu_attention()
     return model
 
 
