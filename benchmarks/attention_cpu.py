@@ -28,14 +28,11 @@ BACKENDS = ("cpu", "cpu_compiled", "sdpa_dense", "naive")
 
 
 def run_backend(name, q, k, v, cu, max_len, cap, layout):
-    """`cpu_compiled` is the cpu backend with A.use_compiled_cpu_kernel() on for this call."""
+    """`cpu_compiled` is the cpu backend with its compiled kernel (the per-model switch) on for this call."""
     if name != "cpu_compiled":
         return A.packed_attention(q, k, v, cu, max_len, backend=name, soft_cap=cap, layout=layout)
-    A.use_compiled_cpu_kernel(True)
-    try:
-        return A.packed_attention(q, k, v, cu, max_len, backend="cpu", soft_cap=cap, layout=layout)
-    finally:
-        A.use_compiled_cpu_kernel(False)
+    return A.packed_attention(q, k, v, cu, max_len, backend="cpu", soft_cap=cap, layout=layout,
+                              compiled_cpu_kernel=True)
 
 
 def _plan_with_cost(layout, cost):

@@ -157,7 +157,6 @@ def test_compile_matches_eager_keeps_parameter_names_and_static_graphs():
 
     from torch._dynamo.utils import counters
 
-    from plmrun.model import attention as A
     from plmrun.train.parallelize import DistEnv, parallelize
     cfg = build_config(None, ["--model.hidden_size=32", "--model.num_layers=4", "--model.num_heads=2",
                               "--train.compile=true", "--train.precision=fp32"])
@@ -167,26 +166,23 @@ def test_compile_matches_eager_keeps_parameter_names_and_static_graphs():
         for p in eager.parameters():
             p.normal_(0, 0.1)
     compiled = parallelize(copy.deepcopy(eager), cfg, DistEnv(1, 0, 0, torch.device("cpu")))
-    try:
-        assert list(compiled.state_dict()) == list(eager.state_dict())
-        src = _sequences(24)
-        results = {}
-        for name, model in (("eager", eager), ("compiled", compiled)):
-            for j, groups in enumerate(([list(range(0, 6))], [list(range(6, 14))], [list(range(14, 24))])):
-                if name == "compiled" and j == 1:
-                    frames = counters["stats"]["unique_graphs"]
-                micro = _micro_batches(src, groups, budget=1024)
-                model.zero_grad()
-                loss = forward_backward(model, micro, global_norm=micro[0].normalizer, world_size=1,
-                                        device=torch.device("cpu"))
-                results[name, j] = (float(loss), [p.grad.clone() for p in model.parameters()])
-        assert counters["stats"]["unique_graphs"] == frames, "a new packing recompiled the blocks"
-        for j in range(3):
-            assert results["compiled", j][0] == pytest.approx(results["eager", j][0], rel=1e-5)
-            for a, b in zip(results["compiled", j][1], results["eager", j][1]):
-                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    finally:
-        A.use_compiled_cpu_kernel(False)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    src = _sequences(24)
+    results = {}
+    for name, model in (("eager", eager), ("compiled", compiled)):
+        for j, groups in enumerate(([list(range(0, 6))], [list(range(6, 14))], [list(range(14, 24))])):
+            if name == "compiled" and j == 1:
+                frames = counters["stats"]["unique_graphs"]
+            micro = _micro_batches(src, groups, budget=1024)
+            model.zero_grad()
+            loss = forward_backward(model, micro, global_norm=micro[0].normalizer, world_size=1,
+                                    device=torch.device("cpu"))
+            results[name, j] = (float(loss), [p.grad.clone() for p in model.parameters()])
+    assert counters["stats"]["unique_graphs"] == frames, "a new packing recompiled the blocks"
+    for j in range(3):
+        assert results["compiled", j][0] == pytest.approx(results["eager", j][0], rel=1e-5)
+        for a, b in zip(results["compiled", j][1], results["eager", j][1]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_precision_auto_is_bf16_only_where_bf16_matmuls_are_native(monkeypatch):

@@ -57,7 +57,6 @@ def parameter_counts(cfg: Config) -> dict[str, int]:
 def _counts(model_items: tuple) -> dict[str, int]:
     from plmrun.config import ModelConfig
     from plmrun.model.registry import build_model
-    from plmrun.train.parallelize import blocks_of
     with torch.device("meta"):
         model = build_model(ModelConfig(**dict(model_items)))
     counts = {"hidden": 0, "embed": 0, "head": 0, "scalar": 0}
@@ -65,8 +64,8 @@ def _counts(model_items: tuple) -> dict[str, int]:
     for name, kind in model.parameter_kinds().items():
         counts[kind] += named[name].numel()
     counts["total"] = sum(counts[k] for k in ("hidden", "embed", "head", "scalar"))
-    counts["block"] = max(sum(p.numel() for p in b.parameters()) for b in blocks_of(model))
-    counts["root"] = counts["total"] - sum(sum(p.numel() for p in b.parameters()) for b in blocks_of(model))
+    counts["block"] = max(sum(p.numel() for p in b.parameters()) for b in model.blocks)
+    counts["root"] = counts["total"] - sum(sum(p.numel() for p in b.parameters()) for b in model.blocks)
     return counts
 
 
