@@ -123,7 +123,8 @@ def main(argv=None) -> int:
         return 2
     if speed.train.threads:
         torch.set_num_threads(speed.train.threads)
-    from plmrun.train.parallelize import resolve_device, resolve_precision
+    from plmrun.device import resolve_device
+    from plmrun.train.parallelize import resolve_precision
     precision = resolve_precision(a.precision, resolve_device(speed.train.device))
     amp_dtype = torch.bfloat16 if precision == "bf16" else None
     print(f"precision {precision}")

@@ -140,12 +140,11 @@ def measure_plmrun(cfg, env, *, warmup: int, windows: int, steps_per_window: int
 def _hf_batches(cfg, n_steps: int, batch: int, seed: int = 0) -> list:
     """Padded MLM batches the way HF users build them: EsmTokenizer + DataCollatorForLanguageModeling."""
     from transformers import DataCollatorForLanguageModeling, EsmTokenizer
-    from plmrun.data.corpus import bundled_dataset_dir
+    from plmrun.data.corpus import resolve_dataset
     from plmrun.data.shards import open_dataset
     from plmrun.eval.export import write_tokenizer_files
     from plmrun.tokenizer import decode
-    src = open_dataset(bundled_dataset_dir() if cfg.data.dataset == "bundled" else cfg.data.dataset,
-                       cfg.data.train_split)
+    src = open_dataset(resolve_dataset(cfg.data.dataset), cfg.data.train_split)
     with tempfile.TemporaryDirectory() as tmp:
         write_tokenizer_files(Path(tmp))
         tok = EsmTokenizer(str(Path(tmp) / "vocab.txt"))
@@ -225,7 +224,8 @@ def summarize(result: dict, peak_flops: float) -> dict:
 def worker(spec: dict) -> dict:
     """Run one case (in a fresh process) and return its raw measurements."""
     from plmrun.config import config_from_dict
-    from plmrun.train.parallelize import DistEnv, resolve_device
+    from plmrun.device import resolve_device
+    from plmrun.train.parallelize import DistEnv
     torch.set_num_threads(spec["threads"] or os.cpu_count() or 1)
     cfg = config_from_dict(spec["config"], "throughput case")
     device = resolve_device(cfg.train.device)
@@ -301,7 +301,8 @@ def main(argv=None) -> int:
     if min(a.windows, a.steps_per_window, a.hf_steps_per_window, a.hf_batch) < 1 or a.warmup < 0:
         ap.error("--windows, --steps-per-window, --hf-steps-per-window and --hf-batch must be >= 1, --warmup >= 0")
     from plmrun.config import ConfigError
-    from plmrun.train.parallelize import native_bf16, resolve_device
+    from plmrun.device import resolve_device
+    from plmrun.train.parallelize import native_bf16
     if a.precision is None:
         a.precision = ["fp32", "bf16"] if native_bf16(resolve_device("auto")) else ["fp32"]
     try:

@@ -59,18 +59,15 @@ def _cmd_eval(args) -> int:
     from plmrun.config import ConfigError, EvalConfig
     from plmrun.data.shards import open_dataset
     from plmrun.eval.mlm import evaluate
-    from plmrun.train.parallelize import resolve_device
+    from plmrun.device import resolve_device
     if bool(args.model) == bool(args.hf):
         raise ConfigError("give exactly one of MODEL or --hf")
     device = resolve_device(args.device)
     from plmrun.eval.inference import load_eval_model
     name = args.hf or args.model
     model = load_eval_model(name, device=device).net
-    if args.dataset == "bundled":
-        from plmrun.data.corpus import bundled_dataset_dir
-        dataset = bundled_dataset_dir()
-    else:
-        dataset = Path(args.dataset)
+    from plmrun.data.corpus import resolve_dataset
+    dataset = resolve_dataset(args.dataset)
     cfg = EvalConfig()
     if args.eval_seed is not None:
         cfg.seed = args.eval_seed

@@ -11,10 +11,11 @@ is an error, or with `policy="x"` becomes `X`, or with `policy="skip"` makes `en
 """
 from __future__ import annotations
 
-from plmrun.errors import PlmrunError
 import hashlib
 
 import numpy as np
+
+from plmrun.errors import PlmrunError
 
 VOCAB = ["<cls>", "<pad>", "<eos>", "<unk>",
          "L", "A", "G", "V", "S", "E", "R", "T", "I", "D", "P", "K", "Q", "N", "F", "Y", "M",

@@ -91,10 +91,8 @@ def add_data_commands(sub) -> None:
 
 
 def _dataset(name: str) -> str:
-    if name == "bundled":
-        from plmrun.data.corpus import bundled_dataset_dir
-        return str(bundled_dataset_dir(progress=True))
-    return name
+    from plmrun.data.corpus import resolve_dataset
+    return str(resolve_dataset(name, progress=True))
 
 
 def cmd_prepare(args) -> int:

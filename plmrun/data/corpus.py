@@ -70,17 +70,6 @@ def bundled_dataset_dir(cache_dir=None, progress: bool = False) -> Path:
 
 
 def resolve_dataset(spec: str | os.PathLike, *, progress: bool = False) -> Path:
-    """The one meaning of a dataset argument: 'bundled' (the shipped corpus, prepared on first use)
-    or a prepared dataset directory (`plmrun data prepare`). Anything else is refused in one line."""
-    if str(spec) == "bundled":
-        return bundled_dataset_dir(progress=progress)
-    path = Path(spec)
-    if not path.exists():
-        raise DataError(f"{path}: no such dataset; give a prepared dataset directory (plmrun data prepare INPUT "
-                        "--out DIR) or 'bundled'")
-    if path.is_dir() and dataset_splits(path):
-        return path
-    if path.is_dir():
-        raise DataError(f"{path}: not a prepared dataset (no shard splits inside); run `plmrun data prepare INPUT "
-                        f"--out {path}` first")
-    raise DataError(f"{path}: a file, not a prepared dataset directory; run `plmrun data prepare {path} --out DIR`")
+    """The one meaning of a dataset argument: 'bundled' is the shipped corpus (prepared on first use);
+    anything else is a prepared dataset directory, which `shards.open_dataset` checks when it opens a split."""
+    return bundled_dataset_dir(progress=progress) if str(spec) == "bundled" else Path(spec)

@@ -21,8 +21,8 @@ import torch
 
 from plmrun import tokenizer as tok
 from plmrun.data.readers import file_fingerprint
-from plmrun.eval.inference import (DEFAULT_MAX_LENGTH, EvalModel, length_batches, load_eval_model, pack,
-                                   resolve_device, windows)
+from plmrun.device import resolve_device
+from plmrun.eval.inference import DEFAULT_MAX_LENGTH, EvalModel, length_batches, load_eval_model, pack, windows
 
 POOLS = ("mean", "cls", "per-residue")
 

@@ -9,7 +9,6 @@ Both get the ESM tokenizer files and a model card with the training summary.
 """
 from __future__ import annotations
 
-from plmrun.errors import PlmrunError
 import json
 import os
 import re
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from plmrun import tokenizer as tok
 from plmrun.config import ModelConfig
+from plmrun.errors import PlmrunError
 from plmrun.model.loading import load_model
 
 _PKG = Path(__file__).resolve().parents[1]

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from plmrun import tokenizer as tok
-from plmrun.device import resolve_device  # noqa: F401  (re-exported)
 from plmrun.model.layers import ModelOutput
 
 DEFAULT_MAX_LENGTH = 1024

@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from plmrun import tokenizer as tok
+from plmrun.device import resolve_device
 from plmrun.eval.embed import embed_sequences, num_hidden_states
-from plmrun.eval.inference import DEFAULT_MAX_LENGTH, EvalModel, load_eval_model, resolve_device
+from plmrun.eval.inference import DEFAULT_MAX_LENGTH, EvalModel, load_eval_model
 
 PROBE_DIR = Path(__file__).resolve().parent.parent / "probes"
 HEADS = ("logistic", "ridge", "mlp")

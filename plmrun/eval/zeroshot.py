@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from plmrun import tokenizer as tok
-from plmrun.eval.inference import (DEFAULT_MAX_LENGTH, EvalModel, length_batches, load_eval_model, pack,
-                                   resolve_device)
+from plmrun.device import resolve_device
+from plmrun.eval.inference import DEFAULT_MAX_LENGTH, EvalModel, length_batches, load_eval_model, pack
 
 AMINO_ACIDS = frozenset(tok.VOCAB[i] for i in tok.AMINO_ACID_IDS)
 _MUTANT = re.compile(r"^([A-Z])(-?\d+)([A-Z])$")

@@ -7,7 +7,6 @@ exported by `plmrun export` (its config.json carries our ModelConfig under `plmr
 """
 from __future__ import annotations
 
-from plmrun.errors import PlmrunError
 import json
 import os
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 import yaml
 
 from plmrun.config import ConfigError, ModelConfig, config_from_dict
+from plmrun.errors import PlmrunError
 
 FORMAT = 1
 

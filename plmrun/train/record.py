@@ -10,7 +10,6 @@ time-to-target is lower than the current record's with p < 0.05 (the first compl
 """
 from __future__ import annotations
 
-from plmrun.errors import PlmrunError
 import datetime
 import json
 import math
@@ -20,6 +19,8 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+from plmrun.errors import PlmrunError
 
 MIN_SEEDS = 3
 P_THRESHOLD = 0.05

@@ -5,7 +5,6 @@ model/{model.safetensors,config.json}, checkpoints/step_XXXXXXXX/, plots/*.png, 
 """
 from __future__ import annotations
 
-from plmrun.errors import PlmrunError
 import datetime as _dt
 import json
 import os
@@ -18,6 +17,7 @@ from typing import Optional
 import yaml
 
 from plmrun.config import Config
+from plmrun.errors import PlmrunError
 
 
 class RunDirError(PlmrunError, RuntimeError):

@@ -7,7 +7,6 @@ records both. Everything needed to continue exactly is in the checkpoint (train/
 """
 from __future__ import annotations
 
-from plmrun.errors import PlmrunError
 import contextlib
 import copy
 import math
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from plmrun.config import Config
+from plmrun.errors import PlmrunError
 from plmrun.eval.mlm import evaluate
 from plmrun.train import checkpoint as ckpt
 from plmrun.train.parallelize import (DistEnv, all_reduce_sum, autocast_dtype, init_distributed, native_bf16,
@@ -54,17 +54,15 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float
 
 # ------------------------------------------------------------------ data
 def open_training_data(cfg: Config, env: DistEnv):
+    from plmrun.data.corpus import resolve_dataset
     from plmrun.data.shards import open_dataset
-    if cfg.data.dataset == "bundled":
-        from plmrun.data.corpus import bundled_dataset_dir
-        # Rank 0 prepares the shipped corpus on first use; the others wait and reuse it.
-        if env.world_size > 1 and not env.is_main:
-            torch.distributed.barrier()
-        path = bundled_dataset_dir()
-        if env.world_size > 1 and env.is_main:
-            torch.distributed.barrier()
-    else:
-        path = Path(cfg.data.dataset)
+    # Rank 0 prepares the shipped corpus on first use; the others wait and reuse it.
+    wait = cfg.data.dataset == "bundled" and env.world_size > 1
+    if wait and not env.is_main:
+        torch.distributed.barrier()
+    path = resolve_dataset(cfg.data.dataset)
+    if wait and env.is_main:
+        torch.distributed.barrier()
     return path, open_dataset(path, cfg.data.train_split), open_dataset(path, cfg.data.valid_split)
 
 
