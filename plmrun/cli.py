@@ -6,6 +6,7 @@ Every user-facing failure (bad config, bad data, missing model, refused resume) 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -103,6 +104,26 @@ def _cmd_config(args, overrides) -> int:
 
 
 # ------------------------------------------------------------------ main
+_OS_ERROR_HINTS = {
+    errno.ENOSPC: "no space left on the device holding it; free space there or choose another --out",
+    errno.EDQUOT: "disk quota exceeded on the device holding it; free space there or choose another --out",
+    errno.EACCES: "permission denied; fix its permissions or choose another path",
+    errno.EPERM: "operation not permitted; fix its permissions or choose another path",
+    errno.EROFS: "read-only file system; choose a path on a writable file system",
+    errno.ENOENT: "no such file or directory; check the path (and that its parent folder exists)",
+    errno.ENOTDIR: "a part of the path is a file, not a directory; check the path",
+    errno.EISDIR: "is a directory, a file was expected; give a file path",
+}
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for an OSError: the file it concerns and what to do, by errno (so a full disk, a
+    read-only mount or a missing folder each say how to fix it, never a traceback)."""
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None) or "(file not named)"
+    hint = _OS_ERROR_HINTS.get(e.errno) or e.strerror or str(e)
+    return f"{where}: {hint}".replace("\n", " ")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plmrun", description="Speedrun pretraining of protein language models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -142,14 +163,12 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "takes_overrides", False):
             return args.func(args, rest)
         return args.func(args) or 0
-    except (PlmrunError, OSError) as e:
+    except PlmrunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except SystemExit as e:  # commands that stop with a message (SystemExit("...")) get the same one-line form
-        if isinstance(e.code, str):
-            print(f"error: {e.code}", file=sys.stderr)
-            return 2
-        raise
+    except OSError as e:
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

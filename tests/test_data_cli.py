@@ -1,5 +1,6 @@
 """CLI end to end on the bundled corpus (prepare -> stats -> cat), error lines, bundled cache,
 and `data download` through the real Hugging Face cache code path (offline stand-in)."""
+import errno
 import json
 import lzma
 import os
@@ -10,14 +11,14 @@ from pathlib import Path
 import pytest
 
 from plmrun.data import corpus
-from plmrun.data.cli import main
+from plmrun.cli import main
 from plmrun.data.shards import open_dataset
 
 CORPUS = Path(corpus.__file__).resolve().parents[1] / "corpus" / "swissprot2014_small"
 
 
 def cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "plmrun.data.cli", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "plmrun.cli", "data", *map(str, args)],
                           capture_output=True, text=True, env={**os.environ, **(env or {})})
 
 
@@ -63,7 +64,7 @@ def test_errors_are_one_line(tmp_path, args, pattern, capsys):
     (tmp_path / "empty.fa").write_text("")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
-    assert main([a.format(tmp=tmp_path) for a in args]) == 2
+    assert main(["data", *(a.format(tmp=tmp_path) for a in args)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(pattern.format(tmp=tmp_path)) and err.count("\n") == 1
 
@@ -124,3 +125,36 @@ def test_download_through_hub_cache(tmp_path):
     assert r.returncode == 2 and "cannot get Synthyra/uniref50" in r.stderr, r.stderr
     r = cli("download", "nothing", "--out", tmp_path / "ds4")
     assert r.returncode == 2 and "unknown dataset 'nothing'" in r.stderr
+
+
+@pytest.mark.parametrize("case,message", [
+    ("full", "error: /dev/full: no space left on the device holding it; free space there or choose another --out"),
+    ("missing", "error: {tmp}/no/x.fa: no such file or directory; check the path (and that its parent folder exists)"),
+    ("notdir", "error: {tmp}/f/x.fa: a part of the path is a file, not a directory; check the path"),
+    ("isdir", "error: {tmp}: is a directory, a file was expected; give a file path"),
+])
+def test_real_os_errors_name_the_file_and_the_fix(tmp_path, case, message, capsys):
+    """Real failures, no injection: /dev/full fails every write with ENOSPC."""
+    (tmp_path / "f").write_text("x")
+    out = {"full": "/dev/full", "missing": tmp_path / "no" / "x.fa", "notdir": tmp_path / "f" / "x.fa",
+           "isdir": tmp_path}[case]
+    assert main(["data", "cat", "bundled", "--split", "valid", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == message.format(tmp=tmp_path) + "\n"
+
+
+@pytest.mark.parametrize("code,hint", [
+    (errno.EACCES, "permission denied; fix its permissions or choose another path"),
+    (errno.EPERM, "operation not permitted; fix its permissions or choose another path"),
+    (errno.EROFS, "read-only file system; choose a path on a writable file system"),
+    (errno.ENOSPC, "no space left on the device holding it; free space there or choose another --out"),
+    (errno.EIO, "Input/output error"),
+])
+def test_injected_os_errors_name_the_file_and_the_fix(tmp_path, code, hint, monkeypatch, capsys):
+    """Errors root cannot trigger for real (permissions, read-only mounts) are injected at the open."""
+    def refuse(path, *a, **k):
+        raise OSError(code, os.strerror(code), str(path))
+    import plmrun.data.cli
+    monkeypatch.setattr(plmrun.data.cli, "open", refuse, raising=False)
+    out = tmp_path / "x.fa"
+    assert main(["data", "cat", "bundled", "--split", "valid", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: {out}: {hint}\n"

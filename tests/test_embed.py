@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from plmrun import tokenizer as tok
+from plmrun.cli import main
 from plmrun.config import ModelConfig
 from plmrun.eval import embed
 from plmrun.eval.embed import embed_sequences, read_embeddings
@@ -120,7 +121,7 @@ def write_fasta(path, seqs):
     return path
 
 
-def test_cli_resumes_and_keeps_input_order(tmp_path, monkeypatch):
+def test_cli_resumes_and_keeps_input_order(tmp_path, monkeypatch, capsys):
     model = tiny_plmrun()
     save_model_dir(tmp_path / "model", model.net.state_dict(), model.config)
     fasta = write_fasta(tmp_path / "in.fasta", SEQS)
@@ -136,14 +137,14 @@ def test_cli_resumes_and_keeps_input_order(tmp_path, monkeypatch):
 
     monkeypatch.setattr(embed, "embed_sequences", counting)
     args = [str(tmp_path / "model"), str(fasta), "--out", str(out), "--chunk-size", "4", "--device", "cpu"]
-    with pytest.raises(KeyboardInterrupt):
-        embed.main(args)
+    assert main(["embed", *args]) == 130         # interrupted
     assert not out.exists() and (tmp_path / "emb.safetensors.partial" / "chunk_000000.safetensors").is_file()
-    with pytest.raises(SystemExit, match="unfinished run with different pool"):
-        embed.main(args + ["--pool", "cls"])
+    capsys.readouterr()
+    assert main(["embed", *args, "--pool", "cls"]) == 2
+    assert "unfinished run with different pool" in capsys.readouterr().err
     (tmp_path / "resumed").touch()
     calls.clear()
-    assert embed.main(args) == 0
+    assert main(["embed", *args]) == 0
     assert calls == [2]                          # only the second chunk was computed
     assert not (tmp_path / "emb.safetensors.partial").exists()
     got = read_embeddings(out)
@@ -152,23 +153,23 @@ def test_cli_resumes_and_keeps_input_order(tmp_path, monkeypatch):
     np.testing.assert_allclose(np.stack(list(got.values())), want, atol=1e-5)
 
     per_out = tmp_path / "per.safetensors"
-    assert embed.main(args[:2] + ["--out", str(per_out), "--pool", "per-residue", "--layer", "0"]) == 0
+    assert main(["embed", *args[:2], "--out", str(per_out), "--pool", "per-residue", "--layer", "0"]) == 0
     per = read_embeddings(per_out)
     assert [v.shape for v in per.values()] == [(len(s), 32) for s in SEQS]
 
 
-def test_fasta_problems_are_one_line_errors(tmp_path):
+def test_fasta_problems_are_one_line_errors(tmp_path, capsys):
     model_dir = tmp_path / "model"
     m = tiny_plmrun()
     save_model_dir(model_dir, m.net.state_dict(), m.config)
     dup = tmp_path / "dup.fasta"
     dup.write_text(">a\nMK\n>a\nLL\n")
-    with pytest.raises(SystemExit, match="duplicate record id 'a'"):
-        embed.main([str(model_dir), str(dup), "--out", str(tmp_path / "x.safetensors")])
+    assert main(["embed", str(model_dir), str(dup), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "duplicate record id 'a'" in capsys.readouterr().err
     bad = tmp_path / "bad.fasta"
     bad.write_text(">a\nMK\n>b\nL1L\n")
-    with pytest.raises(SystemExit, match="bad.fasta:4"):
-        embed.main([str(model_dir), str(bad), "--out", str(tmp_path / "x.safetensors")])
+    assert main(["embed", str(model_dir), str(bad), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "bad.fasta:4" in capsys.readouterr().err
 
 
 def test_hf_folder_loads_through_the_adapter_and_random_init_control(tmp_path):

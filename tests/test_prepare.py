@@ -109,3 +109,68 @@ def test_parquet_equals_fasta(tmp_path):
         prepare(tmp_path / "in.parquet", tmp_path / "c", column="seq", progress=False)
     with pytest.raises(DataError, match=r"--column applies to parquet"):
         prepare(tmp_path / "in.fa", tmp_path / "c", column="seq", progress=False)
+
+
+def _leftovers(parent):
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """A full disk while writing shards (the write names no file): one line naming --out, and no
+    dataset or hidden temp folder is left to be taken for a complete one."""
+    import errno
+
+    from plmrun.cli import main
+    from plmrun.data import shards
+    fasta(tmp_path / "train.fa", 300, 0)
+    real = shards.SplitWriter._finish_shard
+
+    def second_shard_fails(self):
+        if self.shards:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self)
+
+    monkeypatch.setattr(shards.SplitWriter, "_finish_shard", second_shard_fails)
+    out = tmp_path / "out" / "ds"
+    assert main(["data", "prepare", str(tmp_path / "train.fa"), "--out", str(out), "--shard-size", "10000",
+                 "--workers", "1", "--no-progress"]) == 2
+    assert capsys.readouterr().err == (f"error: {out}: no space left on the device holding it; "
+                                       "free space there or choose another --out\n")
+    assert not out.exists() and _leftovers(out.parent) == []
+
+
+KILLED_PREPARE = """
+import os, signal, sys
+from plmrun.data import shards
+from plmrun.data.prepare import prepare
+real = shards.SplitWriter._finish_shard
+def die_after_first_shard(self):
+    real(self)
+    os.kill(os.getpid(), signal.SIGKILL)
+shards.SplitWriter._finish_shard = die_after_first_shard
+prepare(sys.argv[1], sys.argv[2], shard_size=10_000, progress=False)
+"""
+
+
+def test_killed_prepare_leftover_is_removed_by_the_next_run(tmp_path):
+    """SIGKILL mid-prepare leaves a hidden temp folder; the next run removes it (its pid is dead) but
+    keeps the folders of a live process and of another host, and writes a complete dataset."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    seqs = fasta(tmp_path / "train.fa", 300, 0)
+    out = tmp_path / "ds"
+    killed = subprocess.Popen([sys.executable, "-c", KILLED_PREPARE, str(tmp_path / "train.fa"), str(out)])
+    assert killed.wait() == -9
+    left = _leftovers(tmp_path)
+    assert not out.exists() and len(left) == 1 and left[0].startswith(".ds.tmp-")
+    assert (tmp_path / left[0] / "train" / "shard-00000.bin").is_file()
+    live = tmp_path / f".ds.tmp-{os.getppid()}@{socket.gethostname()}-0123abcd"   # a running prepare's
+    other_host = tmp_path / f".ds.tmp-{killed.pid}@elsewhere.example-0123abcd"  # dead pid, other host
+    live.mkdir()
+    other_host.mkdir()
+    prepare(tmp_path / "train.fa", out, shard_size=10_000, progress=False)
+    assert _leftovers(tmp_path) == sorted([live.name, other_host.name])
+    src = open_dataset(out, "train")
+    assert len(src) == 300 and tok.decode(src.residues(299)) == seqs[299]

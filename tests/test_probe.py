@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from plmrun.cli import main
 from plmrun.config import ModelConfig
 from plmrun.eval import probe
 from plmrun.eval.embed import embed_sequences
@@ -91,7 +92,7 @@ def test_pipeline_on_a_tiny_model(tmp_path, capsys):
     cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2)
     save_model_dir(tmp_path / "model", build_model(cfg).state_dict(), cfg)
     out = tmp_path / "results.json"
-    assert probe.main([str(tmp_path / "model"), "--seeds", "2", "--max-train", "24", "--max-test", "12",
+    assert main(["probe", str(tmp_path / "model"), "--seeds", "2", "--max-train", "24", "--max-test", "12",
                        "--max-length", "130", "--out", str(out), "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     results = json.loads(out.read_text())
@@ -112,7 +113,7 @@ def test_pipeline_on_a_tiny_model(tmp_path, capsys):
     assert "Swiss-Prot 2014" in printed
 
 
-def test_layer_picks_the_probed_hidden_state(tmp_path):
+def test_layer_picks_the_probed_hidden_state(tmp_path, capsys):
     torch.manual_seed(2)
     cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2)
     net = build_model(cfg)
@@ -129,9 +130,10 @@ def test_layer_picks_the_probed_hidden_state(tmp_path):
     f0, f1 = (probe.model_features(model, seqs, False, 8192, layer) for layer in (0, 1))
     assert not np.allclose(f0, f1)
     np.testing.assert_allclose(f1, embed_sequences(model, seqs, layer=1), rtol=0, atol=0)
-    with pytest.raises(SystemExit, match=r"^probe: layer 7 out of range"):
-        probe.main([str(tmp_path / "model"), "--tasks", "solubility", "--seeds", "1", "--max-train", "4",
-                    "--max-test", "2", "--max-length", "130", "--layer", "7", "--device", "cpu"])
+    capsys.readouterr()
+    assert main(["probe", str(tmp_path / "model"), "--tasks", "solubility", "--seeds", "1", "--max-train", "4",
+                 "--max-test", "2", "--max-length", "130", "--layer", "7", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.startswith("error: probe: layer 7 out of range")
 
 
 def test_best_layer_is_picked_on_held_out_training_rows_not_test(tmp_path):
@@ -167,4 +169,4 @@ def test_best_layer_is_picked_on_held_out_training_rows_not_test(tmp_path):
     assert "layer" in rows["model"] and "layer" in rows["random init"] and "layer" not in rows["aa composition"]
     assert "best hidden state" in probe.format_table(results)
     with pytest.raises(SystemExit):   # argparse: not an integer or 'best'
-        probe.main([str(tmp_path / "model"), "--layer", "middle"])
+        main(["probe", str(tmp_path / "model"), "--layer", "middle"])

@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from plmrun.cli import main
 from plmrun.eval import report
 
 
@@ -28,7 +29,7 @@ def test_report_overlays_runs_and_tabulates(tmp_path, capsys):
                    "best_val_loss": 2.95, "final_val": {"loss": 2.951, "accuracy": 0.1},
                    "time_to_target": {"2.8": None, "3.0": {"time_s": 1.0, "tokens": 2000}}})
     b = write_run(tmp_path / "b" / "run", [3.3, 3.1], [(1, 3.05)], partial_tail=True)  # still running
-    assert report.main([str(a), str(b), "--out", str(tmp_path / "out")]) == 0
+    assert main(["report", str(a), str(b), "--out", str(tmp_path / "out")]) == 0
     png = (tmp_path / "out" / "loss_curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     page = (tmp_path / "out" / "report.html").read_text()
@@ -46,11 +47,11 @@ def test_run_contents(tmp_path):
     assert [r["val_loss"] for r in run.evals] == [2.5, 2.4]
 
 
-def test_bad_inputs_name_the_file(tmp_path):
-    with pytest.raises(SystemExit, match="no metrics.jsonl"):
-        report.main([str(tmp_path), "--out", str(tmp_path / "o")])
+def test_bad_inputs_name_the_file(tmp_path, capsys):
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == f"error: report: {tmp_path}: no metrics.jsonl (not a run directory)\n"
     r = tmp_path / "bad"
     r.mkdir()
     (r / "metrics.jsonl").write_text('{"kind": "train", "loss": 1.0, "tokens": 1}\nnot json\n{"kind": "eval"}\n')
-    with pytest.raises(SystemExit, match=r"metrics.jsonl:2: invalid JSON"):
-        report.main([str(r), "--out", str(tmp_path / "o")])
+    assert main(["report", str(r), "--out", str(tmp_path / "o")]) == 2
+    assert "metrics.jsonl:2: invalid JSON" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from plmrun import tokenizer as tok
+from plmrun.cli import main
 from plmrun.config import ModelConfig
 from plmrun.eval import zeroshot as zs
 from plmrun.eval.inference import EvalModel
@@ -129,7 +130,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     rows = [["M1A", 0.1], ["K2L:T3S", 0.4], ["Q11W", -0.3], ["S17P", 0.2], ["F19Y", 0.0]]
     dms = write_dms(tmp_path / "dms.csv", rows)
     out = tmp_path / "scores.csv"
-    assert zs.main([str(tmp_path / "model"), "--dms", str(dms), "--wildtype", str(tmp_path / "wt.fasta"),
+    assert main(["zeroshot", str(tmp_path / "model"), "--dms", str(dms), "--wildtype", str(tmp_path / "wt.fasta"),
                     "--out", str(out), "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "Spearman rho =" in printed and "over 5 variants (6 sites scored" in printed
@@ -137,5 +138,5 @@ def test_cli_end_to_end(tmp_path, capsys):
     model = EvalModel(net, cfg, "tiny")
     want = zs.score_variants(zs.read_dms(dms), zs.site_log_probs(model, WT, range(len(WT))))
     np.testing.assert_allclose([float(r["score"]) for r in scored], want, atol=1e-5)
-    with pytest.raises(SystemExit, match=r"dms.csv:3: K2L:T3S: the wild type has T at that position, not K"):
-        zs.main([str(tmp_path / "model"), "--dms", str(dms), "--wildtype", "MTKAYIAKQRQISFVKSHFSRQ"])
+    assert main(["zeroshot", str(tmp_path / "model"), "--dms", str(dms), "--wildtype", "MTKAYIAKQRQISFVKSHFSRQ"]) == 2
+    assert "dms.csv:3: K2L:T3S: the wild type has T at that position, not K" in capsys.readouterr().err

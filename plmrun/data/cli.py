@@ -2,16 +2,14 @@
 
 `add_data_commands(subparsers)` registers the commands on the `data` group of the main CLI;
 handlers return an exit status and raise `DataError` for bad input (printed as one line
-`error: ...`, exit status 2, by `plmrun.cli.main` or by this module's `main`).
+`error: ...`, exit status 2, by `plmrun.cli.main`).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
-from plmrun.data.errors import DataError
 
 
 def _workers_default() -> int:
@@ -160,10 +158,14 @@ def cmd_cat(args) -> int:
             if args.width > 0:
                 seq = "\n".join(seq[k:k + args.width] for k in range(0, len(seq), args.width))
             out.write(f">{src.ids(i)}\n{seq}\n")
+        if out is not sys.stdout:
+            out.close()
     except BrokenPipeError:       # `plmrun data cat ... | head`
         sys.stderr.close()
+    except OSError as e:          # a failed write or close (e.g. disk full) names no file: name --out
+        raise OSError(e.errno, e.strerror, e.filename or args.out) from e
     finally:
-        if out is not sys.stdout:
+        if out is not sys.stdout and not out.closed:
             out.close()
     return 0
 
@@ -171,19 +173,3 @@ def cmd_cat(args) -> int:
 def _command_line() -> list:
     """The command as typed (recorded in manifest.json)."""
     return [os.path.basename(sys.argv[0]), *sys.argv[1:]]
-
-
-def main(argv=None) -> int:
-    """`python -m plmrun.data.cli COMMAND ...` (the same commands as `plmrun data`)."""
-    parser = argparse.ArgumentParser(prog="plmrun data")
-    add_data_commands(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

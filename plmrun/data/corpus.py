@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import uuid
 from importlib import resources
 from pathlib import Path
 
@@ -52,19 +50,15 @@ def bundled_dataset_dir(cache_dir=None, progress: bool = False) -> Path:
     if set(SPLITS) <= set(dataset_splits(final)):
         return final
     files = corpus_files()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    work = final.parent / f".{final.name}.build-{uuid.uuid4().hex[:8]}"
     try:
-        prepare(files["train"], work, valid=files["valid"], test=files["test"], progress=progress,
+        prepare(files["train"], final, valid=files["valid"], test=files["test"], progress=progress,
                 command=["plmrun", "(bundled corpus)", CORPUS_NAME])
-        try:
-            os.rename(work, final)             # atomic; fails if another process won
-        except OSError:
-            if not set(SPLITS) <= set(dataset_splits(final)):
+    except (DataError, OSError):               # another process won the rename, or a real failure
+        if not set(SPLITS) <= set(dataset_splits(final)):
+            if final.is_dir() and any(final.iterdir()):
                 raise DataError(f"{final}: exists but is not a complete prepared corpus; "
                                 "delete it and retry") from None
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+            raise
     return final
 
 

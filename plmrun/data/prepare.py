@@ -14,7 +14,6 @@ import os
 import shutil
 import sys
 import time
-import uuid
 from functools import partial
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -25,7 +24,7 @@ import plmrun
 from plmrun import tokenizer as tok
 from plmrun.data.errors import DataError
 from plmrun.data.readers import chunks, encode_chunk, file_fingerprint, input_kind
-from plmrun.data.shards import SHARD_RESIDUES, SplitWriter
+from plmrun.data.shards import SHARD_RESIDUES, SplitWriter, remove_stale_siblings, temp_sibling
 
 
 def _as_list(x) -> list:
@@ -72,7 +71,8 @@ def prepare(inputs, out_dir, *, valid=None, test=None, column: Optional[str] = N
     out = Path(out_dir)
     check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    remove_stale_siblings(out)                 # what a killed earlier run left behind
+    tmp = temp_sibling(out)
     tmp.mkdir()
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
     bar = tqdm(total=None, unit=" res", unit_scale=True, disable=not progress,
@@ -82,6 +82,15 @@ def prepare(inputs, out_dir, *, valid=None, test=None, column: Optional[str] = N
         for split, specs in splits.items():
             manifests[split] = _prepare_split(specs, tmp / split, column, id_column, invalid,
                                               pool, 2 * workers, shard_size, bar, command)
+        if pool is not None:
+            pool.terminate()
+            pool = None
+        _swap_into_place(tmp, out, overwrite)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.filename is None:                 # a failed write (e.g. disk full) names no file: name --out
+            raise OSError(e.errno, e.strerror, str(out)) from e
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -89,7 +98,6 @@ def prepare(inputs, out_dir, *, valid=None, test=None, column: Optional[str] = N
         bar.close()
         if pool is not None:
             pool.terminate()
-    _swap_into_place(tmp, out, overwrite)
     return manifests
 
 
@@ -127,9 +135,8 @@ def _swap_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     old = None
     if out.exists() and any(out.iterdir()):
         if not overwrite:                       # appeared while we worked
-            shutil.rmtree(tmp, ignore_errors=True)
             raise DataError(f"{out}: output directory appeared while preparing (not replaced)")
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        old = temp_sibling(out, "old")
         os.rename(out, old)
     os.replace(tmp, out)
     if old is not None:

@@ -11,7 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
+import socket
 import struct
+import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -54,6 +58,40 @@ def atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def temp_sibling(path: Path, kind: str = "tmp") -> Path:
+    """A hidden sibling `.NAME.KIND-PID@HOST-RAND` of `path` to build it in: the pid and host let a later
+    run tell a killed run's leftover (removed by `remove_stale_siblings`) from a live run's."""
+    path = Path(path)
+    return path.parent / f".{path.name}.{kind}-{os.getpid()}@{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:              # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_siblings(path: Path) -> list:
+    """Remove the `temp_sibling`s of `path` whose process is dead (a killed or crashed run on this host);
+    those of live processes and of other hosts are kept. Returns the removed paths."""
+    path = Path(path)
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.[a-z]+-(\d+)@(.+)-[0-9a-f]{{8}}$")
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    host = socket.gethostname()
+    for p in path.parent.iterdir():
+        m = pattern.match(p.name)
+        if m and m.group(2) == host and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 # ---------------------------------------------------------------- writing

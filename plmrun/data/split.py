@@ -19,13 +19,13 @@ import hashlib
 import json
 import shutil
 import subprocess
-import uuid
 from pathlib import Path
 from typing import Optional
 
 from plmrun.data.errors import DataError
 from plmrun.data.prepare import _as_list, _swap_into_place, check_output_dir
 from plmrun.data.readers import read_records
+from plmrun.data.shards import remove_stale_siblings, temp_sibling
 
 SPLITS = ("train", "valid", "test")
 
@@ -59,7 +59,8 @@ def split(inputs, out_dir, *, valid_frac: float = 0.02, test_frac: float = 0.02,
     out = Path(out_dir)
     check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    remove_stale_siblings(out)
+    tmp = temp_sibling(out)
     work = tmp / "work"
     work.mkdir(parents=True)
     thr = ["--threads", str(threads)] if threads else []
@@ -102,10 +103,10 @@ def split(inputs, out_dir, *, valid_frac: float = 0.02, test_frac: float = 0.02,
         (tmp / "leakage_report.json").write_text(json.dumps(report, indent=1) + "\n")
         (tmp / "leakage_report.txt").write_text(_report_text(report))
         shutil.rmtree(work)
+        _swap_into_place(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _swap_into_place(tmp, out, overwrite)
     return report
 
 

@@ -22,6 +22,7 @@ import torch
 from plmrun import tokenizer as tok
 from plmrun.data.readers import file_fingerprint
 from plmrun.device import resolve_device
+from plmrun.eval.errors import EvalError
 from plmrun.eval.inference import DEFAULT_MAX_LENGTH, EvalModel, length_batches, load_eval_model, pack, windows
 
 POOLS = ("mean", "cls", "per-residue")
@@ -106,22 +107,19 @@ def num_hidden_states(model) -> int:
 # ---------------------------------------------------------------- FASTA and output files
 def read_fasta(path: str | Path) -> list[tuple[str, str]]:
     """(record id, sequence) pairs of a FASTA file (or any input `plmrun data` reads); the id is
-    the header's first word and must be unique. Problems exit with one line naming the file."""
+    the header's first word and must be unique. Problems raise DataError naming the file."""
     from plmrun.data.errors import DataError
     from plmrun.data.readers import read_records
-    try:
-        records = [(name.split()[0] if name.strip() else "", seq) for name, seq, _ in read_records(str(path))]
-    except DataError as e:
-        raise SystemExit(str(e)) from None
+    records = [(name.split()[0] if name.strip() else "", seq) for name, seq, _ in read_records(str(path))]
     seen: dict = {}
     for k, (rid, _) in enumerate(records, 1):
         if not rid:
-            raise SystemExit(f"{path}: record {k} has an empty header")
+            raise DataError(f"{path}: record {k} has an empty header")
         if rid in seen:
-            raise SystemExit(f"{path}: duplicate record id {rid!r} (records {seen[rid]} and {k})")
+            raise DataError(f"{path}: duplicate record id {rid!r} (records {seen[rid]} and {k})")
         seen[rid] = k
     if not records:
-        raise SystemExit(f"{path}: no records")
+        raise DataError(f"{path}: no records")
     return records
 
 
@@ -162,7 +160,7 @@ def embed_fasta(model: EvalModel, fasta: str | Path, out: str | Path, *, pool: s
         old = json.loads(state_file.read_text())
         if old != state:
             diff = ", ".join(k for k in state if old.get(k) != state[k])
-            raise SystemExit(f"{partial}: unfinished run with different {diff}; rerun with the same "
+            raise EvalError(f"{partial}: unfinished run with different {diff}; rerun with the same "
                              f"options or delete that folder")
     else:
         partial.mkdir(parents=True, exist_ok=True)
@@ -207,20 +205,13 @@ def add_embed_command(subparsers) -> argparse.ArgumentParser:
 
 def _run(args) -> int:
     if args.max_length < 3 or args.token_budget < args.max_length or args.chunk_size < 1:
-        raise SystemExit("embed: need --max-length >= 3, --token-budget >= --max-length, --chunk-size >= 1")
+        raise EvalError("embed: need --max-length >= 3, --token-budget >= --max-length, --chunk-size >= 1")
     model = load_eval_model(args.model, device=resolve_device(args.device), max_length=args.max_length)
     try:
         out = embed_fasta(model, args.fasta, args.out, pool=args.pool, layer=args.layer,
                           token_budget=args.token_budget, chunk_size=args.chunk_size,
                           log=lambda m: print(m, file=sys.stderr))
     except ValueError as e:
-        raise SystemExit(f"embed: {e}") from None
+        raise EvalError(f"embed: {e}") from None
     print(f"wrote {out}")
     return 0
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="plmrun")
-    add_embed_command(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["embed", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)

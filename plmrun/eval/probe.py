@@ -28,6 +28,7 @@ import numpy as np
 
 from plmrun import tokenizer as tok
 from plmrun.device import resolve_device
+from plmrun.eval.errors import EvalError
 from plmrun.eval.embed import embed_sequences, num_hidden_states
 from plmrun.eval.inference import DEFAULT_MAX_LENGTH, EvalModel, load_eval_model
 
@@ -326,7 +327,7 @@ def _layer_arg(value: str) -> int | str:
 def _run(args) -> int:
     if args.seeds < 1 or (args.max_train is not None and args.max_train < 2) or \
             (args.max_test is not None and args.max_test < 1):
-        raise SystemExit("probe: need --seeds >= 1, --max-train >= 2, --max-test >= 1")
+        raise EvalError("probe: need --seeds >= 1, --max-train >= 2, --max-test >= 1")
     caps = {k: v for k, v in (("max_train", args.max_train), ("max_test", args.max_test)) if v is not None}
     model = load_eval_model(args.model, device=resolve_device(args.device), max_length=args.max_length)
     try:
@@ -334,15 +335,8 @@ def _run(args) -> int:
                              token_budget=args.token_budget, layer=args.layer,
                              log=lambda m: print(m, file=sys.stderr))
     except ValueError as e:
-        raise SystemExit(f"probe: {e}") from None
+        raise EvalError(f"probe: {e}") from None
     print(format_table(results))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     return 0
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="plmrun")
-    add_probe_command(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["probe", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)

@@ -8,9 +8,10 @@ import argparse
 import html
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from plmrun.eval.errors import EvalError
 
 COLUMNS = [("params", "params"), ("tokens", "tokens"), ("train_time_s", "train time (s)"),
            ("tok_per_s", "tok/s"), ("mfu", "MFU"), ("best_val_loss", "best val loss"),
@@ -164,14 +165,7 @@ def _run(args) -> int:
     try:
         runs = make_report(args.runs, args.out)
     except ValueError as e:
-        raise SystemExit(f"report: {e}") from None
+        raise EvalError(f"report: {e}") from None
     print(markdown_table(runs))
     print(f"wrote {Path(args.out) / 'report.html'} and {Path(args.out) / 'loss_curves.png'}")
     return 0
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="plmrun")
-    add_report_command(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["report", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)

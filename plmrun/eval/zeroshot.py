@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import csv
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,6 +20,7 @@ import torch
 
 from plmrun import tokenizer as tok
 from plmrun.device import resolve_device
+from plmrun.eval.errors import EvalError
 from plmrun.eval.inference import DEFAULT_MAX_LENGTH, EvalModel, length_batches, load_eval_model, pack
 
 AMINO_ACIDS = frozenset(tok.VOCAB[i] for i in tok.AMINO_ACID_IDS)
@@ -214,7 +214,7 @@ def _run(args) -> int:
         model = load_eval_model(args.model, device=resolve_device(args.device), max_length=args.max_length)
         scores, rho, n = zeroshot(model, wildtype, variants, token_budget=args.token_budget)
     except ValueError as e:
-        raise SystemExit(f"zeroshot: {e}") from None
+        raise EvalError(f"zeroshot: {e}") from None
     if args.out:
         with open(args.out, "w", newline="") as f:
             w = csv.writer(f)
@@ -224,10 +224,3 @@ def _run(args) -> int:
     n_sites = len({s.index for v in variants for s in v.subs})
     print(f"{args.dms}: Spearman rho = {rho:.4f} over {n} variants ({n_sites} sites scored, model {args.model})")
     return 0
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="plmrun")
-    add_zeroshot_command(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["zeroshot", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
