@@ -23,7 +23,7 @@ def bench(a) -> dict | None:
     import torch
     from plmrun.config import build_config
     from plmrun.train.parallelize import init_distributed
-    from plmrun.train.record import hardware_info
+    from plmrun.experiments.record import hardware_info
     from plmrun.train.trainer import measure_matmul_peak
     cfg = build_config(a.config, ["--" + s.removeprefix("--") for s in a.set]
                        + [f"--data.token_budget={a.token_budget}", "--train.device=cuda", "--logging.progress=false"])

@@ -101,7 +101,7 @@ def _fmt(row: dict, key: str, fmt: str) -> str:
 def markdown(report: dict) -> str:
     t, hw = report["target"], report["hardware"]
     rows, hf = report["rows"], report["hf_reference"]
-    from plmrun.train.record import cpu_label
+    from plmrun.experiments.record import cpu_label
     machine = hw["gpu"] or cpu_label(hw)
     lines = [f"Speedrun to val loss {t}, {report['date']}, {machine}."
              f" Eval every {report['eval_every']} steps on the first {report['eval_subset']} valid sequences"
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
     if a.eval_every < 1 or (a.max_tokens is not None and a.max_tokens < 1):
         ap.error("--eval-every and --max-tokens must be >= 1")
     from plmrun.config import ConfigError
-    from plmrun.train.record import hardware_info
+    from plmrun.experiments.record import hardware_info
     from plmrun.train.trainer import train
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     common = dict(target=a.target, eval_every=a.eval_every, max_tokens=a.max_tokens, threads=a.threads,

@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     if a.steps < 1 or min(a.ns_steps) < 1:
         ap.error("--steps and --ns-steps must be >= 1")
     from plmrun.config import ConfigError
-    from plmrun.train.record import hardware_info
+    from plmrun.experiments.record import hardware_info
     try:
         speed = plmrun_config(a.config, a.set + ([f"train.threads={a.threads}"] if a.threads else []))
         cases = {"plmrun": speed, "plmrun esm2 recipe": recipe_at_shape(speed)}

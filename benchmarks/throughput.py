@@ -253,7 +253,7 @@ def measure_peaks(device: torch.device, precisions: list[str]) -> dict:
 
 
 def hardware() -> dict:
-    from plmrun.train.record import hardware_info
+    from plmrun.experiments.record import hardware_info
     return hardware_info()
 
 

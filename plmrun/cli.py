@@ -139,12 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     from plmrun.eval.report import add_report_command
     for add in (add_export_command, add_embed_command, add_probe_command, add_zeroshot_command, add_report_command):
         add(sub)
-    from plmrun.train.record import add_record_command
+    from plmrun.experiments.record import add_record_command
     add_record_command(sub)
     _add_config(sub)
-    from plmrun.train.sweep import add_sweep_command
+    from plmrun.experiments.sweep import add_sweep_command
     add_sweep_command(sub)
-    from plmrun.train.plan import add_plan_command
+    from plmrun.experiments.plan import add_plan_command
     add_plan_command(sub)
     return parser
 

@@ -17,7 +17,7 @@ def test_every_typed_error_is_a_plmrun_error():
     from plmrun.eval.export import ExportError
     from plmrun.model.loading import ModelLoadError
     from plmrun.tokenizer import InvalidSequenceError
-    from plmrun.train.record import RecordError
+    from plmrun.experiments.record import RecordError
     from plmrun.train.rundir import RunDirError
     from plmrun.train.trainer import TrainingError
     for cls in (ConfigError, DataError, ExportError, ModelLoadError, InvalidSequenceError, RecordError,

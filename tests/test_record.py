@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from plmrun.cli import main
-from plmrun.train.record import (TRACKS, RecordError, append_record, build_entry, hardware_key, read_records,
+from plmrun.experiments.record import (TRACKS, RecordError, append_record, build_entry, hardware_key, read_records,
                                  records_path, records_table, run_attempt, seed_result, track_config, welch_p_less)
 
 TRACK = TRACKS["cpu-2core"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from plmrun.config import build_config, list_shipped_configs
-from plmrun.train.plan import GB, RESERVED, estimate, parameter_counts, plan_table
+from plmrun.experiments.plan import GB, RESERVED, estimate, parameter_counts, plan_table
 
 TINY_YAML = """model: {hidden_size: 32, num_layers: 2, num_heads: 2}
 data: {token_budget: 512, max_length: 128}
@@ -106,7 +106,7 @@ def test_sweep_never_prompts_without_a_terminal(tmp_path):
 
 
 def test_get_secret(monkeypatch):
-    from plmrun.train.sweep import get_secret
+    from plmrun.experiments.sweep import get_secret
     monkeypatch.setenv("HF_TOKEN", "abc")
     assert get_secret("HF_TOKEN", "x") == "abc"
     monkeypatch.delenv("HF_TOKEN")

@@ -1,0 +1,1 @@
+"""Experiment tooling above training: leaderboard records, sweeps, memory/parameter plans."""
