@@ -49,15 +49,29 @@ def _add_eval(sub) -> None:
     p.add_argument("--split", default="valid", help="split to evaluate (default: valid)")
     p.add_argument("--subset", type=int, default=0, help="only the first N sequences (default: all)")
     p.add_argument("--token-budget", type=int, default=None, help="tokens per eval batch (results do not depend on it)")
-    p.add_argument("--eval-seed", type=int, default=None, help="mask seed (default: eval.seed of the config)")
+    p.add_argument("--eval-seed", type=int, default=None, help="mask seed (default: the run's eval.seed)")
+    p.add_argument("--mask-rate", type=float, default=None, help="fraction of residues masked (default: the run's eval.mask_rate)")
+    p.add_argument("--max-length", type=int, default=None, help="eval crop in tokens (default: the run's eval.max_length)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", help="also write the metrics as JSON here")
     p.set_defaults(func=_cmd_eval)
 
 
+def _run_config_file(spec: str) -> Path | None:
+    """config.yaml of the run a model path belongs to (the run directory, its model/ folder or one of
+    its checkpoints), or None for a model from elsewhere (HF folder, export, hub name)."""
+    path = Path(spec)
+    if path.name == "model" or path.parent.name == "checkpoints":    # run/model, run/checkpoints/step_N
+        path = path.parent if path.name == "model" else path.parent.parent
+    run_cfg = path / "config.yaml"           # the run layout of plmrun.train.rundir
+    return run_cfg if run_cfg.is_file() and (path / "metrics.jsonl").is_file() else None
+
+
 def _cmd_eval(args) -> int:
+    import dataclasses
+
     import torch
-    from plmrun.config import ConfigError, EvalConfig
+    from plmrun.config import ConfigError, EvalConfig, load_yaml, validate
     from plmrun.data.shards import open_dataset
     from plmrun.eval.mlm import evaluate
     from plmrun.device import resolve_device
@@ -69,13 +83,15 @@ def _cmd_eval(args) -> int:
     model = load_eval_model(name, device=device).net
     from plmrun.data.corpus import resolve_dataset
     dataset = resolve_dataset(args.dataset)
-    cfg = EvalConfig()
-    if args.eval_seed is not None:
-        cfg.seed = args.eval_seed
+    run_cfg = None if args.hf else _run_config_file(args.model)
+    cfg = validate(load_yaml(run_cfg)).eval if run_cfg else EvalConfig()   # a run's own eval protocol
+    flags = {"seed": args.eval_seed, "mask_rate": args.mask_rate, "max_length": args.max_length}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
     source = open_dataset(dataset, args.split)
     with torch.inference_mode():
         metrics = evaluate(model, source, cfg, subset=args.subset, device=device, token_budget=args.token_budget)
-    metrics = {"model": name, "split": args.split, "subset": args.subset, "eval_seed": cfg.seed, **metrics}
+    metrics = {"model": name, "split": args.split, "subset": args.subset, "eval_seed": cfg.seed,
+               "mask_rate": cfg.mask_rate, "max_length": cfg.max_length, **metrics}
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
     if args.out:
         Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")

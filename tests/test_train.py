@@ -75,13 +75,39 @@ def test_micro_batch_split_invariance():
     assert abs(np.mean(per_mb) - losses["8x2"]) > 1e-4
 
 
+def _unigram_cross_entropy(dataset, split, eval_cfg, subset):
+    """Val loss of the best context-free guess: every target predicted by the residue frequencies of
+    the train split, scored by the real eval protocol on the very targets the model is scored on."""
+    from plmrun.data.shards import open_dataset
+    from plmrun.eval.mlm import evaluate
+    from plmrun.model.layers import ModelOutput
+    from plmrun.tokenizer import VOCAB
+    train = open_dataset(dataset, "train")
+    counts = np.bincount(np.concatenate([train.residues(i) for i in range(len(train))]), minlength=len(VOCAB))
+    log_p = torch.log(torch.tensor(counts / counts.sum(), dtype=torch.float32).clamp_min(1e-12))
+
+    class Unigram(torch.nn.Module):
+        def forward(self, tokens, positions, cu_seqlens, max_seqlen, logits_index=None):
+            return ModelOutput(logits=log_p.expand(len(logits_index), -1))
+
+    return evaluate(Unigram(), open_dataset(dataset, split), eval_cfg, subset=subset)["loss"]
+
+
 def test_train_cli_end_to_end(tmp_path):
-    proc = _plmrun(["train", *TINY, "--logging.name=e2e"], tmp_path)
+    from plmrun.data.corpus import bundled_dataset_dir
+    # non-default eval settings: `plmrun eval RUN` must use them (the run's own protocol), and a target
+    # the first eval reaches (10) next to one no eval reaches (0.1) for the time-to-target report
+    eval_args = ["--eval.mask_rate=0.25", "--eval.max_length=100", "--eval.seed=99",
+                 "--train.report_at_val_losses=[10.0,0.1]"]
+    proc = _plmrun(["train", *TINY, *eval_args, "--logging.name=e2e"], tmp_path)
     run = tmp_path / "runs" / "e2e"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["tokens"] > 0 and summary["tok_per_s"] > 0
     assert 0 < summary["mfu"] < 1
-    assert summary["final_val"]["loss"] < 3.6
+    run_cfg = build_config(None, [*TINY, *eval_args])
+    unigram = _unigram_cross_entropy(bundled_dataset_dir(tmp_path.parent / "plmrun-cache"), "valid",
+                                     run_cfg.eval, run_cfg.eval.subset)
+    assert summary["final_val"]["loss"] < unigram           # learnt more than residue frequencies
     for f in ("config.yaml", "environment.json", "metrics.jsonl", "model/model.safetensors", "model/config.json",
               "plots/loss_vs_tokens.png", "plots/loss_vs_time.png"):
         assert (run / f).is_file(), f
@@ -89,14 +115,21 @@ def test_train_cli_end_to_end(tmp_path):
     assert env["torch"] == torch.__version__ and env["data"]["train_fingerprint"]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "eval"] == [3, 6]
-    assert "time-to-target" in proc.stdout or summary["time_to_target"] == {}
+    assert set(summary["time_to_target"]) == {"10.0"} and summary["time_to_target"]["10.0"]["step"] == 3
+    assert "time-to-target 10.0:" in proc.stdout and "time-to-target 0.1" not in proc.stdout
     # the run directory is never silently reused with another config
     bad = _plmrun(["train", *TINY, "--logging.name=e2e", "--train.seed=1"], tmp_path, check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "already finished" in bad.stderr
-    # the saved model evaluates under the same protocol from the CLI
+    # the saved model evaluates under the run's own protocol from the CLI: the same numbers as its last eval
+    final = [r for r in records if r["kind"] == "eval"][-1]
     _plmrun(["eval", str(run), "--split", "valid", "--subset", "16", "--out", "m.json"], tmp_path)
     metrics = json.loads((tmp_path / "m.json").read_text())
-    assert metrics["loss"] == pytest.approx(summary["final_val"]["loss"], abs=1e-5)
+    assert (metrics["mask_rate"], metrics["max_length"], metrics["eval_seed"]) == (0.25, 100, 99)
+    assert metrics["loss"] == pytest.approx(final["val_loss"], abs=1e-5)
+    assert metrics["accuracy"] == pytest.approx(final["val_accuracy"], abs=1e-6)
+    # flags still override the run's settings
+    _plmrun(["eval", str(run), "--subset", "16", "--mask-rate", "0.15", "--out", "o.json"], tmp_path)
+    assert json.loads((tmp_path / "o.json").read_text())["mask_rate"] == 0.15
 
 
 def test_sigterm_checkpoint_and_resume_is_bitwise_identical(tmp_path):
