@@ -82,10 +82,41 @@ def test_throughput_bad_override_is_one_line(capsys):
 
 
 def test_hf_reference_is_the_quoted_curve():
-    r = speedrun.hf_reference(2.70)
-    assert r["reached"] and (r["tokens_to_target"], r["time_to_target_s"]) == (408_811, 1261.6)
-    assert speedrun.hf_reference(3.0)["tokens_to_target"] == 108_532
-    assert not speedrun.hf_reference(2.5)["reached"] and "tokens_to_target" not in speedrun.hf_reference(2.5)
+    """The quoted peer row against values computed independently of its table: the parameter count of
+    EsmForMaskedLM built at the ESM-2 8M shape, the rate from the curve's end, and each target's first
+    crossing found by scanning the curve."""
+    from transformers import EsmConfig, EsmForMaskedLM
+
+    from plmrun.config import build_config
+    from plmrun.eval.export import esm_hf_config
+    ref = speedrun.HF_REFERENCE
+    hf = EsmForMaskedLM(EsmConfig(**esm_hf_config(build_config("esm2_8m", []).model)))
+    assert sum(p.numel() for p in hf.parameters()) == ref["params"]
+    seconds, tokens, _ = ref["curve"][-1]
+    assert round(tokens / seconds) == ref["tok_per_s"]
+    times, toks, losses = zip(*ref["curve"])
+    assert list(times) == sorted(times) and list(toks) == sorted(toks)
+    for target in (3.6, 3.0, 2.9, 2.75, 2.70, 2.6985):
+        first = min(i for i, loss in enumerate(losses) if loss <= target)
+        r = speedrun.hf_reference(target)
+        assert r["reached"] and (r["time_to_target_s"], r["tokens_to_target"], r["val_loss"]) == \
+            (times[first], toks[first], losses[first])
+    r = speedrun.hf_reference(min(losses) - 1e-4)
+    assert not r["reached"] and "tokens_to_target" not in r
+
+
+def test_hf_reference_matches_the_raw_log():
+    """The quoted curve is the measurement log, point by point (where the reference folder is present)."""
+    logs = [root / "shared" / "reference" / "hf_baseline_2026-11-22.log" for root in (BENCH.parent, BENCH.parents[1])]
+    log = next((p for p in logs if p.is_file()), None)
+    if log is None:
+        pytest.skip("shared/reference/hf_baseline_2026-11-22.log: reference measurements not in this checkout")
+    lines = log.read_text().splitlines()
+    points = [json.loads(x) for x in lines if x.startswith("{")]
+    assert [(p["train_s"], p["tokens"], p["val_loss"]) for p in points] == speedrun.HF_REFERENCE["curve"]
+    tail = dict(kv.split("=") for kv in lines[-1].split())
+    assert int(tail["params"]) == speedrun.HF_REFERENCE["params"]
+    assert int(tail["real_tok/s"]) == speedrun.HF_REFERENCE["tok_per_s"]
 
 
 def test_speedrun_headline_says_more_or_fewer_correctly():

@@ -14,13 +14,14 @@ from plmrun.manifest import MANIFEST, ManifestError, read_manifest, verify_manif
 def test_every_typed_error_is_a_plmrun_error():
     from plmrun.config import ConfigError
     from plmrun.data.errors import DataError
+    from plmrun.eval.errors import EvalError
     from plmrun.eval.export import ExportError
     from plmrun.model.loading import ModelLoadError
     from plmrun.tokenizer import InvalidSequenceError
     from plmrun.experiments.record import RecordError
     from plmrun.train.rundir import RunDirError
     from plmrun.train.trainer import TrainingError
-    for cls in (ConfigError, DataError, ExportError, ModelLoadError, InvalidSequenceError, RecordError,
+    for cls in (ConfigError, DataError, EvalError, ExportError, ModelLoadError, InvalidSequenceError, RecordError,
                 RunDirError, TrainingError, DeviceError, ManifestError):
         assert issubclass(cls, PlmrunError), cls
 
