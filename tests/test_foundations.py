@@ -113,3 +113,42 @@ def test_resolve_dataset_is_the_bundled_corpus_or_the_given_directory(tmp_path):
     assert resolve_dataset("bundled") == bundled_dataset_dir()
     assert resolve_dataset(str(tmp_path)) == tmp_path
     assert resolve_dataset(tmp_path) == tmp_path
+
+
+def _plmrun_modules():
+    import ast
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1] / "plmrun"
+    for path in sorted(root.rglob("*.py")):
+        yield path.relative_to(root.parent).with_suffix("").as_posix().replace("/", "."), ast.parse(path.read_text())
+
+
+def test_one_cli_entry_library_code_raises_typed_errors_only():
+    """No `SystemExit` and no `main()` outside plmrun/cli.py: the one entry turns typed errors into lines."""
+    import ast
+    found = []
+    for module, tree in _plmrun_modules():
+        if module == "plmrun.cli":
+            continue
+        found += [f"{module}: def main" for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main"]
+        found += [f"{module}:{n.lineno}: SystemExit" for n in ast.walk(tree)
+                  if isinstance(n, ast.Name) and n.id == "SystemExit"]
+    assert found == []
+
+
+def test_imports_never_run_upward():
+    """data/ and model/ below train/ and eval/; eval/ never imports train/; nothing imports experiments/
+    but the CLI (experiment tooling sits on top of training)."""
+    import ast
+    below = {"plmrun.data": ("plmrun.train", "plmrun.eval", "plmrun.experiments"),
+             "plmrun.model": ("plmrun.train", "plmrun.eval", "plmrun.experiments"),
+             "plmrun.eval": ("plmrun.train", "plmrun.experiments"),
+             "plmrun.train": ("plmrun.experiments",)}
+    upward = []
+    for module, tree in _plmrun_modules():
+        banned = next((b for pkg, b in below.items() if module.startswith(pkg + ".")), ())
+        for n in ast.walk(tree):
+            names = [a.name for a in n.names] if isinstance(n, ast.Import) else \
+                [n.module or ""] if isinstance(n, ast.ImportFrom) and n.level == 0 else []
+            upward += [f"{module}:{n.lineno} imports {x}" for x in names if banned and x.startswith(banned)]
+    assert upward == []
