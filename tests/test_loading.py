@@ -387,6 +387,16 @@ def test_damaged_checkpoint_weights_are_one_line(tmp_path):
     _one_line(e, str(ck), "checkpoint weights could not be read", "PytorchStreamReader failed")
 
 
+def test_init_from_a_checkpoint(tmp_path):
+    ck, model = _checkpoint(tmp_path)
+    fresh = build_model(model.cfg).eval()
+    load_hf_weights_into(fresh, ck)
+    _same_outputs(fresh, model.eval())
+    wide = build_model(config_from_dict({"model": {**SPEEDRUN, "hidden_size": 64}}).model)
+    with pytest.raises(ModelLoadError, match=r"checkpoint has shape \(33, 32\) for model.embed.weight"):
+        load_hf_weights_into(wide, ck)
+
+
 def test_checkpoint_of_another_config_is_one_line(tmp_path):
     import yaml
     ck, _ = _checkpoint(tmp_path)

@@ -194,21 +194,28 @@ def _load_into(model, sd: dict, naming: str, where: Path, built_from: str) -> No
         load_state_dict_checked(model, sd, where, built_from)
 
 
+def _locate(spec: str | Path) -> tuple[Path, ModelConfig | None]:
+    """The folder to read (a run directory means its model/), and the run's config for a checkpoint."""
+    path = resolve_source(spec)
+    if (path / "model" / "config.json").is_file():  # a run directory
+        path = path / "model"
+    if not (path.name.startswith("step_") and (path / "train_state.json").is_file()):
+        return path, None
+    run_cfg = path.parent.parent / "config.yaml"  # a checkpoint: runs/<name>/checkpoints/step_N
+    if not run_cfg.is_file():
+        raise ModelLoadError(f"{path}: checkpoint without its run's config.yaml at {run_cfg}")
+    try:
+        model_dict = yaml.safe_load(run_cfg.read_text())["model"]
+    except (yaml.YAMLError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"{run_cfg}: unreadable run config ({str(e).splitlines()[0]})") from None
+    return path, model_config_from_dict(model_dict, str(run_cfg))
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """Return (model in eval mode, ModelConfig) for a run dir, checkpoint, model folder, HF folder or Hub name."""
     from plmrun.model.registry import build_model
-    path = resolve_source(path)
-    if (path / "model" / "config.json").is_file():  # a run directory
-        path = path / "model"
-    if path.name.startswith("step_") and (path / "train_state.json").is_file():  # a checkpoint
-        run_cfg = path.parent.parent / "config.yaml"
-        if not run_cfg.is_file():
-            raise ModelLoadError(f"{path}: checkpoint without its run's config.yaml at {run_cfg}")
-        try:
-            model_dict = yaml.safe_load(run_cfg.read_text())["model"]
-        except (yaml.YAMLError, KeyError, TypeError) as e:
-            raise ModelLoadError(f"{run_cfg}: unreadable run config ({str(e).splitlines()[0]})") from None
-        cfg = model_config_from_dict(model_dict, str(run_cfg))
+    path, cfg = _locate(path)
+    if cfg is not None:
         model = build_model(cfg)
         load_checkpoint_weights(path, model)
         return model.to(device).eval(), cfg
@@ -219,16 +226,19 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
 
 
 def load_hf_weights_into(model, path: str | Path) -> None:
-    """Copy the weights of a Hugging Face ESM-2 folder (any layout), a plmrun export or saved model
-    into `model` (train --init-from-hf), which must have the same architecture and shapes."""
-    path = resolve_source(path)
-    if (path / "model" / "config.json").is_file():  # a run directory
-        path = path / "model"
-    cfg, sd, naming, where = read_model_folder(path)
+    """Copy the weights of a Hugging Face ESM-2 folder (any layout), a plmrun export, saved model or
+    checkpoint into `model` (train --init-from-hf), which must have the same architecture and shapes."""
+    path, cfg = _locate(path)
+    checkpoint = cfg is not None
+    if not checkpoint:
+        cfg, sd, naming, where = read_model_folder(path)
     if cfg.arch != model.cfg.arch:
         raise ModelLoadError(f"{path}: a model.arch={cfg.arch} model, but the training config has "
                              f"model.arch={model.cfg.arch}; pick a config of the same architecture")
-    _load_into(model, sd, naming, where, "the training config")
+    if checkpoint:
+        load_checkpoint_weights(path, model)
+    else:
+        _load_into(model, sd, naming, where, "the training config")
 
 
 def load_checkpoint_weights(path: Path, model) -> None:
