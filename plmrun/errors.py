@@ -7,3 +7,11 @@ do about it; `plmrun.cli.main` prints it as `error: <message>` and exits 2. A tr
 
 class PlmrunError(Exception):
     """A problem the user can fix; the message is one line naming the file or value and the fix."""
+
+
+class ModelLoadError(PlmrunError, RuntimeError):
+    """A path a model cannot be loaded from (missing, damaged, foreign or of another shape).
+
+    Here rather than in model/loading.py because model/esm2.py raises it and export copies the
+    model modules with errors.py, not loading.py; `plmrun.model.loading` is where callers import it.
+    """

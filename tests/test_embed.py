@@ -7,7 +7,7 @@ from plmrun.cli import main
 from plmrun.config import ModelConfig
 from plmrun.eval import embed
 from plmrun.eval.embed import embed_sequences, read_embeddings
-from plmrun.eval.inference import EvalModel, HFEsmAdapter, windows
+from plmrun.eval.inference import EvalModel, windows
 from plmrun.model.loading import save_model_dir
 from plmrun.model.registry import build_model
 
@@ -25,29 +25,38 @@ def tiny_plmrun(max_length=64):
 
 
 def tiny_hf(max_length=64):
+    """A random EsmForMaskedLM (transformers, the reference) and its weights in our esm2 preset."""
     from transformers import EsmConfig, EsmForMaskedLM
+    from plmrun.model.esm2 import load_hf_state_dict
+    from plmrun.model.loading import esm_config_to_model_config
     torch.manual_seed(1)  # not the control's seed
-    cfg = EsmConfig(vocab_size=33, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                    intermediate_size=64, pad_token_id=1, mask_token_id=32, position_embedding_type="rotary",
-                    token_dropout=True, max_position_embeddings=1026, emb_layer_norm_before=False)
-    return EvalModel(HFEsmAdapter(EsmForMaskedLM(cfg).eval()), cfg, "tiny-hf", max_length)
+    hf_cfg = EsmConfig(vocab_size=33, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=64, pad_token_id=1, mask_token_id=32, position_embedding_type="rotary",
+                       token_dropout=True, max_position_embeddings=1026, emb_layer_norm_before=False)
+    hf = EsmForMaskedLM(hf_cfg).eval()
+    cfg = esm_config_to_model_config(hf_cfg.to_dict())
+    net = build_model(cfg).eval()
+    load_hf_state_dict(net, hf.state_dict())
+    return EvalModel(net, cfg, "tiny-hf", max_length), hf
 
 
 @torch.no_grad()
-def single_forward_hidden(model: EvalModel, ids: np.ndarray) -> tuple:
-    """Reference: one unpacked sequence through the plmrun model or the HF model itself."""
+def single_forward_hidden(model: EvalModel, ids: np.ndarray, hf=None) -> tuple:
+    """Reference: one unpacked sequence through the plmrun model or the HF model itself.
+
+    HF's states are embeddings, layers 1..L-1, final: index 1 and -1 mean what ours do."""
     t = torch.from_numpy(tok.with_specials(ids))
-    if isinstance(model.net, HFEsmAdapter):
-        return tuple(h[0].numpy() for h in model.net.hf(input_ids=t[None], output_hidden_states=True).hidden_states)
+    if hf is not None:
+        return tuple(h[0].numpy() for h in hf(input_ids=t[None], output_hidden_states=True).hidden_states)
     out = model.net(t, torch.arange(len(t)), torch.tensor([0, len(t)], dtype=torch.int32), len(t),
                     output_hidden_states=True)
     return tuple(h.numpy() for h in out.hidden_states)
 
 
-@pytest.mark.parametrize("make", [tiny_plmrun, tiny_hf])
+@pytest.mark.parametrize("make", [lambda: (tiny_plmrun(), None), tiny_hf])
 def test_pools_match_one_sequence_forwards(make):
-    model = make()
-    refs = [single_forward_hidden(model, tok.encode(s)) for s in SEQS]
+    model, hf = make()
+    refs = [single_forward_hidden(model, tok.encode(s), hf) for s in SEQS]
     # a small budget forces several length-sorted batches; results must come back in input order
     mean = embed_sequences(model, SEQS, pool="mean", token_budget=model.max_length)
     cls = embed_sequences(model, SEQS, pool="cls", token_budget=model.max_length)
@@ -172,15 +181,16 @@ def test_fasta_problems_are_one_line_errors(tmp_path, capsys):
     assert "bad.fasta:4" in capsys.readouterr().err
 
 
-def test_hf_folder_loads_through_the_adapter_and_random_init_control(tmp_path):
+def test_hf_folder_loads_into_the_esm2_preset_and_random_init_control(tmp_path):
     from plmrun.eval.inference import load_eval_model
-    model = tiny_hf()
-    model.net.hf.save_pretrained(tmp_path / "hf")
+    from plmrun.model.esm2 import Esm2PLM
+    model, hf = tiny_hf()
+    hf.save_pretrained(tmp_path / "hf")
     loaded = load_eval_model(str(tmp_path / "hf"))
-    assert isinstance(loaded.net, HFEsmAdapter)
+    assert isinstance(loaded.net, Esm2PLM) and loaded.config == model.config
     np.testing.assert_allclose(embed_sequences(loaded, SEQS), embed_sequences(model, SEQS), atol=1e-6)
     control = loaded.random_init(0)
-    assert isinstance(control.net, HFEsmAdapter) and control.name.endswith("(random init)")
+    assert isinstance(control.net, Esm2PLM) and control.name.endswith("(random init)")
     assert not np.allclose(embed_sequences(control, SEQS), embed_sequences(loaded, SEQS), atol=1e-3)
     plm = tiny_plmrun()
     plm_control = plm.random_init(0)

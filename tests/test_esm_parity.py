@@ -7,6 +7,7 @@ from transformers import EsmConfig, EsmForMaskedLM  # noqa: E402
 
 from plmrun.config import ModelConfig  # noqa: E402
 from plmrun.model.esm2 import load_hf_state_dict, to_hf_state_dict  # noqa: E402
+from plmrun.model.loading import ModelLoadError  # noqa: E402
 from plmrun.model.registry import build_model  # noqa: E402
 
 D, LAYERS, HEADS = 64, 3, 4
@@ -104,10 +105,14 @@ def test_bad_checkpoints_are_refused_with_one_line():
     hf = hf_model(False)
     ours = build_model(ModelConfig(arch="esm2", hidden_size=D, num_layers=LAYERS + 1, num_heads=HEADS, unet=False,
                                    x0_lambdas=False, value_embeddings=False, qk_norm=False, soft_logit_cap=0.0))
-    with pytest.raises(ValueError, match="lacks .* esm2 weights"):
+    with pytest.raises(ModelLoadError, match="3 encoder layers, the model has 4"):
         load_hf_state_dict(ours, hf.state_dict())
     wide = build_model(ModelConfig(**{**vars(our_config(False)), "hidden_size": 2 * D}))
-    with pytest.raises(ValueError, match="shape mismatch"):
+    with pytest.raises(ModelLoadError, match=r"shape mismatch for esm.embeddings.word_embeddings.weight: "
+                                             r"weights \(33, 64\), model \(33, 128\)"):
         load_hf_state_dict(wide, hf.state_dict())
+    no_head = {k: v for k, v in hf.state_dict().items() if not k.startswith("lm_head.")}
+    with pytest.raises(ModelLoadError, match="lacks 5 esm2 weights"):
+        load_hf_state_dict(build_model(our_config(False)), no_head)
     with pytest.raises(ValueError, match="turn off soft_logit_cap"):
         build_model(ModelConfig(**{**vars(our_config(False)), "soft_logit_cap": 30.0}))

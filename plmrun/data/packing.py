@@ -198,6 +198,41 @@ def map_tensors(obj, fn):
     return type(obj)(**vals)
 
 
+def _assemble(pieces: list[np.ndarray], seg: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Token pieces back to back as segments of lengths `seg` -> (tokens, positions, cu_seqlens, max_seqlen)."""
+    cu = np.zeros(len(seg) + 1, dtype=np.int32)
+    np.cumsum(seg, out=cu[1:])
+    ramp = np.arange(max(seg), dtype=np.int64)
+    return (torch.from_numpy(np.concatenate(pieces).astype(np.int64)),
+            torch.from_numpy(np.concatenate([ramp[:n] for n in seg])), torch.from_numpy(cu), max(seg))
+
+
+def pack_tokens(token_arrays: list[np.ndarray], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Whole token arrays (with specials) back to back, no pad tail, on `device` (inference batches)."""
+    tokens, positions, cu, max_seqlen = _assemble(token_arrays, [len(t) for t in token_arrays])
+    return tokens.to(device), positions.to(device), cu.to(device), max_seqlen
+
+
+def length_batches(lengths: np.ndarray, token_budget: int) -> list[np.ndarray]:
+    """Indices grouped into batches of <= token_budget tokens, shortest first (little attention waste).
+
+    For inference, where every sequence is used whole and order does not matter; training batches
+    are packed by `best_fit_decreasing` into fixed-size bins instead.
+    """
+    order = np.argsort(lengths, kind="stable")
+    batches, cur, used = [], [], 0
+    for i in order:
+        n = int(lengths[i])
+        if cur and used + n > token_budget:
+            batches.append(np.array(cur))
+            cur, used = [], 0
+        cur.append(i)
+        used += n
+    if cur:
+        batches.append(np.array(cur))
+    return batches
+
+
 _CLS = np.array([CLS], dtype=np.uint8)
 _EOS = np.array([EOS], dtype=np.uint8)
 
@@ -219,14 +254,12 @@ def pack(source, seq_index: np.ndarray, crop_start: np.ndarray, *, token_budget:
     if total < token_budget:
         pieces.append(np.full(token_budget - total, PAD, dtype=np.uint8))
         seg.append(token_budget - total)
-    cu = np.zeros(len(seg) + 1, dtype=np.int32)
-    np.cumsum(seg, out=cu[1:])
-    ramp = np.arange(max(seg), dtype=np.int64)
+    tokens, positions, cu_seqlens, max_seqlen = _assemble(pieces, seg)
     return PackedBatch(
-        tokens=torch.from_numpy(np.concatenate(pieces).astype(np.int64)),
-        positions=torch.from_numpy(np.concatenate([ramp[:n] for n in seg])),
-        cu_seqlens=torch.from_numpy(cu),
-        max_seqlen=max(seg),
+        tokens=tokens,
+        positions=positions,
+        cu_seqlens=cu_seqlens,
+        max_seqlen=max_seqlen,
         num_sequences=len(seq_index),
         num_real_tokens=total,
         seq_index=torch.from_numpy(seq_index.copy()),

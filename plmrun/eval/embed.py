@@ -20,10 +20,11 @@ import numpy as np
 import torch
 
 from plmrun import tokenizer as tok
+from plmrun.data.packing import length_batches, pack_tokens
 from plmrun.data.readers import file_fingerprint
 from plmrun.device import resolve_device
 from plmrun.eval.errors import EvalError
-from plmrun.eval.inference import DEFAULT_MAX_LENGTH, EvalModel, length_batches, load_eval_model, pack, windows
+from plmrun.eval.inference import DEFAULT_MAX_LENGTH, EvalModel, load_eval_model, windows
 
 POOLS = ("mean", "cls", "per-residue")
 
@@ -90,7 +91,7 @@ def embed_sequences(model, sequences, *, pool: str = "mean", layer: int | None =
 
 def _hidden_states(net, token_arrays: list, device) -> tuple:
     """Every hidden state of one packed forward (no logits), and the batch's cu_seqlens."""
-    tokens, positions, cu, max_seqlen = pack(token_arrays, device)
+    tokens, positions, cu, max_seqlen = pack_tokens(token_arrays, device)
     out = net(tokens, positions, cu, max_seqlen, logits_index=torch.zeros(0, dtype=torch.long, device=device),
               output_hidden_states=True)
     return out.hidden_states, cu

@@ -5,7 +5,8 @@
 - speedrun architecture -> `AutoModelForMaskedLM.from_pretrained(DIR, trust_remote_code=True)`: the
   folder gets copies of plmrun's own model modules (one source, copied at export time, imports
   rewritten to be relative) and a small wrapper from `hf_remote/`.
-Both get the ESM tokenizer files and a model card with the training summary.
+Both get the ESM tokenizer files, a model card with the training summary and a MANIFEST.json
+(checksums of every file but the card, written last) that `load_model` verifies.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 from plmrun import tokenizer as tok
 from plmrun.config import ModelConfig
 from plmrun.errors import PlmrunError
+from plmrun.manifest import write_manifest
 from plmrun.model.loading import load_model
 
 _PKG = Path(__file__).resolve().parents[1]
@@ -57,6 +59,7 @@ def _copy_model_code(out: Path) -> None:
     for name in MODEL_MODULES:
         src = (_PKG / "model" / name).read_text()
         src = re.sub(r"from \.\.config import", "from .plmrun_config import", src)
+        src = re.sub(r"from \.\.errors import", "from .errors import", src)
         if re.search(r"^\s*(from|import) plmrun", src, re.M):
             raise ExportError(f"model/{name} imports plmrun absolutely; export needs relative imports only")
         (out / name).write_text(src)
@@ -137,6 +140,8 @@ def export(source: str | Path, out: str | Path, *, overwrite: bool = False) -> P
     write_tokenizer_files(tmp)
     n_params = sum(p.numel() for p in model.parameters())
     (tmp / "README.md").write_text(_model_card(cfg, n_params, summary, source))
+    # checksums last, of everything but the model card (made to be edited before a Hub upload)
+    write_manifest(tmp, sorted(f.name for f in tmp.iterdir() if f.is_file() and f.name != "README.md"))
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 from plmrun import tokenizer as tok
+from plmrun.data.packing import length_batches, pack_tokens
 from plmrun.device import resolve_device
 from plmrun.eval.errors import EvalError
-from plmrun.eval.inference import DEFAULT_MAX_LENGTH, EvalModel, length_batches, load_eval_model, pack
+from plmrun.eval.inference import DEFAULT_MAX_LENGTH, EvalModel, load_eval_model
 
 AMINO_ACIDS = frozenset(tok.VOCAB[i] for i in tok.AMINO_ACID_IDS)
 _MUTANT = re.compile(r"^([A-Z])(-?\d+)([A-Z])$")
@@ -128,7 +129,7 @@ def site_log_probs(model, wildtype: str, sites, *, max_length: int | None = None
         where.append(1 + i - start)
     out = {}
     for batch in length_batches(np.array([len(x) for x in inputs]), max(token_budget, max_length)):
-        tokens, positions, cu, max_seqlen = pack([inputs[j] for j in batch], device)
+        tokens, positions, cu, max_seqlen = pack_tokens([inputs[j] for j in batch], device)
         index = cu[:-1].long() + torch.tensor([where[j] for j in batch], device=device)
         logits = net(tokens, positions, cu, max_seqlen, logits_index=index).logits
         logp = torch.log_softmax(logits.float(), dim=-1).cpu().numpy()

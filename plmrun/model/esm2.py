@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from ..errors import ModelLoadError
 from .attention import PackedLayout, packed_attention
 from .layers import PLM, VOCAB_SIZE, ModelOutput, Rotary, apply_rotary, compute_dtype, fp32_linear, token_dropout, window_at
 
@@ -171,42 +172,78 @@ def to_hf_state_dict(model: Esm2PLM) -> dict[str, torch.Tensor]:
 
 # HF buffers and heads that are not part of the masked-LM computation
 _HF_IGNORED = ("esm.embeddings.position_ids", "esm.contact_head.", "esm.pooler.")
+# older names transformers still reads (and 5.x writes back): LayerNorm.gamma/beta
+_HF_LEGACY = ((".LayerNorm.gamma", ".LayerNorm.weight"), (".LayerNorm.beta", ".LayerNorm.bias"))
 
 
-def load_hf_state_dict(model: Esm2PLM, hf_state: dict[str, torch.Tensor]) -> None:
-    """Copy an EsmForMaskedLM state dict (rotary ESM-2) into `model`; one-line errors on mismatch."""
+def canonical_hf_state_dict(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Any EsmForMaskedLM layout under the current names (the ones `hf_key_map` uses).
+
+    Handles the names the Hub's facebook/esm2_* files and transformers 4.x/5.x `save_pretrained`
+    use: an `EsmModel` without the `esm.` prefix, LayerNorm `.gamma/.beta`, rotary `inv_freq` stored
+    once, per layer or under a `layer.*` pattern; drops position_ids and the contact head.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for k, v in dict(hf_state).items():
+        if not k.startswith(("esm.", "lm_head.")):
+            k = f"esm.{k}"
+        for old, new in _HF_LEGACY:
+            if k.endswith(old):
+                k = k[: -len(old)] + new
+        if k.endswith("rotary_embeddings.inv_freq"):
+            out.setdefault(HF_INV_FREQ, v)
+        elif not k.startswith(_HF_IGNORED):
+            out[k] = v
+    return out
+
+
+def hf_num_layers(hf_state: dict[str, torch.Tensor]) -> int:
+    """Number of encoder layers in a canonical EsmForMaskedLM state dict."""
+    prefix = "esm.encoder.layer."
+    ids = {int(k[len(prefix):].split(".", 1)[0]) for k in hf_state if k.startswith(prefix)}
+    return max(ids) + 1 if ids else 0
+
+
+def load_hf_state_dict(model: Esm2PLM, hf_state: dict[str, torch.Tensor], where: str = "checkpoint") -> None:
+    """Copy an EsmForMaskedLM state dict (rotary ESM-2, any layout) into `model`.
+
+    Every mismatch is a one-line ModelLoadError starting with `where` (the file), naming the first
+    mismatching key and both shapes.
+    """
     if not isinstance(model, Esm2PLM):
-        raise TypeError(f"load_hf_state_dict needs an esm2-preset model, got {type(model).__name__}")
-    hf_state = {(k if k.startswith(("esm.", "lm_head.")) else f"esm.{k}"): v for k, v in dict(hf_state).items()}
+        raise ModelLoadError(f"{where}: ESM-2 weights need an esm2-preset model (model.arch=esm2), "
+                             f"not {type(model).__name__}")
+    hf_state = canonical_hf_state_dict(hf_state)
     if "esm.embeddings.position_embeddings.weight" in hf_state:
-        raise ValueError("checkpoint uses absolute position embeddings (ESM-1b style); the esm2 preset is rotary only")
+        raise ModelLoadError(f"{where}: absolute position embeddings (ESM-1b style); the esm2 preset is rotary only")
+    n = hf_num_layers(hf_state)
+    if n != len(model.blocks):
+        raise ModelLoadError(f"{where}: {n} encoder layers, the model has {len(model.blocks)} "
+                             f"(set model.num_layers={n} or pick the matching config)")
     # tied checkpoints may omit the decoder: it is the word embedding
     hf_state.setdefault("lm_head.decoder.weight", hf_state.get("esm.embeddings.word_embeddings.weight"))
     ours = model.state_dict()
     mapping = hf_key_map(len(model.blocks))
-    if model.cfg.tie_embeddings and not torch.equal(hf_state["lm_head.decoder.weight"],
-                                                    hf_state["esm.embeddings.word_embeddings.weight"]):
-        raise ValueError("checkpoint has an untied LM decoder but model.tie_embeddings=true; set it to false")
-    missing = [hf for hf in mapping.values() if hf not in hf_state]
+    missing = [hf for hf in mapping.values() if hf_state.get(hf) is None]
     if missing:
-        raise ValueError(f"checkpoint lacks {len(missing)} esm2 weights, e.g. {missing[0]!r} "
-                         f"(different number of layers? model has {len(model.blocks)})")
+        raise ModelLoadError(f"{where}: lacks {len(missing)} esm2 weights, e.g. {missing[0]!r} "
+                             "(an EsmModel without the masked-LM head?)")
     known = set(mapping.values()) | {HF_INV_FREQ}
-    extra = [k for k in hf_state if k not in known and not k.startswith(_HF_IGNORED)
-             and not k.endswith("rotary_embeddings.inv_freq")]
+    extra = [k for k in hf_state if k not in known]
     if extra:
-        raise ValueError(f"checkpoint has {len(extra)} weights the esm2 preset does not know, e.g. {extra[0]!r}")
+        raise ModelLoadError(f"{where}: {len(extra)} weights the esm2 preset does not know, e.g. {extra[0]!r}")
     new = {}
     for name, hf in mapping.items():
         if tuple(ours[name].shape) != tuple(hf_state[hf].shape):
-            raise ValueError(f"shape mismatch for {hf}: checkpoint {tuple(hf_state[hf].shape)}, "
-                             f"model {tuple(ours[name].shape)} (check hidden_size/num_heads/expansion_ratio)")
+            raise ModelLoadError(f"{where}: shape mismatch for {hf}: weights {tuple(hf_state[hf].shape)}, "
+                                 f"model {tuple(ours[name].shape)} (check hidden_size/num_heads/expansion_ratio)")
         new[name] = hf_state[hf]
+    if model.cfg.tie_embeddings and not torch.equal(new["head.decoder.weight"], new["embed.weight"]):
+        raise ModelLoadError(f"{where}: untied LM decoder but model.tie_embeddings=true; set it to false")
     model.load_state_dict(new, strict=True)
     inv = hf_state.get(HF_INV_FREQ)
-    if inv is None:  # old checkpoints keep one copy per layer
-        inv = next((v for k, v in hf_state.items() if k.endswith("rotary_embeddings.inv_freq")), None)
     if inv is not None:  # keep the checkpoint's (possibly fp16-rounded) frequencies for exact parity
         if inv.shape != model.rotary.inv_freq.shape:
-            raise ValueError(f"rotary inv_freq has shape {tuple(inv.shape)}, model expects {tuple(model.rotary.inv_freq.shape)}")
+            raise ModelLoadError(f"{where}: rotary inv_freq has shape {tuple(inv.shape)}, model expects "
+                                 f"{tuple(model.rotary.inv_freq.shape)} (check hidden_size/num_heads)")
         model.rotary.inv_freq.copy_(inv)

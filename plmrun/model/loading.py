@@ -1,31 +1,36 @@
-"""One way to load a model: from a run directory, a checkpoint, a saved model folder or a Hugging Face folder.
+"""The one model loader: a run directory, a checkpoint, a saved model, a `plmrun export` folder, a
+Hugging Face ESM-2 folder or a Hub name -> our model (train --init-from-hf, eval, export, embed,
+probe, zeroshot all come here).
 
-Saved model folder (`runs/<name>/model/`): `model.safetensors` (our parameter names) and
-`config.json` = {"plmrun_format": 1, "model": <ModelConfig as a dict>}. A Hugging Face folder is
-either an ESM-2 `EsmForMaskedLM` (config.json `model_type: esm`) -> the `esm2` preset, or a folder
-exported by `plmrun export` (its config.json carries our ModelConfig under `plmrun_model`).
+Saved model folder (`runs/<name>/model/`): `model.safetensors` (our parameter names),
+`config.json` = {"plmrun_format": 1, "model": <ModelConfig as a dict>} and `MANIFEST.json`
+(checksums, written last). A Hugging Face folder is either an ESM-2 `EsmForMaskedLM` (config.json
+`model_type: esm`, any layout transformers or the Hub writes: safetensors, sharded safetensors,
+pytorch_model.bin) -> the `esm2` preset, or a folder written by `plmrun export` (its config.json
+carries our ModelConfig under `plmrun_model`). Every damaged or mismatching file is a one-line
+ModelLoadError naming the file (and the first mismatching key and shapes).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
 import yaml
 
 from plmrun.config import ConfigError, ModelConfig, config_from_dict
-from plmrun.errors import PlmrunError
+from plmrun.errors import ModelLoadError
+from plmrun.manifest import ManifestError, verify_manifest, write_manifest
 
 FORMAT = 1
-
-
-class ModelLoadError(PlmrunError, RuntimeError):
-    """The path is not something a model can be loaded from; the message says what it is."""
+HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+"A Hub repo id (`facebook/esm2_t6_8M_UR50D`); tried only when no such local path exists."
 
 
 def save_model_dir(out: Path, state_dict: dict, cfg: ModelConfig) -> None:
-    """Write model.safetensors + config.json atomically (temp names, then rename)."""
+    """Write model.safetensors + config.json atomically (temp names, then rename), the manifest last."""
     from dataclasses import asdict
     from safetensors.torch import save_file
     out = Path(out)
@@ -38,106 +43,252 @@ def save_model_dir(out: Path, state_dict: dict, cfg: ModelConfig) -> None:
     tmp = out / "config.json.tmp"
     tmp.write_text(json.dumps({"plmrun_format": FORMAT, "model": asdict(cfg)}, indent=2))
     os.replace(tmp, out / "config.json")
+    write_manifest(out, ["model.safetensors", "config.json"])
 
 
 def model_config_from_dict(d: dict, where: str) -> ModelConfig:
+    if not isinstance(d, dict):
+        raise ModelLoadError(f"{where}: no model settings (expected a mapping of ModelConfig fields)")
     try:
         return config_from_dict({"model": d}, where).model
     except ConfigError as e:
         raise ModelLoadError(str(e)) from None
 
 
-def esm_config_to_model_config(hf: dict) -> ModelConfig:
-    """The esm2 preset with the shape of a Hugging Face EsmConfig."""
-    if hf.get("position_embedding_type", "rotary") != "rotary":
-        raise ModelLoadError("only rotary ESM models (ESM-2) are supported, not absolute-position ESM-1b")
-    if hf.get("vocab_size", 33) != 33:
-        raise ModelLoadError(f"ESM vocabulary size {hf.get('vocab_size')} is not the 33-token ESM-2 vocabulary")
+def esm_config_to_model_config(hf: dict, where: str = "Hugging Face config.json") -> ModelConfig:
+    """The esm2 preset with the shape of a Hugging Face EsmConfig (its defaults where a key is absent)."""
+    if hf.get("position_embedding_type", "absolute") != "rotary":
+        raise ModelLoadError(f"{where}: only rotary ESM models (ESM-2) are supported, not absolute-position ESM-1b")
+    if hf.get("vocab_size") != 33:
+        raise ModelLoadError(f"{where}: ESM vocabulary size {hf.get('vocab_size')} is not the 33-token ESM-2 vocabulary")
+    if hf.get("emb_layer_norm_before") or hf.get("hidden_act", "gelu") != "gelu":
+        raise ModelLoadError(f"{where}: emb_layer_norm_before/hidden_act differ from ESM-2's; not an ESM-2 model")
+    try:
+        d = {"arch": "esm2", "hidden_size": hf["hidden_size"], "num_layers": hf["num_hidden_layers"],
+             "num_heads": hf["num_attention_heads"], "expansion_ratio": hf["intermediate_size"] / hf["hidden_size"]}
+    except (KeyError, TypeError, ZeroDivisionError) as e:
+        raise ModelLoadError(f"{where}: ESM config lacks a valid {e} entry") from None
     return model_config_from_dict({
-        "arch": "esm2", "hidden_size": hf["hidden_size"], "num_layers": hf["num_hidden_layers"],
-        "num_heads": hf["num_attention_heads"], "expansion_ratio": hf["intermediate_size"] / hf["hidden_size"],
-        "layer_norm_eps": hf.get("layer_norm_eps", 1e-5), "token_dropout": bool(hf.get("token_dropout", True)),
+        **d, "layer_norm_eps": hf.get("layer_norm_eps", 1e-12),  # EsmConfig's default
+        "token_dropout": bool(hf.get("token_dropout", False)), "tie_embeddings": bool(hf.get("tie_word_embeddings", True)),
+        "rope_base": float(hf.get("rope_theta", 10000.0)),
         "unet": False, "x0_lambdas": False, "value_embeddings": False, "qk_norm": False, "soft_logit_cap": 0.0,
-    }, "Hugging Face config.json")
+    }, where)
 
 
-def _load_safetensors(path: Path) -> dict:
-    from safetensors.torch import load_file
-    return load_file(str(path))
+def resolve_source(spec: str | Path) -> Path:
+    """A local path as is; else a Hub repo id downloaded (or found in the cache) by snapshot_download."""
+    path = Path(spec)
+    if path.exists():
+        return path
+    if not HUB_NAME.match(str(spec)):
+        raise ModelLoadError(f"{spec}: no such file or directory")
+    from huggingface_hub import snapshot_download
+    try:  # safetensors when the repo has them, else the pickled weights: never both
+        folder = Path(snapshot_download(str(spec), allow_patterns=["config.json", "*.safetensors",
+                                                                   "*.safetensors.index.json"]))
+        if not any(folder.glob("*.safetensors")):
+            folder = Path(snapshot_download(str(spec), allow_patterns=["config.json", "pytorch_model*.bin",
+                                                                       "pytorch_model.bin.index.json"]))
+    except Exception as e:  # offline, unreachable, unknown repo, auth: all end here, as one line
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelLoadError(f"{spec}: no such local folder, and it could not be fetched from the Hugging Face Hub "
+                             f"({why}); pass a local model folder") from None
+    return folder
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path}: not valid JSON ({str(e).splitlines()[0]}); the file is damaged, "
+                             "re-save or re-download the model") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _read_weight_file(path: Path) -> dict:
+    """One safetensors or pytorch_model.bin file; an unreadable one is a one-line error."""
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: missing (listed in the folder's index)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # SafetensorError, zip/pickle errors: the bytes are not a whole weight file
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelLoadError(f"{path}: unreadable weights ({why[:200]}); the file is truncated or damaged, "
+                             "re-save or re-download it") from None
+
+
+def read_weights(folder: Path) -> tuple[dict, Path]:
+    """Every tensor of a model folder and the file it came from (for messages).
+
+    Sharded safetensors (model.safetensors.index.json), model.safetensors, other *.safetensors,
+    sharded or single pytorch_model.bin, in that order of preference.
+    """
+    for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if (folder / index).is_file():
+            weight_map = _read_json(folder / index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ModelLoadError(f"{folder / index}: no weight_map; the index is damaged")
+            sd = {}
+            for name in sorted(set(weight_map.values())):
+                sd.update(_read_weight_file(folder / name))
+            return sd, folder / index
+        if (folder / single).is_file():
+            return _read_weight_file(folder / single), folder / single
+        if single == "model.safetensors" and (files := sorted(folder.glob("*.safetensors"))):
+            sd = {}
+            for f in files:
+                sd.update(_read_weight_file(f))
+            return sd, files[0]
+    raise ModelLoadError(f"{folder}: no model.safetensors or pytorch_model.bin")
+
+
+def _verify(folder: Path) -> None:
+    try:
+        verify_manifest(folder)
+    except ManifestError as e:
+        raise ModelLoadError(f"{e}; re-save or re-export the model") from None
+
+
+def read_model_folder(folder: Path) -> tuple[ModelConfig, dict, str, Path]:
+    """(config, weights, naming, weights file) of a saved model, export or Hugging Face folder.
+
+    naming is "plmrun" (our parameter names) or "hf" (EsmForMaskedLM names, any layout).
+    """
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        if (folder / "checkpoints").is_dir():
+            raise ModelLoadError(f"{folder}: the run has no saved model yet (no model/config.json); "
+                                 f"pass one of its checkpoints, e.g. {folder / 'checkpoints'}/step_N")
+        raise ModelLoadError(f"{folder}: not a run directory, checkpoint or model folder (no config.json)")
+    _verify(folder)
+    meta = _read_json(cfg_file)
+    if "plmrun_format" in meta:
+        cfg = model_config_from_dict(meta.get("model"), str(cfg_file))
+        sd, where = read_weights(folder)
+        return cfg, sd, "plmrun", where
+    if "plmrun_model" in meta:  # folder written by plmrun export
+        cfg = model_config_from_dict(meta["plmrun_model"], str(cfg_file))
+        sd, where = read_weights(folder)
+        if cfg.arch == "esm2":
+            return cfg, sd, "hf", where
+        return cfg, {k.removeprefix("plm."): v for k, v in sd.items()}, "plmrun", where
+    if meta.get("model_type") == "esm":
+        cfg = esm_config_to_model_config(meta, str(cfg_file))
+        sd, where = read_weights(folder)
+        return cfg, sd, "hf", where
+    raise ModelLoadError(f"{cfg_file}: neither a plmrun model nor an ESM (model_type 'esm') config")
+
+
+def _load_into(model, sd: dict, naming: str, where: Path, built_from: str) -> None:
+    if naming == "hf":
+        from plmrun.model.esm2 import load_hf_state_dict
+        load_hf_state_dict(model, sd, where=str(where))
+    else:
+        load_state_dict_checked(model, sd, where, built_from)
+
+
+def _locate(spec: str | Path) -> tuple[Path, ModelConfig | None]:
+    """The folder to read (a run directory means its model/), and the run's config for a checkpoint."""
+    path = resolve_source(spec)
+    if (path / "model" / "config.json").is_file():  # a run directory
+        path = path / "model"
+    if not (path.name.startswith("step_") and (path / "train_state.json").is_file()):
+        return path, None
+    run_cfg = path.parent.parent / "config.yaml"  # a checkpoint: runs/<name>/checkpoints/step_N
+    if not run_cfg.is_file():
+        raise ModelLoadError(f"{path}: checkpoint without its run's config.yaml at {run_cfg}")
+    try:
+        model_dict = yaml.safe_load(run_cfg.read_text())["model"]
+    except (yaml.YAMLError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"{run_cfg}: unreadable run config ({str(e).splitlines()[0]})") from None
+    return path, model_config_from_dict(model_dict, str(run_cfg))
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """Return (model in eval mode, ModelConfig) for a run dir, checkpoint, model folder or HF folder."""
+    """Return (model in eval mode, ModelConfig) for a run dir, checkpoint, model folder, HF folder or Hub name."""
     from plmrun.model.registry import build_model
-    path = Path(path)
-    if not path.exists():
-        raise ModelLoadError(f"{path}: no such file or directory")
-    if (path / "model" / "config.json").is_file():  # a run directory
-        path = path / "model"
-    if path.name.startswith("step_") and (path / "train_state.json").is_file():  # a checkpoint
-        run_cfg = path.parent.parent / "config.yaml"
-        if not run_cfg.is_file():
-            raise ModelLoadError(f"{path}: checkpoint without its run's config.yaml at {run_cfg}")
-        cfg = model_config_from_dict(yaml.safe_load(run_cfg.read_text())["model"], str(run_cfg))
+    path, cfg = _locate(path)
+    if cfg is not None:
         model = build_model(cfg)
         load_checkpoint_weights(path, model)
         return model.to(device).eval(), cfg
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise ModelLoadError(f"{path}: not a run directory, checkpoint or model folder (no config.json)")
-    meta = json.loads(cfg_file.read_text())
-    weights = path / "model.safetensors"
-    if "plmrun_format" in meta:
-        cfg = model_config_from_dict(meta["model"], str(cfg_file))
-        model = build_model(cfg)
-        _load_strict(model, _load_safetensors(weights), weights)
-    elif "plmrun_model" in meta:  # folder written by plmrun export
-        cfg = model_config_from_dict(meta["plmrun_model"], str(cfg_file))
-        model = build_model(cfg)
-        sd = _load_safetensors(weights)
-        if cfg.arch == "esm2":
-            from plmrun.model.esm2 import load_hf_state_dict
-            load_hf_state_dict(model, sd)
-        else:
-            _load_strict(model, {k.removeprefix("plm."): v for k, v in sd.items()}, weights)
-    elif meta.get("model_type") == "esm":
-        cfg = esm_config_to_model_config(meta)
-        model = build_model(cfg)
-        load_hf_weights_into(model, path)
-    else:
-        raise ModelLoadError(f"{cfg_file}: neither a plmrun model nor an ESM (model_type 'esm') config")
+    cfg, sd, naming, where = read_model_folder(path)
+    model = build_model(cfg)
+    _load_into(model, sd, naming, where, f"{path / 'config.json'}")
     return model.to(device).eval(), cfg
 
 
 def load_hf_weights_into(model, path: str | Path) -> None:
-    """Copy a Hugging Face EsmForMaskedLM folder's weights into an esm2-preset model of the same shape."""
-    from plmrun.model.esm2 import load_hf_state_dict
-    path = Path(path)
-    files = sorted(path.glob("*.safetensors"))
-    if files:
-        sd = {}
-        for f in files:
-            sd.update(_load_safetensors(f))
-    elif (path / "pytorch_model.bin").is_file():
-        sd = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    """Copy the weights of a Hugging Face ESM-2 folder (any layout), a plmrun export, saved model or
+    checkpoint into `model` (train --init-from-hf), which must have the same architecture and shapes."""
+    path, cfg = _locate(path)
+    checkpoint = cfg is not None
+    if not checkpoint:
+        cfg, sd, naming, where = read_model_folder(path)
+    if cfg.arch != model.cfg.arch:
+        raise ModelLoadError(f"{path}: a model.arch={cfg.arch} model, but the training config has "
+                             f"model.arch={model.cfg.arch}; pick a config of the same architecture")
+    if checkpoint:
+        load_checkpoint_weights(path, model)
     else:
-        raise ModelLoadError(f"{path}: no model.safetensors or pytorch_model.bin")
-    load_hf_state_dict(model, sd)
+        _load_into(model, sd, naming, where, "the training config")
 
 
 def load_checkpoint_weights(path: Path, model) -> None:
-    """Model weights of a training checkpoint (a DCP directory with a "model" entry) into a plain model."""
+    """Model weights of a training checkpoint (a DCP directory with a "model" entry) into a plain model.
+
+    Shapes are compared with the checkpoint's metadata first, so another model config names the
+    first mismatching key and both shapes instead of DCP's multi-rank traceback.
+    """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    _verify(path)
     sd = get_model_state_dict(model)
-    dcp.load({"model": sd}, checkpoint_id=str(path))
+    try:
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as e:  # missing or truncated .metadata (pickle/EOF errors)
+        raise ModelLoadError(f"{path / '.metadata'}: unreadable checkpoint metadata ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200] if str(e) else ''}); the checkpoint is damaged") from None
+    ours_saved = any(k.startswith("model.") for k in saved)
+    for key, t in sd.items() if ours_saved else ():
+        meta = saved.get(f"model.{key}")
+        size = tuple(getattr(meta, "size", ()) or ())
+        if meta is None or size != tuple(t.shape):
+            have = "lacks it" if meta is None else f"has shape {size}"
+            raise ModelLoadError(f"{path}: checkpoint {have} for model.{key}, the run's model expects "
+                                 f"{tuple(t.shape)}; the checkpoint is from another model config")
+    try:
+        dcp.load({"model": sd}, checkpoint_id=str(path))
+    except (Exception, CheckpointException) as e:  # DCP wraps rank failures in a multi-line BaseException
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        why = lines[-1].split(". ")[0][:200] if lines else type(e).__name__
+        raise ModelLoadError(f"{path}: checkpoint weights could not be read ({why}); "
+                             "the checkpoint is damaged, use another one") from None
     set_model_state_dict(model, sd)
 
 
-def _load_strict(model, sd: dict, where: Path) -> None:
+def load_state_dict_checked(model, sd: dict, where: Path, built_from: str) -> None:
+    """Strict load naming the first missing/unexpected key or the first key whose shape differs."""
     if model.cfg.arch == "esm2":  # esm2 folders saved before the block list was named `blocks`
         sd = {("blocks." + k[len("layers."):] if k.startswith("layers.") else k): v for k, v in sd.items()}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise ModelLoadError(f"{where}: weights do not match the architecture in config.json "
-                             f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+    ours = model.state_dict()
+    for key, want in ours.items():
+        if key not in sd:
+            raise ModelLoadError(f"{where}: lacks {key!r}, which the model built from {built_from} has "
+                                 "(different number of layers or architecture switches?)")
+        if tuple(sd[key].shape) != tuple(want.shape):
+            raise ModelLoadError(f"{where}: {key} has shape {tuple(sd[key].shape)}, the model built from "
+                                 f"{built_from} expects {tuple(want.shape)}")
+    extra = [k for k in sd if k not in ours]
+    if extra:
+        raise ModelLoadError(f"{where}: {len(extra)} weights the model built from {built_from} does not have, "
+                             f"e.g. {extra[0]!r}")
+    model.load_state_dict(sd, strict=True)
