@@ -22,6 +22,8 @@ import json
 import os
 import shutil
 import signal
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -67,6 +69,14 @@ def _agree(message: Optional[str]) -> Optional[str]:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, message)
     return next((m for m in out if m), None)
+
+
+@contextmanager
+def _quiet_single_process():
+    """DCP warns on every single-process save/load that it assumes one process: that is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def injected_fault(step: int, rank: int, kinds: tuple[str, ...]) -> Optional[str]:
@@ -187,7 +197,8 @@ def save_checkpoint(root: Path, step: int, parts: dict, keep_latest_k: int) -> P
     tensors = {name: parts[name].state_dict() for name in TENSOR_PARTS if name in parts}
     failure: Optional[BaseException] = None
     try:
-        dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not _is_dist())
+        with _quiet_single_process():
+            dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not _is_dist())
     except (CheckpointException, OSError) as e:
         failure = e
     if injected_fault(step, _rank(), ("killsave",)):  # the shards are written, the rename is not
@@ -313,6 +324,8 @@ def load_checkpoint(path: Path, parts: dict) -> dict:
             raise CheckpointError(f"{path / STATE_FILE}: no {name!r} state; {_fallback(path)}")
         try:
             part.load_state_dict(state[name])
+        except PlmrunError:
+            raise
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{path / STATE_FILE}: {name} state does not fit this run ({e})") from None
     _dcp_load(tensors, path)
@@ -323,7 +336,8 @@ def load_checkpoint(path: Path, parts: dict) -> dict:
 
 def _dcp_load(state: dict, path: Path) -> None:
     try:
-        dcp.load(state, checkpoint_id=str(path), no_dist=not _is_dist())
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=str(path), no_dist=not _is_dist())
     except CheckpointException as e:
         exc = next(iter(e.failures.values()))[0] if e.failures else e
         raise CheckpointError(f"{path}: reading the checkpoint failed ({type(exc).__name__}: "
