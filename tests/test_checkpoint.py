@@ -235,3 +235,20 @@ def test_disk_full_during_training_is_one_cli_line_and_keeps_the_previous_checkp
     ckpts = tmp_path / "runs" / "full" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000002"]
     assert ckpt.read_train_state(ckpts / "step_00000002")["step"] == 2
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_fsdp2_sharded_checkpoint_resumes_bitwise(tmp_path):
+    """FSDP2 on 2 ranks: SIGTERM after step 3 saves sharded (DTensor) model and optimizer state; the resumed run
+    ends bitwise equal to the uninterrupted one, and the manifest lists every rank's shard."""
+    import sys
+    from test_distributed import _assert_identical, _run, _torchrun
+    args = ["--dist.strategy=fsdp", "--train.checkpoint_every=2"]
+    _torchrun([*args, "--logging.name=straight"], tmp_path)
+    _torchrun([*args, "--logging.name=termed"], tmp_path, {"PLMRUN_FAULT": "term@3:1"}, check=False)
+    run = tmp_path / "runs" / "termed"
+    manifest = json.loads((run / "checkpoints" / "step_00000003" / MANIFEST).read_text())
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", ckpt.STATE_FILE} <= set(manifest["files"])
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "plmrun.cli",
+          "train", "--resume", str(run)], tmp_path)
+    _assert_identical(tmp_path / "runs" / "straight", run)
