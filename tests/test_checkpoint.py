@@ -252,3 +252,18 @@ def test_fsdp2_sharded_checkpoint_resumes_bitwise(tmp_path):
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "plmrun.cli",
           "train", "--resume", str(run)], tmp_path)
     _assert_identical(tmp_path / "runs" / "straight", run)
+
+
+def test_checkpoint_weights_for_eval_are_verified_too(tmp_path):
+    """`plmrun eval/export CHECKPOINT` reads the "model" entry through model/loading.py: a flipped byte is refused."""
+    from plmrun.manifest import ManifestError
+    from plmrun.model.loading import load_checkpoint_weights
+    path = _saved(tmp_path)
+    model, _, _ = _setup(seed=5)
+    load_checkpoint_weights(path, model)
+    shard = next(path.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match=f"{shard}: contents do not match"):
+        load_checkpoint_weights(path, model)

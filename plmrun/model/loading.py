@@ -16,6 +16,7 @@ import yaml
 
 from plmrun.config import ConfigError, ModelConfig, config_from_dict
 from plmrun.errors import PlmrunError
+from plmrun.manifest import verify_manifest
 
 FORMAT = 1
 
@@ -126,9 +127,13 @@ def load_hf_weights_into(model, path: str | Path) -> None:
 
 
 def load_checkpoint_weights(path: Path, model) -> None:
-    """Model weights of a training checkpoint (a DCP directory with a "model" entry) into a plain model."""
+    """Model weights of a training checkpoint (a DCP directory with a "model" entry) into a plain model.
+
+    Its MANIFEST.json (checkpoints since format 2) is verified first; older checkpoints have none.
+    """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    verify_manifest(path)
     sd = get_model_state_dict(model)
     dcp.load({"model": sd}, checkpoint_id=str(path))
     set_model_state_dict(model, sd)

@@ -191,8 +191,6 @@ def save_checkpoint(root: Path, step: int, parts: dict, keep_latest_k: int) -> P
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".tmp-step_*"):  # left by a save that was killed
             shutil.rmtree(stale, ignore_errors=True)
-        if final.exists():
-            shutil.rmtree(final)
     _barrier()
     tensors = {name: parts[name].state_dict() for name in TENSOR_PARTS if name in parts}
     failure: Optional[BaseException] = None
@@ -210,6 +208,8 @@ def save_checkpoint(root: Path, step: int, parts: dict, keep_latest_k: int) -> P
             state_tmp.write_text(json.dumps(state, indent=1))
             os.replace(state_tmp, tmp / STATE_FILE)
             write_manifest(tmp)  # last: a folder with a manifest was completely written
+            if final.exists():  # the same step saved again (only now: a failed save must not cost it)
+                shutil.rmtree(final)
             os.replace(tmp, final)
         except OSError as e:
             failure = e
@@ -271,7 +271,8 @@ def _read_state(path: Path) -> dict:
         raise CheckpointError(f"{path}: no {MANIFEST} (written by a plmrun from before checkpoint checksums, or "
                               f"not completely written), so it cannot be verified; {_fallback(path)}")
     entry = table.get(STATE_FILE)
-    if entry is None or not file.is_file() or file.stat().st_size != entry["bytes"] or file_sha256(file) != entry["sha256"]:
+    if (entry is None or not file.is_file() or file.stat().st_size != entry["bytes"]
+            or file_sha256(file) != entry["sha256"]):
         raise CheckpointError(f"{file}: does not match {MANIFEST} (truncated, corrupted or missing); {_fallback(path)}")
     try:
         state = json.loads(file.read_text())
@@ -298,6 +299,7 @@ def load_checkpoint(path: Path, parts: dict) -> dict:
     this run's state dicts. Each refusal is one CheckpointError line naming the file.
     """
     path = Path(path)
+    state = _read_state(path)  # every rank: the manifest exists and the (small) state file matches it
     message = None
     if _rank() == 0:  # hashing is I/O-bound: one rank reads the files, every rank gets the verdict
         try:
@@ -307,7 +309,6 @@ def load_checkpoint(path: Path, parts: dict) -> dict:
     message = _agree(message)
     if message is not None:
         raise CheckpointError(message)
-    state = _read_state(path)
     meta_file = path / _METADATA
     try:
         saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
@@ -360,7 +361,8 @@ def _check_optimizer_groups(path: Path, optimizers, saved: dict) -> None:
 def _check_layout(meta_file: Path, tensors: dict, saved: dict) -> None:
     """The first key missing from, unexpected in, or shaped differently in the checkpoint: another model config."""
     mine, _ = flatten_state_dict(tensors)
-    hint = "the checkpoint is from another model config (hidden size, layer count, ...); resume with the run's own"
+    hint = ("the checkpoint is from another model config (hidden size, layer count, ...): "
+            "resume with the config it was saved with")
     for key, value in mine.items():
         meta = saved.get(key)
         if meta is None:
