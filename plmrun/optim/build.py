@@ -12,8 +12,10 @@ the Muon momentum warm-up. Call it before each step (the trainer owns the step c
 from __future__ import annotations
 
 import torch
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 from plmrun.config import OptimConfig
+from plmrun.errors import PlmrunError
 from plmrun.optim.clip import clip_gradients
 from plmrun.optim.muon import Muon
 from plmrun.optim.schedule import lr_multiplier, muon_momentum
@@ -21,13 +23,24 @@ from plmrun.optim.schedule import lr_multiplier, muon_momentum
 KINDS = ("embed", "head", "hidden", "scalar")
 
 
-class Optimizers:
-    """The optimizers of one model, stepped, scheduled, clipped and checkpointed together."""
+class OptimizerStateError(PlmrunError, ValueError):
+    """Saved optimizer state that belongs to other optimizers (another optim.optimizer or model)."""
 
-    def __init__(self, optimizers: list[torch.optim.Optimizer], cfg: OptimConfig, max_steps: int):
+
+class Optimizers:
+    """The optimizers of one model, stepped, scheduled, clipped and checkpointed together.
+
+    A Stateful checkpoint part: state_dict() is FQN-keyed through torch's distributed state_dict API
+    (so FSDP2-sharded state saves and loads with DCP), with the schedule step, the clip history and
+    the parameter-group names that load_state_dict checks before touching any optimizer.
+    """
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer], cfg: OptimConfig, max_steps: int,
+                 model: torch.nn.Module):
         self.optimizers = optimizers
         self.cfg = cfg
         self.max_steps = max_steps
+        self.model = model
         self.grad_norm_history: list[float] = []
         self.set_step(0)
 
@@ -43,6 +56,7 @@ class Optimizers:
         return lr_multiplier(step, self.cfg, self.max_steps)
 
     def set_step(self, step: int) -> None:
+        self.schedule_step = step
         mult = self.lr_multiplier(step)
         mom = muon_momentum(step, self.cfg)
         for g in self.param_groups:
@@ -65,19 +79,25 @@ class Optimizers:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=set_to_none)
 
+    def param_group_names(self) -> list[list[str]]:
+        return [[g["name"] for g in opt.param_groups] for opt in self.optimizers]
+
+    def check_param_groups(self, saved: list[list[str]]) -> None:
+        """The guard: refuse state saved by other optimizers (its group names differ from this run's)."""
+        if saved != self.param_group_names():
+            raise OptimizerStateError(f"optimizer state has parameter groups {saved}, this run has "
+                                      f"{self.param_group_names()} (different optim.optimizer or model?)")
+
     def state_dict(self) -> dict:
-        return {"optimizers": [opt.state_dict() for opt in self.optimizers],
-                "grad_norm_history": list(self.grad_norm_history)}
+        return {"param_group_names": self.param_group_names(),
+                "optim": get_optimizer_state_dict(self.model, self.optimizers),
+                "schedule_step": self.schedule_step, "grad_norm_history": list(self.grad_norm_history)}
 
     def load_state_dict(self, state: dict) -> None:
-        saved = [[g["name"] for g in sd["param_groups"]] for sd in state["optimizers"]]
-        mine = [[g["name"] for g in opt.param_groups] for opt in self.optimizers]
-        if saved != mine:
-            raise ValueError(f"optimizer state has parameter groups {saved}, this run has {mine} "
-                             "(different optim.optimizer or model?)")
-        for opt, sd in zip(self.optimizers, state["optimizers"]):
-            opt.load_state_dict(sd)
+        self.check_param_groups(state["param_group_names"])
+        set_optimizer_state_dict(self.model, self.optimizers, state["optim"])
         self.grad_norm_history = list(state["grad_norm_history"])
+        self.set_step(state["schedule_step"])
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, max_steps: int,
@@ -101,7 +121,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, max_steps: int,
 
     if cfg.optimizer == "adamw":
         adam = groups(list(named), "adamw", cfg.lr)
-        return Optimizers([torch.optim.AdamW(adam, betas=betas, eps=eps)], cfg, max_steps)
+        return Optimizers([torch.optim.AdamW(adam, betas=betas, eps=eps)], cfg, max_steps, model)
     by_kind = {k: [n for n, (_, kind) in named.items() if kind == k] for k in KINDS}
     for n in by_kind["hidden"]:
         if named[n][0].ndim != 2:
@@ -116,7 +136,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, max_steps: int,
                          ns_steps=cfg.ns_steps, ns_dtype=ns_dtype))
     if adam:
         opts.append(torch.optim.AdamW(adam, betas=betas, eps=eps))
-    return Optimizers(opts, cfg, max_steps)
+    return Optimizers(opts, cfg, max_steps, model)
 
 
 def _named_kinds(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, str]]:

@@ -1,26 +1,52 @@
-"""Resumable checkpoints: one stateful root saved with torch.distributed.checkpoint (DCP).
+"""Resumable checkpoints: one checkpoint made of Stateful parts, saved and loaded by one function pair.
 
-A checkpoint is `checkpoints/step_XXXXXXXX/` holding the DCP shards of {model, optimizers} and
-`train_state.json` (step, tokens, timers, time-to-target bookkeeping, data-loader position,
-fingerprints, world size). It is written under `.tmp-step_XXXXXXXX` and renamed only after every
-rank has finished, so a directory named step_* is always whole: a process killed mid-save leaves a
-.tmp-* directory that is never picked up (and is removed by the next save).
+A part is anything with state_dict()/load_state_dict() (torch.distributed.checkpoint's Stateful
+protocol). `training_parts` names the trainer's: the model and the optimizers (tensor state, which
+may be FSDP2-sharded: saved by DCP, FQN-keyed through torch's state_dict API; the optimizers'
+part also carries the LR-schedule step, the clip history and the parameter-group names its guard
+checks), and the JSON-able loader position, trainer counters and RNG (train_state.json).
+
+`checkpoints/step_XXXXXXXX/` holds the DCP shards (`.metadata`, `*.distcp`), `train_state.json`
+and, written last, `MANIFEST.json` (sizes and sha256 of every file, see plmrun/manifest.py). It is
+written under `.tmp-step_XXXXXXXX` and renamed only then, so a directory named step_* is whole: a
+save killed or out of disk leaves (or removes) a .tmp-* directory that is never picked up and is
+removed by the next save. Loading verifies the manifest, the state file and the DCP metadata
+against this run's parts before anything is read into them: a damaged checkpoint, or one from
+another model or optimizer config, is refused with one line naming the file and the first
+mismatch. Checkpoints without a manifest (written by plmrun before checksums) are refused.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import signal
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint import CheckpointException
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+from plmrun.errors import PlmrunError
+from plmrun.manifest import MANIFEST, ManifestError, file_sha256, read_manifest, verify_manifest, write_manifest
+from plmrun.optim.build import OptimizerStateError
 
 STATE_FILE = "train_state.json"
+FORMAT = 2  # 1: {model, optim} in DCP, grad_norm_history and flat counters in train_state.json, no manifest
+TENSOR_PARTS = ("model", "optimizers")  # saved by DCP; every other part is JSON in STATE_FILE
+_METADATA = ".metadata"  # DCP's metadata file
+
+
+class CheckpointError(PlmrunError):
+    """A checkpoint that cannot be saved or resumed (damaged, foreign, out of disk); names the file."""
 
 
 def _is_dist() -> bool:
@@ -34,6 +60,23 @@ def _barrier() -> None:
 
 def _rank() -> int:
     return dist.get_rank() if _is_dist() else 0
+
+
+def _agree(message: Optional[str]) -> Optional[str]:
+    """The first rank's error message, on every rank (collective), so all ranks raise the same line together."""
+    if not _is_dist():
+        return message
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, message)
+    return next((m for m in out if m), None)
+
+
+@contextmanager
+def _quiet_single_process():
+    """DCP warns on every single-process save/load that it assumes one process: that is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def injected_fault(step: int, rank: int, kinds: tuple[str, ...]) -> Optional[str]:
@@ -72,53 +115,58 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
     return dirs[-1] if dirs else None
 
 
-def _opt_list(optimizers) -> list:
-    return list(getattr(optimizers, "optimizers", [optimizers]))
+# ------------------------------------------------------------------ the parts
+class ModelState:
+    """The model's weights (FSDP2 shards stay DTensors), FQN-keyed so DDP/compile wrappers do not matter."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def state_dict(self) -> dict:
+        return get_model_state_dict(self.model)
+
+    def load_state_dict(self, state: dict) -> None:
+        set_model_state_dict(self.model, state)
 
 
-def save_checkpoint(root: Path, step: int, model, optimizers, train_state: dict, keep_latest_k: int) -> Path:
-    """Save on every rank (collective). Returns the final directory."""
-    root = Path(root)
-    final = root / f"step_{step:08d}"
-    tmp = root / f".tmp-step_{step:08d}"
-    if _rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-step_*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        if final.exists():
-            shutil.rmtree(final)
-    _barrier()
-    model_sd, optim_sd = get_state_dict(model, _opt_list(optimizers))
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    if injected_fault(step, _rank(), ("killsave",)):  # the shards are written, the rename is not
-        os.kill(os.getpid(), signal.SIGKILL)
-    _barrier()
-    if _rank() == 0:
-        state_tmp = tmp / (STATE_FILE + ".tmp")
-        state_tmp.write_text(json.dumps(train_state, indent=1))
-        os.replace(state_tmp, tmp / STATE_FILE)
-        os.replace(tmp, final)
-        for old in checkpoint_dirs(root)[:-keep_latest_k]:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return final
+class RNGState:
+    """torch's CPU generator (rank 0's, restored on every rank as before)."""
+
+    def state_dict(self) -> dict:
+        return rng_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        set_rng_state(state)
 
 
-def load_checkpoint(path: Path, model, optimizers) -> dict:
-    """Load model and optimizer state in place (collective); returns the train state."""
-    path = Path(path)
-    if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"{path}: not a complete plmrun checkpoint (no {STATE_FILE})")
-    opts = _opt_list(optimizers)
-    model_sd, optim_sd = get_state_dict(model, opts)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, opts, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    return json.loads((path / STATE_FILE).read_text())
+class DictState:
+    """A dict of JSON-able counters (the trainer's), updated in place; `check(saved)` may refuse first."""
+
+    def __init__(self, state: dict, check: Optional[Callable[[dict], None]] = None):
+        self.state, self.check = state, check
+
+    def state_dict(self) -> dict:
+        return dict(self.state)
+
+    def load_state_dict(self, saved: dict) -> None:
+        for key, mine in self.state.items():
+            if key not in saved:
+                raise ValueError(f"no {key!r}")
+            if mine is not None and saved[key] is not None and _json_kind(mine) != _json_kind(saved[key]):
+                raise ValueError(f"{key!r} is {saved[key]!r}, expected a {_json_kind(mine)}")
+        if self.check is not None:
+            self.check(saved)
+        self.state.update({k: saved[k] for k in self.state})
 
 
-def read_train_state(path: Path) -> dict:
-    return json.loads((Path(path) / STATE_FILE).read_text())
+def _json_kind(v) -> str:
+    return "number" if isinstance(v, (int, float)) and not isinstance(v, bool) else type(v).__name__
+
+
+def training_parts(model, optimizers, loader, state: dict, check: Optional[Callable[[dict], None]] = None) -> dict:
+    """Everything the trainer needs to continue exactly; `check` vets the saved counters before any load."""
+    return {"model": ModelState(model), "optimizers": optimizers, "loader": loader,
+            "trainer": DictState(state, check), "rng": RNGState()}
 
 
 def rng_state() -> dict:
@@ -127,3 +175,205 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+# ------------------------------------------------------------------ save
+def save_checkpoint(root: Path, step: int, parts: dict, keep_latest_k: int) -> Path:
+    """Save every part on every rank (collective); returns the final directory.
+
+    A failure (disk full, read-only, ...) on any rank removes the .tmp-* directory and raises the
+    same CheckpointError on every rank; the previous checkpoints are untouched.
+    """
+    root = Path(root)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp-step_{step:08d}"
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-step_*"):  # left by a save that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+    _barrier()
+    tensors = {name: parts[name].state_dict() for name in TENSOR_PARTS if name in parts}
+    failure: Optional[BaseException] = None
+    try:
+        with _quiet_single_process():
+            dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not _is_dist())
+    except (CheckpointException, OSError) as e:
+        failure = e
+    if injected_fault(step, _rank(), ("killsave",)):  # the shards are written, the rename is not
+        os.kill(os.getpid(), signal.SIGKILL)
+    if failure is None and _rank() == 0:
+        try:
+            state = {"format": FORMAT, **{n: p.state_dict() for n, p in parts.items() if n not in TENSOR_PARTS}}
+            state_tmp = tmp / (STATE_FILE + ".tmp")
+            state_tmp.write_text(json.dumps(state, indent=1))
+            os.replace(state_tmp, tmp / STATE_FILE)
+            write_manifest(tmp)  # last: a folder with a manifest was completely written
+            if final.exists():  # the same step saved again (only now: a failed save must not cost it)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except OSError as e:
+            failure = e
+    message = _agree(_save_failure(failure, tmp, step, tensors, root) if failure is not None else None)
+    if message is not None:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(failure, CheckpointException) and _os_error(failure) is None:
+            raise failure  # not an OS problem: a bug, keep DCP's own report
+        raise CheckpointError(message)
+    if _rank() == 0:
+        for old in checkpoint_dirs(root)[:-keep_latest_k]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def _os_error(e: BaseException) -> Optional[OSError]:
+    """The OSError behind a save failure (DCP wraps each rank's exception in a CheckpointException)."""
+    if isinstance(e, OSError):
+        return e
+    if isinstance(e, CheckpointException):
+        return next((exc for exc, _ in e.failures.values() if isinstance(exc, OSError)), None)
+    return None
+
+
+def _save_failure(e: BaseException, tmp: Path, step: int, tensors: dict, root: Path) -> str:
+    """One line: where, why, how much space the checkpoint needs, and that the previous one is kept."""
+    err = _os_error(e)
+    if err is None:
+        return f"{tmp}: saving the step-{step} checkpoint failed ({str(e).splitlines()[0]})"
+    where = err.filename or tmp
+    prev = latest_checkpoint(root)
+    kept = f"the last complete checkpoint {prev} is kept" if prev else "no earlier checkpoint exists"
+    if err.errno == errno.ENOSPC:
+        need = sum(v.numel() * v.element_size() for v in flatten_state_dict(tensors)[0].values()
+                   if isinstance(v, torch.Tensor))
+        free = shutil.disk_usage(root).free
+        return (f"{where}: no space left on device while saving the step-{step} checkpoint (it needs about "
+                f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free on {root}); free space or lower "
+                f"train.keep_latest_k and resume: {kept}")
+    return f"{where}: could not save the step-{step} checkpoint ({err.strerror or err}); {kept}"
+
+
+# ------------------------------------------------------------------ load
+def read_train_state(path: Path) -> dict:
+    """The trainer's counters of a checkpoint, from its state file, checked against the manifest first."""
+    return _read_state(Path(path))["trainer"]
+
+
+def _read_state(path: Path) -> dict:
+    """train_state.json of checkpoint `path`, verified (manifest entry, JSON, format, parts)."""
+    file = path / STATE_FILE
+    try:
+        table = read_manifest(path)
+    except ManifestError as e:
+        raise CheckpointError(f"{e}; {_fallback(path)}") from None
+    if table is None:
+        raise CheckpointError(f"{path}: no {MANIFEST} (written by a plmrun from before checkpoint checksums, or "
+                              f"not completely written), so it cannot be verified; {_fallback(path)}")
+    entry = table.get(STATE_FILE)
+    if (entry is None or not file.is_file() or file.stat().st_size != entry["bytes"]
+            or file_sha256(file) != entry["sha256"]):
+        raise CheckpointError(f"{file}: does not match {MANIFEST} (truncated, corrupted or missing); {_fallback(path)}")
+    try:
+        state = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{file}: not valid JSON (truncated or corrupted); {_fallback(path)}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT or not isinstance(state.get("trainer"), dict):
+        raise CheckpointError(f"{file}: not a format-{FORMAT} plmrun train state; {_fallback(path)}")
+    return state
+
+
+def _fallback(path: Path) -> str:
+    """What to do about an unusable checkpoint: resume from the one before it, or start over."""
+    earlier = [p for p in checkpoint_dirs(path.parent) if p.name < path.name]
+    if earlier:
+        return f"move {path} away to resume from {earlier[-1].name}"
+    return "start a new run (no earlier checkpoint)"
+
+
+def load_checkpoint(path: Path, parts: dict) -> dict:
+    """Restore every part from checkpoint `path` (collective); returns the saved trainer counters.
+
+    Nothing is loaded into a part before the whole checkpoint checks out: manifest (sizes, sha256),
+    state file, the optimizers' parameter groups, and the DCP metadata's keys and shapes against
+    this run's state dicts. Each refusal is one CheckpointError line naming the file.
+    """
+    path = Path(path)
+    state = _read_state(path)  # every rank: the manifest exists and the (small) state file matches it
+    message = None
+    if _rank() == 0:  # hashing is I/O-bound: one rank reads the files, every rank gets the verdict
+        try:
+            verify_manifest(path, required=True)
+        except ManifestError as e:
+            message = f"{e}; {_fallback(path)}"
+    message = _agree(message)
+    if message is not None:
+        raise CheckpointError(message)
+    meta_file = path / _METADATA
+    try:
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as e:  # noqa: BLE001 - DCP's unpickling raises many types on a damaged file
+        raise CheckpointError(f"{meta_file}: unreadable DCP metadata ({type(e).__name__}); {_fallback(path)}") from None
+    tensors = {name: parts[name].state_dict() for name in TENSOR_PARTS if name in parts}
+    if "optimizers" in parts:
+        _check_optimizer_groups(path, parts["optimizers"], saved)
+    _check_layout(meta_file, tensors, saved)
+    for name, part in parts.items():
+        if name in TENSOR_PARTS:
+            continue
+        if name not in state:
+            raise CheckpointError(f"{path / STATE_FILE}: no {name!r} state; {_fallback(path)}")
+        try:
+            part.load_state_dict(state[name])
+        except PlmrunError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path / STATE_FILE}: {name} state does not fit this run ({e})") from None
+    _dcp_load(tensors, path)
+    for name, sd in tensors.items():
+        parts[name].load_state_dict(sd)
+    return state["trainer"]
+
+
+def _dcp_load(state: dict, path: Path) -> None:
+    try:
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=str(path), no_dist=not _is_dist())
+    except CheckpointException as e:
+        exc = next(iter(e.failures.values()))[0] if e.failures else e
+        raise CheckpointError(f"{path}: reading the checkpoint failed ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}); {_fallback(path)}") from None
+
+
+def _check_optimizer_groups(path: Path, optimizers, saved: dict) -> None:
+    """Run the optimizers' guard on the saved group names (read alone) before DCP meets other keys."""
+    if "optimizers.param_group_names" not in saved:
+        raise CheckpointError(f"{path / _METADATA}: no optimizers.param_group_names (not a plmrun format-{FORMAT} "
+                              f"checkpoint); {_fallback(path)}")
+    probe = {"optimizers": {"param_group_names": []}}
+    _dcp_load(probe, path)
+    try:
+        optimizers.check_param_groups(probe["optimizers"]["param_group_names"])
+    except OptimizerStateError as e:
+        raise CheckpointError(f"{path}: {e}; resume with the optim settings the run was saved with") from None
+
+
+def _check_layout(meta_file: Path, tensors: dict, saved: dict) -> None:
+    """The first key missing from, unexpected in, or shaped differently in the checkpoint: another model config."""
+    mine, _ = flatten_state_dict(tensors)
+    hint = ("the checkpoint is from another model config (hidden size, layer count, ...): "
+            "resume with the config it was saved with")
+    for key, value in mine.items():
+        meta = saved.get(key)
+        if meta is None:
+            raise CheckpointError(f"{meta_file}: the checkpoint has no {key} ({hint})")
+        if isinstance(value, torch.Tensor) != isinstance(meta, TensorStorageMetadata):
+            raise CheckpointError(f"{meta_file}: {key} is {'not ' if isinstance(value, torch.Tensor) else ''}a tensor "
+                                  f"in the checkpoint ({hint})")
+        if isinstance(value, torch.Tensor) and tuple(meta.size) != tuple(value.shape):
+            raise CheckpointError(f"{meta_file}: {key} has shape {tuple(meta.size)} in the checkpoint, "
+                                  f"{tuple(value.shape)} in this model ({hint})")
+    prefixes = tuple(f"{name}." for name in tensors)
+    extra = next((k for k in saved if k.startswith(prefixes) and k not in mine), None)
+    if extra is not None:
+        raise CheckpointError(f"{meta_file}: the checkpoint has {extra}, which this model does not ({hint})")

@@ -198,12 +198,8 @@ def train(cfg: Config, *, resume: Optional[str] = None, init_from_hf: Optional[s
              "best_val_loss": None, "flops": 0.0, "world_x_accum": env.world_size * cfg.train.grad_accum,
              "data": data_info, "recent_losses": [], "spikes": 0}
     if latest is not None:
-        saved = ckpt.load_checkpoint(latest, model, optimizers)
-        _check_resume(saved, state, latest)
-        state.update({k: saved[k] for k in state if k in saved})
-        loader.load_state_dict(saved["loader"])
-        optimizers.grad_norm_history = list(saved["grad_norm_history"])
-        ckpt.set_rng_state(saved["rng"])
+        ckpt.load_checkpoint(latest, ckpt.training_parts(model, optimizers, loader, state,
+                                                         check=lambda saved: _check_resume(saved, state, latest)))
         if env.is_main:
             _truncate_metrics(run_dir, state["step"])
     log = MetricsLog(run_dir, cfg, name, enabled=env.is_main)  # after the resume truncated metrics.jsonl
@@ -419,11 +415,8 @@ def _timed_eval(model, source, cfg, env, *, amp_dtype, subset, state) -> dict:
 
 
 def _save(root, model, optimizers, loader, state, cfg):
-    train_state = dict(state)
-    train_state["loader"] = loader.state_dict()
-    train_state["grad_norm_history"] = list(optimizers.grad_norm_history)
-    train_state["rng"] = ckpt.rng_state()
-    ckpt.save_checkpoint(root, state["step"], model, optimizers, train_state, cfg.train.keep_latest_k)
+    ckpt.save_checkpoint(root, state["step"], ckpt.training_parts(model, optimizers, loader, state),
+                         cfg.train.keep_latest_k)
 
 
 def resume_grad_accum(saved: dict, world_size: int, grad_accum: int, path: Path, verbose: bool = False) -> int:
