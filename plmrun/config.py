@@ -191,7 +191,7 @@ class TrainConfig:
     "loss_spike=skip: stop after this many skipped updates in a row (the loss has shifted, not spiked)."
     divergence_factor: float = 2.0
     "Stop (exit 2) when the train loss stays above this multiple of ln(vocab), the loss of uniform guessing, for divergence_steps steps in a row (0 = never)."
-    divergence_steps: int = 5
+    divergence_steps: int = 10
     "Consecutive steps above the divergence threshold that stop the run."
 
 
