@@ -146,8 +146,12 @@ def _replaceable(path: Path, cfg: Config) -> bool:
 
 def _refuse_if_running(path: Path) -> None:
     if RunLock.held(path):
-        raise RunDirError(f"{path}: another process is training this run right now; wait for it or choose another "
-                          "--logging.name")
+        raise _busy(path)
+
+
+def _busy(path: Path) -> RunDirError:
+    return RunDirError(f"{path}: another process is training this run right now; wait for it or choose another "
+                       "--logging.name")
 
 
 class RunLock:
@@ -161,8 +165,7 @@ class RunLock:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(self.fd)
-            raise RunDirError(f"{run}: another process is training this run right now; wait for it or choose another "
-                              "--logging.name") from None
+            raise _busy(run) from None
 
     @staticmethod
     def held(run: Path) -> bool:
