@@ -1,7 +1,8 @@
 """Run directories: naming, provenance (config, commit, versions, hardware, data) and metric sinks.
 
 Layout (docs/run-directory.md): config.yaml, environment.json, metrics.jsonl, summary.json,
-model/{model.safetensors,config.json}, checkpoints/step_XXXXXXXX/, plots/*.png, tb/ (optional).
+model/{model.safetensors,config.json}, checkpoints/step_XXXXXXXX/, plots/*.png, tb/ (optional), .lock (flocked
+by rank 0 while it trains).
 """
 from __future__ import annotations
 
@@ -89,15 +90,19 @@ def choose_run_dir(cfg: Config, resume: Optional[str]) -> tuple[Path, bool, Opti
         found = find_unfinished_run(cfg)
         if found is not None:
             lock = RunLock(found)
-            step = latest_step(found) or 0
-            return found, True, (f"continuing unfinished run {found} (same config) from step {step}; pass "
-                                 "--logging.name NEW to start a separate run"), lock
+            return found, True, _continuing(found), lock
         name = default_run_name(cfg)
         while (root / name).exists():  # two runs started in the same second
             name += "-1"
     _refuse_if_running(root / name)
     path, continuing = prepare_run_dir(cfg, name, resume=bool(resume))
-    return path, continuing, note, RunLock(path)
+    lock = RunLock(path)
+    return path, continuing, _continuing(path) if continuing and not resume else note, lock
+
+
+def _continuing(path: Path) -> str:
+    return (f"continuing unfinished run {path} (same config) from step {latest_step(path) or 0}; pass "
+            "--logging.name NEW to start a separate run")
 
 
 def find_unfinished_run(cfg: Config) -> Optional[Path]:
