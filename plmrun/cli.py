@@ -16,9 +16,12 @@ from pathlib import Path
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model (no arguments: the default small model on the bundled corpus)",
                        description="Train a pLM. Options are --section.key=value overrides of the config "
-                                   "(see `plmrun config`), applied after --config.")
+                                   "(see `plmrun config`), applied after --config. Rerunning the same command "
+                                   "continues its unfinished run. Exit status: 0 finished, 2 error (including a "
+                                   "diverged run), 143/130 stopped by SIGTERM/SIGINT with a checkpoint saved.")
     p.add_argument("--config", help="YAML config file or the name of a shipped config (e.g. debug, esm2_8m)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint (without --resume "
+                   "and --logging.name, the newest unfinished run with the same config is continued)")
     p.add_argument("--init-from-hf", metavar="PATH", help="start from a Hugging Face ESM-2 folder (esm2 preset)")
     p.set_defaults(func=_cmd_train, takes_overrides=True)
 
@@ -36,8 +39,8 @@ def _cmd_train(args, overrides) -> int:
         cfg.logging.run_root = str(Path(args.resume).parent)
     else:
         cfg = build_config(args.config, overrides)
-    train(cfg, resume=args.resume, init_from_hf=args.init_from_hf)
-    return 0
+    # SIGTERM/SIGINT: checkpointed and stopped, not finished: 128 + the signal (143, 130) tells schedulers apart
+    return train(cfg, resume=args.resume, init_from_hf=args.init_from_hf).get("exit_code", 0)
 
 
 # ------------------------------------------------------------------ eval

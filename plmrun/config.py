@@ -176,7 +176,7 @@ class TrainConfig:
     log_every: int = 10
     "Write a training-metrics line every N steps."
     checkpoint_every: int = 0
-    "Save a resumable checkpoint every N steps (0 = only at the end and on SIGTERM)."
+    "Save a resumable checkpoint every N steps (0 = only at the end and on SIGTERM); the last step is always saved."
     keep_latest_k: int = 2
     "Checkpoints kept."
     cost_per_hour: float = 0.0
@@ -187,6 +187,12 @@ class TrainConfig:
     "Spike threshold as a multiple of the recent mean loss (> 1)."
     loss_spike_window: int = 20
     "Recent non-spike steps averaged for the spike threshold."
+    loss_spike_max_skips: int = 10
+    "loss_spike=skip: stop after this many skipped updates in a row (the loss has shifted, not spiked)."
+    divergence_factor: float = 2.0
+    "Stop (exit 2) when the train loss stays above this multiple of ln(vocab), the loss of uniform guessing, for divergence_steps steps in a row (0 = never)."
+    divergence_steps: int = 10
+    "Consecutive steps above the divergence threshold that stop the run."
 
 
 @dataclass
@@ -498,6 +504,10 @@ def validate(cfg: Config) -> Config:
     _check(t.threads >= 0, "train.threads must be >= 0")
     _check(t.loss_spike_factor > 1, f"train.loss_spike_factor must be > 1, got {t.loss_spike_factor}")
     _check(t.loss_spike_window >= 1, "train.loss_spike_window must be >= 1")
+    _check(t.loss_spike_max_skips >= 1, f"train.loss_spike_max_skips must be >= 1, got {t.loss_spike_max_skips}")
+    _check(t.divergence_factor == 0 or t.divergence_factor > 1,
+           f"train.divergence_factor must be 0 (off) or > 1, got {t.divergence_factor}")
+    _check(t.divergence_steps >= 1, f"train.divergence_steps must be >= 1, got {t.divergence_steps}")
     _check(0 < e.mask_rate < 1, "eval.mask_rate must be in (0, 1)")
     _check(e.max_length >= 3 and e.token_budget >= e.max_length,
            f"eval.token_budget ({e.token_budget}) must be >= eval.max_length ({e.max_length}) >= 3")

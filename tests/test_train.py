@@ -149,9 +149,13 @@ def test_train_cli_end_to_end(tmp_path):
 def test_sigterm_checkpoint_and_resume_is_bitwise_identical(tmp_path):
     args = [*TINY, "--train.checkpoint_every=2"]
     _plmrun(["train", *args, "--logging.name=straight"], tmp_path)
-    # SIGTERM after step 3: checkpoint saved at the end of the step, clean exit
-    _plmrun(["train", *args, "--logging.name=resumed"], tmp_path, env_extra={"PLMRUN_FAULT": "term@3"})
+    # SIGTERM after step 3: checkpoint saved at the end of the step, exit 143 (stopped, not finished)
+    term = _plmrun(["train", *args, "--logging.name=resumed"], tmp_path, env_extra={"PLMRUN_FAULT": "term@3"},
+                   check=False)
     run = tmp_path / "runs" / "resumed"
+    assert term.returncode == 143, term.stderr[-2000:]
+    assert (f"stopped at step 3, checkpoint saved at runs/resumed/checkpoints/step_00000003, resume with "
+            f"`plmrun train --resume runs/resumed`") in term.stderr
     assert not (run / "summary.json").exists()
     assert (run / "checkpoints" / "step_00000003" / "train_state.json").is_file()
     _plmrun(["train", "--resume", str(run)], tmp_path)

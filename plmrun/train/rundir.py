@@ -1,7 +1,8 @@
 """Run directories: naming, provenance (config, commit, versions, hardware, data) and metric sinks.
 
 Layout (docs/run-directory.md): config.yaml, environment.json, metrics.jsonl, summary.json,
-model/{model.safetensors,config.json}, checkpoints/step_XXXXXXXX/, plots/*.png, tb/ (optional).
+model/{model.safetensors,config.json}, checkpoints/step_XXXXXXXX/, plots/*.png, tb/ (optional), .lock (flocked
+by rank 0 while it trains).
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,26 +40,156 @@ def prepare_run_dir(cfg: Config, name: str, *, resume: bool) -> tuple[Path, bool
     """Create runs/<name>, or reopen it for resuming. Returns (path, is_resume).
 
     An existing directory is reopened only when it holds the same config and has not finished;
-    with a different config it is refused, never silently reused.
+    with a different config it is refused, never silently reused. `resume` (--resume) also needs a
+    checkpoint: a finished run or one without a checkpoint is refused with what to do instead.
     """
     root = Path(cfg.logging.run_root)
     path = root / name
     text = config_yaml(cfg)
     if path.exists():
         saved = path / "config.yaml"
-        if (path / "summary.json").exists() and not resume:
+        if (path / "summary.json").exists():
+            if resume:
+                raise RunDirError(f"{path} finished at step {finished_step(path)} (summary.json); nothing to resume")
             raise RunDirError(f"{path}: this run already finished; choose another --logging.name")
         if not saved.exists():
             raise RunDirError(f"{path}: exists but is not a plmrun run directory; choose another --logging.name")
         if _normalised(saved.read_text()) != _normalised(text):
             raise RunDirError(f"{path}: exists with a different config; resume it with `plmrun train --resume {path}`"
                               " or choose another --logging.name")
+        if resume and latest_step(path) is None:
+            raise RunDirError(f"{path} has no checkpoint yet; rerun the command that started it without --resume"
+                              " to continue it (from step 0)")
         return path, True
     if resume:
         raise RunDirError(f"{path}: no such run directory to resume")
     path.mkdir(parents=True)
     (path / "config.yaml").write_text(text)
     return path, False
+
+
+def choose_run_dir(cfg: Config, resume: Optional[str]) -> tuple[Path, bool, Optional[str], "RunLock"]:
+    """Rank 0's choice of run directory: (path, continuing, a line to print or None, the lock held on it).
+
+    A run's identity is its config: without --logging.name, the newest unfinished run under run_root
+    with the same config (and no live process) is continued rather than started over, which is also
+    what makes a torchrun --max-restarts restart continue its own run. A named run that died before
+    its first checkpoint does not block its name: with another config it is replaced.
+    """
+    root = Path(cfg.logging.run_root)
+    note = None
+    if resume:
+        name = Path(resume).name
+    elif cfg.logging.name:
+        name = cfg.logging.name
+        path = root / name
+        if _replaceable(path, cfg):
+            shutil.rmtree(path)
+            note = f"replacing {path}: it has another config and stopped before its first checkpoint"
+    else:
+        found = find_unfinished_run(cfg)
+        if found is not None:
+            lock = RunLock(found)
+            return found, True, _continuing(found), lock
+        name = default_run_name(cfg)
+        while (root / name).exists():  # two runs started in the same second
+            name += "-1"
+    _refuse_if_running(root / name)
+    path, continuing = prepare_run_dir(cfg, name, resume=bool(resume))
+    lock = RunLock(path)
+    return path, continuing, _continuing(path) if continuing and not resume else note, lock
+
+
+def _continuing(path: Path) -> str:
+    return (f"continuing unfinished run {path} (same config) from step {latest_step(path) or 0}; pass "
+            "--logging.name NEW to start a separate run")
+
+
+def find_unfinished_run(cfg: Config) -> Optional[Path]:
+    """The newest run under run_root with this config, no summary.json and no process training it."""
+    root = Path(cfg.logging.run_root)
+    want = _normalised(config_yaml(cfg))
+    found = []
+    for saved in root.glob("*/config.yaml") if root.is_dir() else []:
+        run = saved.parent
+        if (run / "summary.json").exists() or RunLock.held(run):
+            continue
+        try:
+            same = _normalised(saved.read_text()) == want
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
+        if same:
+            found.append((saved.stat().st_mtime, run.name, run))
+    return max(found)[2] if found else None
+
+
+def latest_step(run: Path) -> Optional[int]:
+    """Step of the run's newest complete checkpoint, None without one."""
+    from plmrun.train.checkpoint import latest_checkpoint
+    latest = latest_checkpoint(Path(run) / "checkpoints")
+    return None if latest is None else int(latest.name.split("_")[1])
+
+
+def finished_step(run: Path) -> str:
+    try:
+        return str(json.loads((Path(run) / "summary.json").read_text())["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "?"
+
+
+def _replaceable(path: Path, cfg: Config) -> bool:
+    """An unfinished plmrun run with another config and no checkpoint: nothing in it is worth keeping."""
+    saved = path / "config.yaml"
+    if not saved.is_file() or (path / "summary.json").exists() or latest_step(path) is not None:
+        return False
+    _refuse_if_running(path)
+    try:
+        return _normalised(saved.read_text()) != _normalised(config_yaml(cfg))
+    except (yaml.YAMLError, AttributeError):
+        return False
+
+
+def _refuse_if_running(path: Path) -> None:
+    if RunLock.held(path):
+        raise _busy(path)
+
+
+def _busy(path: Path) -> RunDirError:
+    return RunDirError(f"{path}: another process is training this run right now; wait for it or choose another "
+                       "--logging.name")
+
+
+class RunLock:
+    """An flock on RUN/.lock held while rank 0 trains (released by the OS when the process dies), so a rerun
+    never continues or replaces a run that is still alive."""
+
+    def __init__(self, run: Path):
+        import fcntl
+        self.fd = os.open(Path(run) / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            raise _busy(run) from None
+
+    @staticmethod
+    def held(run: Path) -> bool:
+        import fcntl
+        if not (Path(run) / ".lock").exists():
+            return False
+        fd = os.open(Path(run) / ".lock", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # closing our own descriptor drops only our lock
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def _normalised(text: str) -> dict:

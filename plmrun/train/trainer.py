@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -22,12 +24,13 @@ import torch.nn.functional as F
 
 from plmrun.config import Config
 from plmrun.errors import PlmrunError
+from plmrun.tokenizer import VOCAB_SIZE
 from plmrun.eval.mlm import evaluate
 from plmrun.train import checkpoint as ckpt
 from plmrun.train.parallelize import (DistEnv, all_reduce_sum, autocast_dtype, init_distributed, native_bf16,
                                       parallelize, unwrap)
-from plmrun.train.rundir import (MetricsLog, default_run_name, environment_info, plot_curves, prepare_run_dir,
-                                 read_metrics, write_json_atomic)
+from plmrun.train.rundir import (MetricsLog, choose_run_dir, environment_info, plot_curves, read_metrics,
+                                 write_json_atomic)
 
 
 class TrainingError(PlmrunError, RuntimeError):
@@ -113,45 +116,213 @@ def _fault_injection(step: int, rank: int, model) -> None:
         os.kill(os.getpid(), signal.SIGKILL if kind == "kill" else signal.SIGTERM)
 
 
-def _spike(loss: float, recent: list, cfg) -> bool:
-    """A loss above loss_spike_factor × the mean of the recent (non-spike) losses."""
-    return bool(recent) and loss > cfg.train.loss_spike_factor * sum(recent) / len(recent)
+class SpikePolicy:
+    """train.loss_spike: flags a loss above loss_spike_factor × the mean of the recent non-spike losses.
+
+    warn reports it, skip drops its update, abort stops. skip is bounded: after loss_spike_max_skips
+    flagged steps in a row the loss has moved to a new level rather than spiked, and the run stops
+    instead of skipping every later update. Its counters live in the checkpointed train state.
+    """
+
+    def __init__(self, train_cfg, state: dict, hint):
+        self.cfg, self.state, self.hint = train_cfg, state, hint
+
+    def check(self, step: int, loss: float, warn) -> bool:
+        """True when this step's update must be skipped."""
+        c, st = self.cfg, self.state
+        recent = st["recent_losses"]
+        if c.loss_spike == "ignore" or not recent or loss <= c.loss_spike_factor * sum(recent) / len(recent):
+            st["recent_losses"] = (recent + [loss])[-c.loss_spike_window:]
+            st["spikes_in_a_row"] = 0
+            return False
+        st["spikes"] += 1
+        st["spikes_in_a_row"] = st.get("spikes_in_a_row", 0) + 1
+        msg = f"step {step}: loss spike {loss:.4f} > {c.loss_spike_factor} × recent mean {sum(recent) / len(recent):.4f}"
+        if c.loss_spike == "abort":
+            raise TrainingError(f"{msg} (train.loss_spike=abort); {self.hint()}")
+        if c.loss_spike == "skip" and st["spikes_in_a_row"] >= c.loss_spike_max_skips:
+            raise TrainingError(f"{msg}: {st['spikes_in_a_row']} updates in a row skipped (train.loss_spike_max_skips="
+                                f"{c.loss_spike_max_skips}), so the loss has shifted, not spiked; lower the learning "
+                                f"rate (optim.lr_*) or use train.loss_spike=warn; {self.hint()}")
+        warn(f"warning: {msg}" + ("; update skipped" if c.loss_spike == "skip" else ""))
+        return c.loss_spike == "skip"
+
+
+def check_divergence(cfg: Config, state: dict, step: int, loss: float, precision: str, hint) -> None:
+    """Stop a run whose train loss stays above divergence_factor × ln(vocab) for divergence_steps steps in a row.
+
+    ln(vocab) is the loss of guessing uniformly, where every run starts; a healthy run never stays at
+    twice that, while a too-high learning rate sits there (or higher) for good. A short excursion
+    that comes back down (a spike) resets the count.
+    """
+    t = cfg.train
+    if not t.divergence_factor:
+        return
+    limit = t.divergence_factor * math.log(VOCAB_SIZE)
+    state["diverging_steps"] = state.get("diverging_steps", 0) + 1 if loss > limit else 0
+    if state["diverging_steps"] < t.divergence_steps:
+        return
+    o = cfg.optim
+    lrs = (f"optim.lr={o.lr:g}" if o.optimizer == "adamw" else
+           f"optim.lr_hidden={o.lr_hidden:g}, lr_embed={o.lr_embed:g}, lr_head={o.lr_head:g}, lr_scalar={o.lr_scalar:g}")
+    cause = f"the learning rate is likely too high ({lrs})"
+    if precision == "bf16":
+        cause += " or bf16 is not precise enough (try train.precision=fp32)"
+    raise TrainingError(f"step {step}: training diverged: train loss {loss:.4f} above {limit:.2f} "
+                        f"({t.divergence_factor:g} × ln {VOCAB_SIZE}, uniform guessing) for "
+                        f"{state['diverging_steps']} steps in a row; {cause}; {hint()} "
+                        "(train.divergence_factor=0 turns this check off)")
+
+
+def _from_rank0(env: DistEnv, decide):
+    """Run `decide()` on rank 0 only and give every rank its result, or raise its error on every rank,
+    so the ranks never disagree about what rank 0 saw on disk (and none waits for a rank that failed)."""
+    result = error = None
+    if env.is_main:
+        try:
+            result = decide()
+        except (PlmrunError, OSError) as e:
+            error = e
+    if env.world_size > 1:
+        obj = [(result, error)]
+        torch.distributed.broadcast_object_list(obj, src=0)
+        result, error = obj[0]
+    if error is not None:
+        raise error
+    return result
 
 
 # ------------------------------------------------------------------ the loop
+@dataclass
+class _Run:
+    """Everything setup builds and the loop, eval and finish share."""
+    cfg: Config
+    env: DistEnv
+    name: str
+    run_dir: Path
+    model: torch.nn.Module
+    optimizers: object
+    loader: object
+    valid_src: object
+    amp_dtype: Optional[torch.dtype]
+    peak: float
+    n_params: int
+    n_dense: int
+    state: dict
+    log: MetricsLog
+    launch: float
+    progress: object = None
+    wall_start: float = 0.0
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def precision(self) -> str:
+        return "fp32" if self.amp_dtype is None else "bf16"
+
+    def checkpoint_hint(self) -> str:
+        """Where to pick up after a stop: the newest checkpoint if there is one (never a folder that does not exist)."""
+        latest = ckpt.latest_checkpoint(self.ckpt_root)
+        if latest is None:
+            return (f"no checkpoint was saved yet (train.checkpoint_every={self.cfg.train.checkpoint_every}), "
+                    "so a rerun starts from step 0")
+        return f"the last good checkpoint is {latest} (resume with `plmrun train --resume {self.run_dir}`)"
+
+    def say(self, msg: str, err: bool = False) -> None:
+        if self.env.is_main:
+            if self.progress is not None and not err:
+                self.progress.write(msg)
+            else:
+                print(msg, file=sys.stderr if err else sys.stdout, flush=True)
+
+
 def train(cfg: Config, *, resume: Optional[str] = None, init_from_hf: Optional[str] = None) -> dict:
-    """Train as configured; returns the summary (also written to summary.json)."""
-    launch = time.perf_counter()
+    """Train as configured; returns the summary (also written to summary.json).
+
+    Stopped by SIGTERM/SIGINT: saves a checkpoint and returns {"stopped": "signal N", "exit_code": 128 + N, ...}
+    without a summary, so the CLI can exit non-zero and a scheduler tell it from a finished run.
+    """
+    held = []  # rank 0's lock on the run directory, released however train() ends
+    try:
+        run = _setup(cfg, resume, init_from_hf, time.perf_counter(), held)
+        stop = _StopFlag().install()
+        try:
+            stopped_reason = _loop(run, stop)
+        finally:
+            stop.restore()
+            if run.progress is not None:
+                run.progress.close()
+            run.loader.close()
+        return _finish(run, stopped_reason, stop.signal)
+    finally:
+        for lock in held:
+            lock.release()
+
+
+def _loop(run: _Run, stop: _StopFlag) -> str:
+    """Steps until max_steps, stop_at_val_loss or a signal (checkpointed); returns why it stopped."""
+    cfg, state = run.cfg, run.state
+    start_step = state["step"]
+    if run.env.is_main and cfg.logging.progress:
+        from tqdm import tqdm
+        run.progress = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", unit="step",
+                            dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+    stopped_reason = "max_steps"
+    run.wall_start = time.perf_counter() - state["train_time_s"] - state["eval_time_s"]
+    interval = {"t": 0.0, "tokens": 0, "flops": 0.0}
+    for step in range(start_step, cfg.train.max_steps):
+        r = _train_step(run, step)
+        state["step"] = step + 1
+        state["tokens"] += r["tokens"]
+        state["train_time_s"] += r["dt"]
+        state["flops"] += r["flops"]
+        interval["t"] += r["dt"]
+        interval["tokens"] += r["tokens"]
+        interval["flops"] += r["flops"]
+        if run.progress is not None:
+            run.progress.update(1)
+        if (step + 1) % cfg.train.log_every == 0 or step == start_step:
+            _log_train(run, step, r, interval)
+            interval = {"t": 0.0, "tokens": 0, "flops": 0.0}
+        _fault_injection(step + 1, run.env.rank, run.model)
+
+        done = step + 1 == cfg.train.max_steps
+        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 or done:
+            if _eval_and_report(run, step + 1, r["loss"]):
+                stopped_reason = "stop_at_val_loss"
+        signalled = float(all_reduce_sum(torch.tensor([float(stop.signal is not None)]))) > 0
+        periodic = cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0
+        # the last step is always checkpointed too: a crash in the final eval or save then costs no training
+        if periodic or signalled or done or stopped_reason != "max_steps":
+            _save(run.ckpt_root, run.model, run.optimizers, run.loader, state, cfg)
+        if signalled:
+            return f"signal {int(stop.signal or signal.SIGTERM)}"
+        if stopped_reason != "max_steps":
+            break
+    return stopped_reason
+
+
+def _setup(cfg: Config, resume: Optional[str], init_from_hf: Optional[str], launch: float, held: list) -> _Run:
+    """Processes, run directory, data, model, optimizer and loader, and the checkpoint to continue from."""
     env = init_distributed(cfg)
     threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     if env.device.type == "cpu":
         torch.set_num_threads(threads)
     torch.manual_seed(cfg.train.seed)
 
-    # run directory (rank 0 decides the name; everyone agrees)
-    name = cfg.logging.name or default_run_name(cfg)
-    if resume:
-        name = Path(resume).name
-    if env.world_size > 1:
-        obj = [name]
-        torch.distributed.broadcast_object_list(obj, src=0)
-        name = obj[0]
-    run_dir = Path(cfg.logging.run_root) / name
-    is_resume = False
-    if env.is_main:
-        run_dir, is_resume = prepare_run_dir(cfg, name, resume=bool(resume))
-    if env.world_size > 1:
-        obj = [is_resume]
-        torch.distributed.broadcast_object_list(obj, src=0)
-        is_resume = obj[0]
+    # run directory and checkpoint: rank 0 decides, everyone agrees
+    def decide():  # the lock stays in `held`, out of the broadcast
+        run_dir, continuing, note, lock = choose_run_dir(cfg, resume)
+        held.append(lock)
+        return run_dir, continuing, note, (ckpt.latest_checkpoint(run_dir / "checkpoints") if continuing else None)
+    run_dir, is_resume, note, latest = _from_rank0(env, decide)
+    if note and env.is_main:
+        print(note, flush=True)
+    name = run_dir.name
 
     data_path, train_src, valid_src = open_training_data(cfg, env)
-    ckpt_root = run_dir / "checkpoints"
-    latest = ckpt.latest_checkpoint(ckpt_root) if is_resume else None
-    if env.world_size > 1:  # rank 0's view of the directory decides for everyone
-        obj = [latest]
-        torch.distributed.broadcast_object_list(obj, src=0)
-        latest = obj[0]
     if latest is not None:
         accum = resume_grad_accum(ckpt.read_train_state(latest), env.world_size, cfg.train.grad_accum, latest,
                                   verbose=env.is_main)
@@ -159,7 +330,7 @@ def train(cfg: Config, *, resume: Optional[str] = None, init_from_hf: Optional[s
             cfg = copy.deepcopy(cfg)
             cfg.train.grad_accum = accum
 
-    from plmrun.model.registry import build_model, flops_per_step
+    from plmrun.model.registry import build_model
     if cfg.dist.meta_init:
         if init_from_hf:
             raise TrainingError("--init-from-hf loads full weights; it cannot be combined with dist.meta_init")
@@ -196,168 +367,140 @@ def train(cfg: Config, *, resume: Optional[str] = None, init_from_hf: Optional[s
     # state that travels in checkpoints
     state = {"step": 0, "tokens": 0, "train_time_s": 0.0, "eval_time_s": 0.0, "time_to_target": {},
              "best_val_loss": None, "flops": 0.0, "world_x_accum": env.world_size * cfg.train.grad_accum,
-             "data": data_info, "recent_losses": [], "spikes": 0}
+             "data": data_info, "recent_losses": [], "spikes": 0, "spikes_in_a_row": 0, "diverging_steps": 0}
     if latest is not None:
         ckpt.load_checkpoint(latest, ckpt.training_parts(model, optimizers, loader, state,
                                                          check=lambda saved: _check_resume(saved, state, latest)))
-        if env.is_main:
+    if env.is_main:
+        if is_resume:  # drop what the attempt that stopped wrote after its checkpoint (all of it without one)
             _truncate_metrics(run_dir, state["step"])
+        if latest is None:
+            (run_dir / "environment.json").write_text(
+                json.dumps(environment_info(env.device, env.world_size, data_info), indent=2))
     log = MetricsLog(run_dir, cfg, name, enabled=env.is_main)  # after the resume truncated metrics.jsonl
     if env.is_main:
-        if not is_resume:
-            (run_dir / "environment.json").write_text(
-                __import__("json").dumps(environment_info(env.device, env.world_size, data_info), indent=2))
         print(f"plmrun: run {run_dir}  params {n_params/1e6:.2f}M  device {env.device}  world {env.world_size}"
               f"  precision {'bf16' if amp_dtype else 'fp32'}  peak {peak/1e9:.0f} GFLOP/s"
               + (f"  resumed at step {state['step']}" if latest is not None else ""), flush=True)
+    return _Run(cfg=cfg, env=env, name=name, run_dir=run_dir, model=model, optimizers=optimizers, loader=loader,
+                valid_src=valid_src, amp_dtype=amp_dtype, peak=peak, n_params=n_params, n_dense=n_dense, state=state,
+                log=log, launch=launch)
 
-    stop = _StopFlag().install()
-    targets_left = sorted(cfg.train.report_at_val_losses, reverse=True)
-    start_step = state["step"]
-    progress = None
-    if env.is_main and cfg.logging.progress:
-        from tqdm import tqdm
-        progress = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", unit="step",
-                        dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
-    stopped_reason = "max_steps"
-    wall_start = time.perf_counter() - state["train_time_s"] - state["eval_time_s"]
-    interval = {"t": 0.0, "tokens": 0, "flops": 0.0}
-    try:
-        for step in range(start_step, cfg.train.max_steps):
-            t0 = time.perf_counter()
-            optimizers.set_step(step)
-            micro = loader.next_step(step)
-            local = torch.zeros(3, dtype=torch.float64)  # normaliser, real tokens, model FLOPs
-            for mb in micro:
-                p = mb.packed
-                local[0] += mb.normalizer
-                local[1] += p.num_real_tokens
-                local[2] += flops_per_step(cfg.model, p.cu_seqlens[: p.num_sequences + 1], step=step)
-            all_reduce_sum(local)
-            global_norm = float(local[0])
-            if global_norm <= 0:
-                raise TrainingError(f"step {step}: no loss targets in the global batch (check the masking settings)")
-            loss_sum = forward_backward(model, micro, global_norm=global_norm, world_size=env.world_size,
-                                        device=env.device, amp_dtype=amp_dtype, step=step)
-            grad_norm, clip_to = optimizers.clip_gradients()
-            # one collective: the global loss sum and which ranks saw a non-finite local loss
-            red = torch.zeros(1 + env.world_size, dtype=torch.float64)
-            red[0] = float(loss_sum)
-            red[1 + env.rank] = 0.0 if math.isfinite(float(loss_sum)) else 1.0
-            all_reduce_sum(red)
-            loss = float(red[0]) / global_norm
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                bad = [r for r in range(env.world_size) if red[1 + r] > 0]
-                where = f"rank {', '.join(map(str, bad))}" if bad else "the gradients of all ranks"
-                raise TrainingError(f"step {step + 1}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'}"
-                                    f" from {where} (loss {loss}, grad norm {grad_norm}; reported by rank {env.rank});"
-                                    f" the last good checkpoint is kept in {ckpt_root}")
-            spike = cfg.train.loss_spike != "ignore" and _spike(loss, state["recent_losses"], cfg)
-            if spike:
-                state["spikes"] += 1
-                msg = (f"step {step + 1}: loss spike {loss:.4f} > {cfg.train.loss_spike_factor} × recent mean "
-                       f"{sum(state['recent_losses']) / len(state['recent_losses']):.4f}")
-                if cfg.train.loss_spike == "abort":
-                    raise TrainingError(msg + " (train.loss_spike=abort); the last good checkpoint is kept in "
-                                        f"{ckpt_root}")
-                if env.is_main:
-                    print(f"warning: {msg}" + ("; update skipped" if cfg.train.loss_spike == "skip" else ""),
-                          file=sys.stderr, flush=True)
-            else:
-                state["recent_losses"] = (state["recent_losses"] + [loss])[-cfg.train.loss_spike_window:]
-            if spike and cfg.train.loss_spike == "skip":
-                optimizers.zero_grad()
-            else:
-                optimizers.step()
-                optimizers.zero_grad()
-            if env.device.type == "cuda":
-                torch.cuda.synchronize(env.device)
-            dt = time.perf_counter() - t0
-            step_tokens = int(local[1])
-            step_flops = float(local[2])
-            state["step"] = step + 1
-            state["tokens"] += step_tokens
-            state["train_time_s"] += dt
-            state["flops"] += step_flops
-            interval["t"] += dt
-            interval["tokens"] += step_tokens
-            interval["flops"] += step_flops
-            if progress is not None:
-                progress.update(1)
-            if (step + 1) % cfg.train.log_every == 0 or step == start_step:
-                tok_s = interval["tokens"] / max(interval["t"], 1e-9)
-                mfu = interval["flops"] / max(interval["t"], 1e-9) / (peak * env.world_size)
-                rec = {"kind": "train", "step": step + 1, "tokens": state["tokens"],
-                       "train_time_s": round(state["train_time_s"], 3), "loss": loss, "grad_norm": grad_norm,
-                       "clip": clip_to, "tok_per_s": tok_s, "mfu": mfu, "lr_mult": optimizers.lr_multiplier(step),
-                       "packing_efficiency": loader.packing_efficiency}
-                if spike:
-                    rec["spike"] = cfg.train.loss_spike
-                log.write(rec)
-                if progress is not None:
-                    progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}", refresh=False)
-                interval = {"t": 0.0, "tokens": 0, "flops": 0.0}
-            _fault_injection(step + 1, env.rank, model)
 
-            done = step + 1 == cfg.train.max_steps
-            if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 or done:
-                val = _timed_eval(model, valid_src, cfg, env, amp_dtype=None, subset=cfg.eval.subset, state=state)
-                rec = {"kind": "eval", "step": step + 1, "tokens": state["tokens"],
-                       "train_time_s": round(state["train_time_s"], 3),
-                       "wall_time_s": round(time.perf_counter() - wall_start, 3),
-                       **{("val_" + k if k != "tokens" else "val_targets"): v for k, v in val.items()}}
-                log.write(rec)
-                if state["best_val_loss"] is None or val["loss"] < state["best_val_loss"]:
-                    state["best_val_loss"] = val["loss"]
-                while targets_left and val["loss"] <= targets_left[0]:
-                    thr = targets_left.pop(0)
-                    if str(thr) not in state["time_to_target"]:
-                        state["time_to_target"][str(thr)] = {
-                            "step": step + 1, "tokens": state["tokens"], "train_time_s": state["train_time_s"],
-                            "wall_time_s_incl_eval": state["train_time_s"] + state["eval_time_s"],
-                            "val_loss": val["loss"]}
-                        if env.is_main:
-                            msg = (f"reached val loss {thr} at step {step + 1}: {state['train_time_s']:.1f} s of training,"
-                                   f" {state['tokens']:,} tokens")
-                            (progress.write if progress else print)(msg)
-                if progress is not None:
-                    progress.set_postfix(loss=f"{loss:.3f}", val=f"{val['loss']:.3f}", refresh=True)
-                if cfg.train.stop_at_val_loss is not None and val["loss"] <= cfg.train.stop_at_val_loss:
-                    stopped_reason = "stop_at_val_loss"
-            signalled = float(all_reduce_sum(torch.tensor([float(stop.signal is not None)]))) > 0
-            want_ckpt = (cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0) or signalled
-            if want_ckpt and not done:
-                _save(ckpt_root, model, optimizers, loader, state, cfg)
-            if signalled:
-                stopped_reason = f"signal {stop.signal or 'on another rank'}: checkpoint saved, resume with --resume"
-                break
-            if stopped_reason != "max_steps":
-                break
-    finally:
-        stop.restore()
-        if progress is not None:
-            progress.close()
-        loader.close()
+def _train_step(run: _Run, step: int) -> dict:
+    """One optimizer step over this step's global batch: loss, grad norm, clip, real tokens, FLOPs and time.
 
+    Stops (TrainingError) on a non-finite loss or gradient, on divergence and on an aborting spike.
+    """
+    from plmrun.model.registry import flops_per_step
+    cfg, env, optimizers = run.cfg, run.env, run.optimizers
+    t0 = time.perf_counter()
+    optimizers.set_step(step)
+    micro = run.loader.next_step(step)
+    local = torch.zeros(3, dtype=torch.float64)  # normaliser, real tokens, model FLOPs
+    for mb in micro:
+        p = mb.packed
+        local[0] += mb.normalizer
+        local[1] += p.num_real_tokens
+        local[2] += flops_per_step(cfg.model, p.cu_seqlens[: p.num_sequences + 1], step=step)
+    all_reduce_sum(local)
+    global_norm = float(local[0])
+    if global_norm <= 0:
+        raise TrainingError(f"step {step}: no loss targets in the global batch (check the masking settings)")
+    loss_sum = forward_backward(run.model, micro, global_norm=global_norm, world_size=env.world_size,
+                                device=env.device, amp_dtype=run.amp_dtype, step=step)
+    grad_norm, clip_to = optimizers.clip_gradients()
+    # one collective: the global loss sum and which ranks saw a non-finite local loss
+    red = torch.zeros(1 + env.world_size, dtype=torch.float64)
+    red[0] = float(loss_sum)
+    red[1 + env.rank] = 0.0 if math.isfinite(float(loss_sum)) else 1.0
+    all_reduce_sum(red)
+    loss = float(red[0]) / global_norm
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        bad = [r for r in range(env.world_size) if red[1 + r] > 0]
+        where = f"rank {', '.join(map(str, bad))}" if bad else "the gradients of all ranks"
+        raise TrainingError(f"step {step + 1}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'}"
+                            f" from {where} (loss {loss}, grad norm {grad_norm}; reported by rank {env.rank});"
+                            f" {run.checkpoint_hint()}")
+    check_divergence(cfg, run.state, step + 1, loss, run.precision, run.checkpoint_hint)
+    skip = SpikePolicy(cfg.train, run.state, run.checkpoint_hint).check(step + 1, loss,
+                                                                        lambda m: run.say(m, err=True))
+    if not skip:
+        optimizers.step()
+    optimizers.zero_grad()
+    if env.device.type == "cuda":
+        torch.cuda.synchronize(env.device)
+    spike = cfg.train.loss_spike if run.state["spikes_in_a_row"] else None
+    return {"loss": loss, "grad_norm": grad_norm, "clip": clip_to, "tokens": int(local[1]), "flops": float(local[2]),
+            "dt": time.perf_counter() - t0, "spike": spike}
+
+
+def _log_train(run: _Run, step: int, r: dict, interval: dict) -> None:
+    tok_s = interval["tokens"] / max(interval["t"], 1e-9)
+    mfu = interval["flops"] / max(interval["t"], 1e-9) / (run.peak * run.env.world_size)
+    rec = {"kind": "train", "step": step + 1, "tokens": run.state["tokens"],
+           "train_time_s": round(run.state["train_time_s"], 3), "loss": r["loss"], "grad_norm": r["grad_norm"],
+           "clip": r["clip"], "tok_per_s": tok_s, "mfu": mfu, "lr_mult": run.optimizers.lr_multiplier(step),
+           "packing_efficiency": run.loader.packing_efficiency}
+    if r["spike"]:
+        rec["spike"] = r["spike"]
+    run.log.write(rec)
+    if run.progress is not None:
+        run.progress.set_postfix(loss=f"{r['loss']:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}", refresh=False)
+
+
+def _eval_and_report(run: _Run, step: int, loss: float) -> bool:
+    """Evaluate on the eval subset, log it, track the best and time-to-target; True if stop_at_val_loss is reached."""
+    cfg, state = run.cfg, run.state
+    val = _timed_eval(run.model, run.valid_src, cfg, run.env, amp_dtype=None, subset=cfg.eval.subset, state=state)
+    run.log.write({"kind": "eval", "step": step, "tokens": state["tokens"],
+                   "train_time_s": round(state["train_time_s"], 3),
+                   "wall_time_s": round(time.perf_counter() - run.wall_start, 3), **_val_record(val)})
+    if state["best_val_loss"] is None or val["loss"] < state["best_val_loss"]:
+        state["best_val_loss"] = val["loss"]
+    for thr in sorted(cfg.train.report_at_val_losses, reverse=True):
+        if val["loss"] <= thr and str(thr) not in state["time_to_target"]:
+            state["time_to_target"][str(thr)] = {
+                "step": step, "tokens": state["tokens"], "train_time_s": state["train_time_s"],
+                "wall_time_s_incl_eval": state["train_time_s"] + state["eval_time_s"], "val_loss": val["loss"]}
+            run.say(f"reached val loss {thr} at step {step}: {state['train_time_s']:.1f} s of training,"
+                    f" {state['tokens']:,} tokens")
+    if run.progress is not None:
+        run.progress.set_postfix(loss=f"{loss:.3f}", val=f"{val['loss']:.3f}", refresh=True)
+    return cfg.train.stop_at_val_loss is not None and val["loss"] <= cfg.train.stop_at_val_loss
+
+
+def _val_record(val: dict) -> dict:
+    return {("val_" + k if k != "tokens" else "val_targets"): v for k, v in val.items()}
+
+
+def _finish(run: _Run, stopped_reason: str, signum: Optional[int]) -> dict:
+    """Final full eval, model and summary for a finished run; for a signalled one, where to resume."""
+    cfg, env, state = run.cfg, run.env, run.state
     summary = None
-    if not stopped_reason.startswith("signal"):
+    if stopped_reason.startswith("signal"):
+        latest = ckpt.latest_checkpoint(run.ckpt_root)
+        run.say(f"stopped at step {state['step']}, checkpoint saved at {latest}, resume with "
+                f"`plmrun train --resume {run.run_dir}`", err=True)
+        summary = {"stopped": stopped_reason, "exit_code": 128 + int(signum or signal.SIGTERM),
+                   "run_dir": str(run.run_dir), "step": state["step"], "checkpoint": str(latest)}
+    else:
         final_full = None
         if cfg.eval.final_full:
-            final_full = _timed_eval(model, valid_src, cfg, env, amp_dtype=None, subset=0, state=state)
-            log.write({"kind": "eval", "final": True, "step": state["step"], "tokens": state["tokens"],
-                       "train_time_s": round(state["train_time_s"], 3),
-                       **{("val_" + k if k != "tokens" else "val_targets"): v for k, v in final_full.items()}})
-        _save_final_model(run_dir, model, cfg, env)
+            final_full = _timed_eval(run.model, run.valid_src, cfg, env, amp_dtype=None, subset=0, state=state)
+            run.log.write({"kind": "eval", "final": True, "step": state["step"], "tokens": state["tokens"],
+                           "train_time_s": round(state["train_time_s"], 3), **_val_record(final_full)})
+        _save_final_model(run.run_dir, run.model, cfg, env)
         if env.is_main:
-            summary = _summary(cfg, name, run_dir, state, n_params, n_dense, peak, env, final_full, stopped_reason,
-                               launch, read_metrics(run_dir), "fp32" if amp_dtype is None else "bf16")
-            write_json_atomic(run_dir / "summary.json", summary)
-            plot_curves(run_dir)
+            summary = _summary(cfg, run.name, run.run_dir, state, run.n_params, run.n_dense, run.peak, env, final_full,
+                               stopped_reason, run.launch, read_metrics(run.run_dir), run.precision)
+            write_json_atomic(run.run_dir / "summary.json", summary)
+            plot_curves(run.run_dir)
             _print_summary(summary)
-    log.close()
+    run.log.close()
     if env.world_size > 1:
         torch.distributed.barrier()
-    return summary or {"stopped": stopped_reason, "run_dir": str(run_dir), "step": state["step"]}
+    return summary or {"stopped": stopped_reason, "run_dir": str(run.run_dir), "step": state["step"]}
 
 
 def forward_backward(model, micro: list, *, global_norm: float, world_size: int, device: torch.device,
@@ -456,7 +599,7 @@ def _truncate_metrics(run_dir: Path, step: int) -> None:
         return
     keep = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step and not r.get("final")]
     tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(__import__("json").dumps(r) + "\n" for r in keep))
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
     os.replace(tmp, path)
 
 

@@ -1,0 +1,187 @@
+"""Faults of a training run: divergence, endless spike skipping, restarts and reruns that must continue
+their own run, a failed early run, --resume on runs it cannot continue, and a run that is still alive.
+
+Every run is the tiny model of test_train.py with grad_accum 2, so one process equals 2 torchrun ranks.
+"""
+import json
+import re
+
+import pytest
+
+from plmrun.cli import main
+from plmrun.config import ConfigError, build_config
+from plmrun.train.rundir import RunDirError, RunLock, prepare_run_dir
+from plmrun.train.trainer import TrainingError, train
+from test_distributed import _series, _torchrun, _weights
+from test_train import TINY
+
+REF = [*TINY, "--train.grad_accum=2"]
+# embeddings, head and scalars at lr 1000: the loss leaves ln 33 after step 1 and never comes back
+DIVERGING = ["--optim.lr_hidden=1e6", "--optim.lr_embed=1e3", "--optim.lr_head=1e3", "--optim.lr_scalar=1e3"]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A shared directory (and data cache) with one uninterrupted reference run, checkpoint_every=0."""
+    tmp = tmp_path_factory.mktemp("faults")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PLMRUN_CACHE", str(tmp / "cache"))
+        mp.chdir(tmp)
+        train(build_config(None, [*REF, "--logging.run_root=ref", "--logging.name=straight"]))
+    return tmp
+
+
+@pytest.fixture
+def here(work, monkeypatch):
+    monkeypatch.setenv("PLMRUN_CACHE", str(work / "cache"))
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("PLMRUN_FAULT", raising=False)
+    return work
+
+
+def _cfg(root, *extra):
+    return build_config(None, [*REF, f"--logging.run_root={root}", *extra])
+
+
+def _runs(root):
+    return sorted(p.name for p in (root).iterdir() if p.is_dir())
+
+
+def test_diverging_run_stops_with_step_loss_and_learning_rates(here, capsys):
+    """lr 1000: loss ~15 from step 2 on. Old code: trains on to val ~15 and exits 0 with a summary."""
+    code = main(["train", *REF, *DIVERGING, "--train.divergence_steps=3", "--logging.run_root=div",
+                 "--logging.name=div"])
+    *warnings, err = capsys.readouterr().err.splitlines()  # the spike warnings (loss_spike=warn), then one line
+    assert code == 2 and all(w.startswith("warning: step") for w in warnings), err
+    assert re.match(r"error: step 4: training diverged: train loss \d+\.\d+ above 6\.99 \(2 × ln 33, uniform guessing\)"
+                    r" for 3 steps in a row; the learning rate is likely too high \(optim.lr_hidden=1e\+06, lr_embed=1000,",
+                    err), err
+    assert "train.divergence_factor=0 turns this check off" in err and "no checkpoint was saved yet" in err
+    run = here / "div" / "div"
+    assert not (run / "summary.json").exists()
+    losses = [r[3] for r in _series(run) if r[0] == "train"]
+    assert len(losses) == 3 and losses[0] < 7 < min(losses[1:])  # step 4 stopped before its line
+    # train.divergence_factor=0: the check is off and the run ends as before
+    summary = train(_cfg("div", *DIVERGING, "--train.divergence_factor=0", "--logging.name=unchecked"))
+    assert summary["steps"] == 6 and summary["final_val"]["loss"] > 7
+
+
+def test_a_spike_that_comes_back_down_does_not_stop_the_run(here):
+    """lr 10 (one process, no accumulation): the loss jumps to ~36 at step 2 and is back below 7 by step 5."""
+    lr = ["--optim.lr_embed=10", "--optim.lr_head=10", "--optim.lr_scalar=10", "--train.max_steps=12",
+          "--train.eval_every=0", "--logging.name=spike"]
+    summary = train(build_config(None, [*TINY, "--logging.run_root=spike", *lr]))
+    losses = [r[3] for r in _series(here / "spike" / "spike") if r[0] == "train"]
+    assert summary["steps"] == 12 and max(losses) > 14 and losses[-1] < 4
+
+
+def test_skip_stops_after_max_skips_in_a_row(here):
+    """A level shift is not a spike: old code skipped every later update (5 of 6 here) and finished."""
+    spiky = ["--optim.lr_embed=0.5", "--optim.lr_head=0.5", "--optim.lr_scalar=0.5", "--optim.schedule=constant",
+             "--train.loss_spike_factor=1.2", "--train.loss_spike_window=2", "--train.eval_every=0",
+             "--train.loss_spike=skip", "--train.loss_spike_max_skips=3", "--logging.name=skip"]
+    with pytest.raises(TrainingError, match=r"^step 4: loss spike .*: 3 updates in a row skipped \(train.loss_spike_"
+                                            r"max_skips=3\), so the loss has shifted, not spiked; lower the learning "
+                                            r"rate \(optim.lr_\*\)"):
+        train(_cfg("skip", *spiky))
+
+
+def test_new_keys_are_validated():
+    for key, bad, msg in (("loss_spike_max_skips", "0", "must be >= 1"), ("divergence_steps", "0", "must be >= 1"),
+                          ("divergence_factor", "0.5", "must be 0 (off) or > 1")):
+        with pytest.raises(ConfigError, match=re.escape(f"train.{key} {msg}")):
+            build_config(None, [f"--train.{key}={bad}"])
+
+
+def test_rerun_continues_the_unfinished_run_with_the_same_config(here, monkeypatch, capsys):
+    """SIGTERM at step 3, then the same command again (no --logging.name): it continues that run, bit for bit.
+    Old code: a second timestamped run from step 0."""
+    monkeypatch.setenv("PLMRUN_FAULT", "term@3")
+    stopped = train(_cfg("again"))
+    assert stopped["stopped"] == "signal 15" and stopped["exit_code"] == 143
+    monkeypatch.delenv("PLMRUN_FAULT")
+    summary = train(_cfg("again"))
+    out = capsys.readouterr().out
+    (name,) = _runs(here / "again")
+    assert (f"continuing unfinished run again/{name} (same config) from step 3; pass --logging.name NEW to start a "
+            "separate run") in out and "resumed at step 3" in out
+    assert summary["steps"] == 6 and _series(here / "again" / name) == _series(here / "ref" / "straight")
+
+
+def test_crash_before_the_first_checkpoint_continues_in_the_same_dir(here, monkeypatch, capsys):
+    """NaN at step 2 with checkpoint_every=0: the message names no checkpoint folder (old: 'kept in
+    RUN/checkpoints', which did not exist); the rerun continues that directory from step 0, no duplicate lines."""
+    monkeypatch.setenv("PLMRUN_FAULT", "nan@1")
+    with pytest.raises(TrainingError) as e:
+        train(_cfg("early"))
+    (name,) = _runs(here / "early")
+    assert str(e.value).startswith("step 2: non-finite loss from rank 0")
+    assert str(e.value).endswith("no checkpoint was saved yet (train.checkpoint_every=0), so a rerun starts from step 0")
+    assert not (here / "early" / name / "checkpoints").exists()
+    monkeypatch.delenv("PLMRUN_FAULT")
+    train(_cfg("early"))
+    assert f"continuing unfinished run early/{name} (same config) from step 0" in capsys.readouterr().out
+    assert _runs(here / "early") == [name]
+    assert _series(here / "early" / name) == _series(here / "ref" / "straight")
+
+
+def test_named_run_that_died_early_is_replaced_by_another_config(here, monkeypatch, capsys):
+    """Old code: 'exists with a different config' forever, for a run that never saved anything."""
+    monkeypatch.setenv("PLMRUN_FAULT", "nan@1")
+    with pytest.raises(TrainingError):
+        train(_cfg("named", "--logging.name=exp", "--train.max_steps=3"))
+    monkeypatch.delenv("PLMRUN_FAULT")
+    summary = train(_cfg("named", "--logging.name=exp", "--train.max_steps=3", "--train.seed=1"))
+    out = capsys.readouterr().out
+    assert "replacing named/exp: it has another config and stopped before its first checkpoint" in out
+    assert summary["steps"] == 3 and "seed: 1" in (here / "named" / "exp" / "config.yaml").read_text()
+    # a finished run is never replaced
+    with pytest.raises(RunDirError, match="already finished"):
+        train(_cfg("named", "--logging.name=exp", "--train.max_steps=3"))
+
+
+def test_last_step_is_checkpointed_with_checkpoint_every_0(here):
+    """The option text promises 'only at the end and on SIGTERM'; old code saved nothing at the end."""
+    ckpts = here / "ref" / "straight" / "checkpoints"
+    assert [p.name for p in ckpts.glob("step_*")] == ["step_00000006"]
+
+
+def test_resume_refuses_a_finished_run_and_one_without_checkpoint(here, capsys):
+    """Old code: both retrained from step 0, exit 0, appending metrics and rewriting summary.json."""
+    finished = here / "ref" / "straight"
+    before = (finished / "metrics.jsonl").read_text()
+    assert main(["train", "--resume", str(finished)]) == 2
+    assert capsys.readouterr().err == f"error: {finished} finished at step 6 (summary.json); nothing to resume\n"
+    assert (finished / "metrics.jsonl").read_text() == before
+    fresh, _ = prepare_run_dir(_cfg(here / "nockpt"), "fresh", resume=False)  # what a run leaves before step 1
+    assert main(["train", "--resume", str(fresh)]) == 2
+    assert capsys.readouterr().err == (f"error: {fresh} has no checkpoint yet; rerun the command that started it "
+                                       "without --resume to continue it (from step 0)\n")
+    assert not (fresh / "metrics.jsonl").exists()
+
+
+def test_a_run_that_is_still_training_is_neither_continued_nor_reused(here):
+    """The lock rank 0 holds while training: a same-config rerun starts its own run; the same name is refused."""
+    live, _ = prepare_run_dir(_cfg(here / "live"), "live", resume=False)
+    lock = RunLock(live)
+    try:
+        with pytest.raises(RunDirError, match="another process is training this run right now"):
+            train(_cfg(here / "live", "--logging.name=live"))
+        summary = train(_cfg(here / "live"))
+        assert summary["run_dir"] != str(live) and not (live / "metrics.jsonl").exists()
+    finally:
+        lock.release()
+
+
+def test_torchrun_restart_continues_its_own_run(here):
+    """torchrun --max-restarts=1, rank 1 SIGKILLed after step 3, no --logging.name: the restart continues the
+    first attempt's directory (old code: a second run from step 0) and ends identical to the uninterrupted run."""
+    proc = _torchrun(["--train.checkpoint_every=2", "--dist.strategy=ddp", "--logging.run_root=restart"],
+                     here, {"PLMRUN_FAULT": "kill@3:1", "PLMRUN_FAULT_ONCE": str(here / "restart.once")},
+                     launcher=("--standalone", "--nproc_per_node=2", "--max-restarts=1"))
+    (name,) = _runs(here / "restart")
+    assert (here / "restart.once").exists()
+    assert f"continuing unfinished run restart/{name} (same config) from step 2" in proc.stdout
+    assert _series(here / "restart" / name) == _series(here / "ref" / "straight")
+    wa, wb = _weights(here / "restart" / name), _weights(here / "ref" / "straight")
+    assert all((wa[k] == wb[k]).all() for k in wa)
