@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 
 from plmrun.config import ConfigError, ModelConfig, build_config
-from plmrun.model.esmc import ESMC_VOCAB_ROWS, EsmcPLM, load_esmc_state_dict, to_esmc_state_dict
-from plmrun.model.loading import ModelLoadError
+from plmrun.model.esmc import ESMC_VOCAB_ROWS, EsmcPLM, to_esmc_state_dict
+from plmrun.model.loading import ModelLoadError, load_esmc_state_dict
 from plmrun.model.registry import build_model
 
 D, LAYERS, HEADS = 64, 3, 2

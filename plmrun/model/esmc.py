@@ -8,7 +8,7 @@ silu(gate) * up, bias-free, inner width = expansion_ratio * D rounded up to a mu
 residual branches divided by sqrt(num_layers / 36); a bias-free final LayerNorm; sequence head
 dense -> erf-GELU -> LayerNorm -> decoder, all biased. ESM C fuses Q/K/V into one [3D, D] matrix and
 gate/up into one [2F, D] matrix; here they are separate matrices (Muon orthogonalises each),
-`load_esmc_state_dict` splits them. hidden_states: (embedding, each block's output, final norm),
+`esmc_state_dict_to_ours` splits them. hidden_states: (embedding, each block's output, final norm),
 i.e. ESM C's `hidden_states` between our first and last entry and its `embeddings` last.
 
 Vocabulary: ESM C's ids 0..32 are ESM-2's (ours) with one exception, id 31, which is ESM C's chain
@@ -172,19 +172,19 @@ def to_esmc_state_dict(model: EsmcPLM) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_esmc_state_dict(model: EsmcPLM, sd: dict[str, torch.Tensor]) -> None:
-    """Copy ESM C's state dict (`ESMC.state_dict()`, the esm package's .pth) into an esmc-preset model:
-    fused matrices split, vocabulary rows cut to our 33. ModelLoadError (one line) naming the first
-    missing, unknown or mis-shaped weight."""
-    from .loading import ModelLoadError  # imported here: exported model folders carry no loading.py
+def esmc_state_dict_to_ours(model: EsmcPLM, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ESM C's state dict (`ESMC.state_dict()`, the esm package's .pth) in our names and shapes: fused
+    matrices split, vocabulary rows cut to our 33. ValueError naming the first missing, unknown or
+    mis-shaped weight (loading.load_esmc_state_dict turns it into a ModelLoadError; no import of
+    loading.py here: exported model folders do not carry it)."""
     if not isinstance(model, EsmcPLM):
-        raise ModelLoadError(f"load_esmc_state_dict needs an esmc-preset model, got {type(model).__name__}")
+        raise ValueError(f"needs an esmc-preset model, got {type(model).__name__}")
     ours, new, used = model.state_dict(), {}, set()
 
     def get(key: str) -> torch.Tensor:
         if key not in sd:
-            raise ModelLoadError(f"ESM C weights: checkpoint lacks {key!r} (model has {len(model.blocks)} layers, "
-                                 f"model.qk_norm={model.cfg.qk_norm})")
+            raise ValueError(f"checkpoint lacks {key!r} (model has {len(model.blocks)} layers, "
+                             f"model.qk_norm={model.cfg.qk_norm})")
         used.add(key)
         return sd[key]
 
@@ -204,10 +204,10 @@ def load_esmc_state_dict(model: EsmcPLM, sd: dict[str, torch.Tensor]) -> None:
                 new[f"blocks.{i}.{names[0]}"] = fused
     extra = [k for k in sd if k not in used]
     if extra:
-        raise ModelLoadError(f"ESM C weights: checkpoint has {len(extra)} weights the esmc preset does not know, e.g. "
-                             f"{extra[0]!r} (different number of layers or model.qk_norm? model has {len(model.blocks)} layers)")
+        raise ValueError(f"checkpoint has {len(extra)} weights the esmc preset does not know, e.g. {extra[0]!r} "
+                         f"(different number of layers or model.qk_norm? model has {len(model.blocks)} layers)")
     for name, t in new.items():
         if tuple(t.shape) != tuple(ours[name].shape):
-            raise ModelLoadError(f"ESM C weights: shape mismatch for {name}: checkpoint {tuple(t.shape)}, model "
-                                 f"{tuple(ours[name].shape)} (check hidden_size/num_heads/expansion_ratio)")
-    model.load_state_dict(new, strict=True)
+            raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(t.shape)}, model "
+                             f"{tuple(ours[name].shape)} (check hidden_size/num_heads/expansion_ratio)")
+    return new
