@@ -168,7 +168,7 @@ def test_parameter_kinds_cover_every_parameter():
     assert hidden == {n for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2}
     assert len(hidden) == 7 * LAYERS  # q k v o gate up down
     assert kinds["embed.weight"] == "embed" and kinds["head.decoder.weight"] == "head"
-    assert kinds["head.dense.weight"] == "head" and kinds["head.decoder.bias"] == "scalar"
+    assert kinds["head.dense.weight"] == "head" and kinds["head.bias"] == "scalar"
 
 
 def test_train_three_steps_with_muon(tmp_path, monkeypatch):

@@ -16,8 +16,7 @@ break `|` and our unused `<null_1>`; ESM C pads its embedding and head to 64 row
 never produced by its tokenizer. The preset keeps our 33 ids: loading takes the first 33 rows of
 the embedding and of the decoder, so logits equal ESM C's logits[..., :33] exactly, and the softmax
 runs over the 33 real tokens (ESM C's over 64; the 31 placeholder logits of a trained ESM C are
-never targets). Starting values for training from scratch: `init_weights` (N(0, init_std)
-matrices and embeddings, zero biases, unit norms; the `esm` package ships no training init).
+never targets). Starting values for training from scratch: the esm2 preset's `init_weights`.
 """
 from __future__ import annotations
 
@@ -29,7 +28,8 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig, esmc_conflicts
 from .attention import PackedLayout, packed_attention
-from .layers import PLM, VOCAB_SIZE, ModelOutput, Rotary, apply_rotary, compute_dtype, fp32_linear
+from .esm2 import Esm2PLM, EsmLMHead
+from .layers import PLM, VOCAB_SIZE, Rotary, apply_rotary
 
 
 def swiglu_width(cfg: ModelConfig) -> int:
@@ -58,7 +58,7 @@ class EsmcBlock(nn.Module):
         self.gate, self.up = nn.Linear(D, F_, bias=False), nn.Linear(D, F_, bias=False)
         self.down = nn.Linear(F_, D, bias=False)
 
-    def forward(self, x, cos, sin, layout: PackedLayout):
+    def forward(self, x, cos, sin, layout: PackedLayout, window: int):
         T, D = x.shape
         h = self.attn_norm(x)
         q, k, v = self.q(h), self.k(h), self.v(h)
@@ -67,22 +67,10 @@ class EsmcBlock(nn.Module):
         q, k, v = (t.view(T, self.H, D // self.H) for t in (q, k, v))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         a = packed_attention(q, k, v, backend=self.cfg.attention_backend, compiled_cpu_kernel=self.compiled_cpu_kernel,
-                             layout=layout)
+                             window=window, layout=layout)
         x = x + self.o(a.reshape(T, D)) / self.scale
         h = self.mlp_norm(x)
         return x + self.down(F.silu(self.gate(h)) * self.up(h)) / self.scale
-
-
-class EsmcHead(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        D = cfg.hidden_size
-        self.dense = nn.Linear(D, D)
-        self.norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
-        self.decoder = nn.Linear(D, VOCAB_SIZE)
-
-    def forward(self, h):
-        return fp32_linear(self.norm(F.gelu(self.dense(h))), self.decoder.weight, self.decoder.bias)
 
 
 class EsmcPLM(PLM):
@@ -101,37 +89,15 @@ class EsmcPLM(PLM):
             self.blocks = nn.ModuleList(EsmcBlock(cfg) for _ in range(cfg.num_layers))
             self.final_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps, bias=False)
             self.rotary = Rotary(D // cfg.num_heads, cfg.rope_base)
-            self.head = EsmcHead(cfg)
+            self.head = EsmLMHead(cfg)  # ESM C's sequence head is ESM-2's LM head, untied
         if device.type != "meta":
             self.materialize(device)
 
-    def init_weights(self) -> None:
-        """N(0, init_std) matrices and embedding, zero biases, unit LayerNorms (works on FSDP2 shards)."""
-        std = self.cfg.init_std
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                m.weight.normal_(0.0, std)
-                if getattr(m, "bias", None) is not None:
-                    m.bias.zero_()
-            elif isinstance(m, nn.LayerNorm):
-                m.reset_parameters()
-        self.rotary.reset_buffers()
-
-    def forward(self, tokens, positions, cu_seqlens, max_seqlen, *, logits_index=None,
-                output_hidden_states=False, step=None) -> ModelOutput:
-        layout = PackedLayout(cu_seqlens, max_seqlen)
-        x = self.embed(tokens)
-        cos, sin = self.rotary(positions, compute_dtype(x))
-        hidden = [x] if output_hidden_states else None
-        for block in self.blocks:
-            x = block(x, cos, sin, layout)
-            if hidden is not None:
-                hidden.append(x)
-        h = self.final_norm(x)
-        if hidden is not None:
-            hidden.append(h)
-        logits = self.head(self._head_rows(h, logits_index))
-        return ModelOutput(logits=logits, hidden_states=tuple(hidden) if hidden is not None else None)
+    # the esm2 preset's init (N(0, init_std) matrices and embedding, zero biases, unit LayerNorms; the esm
+    # package ships no training init) and forward (embed -> blocks -> final norm -> head; hidden states:
+    # embedding, each block, final norm), whose token dropout, tie and sliding window are off here
+    init_weights = Esm2PLM.init_weights
+    forward = Esm2PLM.forward
 
 
 # ------------------------------------------------------------------ ESM C weights
@@ -148,7 +114,7 @@ _TOP_MAP = {
     "head.norm.weight": "sequence_head.2.weight", "head.norm.bias": "sequence_head.2.bias",
 }
 _VOCAB_ROWS = {"embed.weight": "embed.weight", "head.decoder.weight": "sequence_head.3.weight",
-               "head.decoder.bias": "sequence_head.3.bias"}  # ours -> ESM C, first 33 rows
+               "head.bias": "sequence_head.3.bias"}  # ours -> ESM C, first 33 rows
 
 
 ESMC_VOCAB_ROWS = 64  # ESM C's embedding and head rows (33 tokens, padded)
@@ -161,7 +127,7 @@ def to_esmc_state_dict(model: EsmcPLM) -> dict[str, torch.Tensor]:
     out = {key: ours[name] for name, key in _TOP_MAP.items()}
     for name, key in _VOCAB_ROWS.items():
         t = ours[name]
-        pad = t.new_full((ESMC_VOCAB_ROWS - VOCAB_SIZE, *t.shape[1:]), -1e4 if name == "head.decoder.bias" else 0.0)
+        pad = t.new_full((ESMC_VOCAB_ROWS - VOCAB_SIZE, *t.shape[1:]), -1e4 if name == "head.bias" else 0.0)
         out[key] = torch.cat([t, pad])
     for i in range(len(model.blocks)):
         for name, key in _LAYER_MAP.items():
