@@ -130,9 +130,11 @@ def test_packing_invariance(name):
             torch.testing.assert_close(packed[s:e], alone, rtol=0, atol=1e-5)
 
 
-def test_bf16_autocast_on_cpu():
+@pytest.mark.parametrize("name", ["default", "esmc"])
+def test_bf16_autocast_on_cpu(name):
     torch.manual_seed(0)
-    model = build_model(cfg_with(p_attention=True, attention_soft_cap=8.0))
+    extra = SWITCHES["esmc"] if name == "esmc" else dict(p_attention=True, attention_soft_cap=8.0)
+    model = build_model(cfg_with(**extra))
     tokens, pos, cu, m = batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(tokens, pos, cu, m)

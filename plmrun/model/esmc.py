@@ -63,7 +63,7 @@ class EsmcBlock(nn.Module):
         h = self.attn_norm(x)
         q, k, v = self.q(h), self.k(h), self.v(h)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)  # as ESM C: CUDA autocast norms in fp32
         q, k, v = (t.view(T, self.H, D // self.H) for t in (q, k, v))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         a = packed_attention(q, k, v, backend=self.cfg.attention_backend, compiled_cpu_kernel=self.compiled_cpu_kernel,
