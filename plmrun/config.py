@@ -25,8 +25,8 @@ class ConfigError(PlmrunError, ValueError):
 
 @dataclass
 class ModelConfig:
-    arch: Literal["speedrun", "esm2"] = "speedrun"
-    "Architecture: the speedrun encoder or the Hugging Face EsmForMaskedLM-equivalent preset."
+    arch: Literal["speedrun", "esm2", "esmc"] = "speedrun"
+    "Architecture: the speedrun encoder, the Hugging Face EsmForMaskedLM-equivalent preset, or ESM C (EvolutionaryScale)."
     hidden_size: int = 256
     "Width of the residual stream."
     num_layers: int = 4
@@ -34,7 +34,7 @@ class ModelConfig:
     num_heads: int = 4
     "Attention heads (head dim = hidden_size / num_heads)."
     expansion_ratio: float = 4.0
-    "MLP width / hidden_size (ESM-2 uses 4.0; the seed's speedrun 8/3)."
+    "MLP width / hidden_size (ESM-2 uses 4.0; the seed's speedrun 8/3; esmc: SwiGLU width, rounded up to a multiple of 256, ESM C 8/3)."
     rope_base: float = 10000.0
     "Rotary embedding base."
     unet: bool = True
@@ -44,7 +44,7 @@ class ModelConfig:
     value_embeddings: bool = True
     "speedrun: extra embedding tables mixed into attention values (mirrored over depth)."
     qk_norm: bool = True
-    "speedrun: RMS-normalise queries and keys per head."
+    "speedrun: RMS-normalise queries and keys per head; esmc: ESM C's bias-free LayerNorm of queries and keys."
     soft_logit_cap: float = 32.0
     "tanh cap on output logits (0 = off)."
     attention_soft_cap: float = 0.0
@@ -66,7 +66,7 @@ class ModelConfig:
     attention_backend: Literal["auto", "cpu", "flex", "flash", "sdpa_dense", "naive"] = "auto"
     "Packed-attention kernel: auto picks flash/flex on CUDA and the bucketed cpu path elsewhere."
     layer_norm_eps: float = 1e-5
-    "esm2: LayerNorm epsilon."
+    "esm2, esmc: LayerNorm epsilon."
     init_std: float = 0.02
     "Standard deviation of normal weight initialisation."
 
@@ -443,6 +443,15 @@ def config_from_dict(data: dict, where: str = "config") -> Config:
 
 
 # ---------------------------------------------------------------- cross-field validation
+ESMC_OFF = ("unet", "x0_lambdas", "value_embeddings", "p_attention", "token_dropout", "tie_embeddings",
+            "soft_logit_cap", "attention_soft_cap", "sliding_window", "sliding_window_start")
+
+
+def esmc_conflicts(m: ModelConfig) -> list[str]:
+    """The switches that are on but are not part of ESM C (config validation and the model both refuse them)."""
+    return [k for k in ESMC_OFF if getattr(m, k)]
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
@@ -467,6 +476,8 @@ def validate(cfg: Config) -> Config:
             _check(not getattr(m, flag), f"model.{flag} is a speedrun option; set it to false with model.arch=esm2")
         for key in ("soft_logit_cap", "attention_soft_cap", "sliding_window", "sliding_window_start"):
             _check(getattr(m, key) == 0, f"model.{key} is a speedrun option; set it to 0 with model.arch=esm2")
+    if m.arch == "esmc" and esmc_conflicts(m):
+        raise ConfigError(f"model.{esmc_conflicts(m)[0]} is not part of ESM C; turn it off (false or 0) with model.arch=esmc")
     _check(d.max_length >= 3, "data.max_length must be >= 3 (<cls>, one residue, <eos>)")
     _check(d.token_budget >= d.max_length,
            f"data.token_budget ({d.token_budget}) must be >= data.max_length ({d.max_length})")

@@ -41,6 +41,10 @@ SWITCHES = {
     "dense_backend": dict(attention_backend="sdpa_dense"),
     "esm2": dict(arch="esm2", unet=False, x0_lambdas=False, value_embeddings=False, qk_norm=False,
                  soft_logit_cap=0.0, token_dropout=True),
+    "esmc": dict(arch="esmc", unet=False, x0_lambdas=False, value_embeddings=False, soft_logit_cap=0.0,
+                 expansion_ratio=8 / 3),
+    "esmc_no_qk_norm": dict(arch="esmc", unet=False, x0_lambdas=False, value_embeddings=False, soft_logit_cap=0.0,
+                            qk_norm=False, num_layers=5),
 }
 
 
@@ -97,9 +101,9 @@ def test_logits_index_selects_rows():
     torch.testing.assert_close(part, full[idx])
 
 
-@pytest.mark.parametrize("arch", ["speedrun", "esm2"])
+@pytest.mark.parametrize("arch", ["speedrun", "esm2", "esmc"])
 def test_parameter_kinds_cover_everything(arch):
-    extra = {} if arch == "speedrun" else SWITCHES["esm2"]
+    extra = {} if arch == "speedrun" else SWITCHES[arch]
     model = build_model(cfg_with(**extra))
     kinds = model.parameter_kinds()
     params = dict(model.named_parameters())
@@ -113,11 +117,11 @@ def test_parameter_kinds_cover_everything(arch):
         assert kinds["skip_weights"] == "scalar"
 
 
-@pytest.mark.parametrize("name", ["default", "esm2", "window", "p_attention", "attn_soft_cap"])
+@pytest.mark.parametrize("name", ["default", "esm2", "esmc", "window", "p_attention", "attn_soft_cap"])
 def test_packing_invariance(name):
     """A sequence's logits do not depend on what else is packed with it (fp32, 1e-5)."""
     torch.manual_seed(0)
-    model = build_model(cfg_with(**{**SWITCHES[name], "token_dropout": True})).eval()
+    model = build_model(cfg_with(**{**SWITCHES[name], "token_dropout": name != "esmc"})).eval()  # ESM C has none
     tokens, pos, cu, m = batch(lengths=(9, 1, 17, 2, 12), pad=5)
     with torch.no_grad():
         packed = model(tokens, pos, cu, m).logits
@@ -126,9 +130,11 @@ def test_packing_invariance(name):
             torch.testing.assert_close(packed[s:e], alone, rtol=0, atol=1e-5)
 
 
-def test_bf16_autocast_on_cpu():
+@pytest.mark.parametrize("name", ["default", "esmc"])
+def test_bf16_autocast_on_cpu(name):
     torch.manual_seed(0)
-    model = build_model(cfg_with(p_attention=True, attention_soft_cap=8.0))
+    extra = SWITCHES["esmc"] if name == "esmc" else dict(p_attention=True, attention_soft_cap=8.0)
+    model = build_model(cfg_with(**extra))
     tokens, pos, cu, m = batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(tokens, pos, cu, m)
@@ -162,7 +168,8 @@ def test_flops_count():
 
 
 @pytest.mark.parametrize("name,params", [("esm2_8m", 7.5e6), ("esm2_35m", 33.5e6), ("esm2_150m", 148e6),
-                                         ("esm2_650m", 651e6), ("speedrun_133m", 133e6)])
+                                         ("esm2_650m", 651e6), ("speedrun_133m", 133e6), ("esmc_300m", 333e6),
+                                         ("esmc_600m", 575e6)])
 def test_named_sizes(name, params):
     cfg = load_yaml(resolve_config_path(name)).model
     with torch.device("meta"):
@@ -174,7 +181,9 @@ def test_named_sizes(name, params):
                                              "--model.num_att_tokens=16"],
                                        ["--model.arch=esm2", "--model.unet=false", "--model.x0_lambdas=false",
                                         "--model.value_embeddings=false", "--model.qk_norm=false",
-                                        "--model.soft_logit_cap=0", "--model.tie_embeddings=true"]])
+                                        "--model.soft_logit_cap=0", "--model.tie_embeddings=true"],
+                                       ["--model.arch=esmc", "--model.unet=false", "--model.x0_lambdas=false",
+                                        "--model.value_embeddings=false", "--model.soft_logit_cap=0"]])
 def test_meta_init_is_bitwise_the_constructor(overrides):
     """One init per model: built on meta then materialised == built normally, bit for bit (ties kept)."""
     import torch

@@ -24,7 +24,7 @@ from plmrun.manifest import write_manifest
 from plmrun.model.loading import load_model
 
 _PKG = Path(__file__).resolve().parents[1]
-MODEL_MODULES = ("registry.py", "speedrun.py", "esm2.py", "layers.py", "attention.py")
+MODEL_MODULES = ("registry.py", "speedrun.py", "esm2.py", "esmc.py", "layers.py", "attention.py")
 
 
 class ExportError(PlmrunError, RuntimeError):

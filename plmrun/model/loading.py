@@ -241,6 +241,16 @@ def load_hf_weights_into(model, path: str | Path) -> None:
         _load_into(model, sd, naming, where, "the training config")
 
 
+def load_esmc_state_dict(model, sd: dict) -> None:
+    """Copy an ESM C state dict (the esm package's `ESMC.state_dict()`) into an esmc-preset model."""
+    from plmrun.model.esmc import esmc_state_dict_to_ours
+    try:
+        new = esmc_state_dict_to_ours(model, sd)
+    except ValueError as e:
+        raise ModelLoadError(f"ESM C weights: {e}") from None
+    model.load_state_dict(new, strict=True)
+
+
 def load_checkpoint_weights(path: Path, model) -> None:
     """Model weights of a training checkpoint (a DCP directory with a "model" entry) into a plain model.
 

@@ -7,10 +7,11 @@ import torch
 
 from ..config import ModelConfig
 from .esm2 import Esm2PLM
+from .esmc import EsmcPLM
 from .layers import PLM, window_at
 from .speedrun import SpeedrunPLM
 
-ARCHITECTURES = {"speedrun": SpeedrunPLM, "esm2": Esm2PLM}
+ARCHITECTURES = {"speedrun": SpeedrunPLM, "esm2": Esm2PLM, "esmc": EsmcPLM}
 
 
 def build_model(cfg: ModelConfig) -> PLM:

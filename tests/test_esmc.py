@@ -1,0 +1,185 @@
+"""The esmc preset is numerically EvolutionaryScale's ESM C (`esm.models.esmc.ESMC`), on packed input.
+
+The parity tests need the `esm` package, which cannot be a plmrun extra: its pins (transformers<4.48.2,
+torchvision, torchtext) replace torch and transformers (`pip install --dry-run esm`). They run with
+    pip install --no-deps --target /tmp/esm-ref esm==3.2.1.post1 einops cloudpathlib tenacity brotli \\
+        msgpack msgpack_numpy biopython "biotite>=1" zstd
+    PYTHONPATH=$PWD:/tmp/esm-ref python -m pytest tests/test_esmc.py
+and skip without it (esm 3.1.x imports biotite 0.41, built for numpy<2: its ESMC does not import
+beside numpy 2). Loading errors, config, init and training run everywhere.
+"""
+import inspect
+
+import pytest
+import torch
+import torch.nn as nn
+
+from plmrun.config import ConfigError, ModelConfig, build_config
+from plmrun.model.esmc import ESMC_VOCAB_ROWS, EsmcPLM, to_esmc_state_dict
+from plmrun.model.loading import ModelLoadError, load_esmc_state_dict
+from plmrun.model.registry import build_model
+
+D, LAYERS, HEADS = 64, 3, 2
+OFF = dict(unet=False, x0_lambdas=False, value_embeddings=False, soft_logit_cap=0.0)
+ESMC_FLAGS = ["--model.arch=esmc", "--model.unet=false", "--model.x0_lambdas=false",
+              "--model.value_embeddings=false", "--model.soft_logit_cap=0"]
+
+
+def reference(qk_norm: bool = True, layers: int = LAYERS, seed: int = 0):
+    """A random-init ESMC from the esm package (biases and norms perturbed so every weight matters)."""
+    esmc = pytest.importorskip("esm.models.esmc", reason="the esm package (see the module docstring)",
+                               exc_type=ImportError)
+    from esm.tokenization import EsmSequenceTokenizer
+    torch.manual_seed(seed)
+    kw = {"use_flash_attn": False} if "use_flash_attn" in inspect.signature(esmc.ESMC).parameters else {}
+    model = esmc.ESMC(d_model=D, n_heads=HEADS, n_layers=layers, tokenizer=EsmSequenceTokenizer(), **kw).eval()
+    if not qk_norm:  # what TransformerStack(qk_layernorm=False) builds
+        for block in model.transformer.blocks:
+            block.attn.q_ln = block.attn.k_ln = nn.Identity()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def our_config(backend: str = "cpu", qk_norm: bool = True, layers: int = LAYERS, width: int = D) -> ModelConfig:
+    return ModelConfig(arch="esmc", hidden_size=width, num_layers=layers, num_heads=HEADS, expansion_ratio=8 / 3,
+                       qk_norm=qk_norm, attention_backend=backend, **OFF)
+
+
+def packed_batch(seed: int = 1):
+    """Three sequences of different lengths (every residue id, some <mask>) and a <pad> tail segment."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = []
+    for n in (12, 40, 25):
+        s = torch.cat([torch.tensor([0]), torch.randint(4, 31, (n,), generator=g), torch.tensor([2])])
+        masked = (torch.rand(len(s), generator=g) < 0.2) & (s > 3)
+        seqs.append(torch.where(masked, torch.full_like(s, 32), s))
+    lens = [len(s) for s in seqs] + [5]
+    tokens = torch.cat(seqs + [torch.ones(5, dtype=torch.long)])
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    positions = torch.cat([torch.arange(n) for n in lens])
+    return seqs, tokens, positions, cu, max(lens)
+
+
+def assert_matches(out, ref, sl, row=0, rows=slice(None)):
+    """Our packed output on token slice `sl` == ESM C's batch row `row` (positions `rows`)."""
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    close(out.logits[sl], ref.sequence_logits[row, rows, :33])
+    hs = out.hidden_states
+    assert len(hs) == LAYERS + 2 and len(ref.hidden_states) == LAYERS
+    for ours, theirs in zip(hs[1:-1], ref.hidden_states):  # each block's output
+        close(ours[sl], theirs[row, rows])
+    close(hs[-1][sl], ref.embeddings[row, rows])  # after the final norm
+
+
+@pytest.mark.parametrize("backend", ["cpu", "naive", "sdpa_dense"])
+def test_logits_and_hidden_states_match_esmc(backend):
+    """fp32, 1e-5: our packed forward vs ESM C on each sequence alone and on the right-padded batch."""
+    ref_model = reference()
+    ours = build_model(our_config(backend)).eval()
+    load_esmc_state_dict(ours, ref_model.state_dict())
+    seqs, tokens, positions, cu, max_len = packed_batch()
+    padded = torch.ones(len(seqs), max(len(s) for s in seqs), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        padded[i, :len(s)] = s
+    with torch.no_grad():
+        out = ours(tokens, positions, cu, max_len, output_hidden_states=True)
+        batch = ref_model(sequence_tokens=padded)
+        start = 0
+        for i, s in enumerate(seqs):
+            sl = slice(start, start + len(s))
+            torch.testing.assert_close(out.hidden_states[0][sl], ref_model.embed(s), rtol=0, atol=0)
+            assert_matches(out, ref_model(sequence_tokens=s[None]), sl)
+            assert_matches(out, batch, sl, row=i, rows=slice(0, len(s)))
+            start += len(s)
+
+
+def test_without_qk_norm_matches_esmc():
+    ref_model = reference(qk_norm=False)
+    ours = build_model(our_config(qk_norm=False)).eval()
+    load_esmc_state_dict(ours, ref_model.state_dict())
+    seqs, tokens, positions, cu, max_len = packed_batch(seed=2)
+    with torch.no_grad():
+        out = ours(tokens, positions, cu, max_len, output_hidden_states=True)
+        assert_matches(out, ref_model(sequence_tokens=seqs[1][None]), slice(len(seqs[0]), len(seqs[0]) + len(seqs[1])))
+
+
+def test_our_weights_load_into_esmc():
+    """to_esmc_state_dict loads strictly into ESMC; its 64-way softmax is then our 33-way one."""
+    ref_model = reference()
+    torch.manual_seed(3)
+    ours = build_model(our_config()).eval()
+    ref_model.load_state_dict(to_esmc_state_dict(ours), strict=True)
+    seqs, tokens, positions, cu, max_len = packed_batch()
+    with torch.no_grad():
+        out = ours(tokens, positions, cu, max_len)
+        theirs = ref_model(sequence_tokens=seqs[0][None]).sequence_logits[0]
+    assert theirs.shape[-1] == ESMC_VOCAB_ROWS
+    torch.testing.assert_close(out.logits[: len(seqs[0])].log_softmax(-1), theirs.log_softmax(-1)[:, :33],
+                               rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- without the reference package
+def test_esmc_state_dict_round_trip_and_bad_checkpoints():
+    """Ours -> ESM C layout -> ours is exact; a checkpoint of another shape is refused in one line."""
+    torch.manual_seed(0)
+    ours = build_model(our_config())
+    sd = to_esmc_state_dict(ours)
+    assert sd["embed.weight"].shape == (ESMC_VOCAB_ROWS, D)
+    assert sd["transformer.blocks.0.attn.layernorm_qkv.1.weight"].shape == (3 * D, D)
+    assert sd["transformer.blocks.0.ffn.1.weight"].shape == (2 * 256, D)  # 8/3 * 64 rounded up to 256
+    torch.manual_seed(1)
+    other = build_model(our_config())
+    load_esmc_state_dict(other, sd)
+    for name, p in ours.state_dict().items():
+        assert torch.equal(p, other.state_dict()[name]), name
+    cases = [(our_config(layers=LAYERS + 1), r"lacks 'transformer\.blocks\.3\."),
+             (our_config(layers=LAYERS - 1), r"weights the esmc preset does not know, e\.g\. 'transformer\.blocks\.2\."),
+             (our_config(width=2 * D), r"shape mismatch"),
+             (our_config(qk_norm=False), r"does not know, e\.g\. 'transformer\.blocks\.0\.attn\.q_ln\.weight'")]
+    for cfg, msg in cases:
+        with pytest.raises(ModelLoadError, match=msg) as e:
+            load_esmc_state_dict(build_model(cfg), sd)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ModelLoadError, match="lacks 'transformer.blocks.0.attn.q_ln.weight'"):
+        load_esmc_state_dict(ours, to_esmc_state_dict(build_model(our_config(qk_norm=False))))
+    with pytest.raises(ModelLoadError, match="needs an esmc-preset model"):
+        load_esmc_state_dict(build_model(ModelConfig(hidden_size=D, num_heads=HEADS)), sd)
+
+
+def test_speedrun_switches_are_refused():
+    with pytest.raises(ConfigError, match=r"^model.unet is not part of ESM C; turn it off"):
+        build_config(None, ["--model.arch=esmc"])
+    with pytest.raises(ConfigError, match=r"^model.token_dropout is not part of ESM C"):
+        build_config(None, [*ESMC_FLAGS, "--model.token_dropout=true"])
+    with pytest.raises(ValueError, match="turn off unet, x0_lambdas, value_embeddings, soft_logit_cap"):
+        EsmcPLM(ModelConfig(arch="esmc"))
+    assert build_config(None, ESMC_FLAGS).model.arch == "esmc"
+
+
+def test_parameter_kinds_cover_every_parameter():
+    """Muon gets exactly the blocks' matrices; the embedding, head and 1-D parameters go to Adam groups."""
+    model = build_model(our_config())
+    kinds = model.parameter_kinds()
+    assert set(kinds) == {n for n, _ in model.named_parameters()}
+    hidden = {n for n, k in kinds.items() if k == "hidden"}
+    assert hidden == {n for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2}
+    assert len(hidden) == 7 * LAYERS  # q k v o gate up down
+    assert kinds["embed.weight"] == "embed" and kinds["head.decoder.weight"] == "head"
+    assert kinds["head.dense.weight"] == "head" and kinds["head.bias"] == "scalar"
+
+
+def test_train_three_steps_with_muon(tmp_path, monkeypatch):
+    from plmrun.train.trainer import train
+    monkeypatch.chdir(tmp_path)
+    cfg = build_config(None, [*ESMC_FLAGS, "--model.hidden_size=32", "--model.num_layers=2", "--model.num_heads=2",
+                              "--optim.optimizer=muon", "--data.token_budget=512", "--data.max_length=128",
+                              "--train.max_steps=3", "--train.eval_every=0", "--eval.subset=8",
+                              "--eval.token_budget=2048", "--eval.final_full=false", "--train.precision=fp32",
+                              "--logging.progress=false", "--train.threads=1", "--logging.name=esmc",
+                              f"--logging.run_root={tmp_path / 'runs'}"])
+    summary = train(cfg)
+    assert summary["steps"] == 3
+    assert summary["best_val_loss"] is not None and summary["best_val_loss"] < 4.0
