@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from plmrun.config import Config
+from plmrun.config import Config, TrainConfig
 from plmrun.errors import PlmrunError
 from plmrun.tokenizer import VOCAB_SIZE
 from plmrun.eval.mlm import evaluate
@@ -124,12 +124,13 @@ class SpikePolicy:
     instead of skipping every later update. Its counters live in the checkpointed train state.
     """
 
-    def __init__(self, train_cfg, state: dict, hint):
+    def __init__(self, train_cfg: TrainConfig, state: dict, hint):
         self.cfg, self.state, self.hint = train_cfg, state, hint
 
     def check(self, step: int, loss: float, warn) -> bool:
         """True when this step's update must be skipped."""
-        c, st = self.cfg, self.state
+        c: TrainConfig = self.cfg
+        st = self.state
         recent = st["recent_losses"]
         if c.loss_spike == "ignore" or not recent or loss <= c.loss_spike_factor * sum(recent) / len(recent):
             st["recent_losses"] = (recent + [loss])[-c.loss_spike_window:]
