@@ -5,6 +5,7 @@ Every run is the tiny model of test_train.py with grad_accum 2, so one process e
 """
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -108,6 +109,24 @@ def test_rerun_continues_the_unfinished_run_with_the_same_config(here, monkeypat
     assert summary["steps"] == 6 and _series(here / "again" / name) == _series(here / "ref" / "straight")
 
 
+def test_rerun_from_another_init_source_is_a_separate_run(here, monkeypatch):
+    """--init-from-hf is part of a run's identity: an unfinished random-init run is not continued by the same
+    config started from a model folder (old code: the weights of the folder were silently ignored), and the
+    random-init rerun still continues its own run."""
+    source = here / "ref" / "straight" / "model"
+    monkeypatch.setenv("PLMRUN_FAULT", "term@2")
+    train(_cfg("init"))
+    monkeypatch.delenv("PLMRUN_FAULT")
+    (plain,) = _runs(here / "init")
+    summary = train(_cfg("init"), init_from_hf=str(source))
+    assert summary["steps"] == 6 and summary["run_dir"] != str(Path("init") / plain)
+    started = next(n for n in _runs(here / "init") if n != plain)
+    assert (here / "init" / started / "init_from.txt").read_text().strip() == str(source.resolve())
+    assert not (here / "init" / plain / "summary.json").exists()
+    again = train(_cfg("init"))
+    assert again["run_dir"] == str(Path("init") / plain) and again["steps"] == 6
+
+
 def test_crash_before_the_first_checkpoint_continues_in_the_same_dir(here, monkeypatch, capsys):
     """NaN at step 2 with checkpoint_every=0: the message names no checkpoint folder (old: 'kept in
     RUN/checkpoints', which did not exist); the rerun continues that directory from step 0, no duplicate lines."""
@@ -133,7 +152,8 @@ def test_named_run_that_died_early_is_replaced_by_another_config(here, monkeypat
     monkeypatch.delenv("PLMRUN_FAULT")
     summary = train(_cfg("named", "--logging.name=exp", "--train.max_steps=3", "--train.seed=1"))
     out = capsys.readouterr().out
-    assert "replacing named/exp: it has another config and stopped before its first checkpoint" in out
+    assert ("replacing named/exp: it has another config or --init-from-hf source and stopped before its first "
+            "checkpoint") in out
     assert summary["steps"] == 3 and "seed: 1" in (here / "named" / "exp" / "config.yaml").read_text()
     # a finished run is never replaced
     with pytest.raises(RunDirError, match="already finished"):

@@ -36,7 +36,11 @@ def config_yaml(cfg: Config) -> str:
     return yaml.safe_dump(d, sort_keys=False)
 
 
-def prepare_run_dir(cfg: Config, name: str, *, resume: bool) -> tuple[Path, bool]:
+INIT_FILE = "init_from.txt"
+"The --init-from-hf source a run started from (absent: random init); part of the run's identity."
+
+
+def prepare_run_dir(cfg: Config, name: str, *, resume: bool, init_from: Optional[str] = None) -> tuple[Path, bool]:
     """Create runs/<name>, or reopen it for resuming. Returns (path, is_resume).
 
     An existing directory is reopened only when it holds the same config and has not finished;
@@ -57,6 +61,10 @@ def prepare_run_dir(cfg: Config, name: str, *, resume: bool) -> tuple[Path, bool
         if _normalised(saved.read_text()) != _normalised(text):
             raise RunDirError(f"{path}: exists with a different config; resume it with `plmrun train --resume {path}`"
                               " or choose another --logging.name")
+        if not resume and _init_source(path) != _source(init_from):
+            raise RunDirError(f"{path}: started from {_init_source(path) or 'random init'}, not "
+                              f"{_source(init_from) or 'random init'}; resume it with `plmrun train --resume {path}` "
+                              "or choose another --logging.name")
         if resume and latest_step(path) is None:
             raise RunDirError(f"{path} has no checkpoint yet; rerun the command that started it without --resume"
                               " to continue it (from step 0)")
@@ -65,14 +73,29 @@ def prepare_run_dir(cfg: Config, name: str, *, resume: bool) -> tuple[Path, bool
         raise RunDirError(f"{path}: no such run directory to resume")
     path.mkdir(parents=True)
     (path / "config.yaml").write_text(text)
+    if init_from:
+        (path / INIT_FILE).write_text(_source(init_from) + "\n")
     return path, False
 
 
-def choose_run_dir(cfg: Config, resume: Optional[str]) -> tuple[Path, bool, Optional[str], "RunLock"]:
+def _source(init_from: Optional[str]) -> Optional[str]:
+    """An --init-from-hf argument as recorded: a local path made absolute, a Hub name as given."""
+    if not init_from:
+        return None
+    return str(Path(init_from).resolve()) if Path(init_from).exists() else str(init_from)
+
+
+def _init_source(run: Path) -> Optional[str]:
+    file = Path(run) / INIT_FILE
+    return file.read_text().strip() if file.is_file() else None
+
+
+def choose_run_dir(cfg: Config, resume: Optional[str],
+                   init_from: Optional[str] = None) -> tuple[Path, bool, Optional[str], "RunLock"]:
     """Rank 0's choice of run directory: (path, continuing, a line to print or None, the lock held on it).
 
-    A run's identity is its config: without --logging.name, the newest unfinished run under run_root
-    with the same config (and no live process) is continued rather than started over, which is also
+    A run's identity is its config and its --init-from-hf source: without --logging.name, the newest
+    unfinished run under run_root with the same identity (and no live process) is continued rather than started over, which is also
     what makes a torchrun --max-restarts restart continue its own run. A named run that died before
     its first checkpoint does not block its name: with another config it is replaced.
     """
@@ -83,11 +106,12 @@ def choose_run_dir(cfg: Config, resume: Optional[str]) -> tuple[Path, bool, Opti
     elif cfg.logging.name:
         name = cfg.logging.name
         path = root / name
-        if _replaceable(path, cfg):
+        if _replaceable(path, cfg, init_from):
             shutil.rmtree(path)
-            note = f"replacing {path}: it has another config and stopped before its first checkpoint"
+            note = (f"replacing {path}: it has another config or --init-from-hf source and stopped before its first "
+                    "checkpoint")
     else:
-        found = find_unfinished_run(cfg)
+        found = find_unfinished_run(cfg, init_from)
         if found is not None:
             lock = RunLock(found)
             return found, True, _continuing(found), lock
@@ -95,7 +119,7 @@ def choose_run_dir(cfg: Config, resume: Optional[str]) -> tuple[Path, bool, Opti
         while (root / name).exists():  # two runs started in the same second
             name += "-1"
     _refuse_if_running(root / name)
-    path, continuing = prepare_run_dir(cfg, name, resume=bool(resume))
+    path, continuing = prepare_run_dir(cfg, name, resume=bool(resume), init_from=init_from)
     lock = RunLock(path)
     return path, continuing, _continuing(path) if continuing and not resume else note, lock
 
@@ -105,14 +129,14 @@ def _continuing(path: Path) -> str:
             "--logging.name NEW to start a separate run")
 
 
-def find_unfinished_run(cfg: Config) -> Optional[Path]:
-    """The newest run under run_root with this config, no summary.json and no process training it."""
+def find_unfinished_run(cfg: Config, init_from: Optional[str] = None) -> Optional[Path]:
+    """The newest run under run_root with this config and init source, no summary.json and no process training it."""
     root = Path(cfg.logging.run_root)
     want = _normalised(config_yaml(cfg))
     found = []
     for saved in root.glob("*/config.yaml") if root.is_dir() else []:
         run = saved.parent
-        if (run / "summary.json").exists() or RunLock.held(run):
+        if (run / "summary.json").exists() or RunLock.held(run) or _init_source(run) != _source(init_from):
             continue
         try:
             same = _normalised(saved.read_text()) == want
@@ -137,14 +161,15 @@ def finished_step(run: Path) -> str:
         return "?"
 
 
-def _replaceable(path: Path, cfg: Config) -> bool:
-    """An unfinished plmrun run with another config and no checkpoint: nothing in it is worth keeping."""
+def _replaceable(path: Path, cfg: Config, init_from: Optional[str] = None) -> bool:
+    """An unfinished plmrun run with another config or init source and no checkpoint: nothing in it is worth keeping."""
     saved = path / "config.yaml"
     if not saved.is_file() or (path / "summary.json").exists() or latest_step(path) is not None:
         return False
     _refuse_if_running(path)
     try:
-        return _normalised(saved.read_text()) != _normalised(config_yaml(cfg))
+        return (_normalised(saved.read_text()) != _normalised(config_yaml(cfg))
+                or _init_source(path) != _source(init_from))
     except (yaml.YAMLError, AttributeError):
         return False
 

@@ -315,7 +315,7 @@ def _setup(cfg: Config, resume: Optional[str], init_from_hf: Optional[str], laun
 
     # run directory and checkpoint: rank 0 decides, everyone agrees
     def decide():  # the lock stays in `held`, out of the broadcast
-        run_dir, continuing, note, lock = choose_run_dir(cfg, resume)
+        run_dir, continuing, note, lock = choose_run_dir(cfg, resume, init_from_hf)
         held.append(lock)
         return run_dir, continuing, note, (ckpt.latest_checkpoint(run_dir / "checkpoints") if continuing else None)
     run_dir, is_resume, note, latest = _from_rank0(env, decide)
