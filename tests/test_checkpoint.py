@@ -17,8 +17,8 @@ from plmrun.config import build_config
 from plmrun.manifest import MANIFEST, write_manifest
 from plmrun.model.registry import build_model
 from plmrun.optim.build import build_optimizer
-from plmrun.train import checkpoint as ckpt
-from plmrun.train.checkpoint import CheckpointError
+from plmrun import checkpoint as ckpt
+from plmrun.checkpoint import CheckpointError
 from test_train import TINY, _plmrun
 
 
@@ -256,7 +256,6 @@ def test_fsdp2_sharded_checkpoint_resumes_bitwise(tmp_path):
 
 def test_checkpoint_weights_for_eval_are_verified_too(tmp_path):
     """`plmrun eval/export CHECKPOINT` reads the "model" entry through model/loading.py: a flipped byte is refused."""
-    from plmrun.errors import ModelLoadError
     from plmrun.model.loading import load_checkpoint_weights
     path = _saved(tmp_path)
     model, _, _ = _setup(seed=5)
@@ -265,5 +264,5 @@ def test_checkpoint_weights_for_eval_are_verified_too(tmp_path):
     data = bytearray(shard.read_bytes())
     data[-10] ^= 0x01
     shard.write_bytes(bytes(data))
-    with pytest.raises(ModelLoadError, match=f"{shard}: contents do not match"):
+    with pytest.raises(CheckpointError, match=f"{shard}: contents do not match"):
         load_checkpoint_weights(path, model)

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from plmrun.checkpoint import CheckpointError
 from plmrun.cli import main as cli_main
 from plmrun.config import config_from_dict
 from plmrun.eval.export import export
@@ -382,9 +383,9 @@ def test_damaged_checkpoint_weights_are_one_line(tmp_path):
     _same_outputs(loaded, model.eval())
     shard = next(ck.glob("*.distcp"))
     _truncate(shard, 0.3)
-    with pytest.raises(ModelLoadError) as e:
+    with pytest.raises(CheckpointError) as e:
         load_model(ck)
-    _one_line(e, str(ck), "checkpoint weights could not be read", "PytorchStreamReader failed")
+    _one_line(e, str(ck), "reading the checkpoint failed", "PytorchStreamReader failed")
 
 
 def test_init_from_a_checkpoint(tmp_path):
@@ -393,7 +394,8 @@ def test_init_from_a_checkpoint(tmp_path):
     load_hf_weights_into(fresh, ck)
     _same_outputs(fresh, model.eval())
     wide = build_model(config_from_dict({"model": {**SPEEDRUN, "hidden_size": 64}}).model)
-    with pytest.raises(ModelLoadError, match=r"checkpoint has shape \(33, 32\) for model.embed.weight"):
+    with pytest.raises(CheckpointError, match=r"model.embed.weight has shape \(33, 32\) in the checkpoint, "
+                                              r"\(33, 64\) in this model"):
         load_hf_weights_into(wide, ck)
 
 
@@ -404,7 +406,8 @@ def test_checkpoint_of_another_config_is_one_line(tmp_path):
     d = yaml.safe_load(run_cfg.read_text())
     d["model"]["hidden_size"] = 64
     run_cfg.write_text(yaml.safe_dump(d))
-    with pytest.raises(ModelLoadError) as e:
+    with pytest.raises(CheckpointError) as e:
         load_model(ck)
-    _one_line(e, str(ck), "checkpoint has shape (33, 32) for model.embed.weight, the run's model expects (33, 64)")
+    _one_line(e, str(ck), "model.embed.weight has shape (33, 32) in the checkpoint, (33, 64) in this model",
+              "the checkpoint is from another model config")
 

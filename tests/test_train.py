@@ -183,7 +183,7 @@ def test_run_directory_is_never_silently_reused(tmp_path):
 
 
 def test_half_written_checkpoint_is_ignored(tmp_path):
-    from plmrun.train.checkpoint import latest_checkpoint
+    from plmrun.checkpoint import latest_checkpoint
     root = tmp_path / "checkpoints"
     (root / "step_00000002").mkdir(parents=True)
     (root / "step_00000002" / "train_state.json").write_text("{}")

@@ -252,37 +252,11 @@ def load_esmc_state_dict(model, sd: dict) -> None:
 
 
 def load_checkpoint_weights(path: Path, model) -> None:
-    """Model weights of a training checkpoint (a DCP directory with a "model" entry) into a plain model.
+    """Model weights of a training checkpoint into a plain model: plmrun.checkpoint's model part, with
+    its checks (manifest, then keys and shapes against the DCP metadata, each a one-line error)."""
+    from plmrun.checkpoint import load_model_weights
+    load_model_weights(path, model)
 
-    Shapes are compared with the checkpoint's metadata first, so another model config names the
-    first mismatching key and both shapes instead of DCP's multi-rank traceback.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-    _verify(path)
-    sd = get_model_state_dict(model)
-    try:
-        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    except Exception as e:  # missing or truncated .metadata (pickle/EOF errors)
-        raise ModelLoadError(f"{path / '.metadata'}: unreadable checkpoint metadata ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:200] if str(e) else ''}); the checkpoint is damaged") from None
-    ours_saved = any(k.startswith("model.") for k in saved)
-    for key, t in sd.items() if ours_saved else ():
-        meta = saved.get(f"model.{key}")
-        size = tuple(getattr(meta, "size", ()) or ())
-        if meta is None or size != tuple(t.shape):
-            have = "lacks it" if meta is None else f"has shape {size}"
-            raise ModelLoadError(f"{path}: checkpoint {have} for model.{key}, the run's model expects "
-                                 f"{tuple(t.shape)}; the checkpoint is from another model config")
-    try:
-        dcp.load({"model": sd}, checkpoint_id=str(path))
-    except (Exception, CheckpointException) as e:  # DCP wraps rank failures in a multi-line BaseException
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        why = lines[-1].split(". ")[0][:200] if lines else type(e).__name__
-        raise ModelLoadError(f"{path}: checkpoint weights could not be read ({why}); "
-                             "the checkpoint is damaged, use another one") from None
-    set_model_state_dict(model, sd)
 
 
 def load_state_dict_checked(model, sd: dict, where: Path, built_from: str) -> None:

@@ -149,7 +149,7 @@ def find_unfinished_run(cfg: Config, init_from: Optional[str] = None) -> Optiona
 
 def latest_step(run: Path) -> Optional[int]:
     """Step of the run's newest complete checkpoint, None without one."""
-    from plmrun.train.checkpoint import latest_checkpoint
+    from plmrun.checkpoint import latest_checkpoint
     latest = latest_checkpoint(Path(run) / "checkpoints")
     return None if latest is None else int(latest.name.split("_")[1])
 

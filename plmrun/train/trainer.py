@@ -3,7 +3,7 @@
 Loss of a global step = Σ(weight·CE) / Σ normaliser over every micro-batch of every rank (both sums
 all-reduced), so 1 process × 4 accumulation steps and 2 processes × 2 give the same update. The run
 clock (`train_time_s`) counts only training steps; evals are timed separately, and time-to-target
-records both. Everything needed to continue exactly is in the checkpoint (train/checkpoint.py).
+records both. Everything needed to continue exactly is in the checkpoint (plmrun/checkpoint.py).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from plmrun.config import Config, TrainConfig
 from plmrun.errors import PlmrunError
 from plmrun.tokenizer import VOCAB_SIZE
 from plmrun.eval.mlm import evaluate
-from plmrun.train import checkpoint as ckpt
+from plmrun import checkpoint as ckpt
 from plmrun.train.parallelize import (DistEnv, all_reduce_sum, autocast_dtype, init_distributed, native_bf16,
                                       parallelize, unwrap)
 from plmrun.train.rundir import (MetricsLog, choose_run_dir, environment_info, plot_curves, read_metrics,

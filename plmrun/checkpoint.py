@@ -335,6 +335,29 @@ def load_checkpoint(path: Path, parts: dict) -> dict:
     return state["trainer"]
 
 
+def load_model_weights(path: Path, model) -> None:
+    """Only the model part of a checkpoint, into a plain model (eval, export, embed, --init-from-hf).
+
+    The same checks as a resume, for that part: the manifest (when there is one: weights may be read
+    from checkpoints written before checksums), then the DCP metadata's keys and shapes.
+    """
+    path = Path(path)
+    try:
+        verify_manifest(path)
+    except ManifestError as e:
+        raise CheckpointError(f"{e}; {_fallback(path)}") from None
+    meta_file = path / _METADATA
+    try:
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as e:  # noqa: BLE001 - DCP's unpickling raises many types on a damaged file
+        raise CheckpointError(f"{meta_file}: unreadable DCP metadata ({type(e).__name__}); {_fallback(path)}") from None
+    part = ModelState(model)
+    tensors = {"model": part.state_dict()}
+    _check_layout(meta_file, tensors, saved)
+    _dcp_load(tensors, path)
+    part.load_state_dict(tensors["model"])
+
+
 def _dcp_load(state: dict, path: Path) -> None:
     try:
         with _quiet_single_process():
