@@ -216,7 +216,7 @@ class LoggingConfig:
     run_root: str = "runs"
     "Directory that holds run directories."
     name: Optional[str] = None
-    "Run directory name (default: <timestamp>-<arch>); an existing one is never reused silently."
+    "Run directory name (default: <timestamp>-<arch>, or the newest unfinished run with the same config, continued); an existing one is never reused silently."
     progress: bool = True
     "Show a progress bar."
     tensorboard: bool = False
