@@ -71,17 +71,14 @@ class Esm2PLM(PLM):
         if on:
             raise ValueError(f"model.arch=esm2 is the exact Hugging Face architecture: turn off {', '.join(on)}")
         D = cfg.hidden_size
-        device = torch.get_default_device()
-        with torch.device("meta"):  # structure only: init_weights gives every starting value
+        with self.built_on_meta():  # structure only: init_weights gives every starting value
             self.embed = nn.Embedding(VOCAB_SIZE, D)
             self.blocks = nn.ModuleList(EsmLayer(cfg) for _ in range(cfg.num_layers))
             self.final_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
             self.rotary = Rotary(D // cfg.num_heads, cfg.rope_base)
             self.head = EsmLMHead(cfg)
-        if cfg.tie_embeddings:
-            self.head.decoder.weight = self.embed.weight
-        if device.type != "meta":
-            self.materialize(device)
+            if cfg.tie_embeddings:
+                self.head.decoder.weight = self.embed.weight
 
     def init_weights(self) -> None:
         """HF EsmPreTrainedModel's init: N(0, std) matrices and embeddings, zero biases, unit LayerNorms.

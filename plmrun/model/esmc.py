@@ -83,15 +83,12 @@ class EsmcPLM(PLM):
         if on:
             raise ValueError(f"model.arch=esmc is the ESM C architecture: turn off {', '.join(on)}")
         D = cfg.hidden_size
-        device = torch.get_default_device()
-        with torch.device("meta"):  # structure only: init_weights gives every starting value
+        with self.built_on_meta():  # structure only: init_weights gives every starting value
             self.embed = nn.Embedding(VOCAB_SIZE, D)
             self.blocks = nn.ModuleList(EsmcBlock(cfg) for _ in range(cfg.num_layers))
             self.final_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps, bias=False)
             self.rotary = Rotary(D // cfg.num_heads, cfg.rope_base)
             self.head = EsmLMHead(cfg)  # ESM C's sequence head is ESM-2's LM head, untied
-        if device.type != "meta":
-            self.materialize(device)
 
     # the esm2 preset's init (N(0, init_std) matrices and embedding, zero biases, unit LayerNorms; the esm
     # package ships no training init) and forward (embed -> blocks -> final norm -> head; hidden states:

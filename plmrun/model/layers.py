@@ -2,6 +2,7 @@
 norms, rotary, soft-caps and ESM token dropout on packed input."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -41,6 +42,16 @@ class PLM(nn.Module):
     def init_weights(self) -> None:
         """Give every parameter and buffer its starting value, in place (subclasses: the one init)."""
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def built_on_meta(self):
+        """Constructor body: modules made inside are structure only (meta device); on leaving, they are
+        allocated on the default device and given their values by init_weights() (see materialize)."""
+        device = torch.get_default_device()
+        with torch.device("meta"):
+            yield
+        if device.type != "meta":
+            self.materialize(device)
 
     def materialize(self, device) -> None:
         """Allocate a meta-built (possibly FSDP2-sharded) model's storage on `device`, then init_weights().

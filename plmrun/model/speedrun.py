@@ -153,8 +153,7 @@ class SpeedrunPLM(PLM):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         D, L = cfg.hidden_size, cfg.num_layers
-        device = torch.get_default_device()
-        with torch.device("meta"):  # structure only: init_weights gives every starting value
+        with self.built_on_meta():  # structure only: init_weights gives every starting value
             self.embed = nn.Embedding(VOCAB_SIZE, D)
             n_ve = L // 2 if cfg.value_embeddings else 0
             self.value_embeds = nn.ModuleList(nn.Embedding(VOCAB_SIZE, D) for _ in range(n_ve))
@@ -163,8 +162,6 @@ class SpeedrunPLM(PLM):
             self.skip_weights = nn.Parameter(torch.empty(L // 2)) if cfg.unet else None
             self.rotary = Rotary(D // cfg.num_heads, cfg.rope_base)
             self.head = LMHead(cfg, self.embed.weight if cfg.tie_embeddings else None)
-        if device.type != "meta":
-            self.materialize(device)
 
     def init_weights(self) -> None:
         """Every starting value, drawn in the order the constructors of earlier versions drew them
