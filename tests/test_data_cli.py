@@ -127,13 +127,22 @@ def test_download_through_hub_cache(tmp_path):
     assert r.returncode == 2 and "unknown dataset 'nothing'" in r.stderr
 
 
+@pytest.fixture
+def bundled_ready(capsys):
+    """The bundled corpus prepared beforehand, so stderr holds only the command's own line (on a fresh
+    machine the first use prints the preparation's progress)."""
+    from plmrun.data.corpus import resolve_dataset
+    resolve_dataset("bundled")
+    capsys.readouterr()
+
+
 @pytest.mark.parametrize("case,message", [
     ("full", "error: /dev/full: no space left on the device holding it; free space there or choose another --out"),
     ("missing", "error: {tmp}/no/x.fa: no such file or directory; check the path (and that its parent folder exists)"),
     ("notdir", "error: {tmp}/f/x.fa: a part of the path is a file, not a directory; check the path"),
     ("isdir", "error: {tmp}: is a directory, a file was expected; give a file path"),
 ])
-def test_real_os_errors_name_the_file_and_the_fix(tmp_path, case, message, capsys):
+def test_real_os_errors_name_the_file_and_the_fix(tmp_path, case, message, capsys, bundled_ready):
     """Real failures, no injection: /dev/full fails every write with ENOSPC."""
     (tmp_path / "f").write_text("x")
     out = {"full": "/dev/full", "missing": tmp_path / "no" / "x.fa", "notdir": tmp_path / "f" / "x.fa",
@@ -149,7 +158,7 @@ def test_real_os_errors_name_the_file_and_the_fix(tmp_path, case, message, capsy
     (errno.ENOSPC, "no space left on the device holding it; free space there or choose another --out"),
     (errno.EIO, "Input/output error"),
 ])
-def test_injected_os_errors_name_the_file_and_the_fix(tmp_path, code, hint, monkeypatch, capsys):
+def test_injected_os_errors_name_the_file_and_the_fix(tmp_path, code, hint, monkeypatch, capsys, bundled_ready):
     """Errors root cannot trigger for real (permissions, read-only mounts) are injected at the open."""
     def refuse(path, *a, **k):
         raise OSError(code, os.strerror(code), str(path))

@@ -108,6 +108,12 @@ def test_manifest_problems(dataset):
     m.write_text(json.dumps({**d, "version": 99}))
     with pytest.raises(DataError, match=r"version 99"):
         open_dataset(root, "train")
+    m.write_text(json.dumps({**d, "fingerprint": "f" * 32}))  # a hand-edited fingerprint
+    with pytest.raises(DataError, match=r"train/manifest.json: its fingerprint does not match the shards' contents"):
+        open_dataset(root, "train")
+    assert open_dataset(root, "train", verify=False).fingerprint == "f" * 32  # only verification catches it
+    m.write_text(json.dumps(d))
+    assert open_dataset(root, "train").fingerprint == d["fingerprint"]
     m.write_text('{"format": "plmrun-sh')            # torn write (cannot happen via rename)
     with pytest.raises(DataError, match=r"unreadable manifest"):
         open_dataset(root, "train")

@@ -260,6 +260,13 @@ class ShardedSequences:
         self.fingerprint = self.manifest["fingerprint"]
         if len(self.lengths) != self.manifest["num_sequences"]:
             raise DataError(f"{self.dir}/manifest.json: sequence count disagrees with its shards")
+        if verify:  # the fingerprint runs record and resumes compare: recomputed, so an edited one is caught
+            h = hashlib.sha256()
+            for shard in self._shards:
+                h.update(shard[1])
+            if content_fingerprint(self.lengths, h.digest()) != self.fingerprint:
+                raise DataError(f"{self.dir}/manifest.json: its fingerprint does not match the shards' contents "
+                                f"(the manifest was edited); re-run plmrun data prepare")
 
     def __len__(self) -> int:
         return len(self.lengths)
