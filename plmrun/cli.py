@@ -81,24 +81,41 @@ def _cmd_eval(args) -> int:
     if bool(args.model) == bool(args.hf):
         raise ConfigError("give exactly one of MODEL or --hf")
     device = resolve_device(args.device)
+    run_cfg = None if args.hf else _run_config_file(args.model)
+    cfg = validate(load_yaml(run_cfg)).eval if run_cfg else EvalConfig()   # a run's own eval protocol
+    flags = {"seed": args.eval_seed, "mask_rate": args.mask_rate, "max_length": args.max_length,
+             "token_budget": args.token_budget}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
+    _check_eval_flags(cfg, args.subset)
     from plmrun.eval.inference import load_eval_model
     name = args.hf or args.model
     model = load_eval_model(name, device=device).net
     from plmrun.data.corpus import resolve_dataset
     dataset = resolve_dataset(args.dataset)
-    run_cfg = None if args.hf else _run_config_file(args.model)
-    cfg = validate(load_yaml(run_cfg)).eval if run_cfg else EvalConfig()   # a run's own eval protocol
-    flags = {"seed": args.eval_seed, "mask_rate": args.mask_rate, "max_length": args.max_length}
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
     source = open_dataset(dataset, args.split)
     with torch.inference_mode():
-        metrics = evaluate(model, source, cfg, subset=args.subset, device=device, token_budget=args.token_budget)
+        metrics = evaluate(model, source, cfg, subset=args.subset, device=device)
     metrics = {"model": name, "split": args.split, "subset": args.subset, "eval_seed": cfg.seed,
                "mask_rate": cfg.mask_rate, "max_length": cfg.max_length, **metrics}
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
     if args.out:
         Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
     return 0
+
+
+def _check_eval_flags(cfg, subset: int) -> None:
+    """Each eval flag's allowed range as one line naming the flag (the run's own setting where none was given)."""
+    from plmrun.config import ConfigError
+    if not 0 < cfg.mask_rate < 1:
+        raise ConfigError(f"--mask-rate {cfg.mask_rate}: must be in (0, 1), e.g. 0.15 (the ESM-2 protocol)")
+    if cfg.max_length < 3:
+        raise ConfigError(f"--max-length {cfg.max_length}: must be >= 3 (<cls>, a residue, <eos>)")
+    if cfg.token_budget < cfg.max_length:
+        raise ConfigError(f"--token-budget {cfg.token_budget} is below the eval window of {cfg.max_length} tokens "
+                          f"(--max-length): use --token-budget >= {cfg.max_length} (results do not depend on it) "
+                          "or a smaller --max-length")
+    if subset < 0:
+        raise ConfigError(f"--subset {subset}: must be >= 0 (0 = the whole split)")
 
 
 # ------------------------------------------------------------------ config

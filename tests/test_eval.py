@@ -90,3 +90,20 @@ def test_hf_esm_and_esm2_preset_score_identically(tmp_path):
     via_ours = evaluate(ours, src, cfg, subset=12)
     for k, v in via_ours.items():
         assert via_hf[k] == pytest.approx(v, abs=1e-5), k
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--token-budget", "1000"], "error: --token-budget 1000 is below the eval window of 1024 tokens (--max-length): "
+                                 "use --token-budget >= 1024 (results do not depend on it) or a smaller --max-length"),
+    (["--max-length", "2"], "error: --max-length 2: must be >= 3 (<cls>, a residue, <eos>)"),
+    (["--mask-rate", "1.5"], "error: --mask-rate 1.5: must be in (0, 1), e.g. 0.15 (the ESM-2 protocol)"),
+    (["--subset", "-1"], "error: --subset -1: must be >= 0 (0 = the whole split)"),
+])
+def test_eval_flag_out_of_range_is_one_line(tmp_path, capsys, flags, message):
+    """Old code: `--token-budget 1000` ended in a ValueError traceback from the loader."""
+    from plmrun.cli import main
+    from plmrun.model.loading import save_model_dir
+    cfg = config_from_dict({"model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2}}).model
+    save_model_dir(tmp_path / "m", build_model(cfg).state_dict(), cfg)
+    assert main(["eval", str(tmp_path / "m"), "--device", "cpu", *flags]) == 2
+    assert capsys.readouterr().err == message + "\n"
