@@ -137,7 +137,7 @@ class SpikePolicy:
             st["spikes_in_a_row"] = 0
             return False
         st["spikes"] += 1
-        st["spikes_in_a_row"] = st.get("spikes_in_a_row", 0) + 1
+        st["spikes_in_a_row"] += 1
         msg = f"step {step}: loss spike {loss:.4f} > {c.loss_spike_factor} × recent mean {sum(recent) / len(recent):.4f}"
         if c.loss_spike == "abort":
             raise TrainingError(f"{msg} (train.loss_spike=abort); {self.hint()}")
@@ -160,7 +160,7 @@ def check_divergence(cfg: Config, state: dict, step: int, loss: float, precision
     if not t.divergence_factor:
         return
     limit = t.divergence_factor * math.log(VOCAB_SIZE)
-    state["diverging_steps"] = state.get("diverging_steps", 0) + 1 if loss > limit else 0
+    state["diverging_steps"] = state["diverging_steps"] + 1 if loss > limit else 0
     if state["diverging_steps"] < t.divergence_steps:
         return
     o = cfg.optim
