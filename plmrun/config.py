@@ -23,6 +23,15 @@ class ConfigError(PlmrunError, ValueError):
     """A configuration problem the user can fix; the message names the key."""
 
 
+POSITION_LIMIT = {"esm2": 1026}
+"Most tokens per sequence (incl. <cls>/<eos>) of presets with a position limit (ESM-2's max_position_embeddings); rotary-only presets have none."
+
+
+def max_length_phases(d: "DataConfig") -> list[tuple[int, int]]:
+    """[(first step, crop length in tokens), ...]: data.max_length_schedule, or data.max_length from step 0."""
+    return [(int(s), int(n)) for s, n in d.max_length_schedule] or [(0, d.max_length)]
+
+
 @dataclass
 class ModelConfig:
     arch: Literal["speedrun", "esm2", "esmc"] = "speedrun"
@@ -81,6 +90,8 @@ class DataConfig:
     "Split used for evaluation during training."
     max_length: int = 512
     "Longest sequence in tokens (incl. <cls>/<eos>); longer ones get a random crop window."
+    max_length_schedule: list[list[int]] = field(default_factory=list)
+    "Crop length by step, [[step, max_length], ...] from step 0 (ESM C: [[0, 512], [N, 2048]]); replaces data.max_length when set; each switch starts the next epoch with the new crops."
     token_budget: int = 2048
     "Tokens per micro-batch (packed, padded only at the tail)."
     prefetch: int = 4
@@ -457,6 +468,26 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _validate_schedule(d: DataConfig, m: ModelConfig) -> None:
+    """data.max_length_schedule: [step, length] pairs from step 0, steps increasing, lengths in [3, token_budget]
+    and within the preset's position limit."""
+    key = "data.max_length_schedule"
+    sched = d.max_length_schedule
+    _check(all(len(p) == 2 for p in sched), f"{key}: each entry must be [step, max_length], got {sched!r}")
+    _check(not sched or sched[0][0] == 0, f"{key}: the first entry must start at step 0, got {sched[0] if sched else None!r}")
+    steps = [p[0] for p in sched]
+    _check(all(a < b for a, b in zip(steps, steps[1:])), f"{key}: steps must increase, got {steps}")
+    for step, n in sched:
+        _check(n >= 3, f"{key}: max_length {n} at step {step} must be >= 3 (<cls>, one residue, <eos>)")
+        _check(d.token_budget >= n, f"data.token_budget ({d.token_budget}) must be >= {key} length {n} (step {step})")
+    limit = POSITION_LIMIT.get(m.arch)
+    longest = max(n for _, n in max_length_phases(d))
+    what = key if sched else "data.max_length"
+    _check(limit is None or longest <= limit,
+           f"{what}: {longest} tokens exceed the model.arch={m.arch} position limit of {limit}; use <= {limit} "
+           "or a rotary preset (speedrun, esmc), which takes any length")
+
+
 def validate(cfg: Config) -> Config:
     m, d, k, o, t, e = cfg.model, cfg.data, cfg.masking, cfg.optim, cfg.train, cfg.eval
     _check(m.hidden_size > 0 and m.num_layers > 0 and m.num_heads > 0, "model: sizes must be positive")
@@ -481,6 +512,7 @@ def validate(cfg: Config) -> Config:
     _check(d.max_length >= 3, "data.max_length must be >= 3 (<cls>, one residue, <eos>)")
     _check(d.token_budget >= d.max_length,
            f"data.token_budget ({d.token_budget}) must be >= data.max_length ({d.max_length})")
+    _validate_schedule(d, m)
     _check(d.prefetch >= 0 and d.num_workers >= 1, "data.prefetch must be >= 0 and data.num_workers >= 1")
     _check(0 < k.mask_rate < 1, f"masking.mask_rate must be in (0, 1), got {k.mask_rate}")
     _check(k.mask_rate_end is None or 0 < k.mask_rate_end < 1, "masking.mask_rate_end must be in (0, 1)")
@@ -522,6 +554,9 @@ def validate(cfg: Config) -> Config:
     _check(0 < e.mask_rate < 1, "eval.mask_rate must be in (0, 1)")
     _check(e.max_length >= 3 and e.token_budget >= e.max_length,
            f"eval.token_budget ({e.token_budget}) must be >= eval.max_length ({e.max_length}) >= 3")
+    limit = POSITION_LIMIT.get(m.arch)
+    _check(limit is None or e.max_length <= limit,
+           f"eval.max_length: {e.max_length} tokens exceed the model.arch={m.arch} position limit of {limit}")
     _check(e.subset >= 0, "eval.subset must be >= 0")
     return cfg
 

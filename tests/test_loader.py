@@ -155,3 +155,45 @@ def test_cuda_pinned_copies_match_cpu():
             bs = ld.next_step(s)
             assert all(b.inputs.is_cuda and b.packed.cu_seqlens.is_cuda for b in bs)
             assert [key(b.to("cpu")) for b in bs] == cpu[s]
+
+
+SCHEDULE = [[0, 64], [30, 256]]
+
+
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_crop_schedule_switches_at_its_step_and_resumes_after_the_switch(prefetch):
+    kw = dict(source=MANY_SHORT, grad_accum=2, prefetch=prefetch, num_workers=2, token_budget=512,
+              max_length_schedule=SCHEDULE)
+    full = run(60, **kw)
+    assert full[:30] == run(30, source=MANY_SHORT, grad_accum=2, max_length=64)  # phase 0 = a plain 64-token run
+    with loader(**kw) as ld:
+        for s in range(29):
+            ld.next_step(s)
+        assert ld.plan.max_length == 64
+        ld.next_step(29)
+        ld.next_step(30)
+        assert ld.plan.max_length == 256 and ld.epoch == 1     # the switch started the next epoch
+        for s in range(31, 41):
+            ld.next_step(s)
+        state = ld.state_dict()
+    assert state["phase"] == 1 and state["max_length_schedule"] == SCHEDULE
+    with loader(**kw) as ld:
+        ld.load_state_dict(state)
+        assert [[key(b) for b in ld.next_step(s)] for s in range(41, 60)] == full[41:]
+    with pytest.raises(ValueError, match="max_length_schedule"):            # a different schedule's stream
+        loader(**{**kw, "max_length_schedule": [[0, 64], [31, 256]]}).load_state_dict(state)
+    with pytest.raises(ValueError, match="max_length_schedule"):            # a state without a schedule
+        loader(**kw).load_state_dict(loader(source=MANY_SHORT, max_length=64).state_dict())
+
+
+def _segments(b):
+    cu = b.packed.cu_seqlens[:b.packed.num_sequences + 1]
+    return (cu[1:] - cu[:-1]).tolist()
+
+
+def test_crop_schedule_makes_longer_windows_after_the_switch():
+    src = random_source([700, 30, 900, 50] * 20)
+    with loader(source=src, token_budget=1024, max_length_schedule=[[0, 100], [3, 1000]]) as ld:
+        before = [n for s in range(3) for b in ld.next_step(s) for n in _segments(b)]
+        after = [n for s in range(3, 12) for b in ld.next_step(s) for n in _segments(b)]
+    assert max(before) == 100 and max(after) == 902               # the 900-residue sequence whole

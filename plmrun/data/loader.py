@@ -7,6 +7,11 @@ step (base = s*W*A for a run that started at step 0). So 1 process x 4 accumulat
 processes x 2 see the same micro-batches. Micro-batch m is masked as a pure function of
 (seed, m, step), with `step` the one the caller passes, so background threads can never use a
 stale schedule. The loader state is the position (epoch, chunk, bin, micro-batch number).
+
+A crop-length schedule [(step, max_length), ...] gives each phase its own packing plan (same seed:
+epoch orders are shared, only crops and bins differ). The first step of a new phase starts the next
+epoch of the new plan (the epoch in progress is left unfinished, or kept if it had not begun), so the
+stream stays a pure function of the steps and a resume after the switch needs only the phase number.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ class _Cursor:
     chunk: int = 0
     bin: int = 0
     microbatch: int = 0
+    phase: int = 0            # index into the crop-length schedule
 
 
 @dataclass
@@ -43,7 +49,7 @@ class TrainLoader:
 
     def __init__(self, source, *, token_budget: int, max_length: int, seed: int, world_size: int = 1,
                  rank: int = 0, grad_accum: int = 1, masker: Masker, prefetch: int = 4, num_workers: int = 1,
-                 pin_memory: bool = False, device=None):
+                 pin_memory: bool = False, device=None, max_length_schedule=None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if grad_accum < 1 or prefetch < 0 or num_workers < 1:
@@ -53,51 +59,74 @@ class TrainLoader:
             raise ValueError("pin_memory needs CUDA")
         self.source, self.masker, self.seed = source, masker, seed
         self.token_budget, self.max_length = token_budget, max_length
+        self.schedule = [(int(s), int(n)) for s, n in max_length_schedule] if max_length_schedule else [(0, max_length)]
+        steps = [s for s, _ in self.schedule]
+        if steps[0] != 0 or any(a >= b for a, b in zip(steps, steps[1:])):
+            raise ValueError(f"max_length_schedule must start at step 0 with increasing steps, got {self.schedule}")
         self.world_size, self.rank, self.grad_accum = world_size, rank, grad_accum
         self.prefetch, self.num_workers = prefetch, num_workers
         self._pin = pin_memory and self.device is not None and self.device.type == "cuda"
-        self.plan = PackingPlan(source.lengths, token_budget=token_budget, max_length=max_length, seed=seed)
+        self._plans = [PackingPlan(source.lengths, token_budget=token_budget, max_length=n, seed=seed)
+                       for _, n in self.schedule]
         self._pos = _Cursor()
         self._queue: collections.deque[_Pending] = collections.deque()
         self._pool = None
         self.real_tokens = 0
         self.budget_tokens = 0
 
+    @property
+    def plan(self) -> PackingPlan:
+        """The packing plan of the current phase."""
+        return self._plans[self._pos.phase]
+
     # ------------------------------------------------------------------ stream walking
+    def phase_at(self, step: int) -> int:
+        return max(k for k, (s, _) in enumerate(self.schedule) if s <= step) if step >= 0 else 0
+
+    @staticmethod
+    def _enter(cur: _Cursor, phase: int) -> _Cursor:
+        """The cursor moved into `phase`: the next epoch, or this one if it has not begun."""
+        if cur.phase == phase:
+            return cur
+        fresh = cur.chunk == 0 and cur.bin == 0
+        return _Cursor(cur.epoch if fresh else cur.epoch + 1, 0, 0, cur.microbatch, phase)
+
     def _walk(self, cur: _Cursor, count: int) -> tuple[list, _Cursor]:
         """The next `count` stream entries (epoch, seq indices, position) from `cur`, and the cursor after."""
         out = []
-        e, c, b, m = cur.epoch, cur.chunk, cur.bin, cur.microbatch
+        e, c, b, m, k = cur.epoch, cur.chunk, cur.bin, cur.microbatch, cur.phase
+        plan = self._plans[k]
         for _ in range(count):
-            bins = self.plan.bins(e, c)
-            out.append((e, bins[b], m))
+            bins = plan.bins(e, c)
+            out.append((k, e, bins[b], m))
             b, m = b + 1, m + 1
             if b == len(bins):
                 b, c = 0, c + 1
-                if c == self.plan.num_chunks:
+                if c == plan.num_chunks:
                     c, e = 0, e + 1
-        return out, _Cursor(e, c, b, m)
+        return out, _Cursor(e, c, b, m, k)
 
     def _step_work(self, cur: _Cursor) -> tuple[list, _Cursor]:
         entries, after = self._walk(cur, self.world_size * self.grad_accum)
         a = self.rank * self.grad_accum
         return entries[a:a + self.grad_accum], after
 
-    def _build(self, epoch: int, idx: np.ndarray, position: int, step: int) -> MaskedBatch:
-        packed = pack(self.source, idx, self.plan.crops(epoch, idx), token_budget=self.token_budget,
-                      max_length=self.max_length)
+    def _build(self, phase: int, epoch: int, idx: np.ndarray, position: int, step: int) -> MaskedBatch:
+        plan = self._plans[phase]
+        packed = pack(self.source, idx, plan.crops(epoch, idx), token_budget=self.token_budget,
+                      max_length=plan.max_length)
         batch = self.masker(packed, seed=self.seed, index=position, step=step)
         return batch.pin_memory() if self._pin else batch
 
     # ------------------------------------------------------------------ prefetch queue
     def _submit(self, step: int, cur: _Cursor) -> _Pending:
-        work, after = self._step_work(cur)
+        work, after = self._step_work(self._enter(cur, self.phase_at(step)))
         if self.prefetch == 0:
             futures = [None] * len(work)
         else:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="plmrun-loader")
-            futures = [self._pool.submit(self._build, e, idx, m, step) for e, idx, m in work]
+            futures = [self._pool.submit(self._build, *w, step) for w in work]
         return _Pending(step, after, work, futures)
 
     def _drop_queue(self) -> None:
@@ -113,8 +142,8 @@ class TrainLoader:
             self._drop_queue()  # first call, or the caller's step differs from the prediction
             self._queue.append(self._submit(step, self._pos))
         pending = self._queue.popleft()
-        batches = [f.result() if f is not None else self._build(e, idx, m, step)
-                   for f, (e, idx, m) in zip(pending.futures, pending.work)]
+        batches = [f.result() if f is not None else self._build(*w, step)
+                   for f, w in zip(pending.futures, pending.work)]
         self._pos = pending.after
         ahead = math.ceil(self.prefetch / self.grad_accum)
         while len(self._queue) < ahead:
@@ -138,22 +167,34 @@ class TrainLoader:
         """Real tokens / budget over the micro-batches this rank has returned so far."""
         return self.real_tokens / self.budget_tokens if self.budget_tokens else float("nan")
 
+    def _schedule_state(self):
+        """The schedule as JSON lists, None without one (so older loader states still match)."""
+        return [list(p) for p in self.schedule] if len(self.schedule) > 1 else None
+
     def state_dict(self) -> dict:
         p = self._pos
-        return {"epoch": p.epoch, "chunk": p.chunk, "bin": p.bin, "microbatch": p.microbatch, "seed": self.seed,
-                "token_budget": self.token_budget, "max_length": self.max_length,
-                "num_sequences": len(self.plan.lengths)}
+        state = {"epoch": p.epoch, "chunk": p.chunk, "bin": p.bin, "microbatch": p.microbatch, "seed": self.seed,
+                 "token_budget": self.token_budget, "max_length": self.schedule[0][1],
+                 "num_sequences": len(self.plan.lengths)}
+        if len(self.schedule) > 1:
+            state.update(phase=p.phase, max_length_schedule=self._schedule_state())
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         for key, mine in (("seed", self.seed), ("token_budget", self.token_budget),
-                          ("max_length", self.max_length), ("num_sequences", len(self.plan.lengths))):
+                          ("max_length", self.schedule[0][1]), ("num_sequences", len(self.plan.lengths)),
+                          ("max_length_schedule", self._schedule_state())):
             if state.get(key) != mine:
                 raise ValueError(f"loader state: {key} was {state.get(key)!r}, this run has {mine!r}; "
                                  "the data stream would differ")
-        if not 0 <= state["chunk"] < self.plan.num_chunks:
+        phase = int(state.get("phase", 0))
+        if not 0 <= phase < len(self._plans):
+            raise ValueError(f"loader state: phase {phase} is out of range")
+        if not 0 <= state["chunk"] < self._plans[phase].num_chunks:
             raise ValueError(f"loader state: chunk {state['chunk']} is out of range")
         self._drop_queue()
-        self._pos = _Cursor(int(state["epoch"]), int(state["chunk"]), int(state["bin"]), int(state["microbatch"]))
+        self._pos = _Cursor(int(state["epoch"]), int(state["chunk"]), int(state["bin"]), int(state["microbatch"]),
+                            phase)
 
     def close(self) -> None:
         self._drop_queue()

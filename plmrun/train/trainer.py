@@ -77,7 +77,8 @@ def build_train_loader(cfg: Config, env: DistEnv, train_src):
                        seed=cfg.train.seed, world_size=env.world_size, rank=env.rank,
                        grad_accum=cfg.train.grad_accum, masker=Masker.from_config(cfg.masking),
                        prefetch=cfg.data.prefetch, num_workers=cfg.data.num_workers,
-                       pin_memory=env.device.type == "cuda", device=env.device)
+                       pin_memory=env.device.type == "cuda", device=env.device,
+                       max_length_schedule=cfg.data.max_length_schedule)
 
 
 # ------------------------------------------------------------------ signals and faults
