@@ -89,7 +89,7 @@ def _cmd_eval(args) -> int:
     _check_eval_flags(cfg, args.subset)
     from plmrun.eval.inference import load_eval_model
     name = args.hf or args.model
-    model = load_eval_model(name, device=device).net
+    model = load_eval_model(name, device=device, max_length=cfg.max_length).net  # checks the model's position limit
     from plmrun.data.corpus import resolve_dataset
     dataset = resolve_dataset(args.dataset)
     source = open_dataset(dataset, args.split)

@@ -155,3 +155,28 @@ def test_dead_key_check_catches_keys_with_common_names():
     sources = "\n".join(p.read_text() for p in (ROOT / "plmrun").rglob("*.py") if p.name != "config.py")
     assert re.search(r"\.seed\b", sources) and re.search(r"\.name\b", sources)   # a name-only search passes them
     assert _dead_keys(sections) == ["eval.name", "dist.seed"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["--data.max_length_schedule=[[1, 512]]"], "data.max_length_schedule: the first entry must start at step 0"),
+    (["--data.max_length_schedule=[[0, 512], [0, 1024]]"], "data.max_length_schedule: steps must increase"),
+    (["--data.max_length_schedule=[[0, 2]]"], "max_length 2 at step 0 must be >= 3"),
+    (["--data.max_length_schedule=[[0, 512], [100, 4096]]"], "data.token_budget (2048) must be >= data.max_length_schedule length 4096 (step 100)"),
+    (["--data.max_length_schedule=[[0, 512, 3]]"], "each entry must be [step, max_length]"),
+    (["--config=esm2", "--data.max_length_schedule=[[0, 512], [100, 2048]]"],
+     "data.max_length_schedule: 2048 tokens exceed the model.arch=esm2 position limit of 1026"),
+    (["--config=esm2", "--data.max_length=2048"], "data.max_length: 2048 tokens exceed the model.arch=esm2 position limit"),
+    (["--config=esm2", "--eval.max_length=2048", "--eval.token_budget=4096"], "eval.max_length: 2048 tokens exceed"),
+])
+def test_crop_schedule_and_position_limits_are_checked(overrides, message):
+    config = None
+    if overrides[0].startswith("--config="):
+        config, overrides = "esm2_8m", overrides[1:]
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_config(config, overrides)
+
+
+def test_rotary_presets_take_a_long_crop_schedule():
+    for config in (None, "esmc_cpu"):
+        cfg = build_config(config, ["--data.max_length_schedule=[[0, 512], [100, 4096]]", "--data.token_budget=8192"])
+        assert cfg.data.max_length_schedule == [[0, 512], [100, 4096]]

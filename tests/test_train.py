@@ -146,8 +146,10 @@ def test_train_cli_end_to_end(tmp_path):
     assert json.loads((tmp_path / "o.json").read_text())["mask_rate"] == 0.15
 
 
-def test_sigterm_checkpoint_and_resume_is_bitwise_identical(tmp_path):
-    args = [*TINY, "--train.checkpoint_every=2"]
+@pytest.mark.parametrize("extra", [[], ["--data.max_length_schedule=[[0, 64], [2, 256]]"]], ids=["plain", "crop_schedule"])
+def test_sigterm_checkpoint_and_resume_is_bitwise_identical(tmp_path, extra):
+    """Also across a crop-length switch (step 2) before the interruption (step 3)."""
+    args = [*TINY, "--train.checkpoint_every=2", *extra]
     _plmrun(["train", *args, "--logging.name=straight"], tmp_path)
     # SIGTERM after step 3: checkpoint saved at the end of the step, exit 143 (stopped, not finished)
     term = _plmrun(["train", *args, "--logging.name=resumed"], tmp_path, env_extra={"PLMRUN_FAULT": "term@3"},

@@ -24,7 +24,7 @@ from plmrun.data.packing import length_batches, pack_tokens
 from plmrun.data.readers import file_fingerprint
 from plmrun.device import resolve_device
 from plmrun.eval.errors import EvalError
-from plmrun.eval.inference import DEFAULT_MAX_LENGTH, EvalModel, load_eval_model, windows
+from plmrun.eval.inference import EvalModel, load_eval_model, window_plan, windows
 
 POOLS = ("mean", "cls", "per-residue")
 
@@ -40,20 +40,15 @@ def embed_sequences(model, sequences, *, pool: str = "mean", layer: int | None =
     """
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
-    if isinstance(model, EvalModel):
-        max_length = max_length or model.max_length
-        net = model.net
-    else:
-        net = model
-    max_length = max_length or DEFAULT_MAX_LENGTH
-    if token_budget < max_length:
+    net = model.net if isinstance(model, EvalModel) else model
+    if max_length is not None and token_budget < max_length:
         raise ValueError(f"token_budget ({token_budget}) must be >= max_length ({max_length})")
     device = torch.device(device) if device is not None else next(net.parameters()).device
     ids = [np.asarray(s, dtype=np.uint8) if not isinstance(s, (str, bytes)) else tok.encode(s) for s in sequences]
     for i, s in enumerate(ids):
         if len(s) == 0:
             raise ValueError(f"sequence {i} is empty")
-    width = max_length - 2
+    width, token_budget = window_plan(model, max_length, [len(x) for x in ids], token_budget)
     pieces = [(i, s) for i, x in enumerate(ids) for s in windows(len(x), width)]
     piece_tokens = [tok.with_specials(ids[i][s:s + width]) for i, s in pieces]
     sums: list = [None] * len(ids)   # per-residue sums (or cls sums) of sequences still in flight
@@ -195,8 +190,9 @@ def add_embed_command(subparsers) -> argparse.ArgumentParser:
                    help="mean over residues (no specials), the <cls> vector, or one vector per residue")
     p.add_argument("--layer", type=int, default=None,
                    help="index into hidden states: 0 = embedding output, -1 = final (default)")
-    p.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH,
-                   help="tokens per window incl. <cls>/<eos>; longer sequences are averaged over windows")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per window incl. <cls>/<eos>; longer sequences are averaged over windows "
+                        "(default: whole sequences for rotary presets, 1024 for esm2)")
     p.add_argument("--token-budget", type=int, default=8192, help="tokens per packed batch")
     p.add_argument("--chunk-size", type=int, default=2000, help="records per resumable chunk")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
@@ -205,7 +201,8 @@ def add_embed_command(subparsers) -> argparse.ArgumentParser:
 
 
 def _run(args) -> int:
-    if args.max_length < 3 or args.token_budget < args.max_length or args.chunk_size < 1:
+    if (args.max_length is not None and (args.max_length < 3 or args.token_budget < args.max_length)) \
+            or args.chunk_size < 1:
         raise EvalError("embed: need --max-length >= 3, --token-budget >= --max-length, --chunk-size >= 1")
     model = load_eval_model(args.model, device=resolve_device(args.device), max_length=args.max_length)
     try:

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from plmrun.config import ModelConfig
+from plmrun.config import POSITION_LIMIT, ModelConfig
+from plmrun.eval.errors import EvalError
 
 DEFAULT_MAX_LENGTH = 1024
-"Tokens per forward window incl. <cls>/<eos> (the ESM-2 crop and eval.max_length default)."
+"Tokens per forward window incl. <cls>/<eos> of presets with a position limit (the ESM-2 crop and eval.max_length default)."
 
 
 @dataclass
@@ -24,7 +25,8 @@ class EvalModel:
     net: nn.Module
     config: ModelConfig
     name: str
-    max_length: int = DEFAULT_MAX_LENGTH
+    max_length: int | None = DEFAULT_MAX_LENGTH
+    "Tokens per forward window incl. <cls>/<eos>; None = whole sequences (rotary presets)."
 
     def random_init(self, seed: int = 0) -> "EvalModel":
         """The same architecture with fresh random weights (the negative control of probes)."""
@@ -35,12 +37,40 @@ class EvalModel:
         return EvalModel(net.to(device).eval(), self.config, f"{self.name} (random init)", self.max_length)
 
 
+def model_max_length(config: ModelConfig, requested: int | None = None, flag: str = "--max-length") -> int | None:
+    """Tokens per forward window: `requested`, else the preset's default: DEFAULT_MAX_LENGTH with a position
+    limit (esm2), None = whole sequences for rotary presets (speedrun, esmc), which take any length."""
+    limit = POSITION_LIMIT.get(config.arch)
+    if requested is None:
+        return DEFAULT_MAX_LENGTH if limit else None
+    if requested < 3:
+        raise EvalError(f"{flag} {requested}: must be >= 3 (<cls>, a residue, <eos>)")
+    if limit is not None and requested > limit:
+        raise EvalError(f"{flag} {requested}: the model.arch={config.arch} model has a position limit of {limit} "
+                        f"tokens; use {flag} <= {limit} (longer sequences are then scored in windows)")
+    return requested
+
+
 def load_eval_model(spec: str, *, device: str | torch.device = "cpu",
-                    max_length: int = DEFAULT_MAX_LENGTH) -> EvalModel:
-    """Any source `load_model` reads (a local path or a Hub name), ready for inference on `device`."""
+                    max_length: int | None = None) -> EvalModel:
+    """Any source `load_model` reads (a local path or a Hub name), ready for inference on `device`;
+    max_length None: the model's own (see model_max_length)."""
     from plmrun.model.loading import load_model
     net, config = load_model(spec, device=device)
-    return EvalModel(net, config, spec, max_length)
+    return EvalModel(net, config, spec, model_max_length(config, max_length))
+
+
+def window_plan(model, max_length: int | None, lengths, token_budget: int) -> tuple[int, int]:
+    """(residues per forward window, tokens per batch) for sequences of `lengths` residues.
+
+    The window is max_length - 2, else the EvalModel's (or a bare model's preset default); when that
+    is None (rotary presets) the longest sequence, so every sequence goes whole. The batch budget
+    grows to one window when the window is longer (a long sequence then runs alone).
+    """
+    if max_length is None:
+        max_length = model.max_length if isinstance(model, EvalModel) else model_max_length(model.cfg)
+    width = max(lengths, default=1) if max_length is None else max_length - 2
+    return width, max(token_budget, width + 2)
 
 
 def windows(length: int, width: int) -> list[int]:

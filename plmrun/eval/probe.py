@@ -30,7 +30,7 @@ from plmrun import tokenizer as tok
 from plmrun.device import resolve_device
 from plmrun.eval.errors import EvalError
 from plmrun.eval.embed import embed_sequences, num_hidden_states
-from plmrun.eval.inference import DEFAULT_MAX_LENGTH, EvalModel, load_eval_model
+from plmrun.eval.inference import EvalModel, load_eval_model
 
 PROBE_DIR = Path(__file__).resolve().parent.parent / "probes"
 HEADS = ("logistic", "ridge", "mlp")
@@ -302,8 +302,9 @@ def add_probe_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--head", choices=HEADS, default="logistic", help="probe: logistic regression, ridge or MLP")
     p.add_argument("--max-train", type=int, help="override every task's training-sequence cap")
     p.add_argument("--max-test", type=int, help="override every task's test-sequence cap")
-    p.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH,
-                   help="tokens per window incl. <cls>/<eos>; longer sequences are averaged over windows")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per window incl. <cls>/<eos>; longer sequences are averaged over windows "
+                        "(default: whole sequences for rotary presets, 1024 for esm2)")
     p.add_argument("--token-budget", type=int, default=8192, help="tokens per packed batch")
     p.add_argument("--layer", type=_layer_arg, default=None,
                    help="hidden state to probe, for the model and its control: 0 = embedding output, "

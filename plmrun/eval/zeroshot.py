@@ -22,7 +22,7 @@ from plmrun import tokenizer as tok
 from plmrun.data.packing import length_batches, pack_tokens
 from plmrun.device import resolve_device
 from plmrun.eval.errors import EvalError
-from plmrun.eval.inference import DEFAULT_MAX_LENGTH, EvalModel, load_eval_model
+from plmrun.eval.inference import EvalModel, load_eval_model, window_plan
 
 AMINO_ACIDS = frozenset(tok.VOCAB[i] for i in tok.AMINO_ACID_IDS)
 _MUTANT = re.compile(r"^([A-Z])(-?\d+)([A-Z])$")
@@ -115,10 +115,9 @@ def site_log_probs(model, wildtype: str, sites, *, max_length: int | None = None
                    token_budget: int = 8192) -> dict[int, np.ndarray]:
     """{site: log-probabilities [33] at that site with <mask> there}, one packed forward per batch."""
     net = model.net if isinstance(model, EvalModel) else model
-    max_length = max_length or (model.max_length if isinstance(model, EvalModel) else DEFAULT_MAX_LENGTH)
     device = next(net.parameters()).device
     ids = tok.encode(wildtype)
-    width = max_length - 2
+    width, token_budget = window_plan(model, max_length, [len(ids)], token_budget)
     sites = sorted(set(sites))
     inputs, where = [], []
     for i in sites:
@@ -128,7 +127,7 @@ def site_log_probs(model, wildtype: str, sites, *, max_length: int | None = None
         inputs.append(x)
         where.append(1 + i - start)
     out = {}
-    for batch in length_batches(np.array([len(x) for x in inputs]), max(token_budget, max_length)):
+    for batch in length_batches(np.array([len(x) for x in inputs]), token_budget):
         tokens, positions, cu, max_seqlen = pack_tokens([inputs[j] for j in batch], device)
         index = cu[:-1].long() + torch.tensor([where[j] for j in batch], device=device)
         logits = net(tokens, positions, cu, max_seqlen, logits_index=index).logits
@@ -194,8 +193,9 @@ def add_zeroshot_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--mut-column", help="... mutant letter column")
     p.add_argument("--offset", type=int, default=1,
                    help="number of the first wild-type residue in the mutant positions (default 1: 1-based)")
-    p.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH,
-                   help="tokens per forward incl. <cls>/<eos>; longer wild types are scored in a window")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per forward incl. <cls>/<eos>; longer wild types are scored in a window "
+                        "(default: the whole wild type for rotary presets, 1024 for esm2)")
     p.add_argument("--token-budget", type=int, default=8192, help="tokens per packed batch")
     p.add_argument("--out", help="write line, mutant, measured and score per variant to this CSV")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
@@ -210,8 +210,6 @@ def _run(args) -> int:
                             wt_column=args.wt_column, pos_column=args.pos_column, mut_column=args.mut_column,
                             offset=args.offset)
         check_wildtype(variants, wildtype, args.dms)
-        if args.max_length < 3:
-            raise ValueError("--max-length must be >= 3")
         model = load_eval_model(args.model, device=resolve_device(args.device), max_length=args.max_length)
         scores, rho, n = zeroshot(model, wildtype, variants, token_budget=args.token_budget)
     except ValueError as e:
