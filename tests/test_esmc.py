@@ -183,3 +183,77 @@ def test_train_three_steps_with_muon(tmp_path, monkeypatch):
     summary = train(cfg)
     assert summary["steps"] == 3
     assert summary["best_val_loss"] is not None and summary["best_val_loss"] < 4.0
+
+
+# ---------------------------------------------------------------- an `esm` package weights folder
+def esm_package_folder(root, width=128, layers=2, seed=0):
+    """A random ESM C in the layout the esm package downloads (data/weights/esmc_300m_2024_12_v0.pth)."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(arch="esmc", hidden_size=width, num_layers=layers, num_heads=width // 64,
+                      expansion_ratio=8 / 3, **OFF)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    (root / "data" / "weights").mkdir(parents=True)
+    torch.save(to_esmc_state_dict(model), root / "data" / "weights" / "esmc_300m_2024_12_v0.pth")
+    return model
+
+
+def _logits(model, seqs):
+    from plmrun.data.packing import pack_tokens
+    from plmrun import tokenizer as tok
+    tokens, positions, cu, n = pack_tokens([tok.with_specials(tok.encode(s)) for s in seqs], "cpu")
+    with torch.no_grad():
+        return model(tokens, positions, cu, n).logits
+
+
+def test_an_esm_package_folder_loads_in_eval_embed_zeroshot_and_export(tmp_path, capsys):
+    from plmrun.cli import main
+    from plmrun.eval.export import export
+    from plmrun.model.loading import load_model
+    folder = tmp_path / "esmc-300m-2024-12"
+    ref = esm_package_folder(folder)
+    seqs = ["MKTAYIAKQRQISFVKSHFSRQ", "ACDEFGHIKLMNPQRSTVWY"]
+    loaded, cfg = load_model(folder)
+    assert (cfg.arch, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.qk_norm) == ("esmc", 128, 2, 2, True)
+    torch.testing.assert_close(_logits(loaded, seqs), _logits(ref, seqs), rtol=0, atol=0)
+    assert main(["eval", str(folder), "--subset", "4", "--out", str(tmp_path / "m.json")]) == 0
+    (tmp_path / "s.fasta").write_text("".join(f">s{i}\n{s}\n" for i, s in enumerate(seqs)))
+    assert main(["embed", str(folder), str(tmp_path / "s.fasta"), "--out", str(tmp_path / "e.safetensors")]) == 0
+    (tmp_path / "dms.csv").write_text("mutant,DMS_score\nM1A,0.1\nK2E,0.5\nT3W,-0.2\nA4G,0.3\n")
+    assert main(["zeroshot", str(folder), "--dms", str(tmp_path / "dms.csv"), "--wildtype", seqs[0]]) == 0
+    exported, _ = load_model(export(folder, tmp_path / "export"))
+    torch.testing.assert_close(_logits(exported, seqs), _logits(ref, seqs), rtol=0, atol=0)
+
+
+def test_an_esm_package_folder_of_the_wrong_size_is_one_line(tmp_path, capsys):
+    from plmrun.cli import main
+    esm_package_folder(tmp_path / "small", width=128)
+    assert main(["train", "--config", "esmc_cpu", "--init-from-hf", str(tmp_path / "small"),
+                 f"--logging.run_root={tmp_path / 'runs'}", "--train.max_steps=1", "--logging.progress=false"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert ("esmc_300m_2024_12_v0.pth: an ESM C of width 128, 2 layers, MLP width 512, the training config has "
+            "width 256, 4 layers, MLP width 768") in err
+    (tmp_path / "junk" / "data" / "weights").mkdir(parents=True)
+    torch.save({"foo": torch.zeros(3)}, tmp_path / "junk" / "data" / "weights" / "esmc_600m_2024_12_v0.pth")
+    assert main(["eval", str(tmp_path / "junk"), "--subset", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "esmc_600m_2024_12_v0.pth: not an ESM C state dict" in err and err.count("\n") == 1
+
+
+def test_train_init_from_an_esm_package_folder(tmp_path):
+    from plmrun.config import build_config
+    from plmrun.train.trainer import train
+    ref = esm_package_folder(tmp_path / "w", width=256, layers=4)   # the esmc_cpu shape
+    cfg = build_config("esmc_cpu", [f"--logging.run_root={tmp_path / 'runs'}", "--train.max_steps=1",
+                                    "--logging.progress=false", "--data.token_budget=512", "--data.max_length=128",
+                                    "--eval.subset=4", "--eval.final_full=false", "--train.threads=1",
+                                    "--optim.lr_hidden=0", "--optim.lr_embed=0", "--optim.lr_head=0",
+                                    "--optim.lr_scalar=0", "--logging.name=init"])
+    assert train(cfg, init_from_hf=str(tmp_path / "w")).get("exit_code", 0) == 0
+    from plmrun.model.loading import load_model
+    trained, _ = load_model(tmp_path / "runs" / "init")
+    seqs = ["MKTAYIAKQRQISFVKSHFSRQ"]
+    torch.testing.assert_close(_logits(trained, seqs), _logits(ref, seqs), rtol=0, atol=1e-6)  # lr 0: unchanged

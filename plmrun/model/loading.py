@@ -7,7 +7,8 @@ Saved model folder (`runs/<name>/model/`): `model.safetensors` (our parameter na
 (checksums, written last). A Hugging Face folder is either an ESM-2 `EsmForMaskedLM` (config.json
 `model_type: esm`, any layout transformers or the Hub writes: safetensors, sharded safetensors,
 pytorch_model.bin) -> the `esm2` preset, or a folder written by `plmrun export` (its config.json
-carries our ModelConfig under `plmrun_model`). Every damaged or mismatching file is a one-line
+carries our ModelConfig under `plmrun_model`), or an ESM C folder as the `esm` package gets it from the
+Hub (`data/weights/esmc_300m_2024_12_v0.pth`, `esmc_600m_...`) -> the `esmc` preset. Every damaged or mismatching file is a one-line
 ModelLoadError naming the file (and the first mismatching key and shapes).
 """
 from __future__ import annotations
@@ -20,13 +21,17 @@ from pathlib import Path
 import torch
 import yaml
 
-from plmrun.config import ConfigError, ModelConfig, config_from_dict
+from plmrun.config import ESMC_OFF, ConfigError, ModelConfig, config_from_dict
 from plmrun.errors import ModelLoadError
 from plmrun.manifest import ManifestError, verify_manifest, write_manifest
 
 FORMAT = 1
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 "A Hub repo id (`facebook/esm2_t6_8M_UR50D`); tried only when no such local path exists."
+ESMC_WEIGHTS = "data/weights/esmc_*.pth"
+"ESM C weights in an `esm` package Hub snapshot (EvolutionaryScale/esmc-300m-2024-12: data/weights/esmc_300m_2024_12_v0.pth)."
+ESMC_HEAD_DIM = 64
+"ESM C's head width (300M: 960 / 15 heads, 600M: 1152 / 18); the weights' shapes do not give the head count."
 
 
 def save_model_dir(out: Path, state_dict: dict, cfg: ModelConfig) -> None:
@@ -86,8 +91,8 @@ def resolve_source(spec: str | Path) -> Path:
     from huggingface_hub import snapshot_download
     try:  # safetensors when the repo has them, else the pickled weights: never both
         folder = Path(snapshot_download(str(spec), allow_patterns=["config.json", "*.safetensors",
-                                                                   "*.safetensors.index.json"]))
-        if not any(folder.glob("*.safetensors")):
+                                                                   "*.safetensors.index.json", ESMC_WEIGHTS]))
+        if not any(folder.glob("*.safetensors")) and not any(folder.glob(ESMC_WEIGHTS)):
             folder = Path(snapshot_download(str(spec), allow_patterns=["config.json", "pytorch_model*.bin",
                                                                        "pytorch_model.bin.index.json"]))
     except Exception as e:  # offline, unreachable, unknown repo, auth: all end here, as one line
@@ -156,11 +161,41 @@ def _verify(folder: Path) -> None:
         raise ModelLoadError(f"{e}; re-save or re-export the model") from None
 
 
-def read_model_folder(folder: Path) -> tuple[ModelConfig, dict, str, Path]:
-    """(config, weights, naming, weights file) of a saved model, export or Hugging Face folder.
+def esmc_weights_file(folder: Path) -> Path | None:
+    """The ESM C .pth of an `esm` package snapshot folder (ESMC_WEIGHTS), None when it has none."""
+    files = sorted(folder.glob(ESMC_WEIGHTS)) if folder.is_dir() else []
+    if len(files) > 1:
+        raise ModelLoadError(f"{folder}: several ESM C weight files ({', '.join(f.name for f in files)}); "
+                             "pass a folder with one")
+    return files[0] if files else None
 
-    naming is "plmrun" (our parameter names) or "hf" (EsmForMaskedLM names, any layout).
+
+def esmc_config_from_state_dict(sd: dict, where: Path) -> ModelConfig:
+    """The esmc preset with the shapes of an ESM C state dict (heads: hidden_size / ESMC_HEAD_DIM)."""
+    try:
+        D = int(sd["embed.weight"].shape[1])
+        layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer.blocks."))
+        F = int(sd["transformer.blocks.0.ffn.1.weight"].shape[0]) // 2
+    except (KeyError, ValueError, AttributeError, IndexError, TypeError) as e:
+        raise ModelLoadError(f"{where}: not an ESM C state dict (no valid {e} entry); pass the esm package's "
+                             "esmc_300m/esmc_600m weights") from None
+    if D % ESMC_HEAD_DIM:
+        raise ModelLoadError(f"{where}: width {D} is not a multiple of ESM C's head width {ESMC_HEAD_DIM}")
+    off = {k: False if isinstance(getattr(ModelConfig, k), bool) else 0 for k in ESMC_OFF}
+    return model_config_from_dict({**off, "arch": "esmc", "hidden_size": D, "num_layers": layers,
+                                   "num_heads": D // ESMC_HEAD_DIM, "expansion_ratio": F / D,
+                                   "qk_norm": "transformer.blocks.0.attn.q_ln.weight" in sd}, str(where))
+
+
+def read_model_folder(folder: Path) -> tuple[ModelConfig, dict, str, Path]:
+    """(config, weights, naming, weights file) of a saved model, export, Hugging Face or ESM C folder.
+
+    naming is "plmrun" (our parameter names), "hf" (EsmForMaskedLM names, any layout) or "esmc"
+    (`ESMC.state_dict()` names).
     """
+    if (pth := esmc_weights_file(folder)) is not None:
+        sd = _read_weight_file(pth)
+        return esmc_config_from_state_dict(sd, pth), sd, "esmc", pth
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
         if (folder / "checkpoints").is_dir():
@@ -190,6 +225,8 @@ def _load_into(model, sd: dict, naming: str, where: Path, built_from: str) -> No
     if naming == "hf":
         from plmrun.model.esm2 import load_hf_state_dict
         load_hf_state_dict(model, sd, where=str(where))
+    elif naming == "esmc":
+        load_esmc_state_dict(model, sd, where)
     else:
         load_state_dict_checked(model, sd, where, built_from)
 
@@ -229,25 +266,31 @@ def load_hf_weights_into(model, path: str | Path) -> None:
     """Copy the weights of a Hugging Face ESM-2 folder (any layout), a plmrun export, saved model or
     checkpoint into `model` (train --init-from-hf), which must have the same architecture and shapes."""
     path, cfg = _locate(path)
-    checkpoint = cfg is not None
+    from plmrun.model.esmc import swiglu_width
+    checkpoint, naming = cfg is not None, None
     if not checkpoint:
         cfg, sd, naming, where = read_model_folder(path)
     if cfg.arch != model.cfg.arch:
         raise ModelLoadError(f"{path}: a model.arch={cfg.arch} model, but the training config has "
                              f"model.arch={model.cfg.arch}; pick a config of the same architecture")
+    shape = lambda c: (c.hidden_size, c.num_layers, swiglu_width(c))
+    if naming == "esmc" and shape(cfg) != shape(model.cfg):  # ESM C shapes in words, before the first key
+        words = lambda c: "width {}, {} layers, MLP width {}".format(*shape(c))
+        raise ModelLoadError(f"{where}: an ESM C of {words(cfg)}, the training config has {words(model.cfg)}; use "
+                             "the matching --config (esmc_300m: width 960, 30 layers; esmc_600m: 1152, 36)")
     if checkpoint:
         load_checkpoint_weights(path, model)
     else:
         _load_into(model, sd, naming, where, "the training config")
 
 
-def load_esmc_state_dict(model, sd: dict) -> None:
+def load_esmc_state_dict(model, sd: dict, where: str | Path = "ESM C weights") -> None:
     """Copy an ESM C state dict (the esm package's `ESMC.state_dict()`) into an esmc-preset model."""
     from plmrun.model.esmc import esmc_state_dict_to_ours
     try:
         new = esmc_state_dict_to_ours(model, sd)
     except ValueError as e:
-        raise ModelLoadError(f"ESM C weights: {e}") from None
+        raise ModelLoadError(f"{where}: {e}") from None
     model.load_state_dict(new, strict=True)
 
 
