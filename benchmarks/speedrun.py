@@ -1,9 +1,10 @@
 """The speed track made real: train until the target val loss, report tokens-to-target (hardware
 independent) and time-to-target (this machine), for a plmrun config and for the ESM-2 recipe inside
-plmrun at the same width, depth and MLP ratio; quote the Hugging Face peer's measured curve.
+plmrun at the same width, depth and MLP ratio (and with --esmc the ESM C architecture under the plmrun
+run's training recipe); quote the Hugging Face peer's measured curve.
 
     python benchmarks/speedrun.py [--config FILE] [--set section.key=value ...] [--target 2.70]
-        [--max-tokens N] [--eval-every 10] [--skip-recipe] [--threads 0]
+        [--max-tokens N] [--eval-every 10] [--skip-recipe] [--esmc] [--threads 0]
 
 Without --config the plmrun default config is used at the ESM-2 8M width/depth/MLP (as in
 throughput.py); `--config default` runs the defaults at their own shape (the default run's model).
@@ -70,6 +71,18 @@ def speedrun_config(cfg, *, target: float, eval_every: int, max_tokens: int | No
     cfg.logging.progress = False
     cfg.logging.run_root = run_root
     cfg.logging.name = name
+    return validate(cfg)
+
+
+def esmc_at_shape(speed, preset: str = "esmc_cpu"):
+    """The esmc preset (ESM C's blocks, SwiGLU 8/3: about the parameters of a 4x GELU MLP) at `speed`'s
+    width, depth and heads, trained exactly as `speed` (optimizer, data, masking, eval): the architecture arm."""
+    import copy
+    from plmrun.config import build_config, validate
+    cfg = copy.deepcopy(speed)
+    cfg.model = build_config(preset).model
+    for k in ("hidden_size", "num_layers", "num_heads", "attention_backend", "init_std"):
+        setattr(cfg.model, k, getattr(speed.model, k))
     return validate(cfg)
 
 
@@ -142,6 +155,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=None, help="token cap (lowers max_steps)")
     ap.add_argument("--eval-every", type=int, default=10, help="steps between evals (the time-to-target resolution)")
     ap.add_argument("--skip-recipe", action="store_true", help="do not run the ESM-2 recipe")
+    ap.add_argument("--esmc", action="store_true", help="also run the ESM C architecture with the plmrun run's recipe")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = the config's)")
     ap.add_argument("--run-root", default="runs/speedrun", help="where the run directories go")
     ap.add_argument("--out", default=str(RESULTS / "speedrun"), help="output path stem (.json and .md)")
@@ -159,6 +173,8 @@ def main(argv=None) -> int:
         cases = {"plmrun" + (f" ({a.config})" if a.config else ""): speedrun_config(speed, name=f"{stamp}-plmrun", **common)}
         if not a.skip_recipe:
             cases["plmrun esm2 recipe"] = speedrun_config(recipe_at_shape(speed), name=f"{stamp}-esm2-recipe", **common)
+        if a.esmc:
+            cases["plmrun esmc arch"] = speedrun_config(esmc_at_shape(speed), name=f"{stamp}-esmc", **common)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -207,3 +207,18 @@ def test_step_profile_op_kinds():
     assert [step_profile.op_kind(n) for n in ("aten::mm", "aten::addmm",
             "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::mul", "aten::copy_")] == \
         ["matmul", "matmul", "attention", "other", "other"]
+
+
+def test_speedrun_esmc_arm_builds_beside_the_others():
+    """The --esmc arm: ESM C blocks at the plmrun arm's shape, trained with the plmrun arm's recipe."""
+    from plmrun.model.registry import build_model
+    speed = throughput.plmrun_config(None, [])
+    arm = speedrun.esmc_at_shape(speed)
+    assert arm.model.arch == "esmc" and arm.model.qk_norm
+    assert (arm.model.hidden_size, arm.model.num_layers, arm.model.num_heads) == \
+        (speed.model.hidden_size, speed.model.num_layers, speed.model.num_heads)
+    assert (arm.optim, arm.data, arm.masking, arm.eval) == (speed.optim, speed.data, speed.masking, speed.eval)
+    with torch.device("meta"):
+        n_esmc = sum(p.numel() for p in build_model(arm.model).parameters())
+        n_speed = sum(p.numel() for p in build_model(speed.model).parameters())
+    assert abs(n_esmc / n_speed - 1) < 0.5
