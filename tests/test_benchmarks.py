@@ -222,3 +222,20 @@ def test_speedrun_esmc_arm_builds_beside_the_others():
         n_esmc = sum(p.numel() for p in build_model(arm.model).parameters())
         n_speed = sum(p.numel() for p in build_model(speed.model).parameters())
     assert abs(n_esmc / n_speed - 1) < 0.5
+
+
+def test_long_context_end_to_end(tmp_path, cache):
+    import long_context
+    from plmrun.model.loading import load_model
+    out = tmp_path / "lc"
+    assert long_context.main(["--steps", "2", "--long-steps", "2", "--per-bucket", "1", "--run-root",
+                              str(tmp_path / "runs"), "--out", str(out)]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert [r["case"] for r in report["rows"]] == ["crop 512 (before)", "crop 512 throughout", "crop 512, then 2048"]
+    assert all(list(r["buckets"]) == ["<512", "512-1022", "1023-2048", ">2048"] for r in report["rows"])
+    assert report["rows"][0]["buckets"][">2048"]["longest"] > 2048            # evaluated whole, not cropped
+    # the two runs share their first phase bitwise, so one "before" row stands for both
+    runs = sorted((tmp_path / "runs").iterdir())
+    a, b = (load_model(r / "checkpoints" / "step_00000002")[0].state_dict() for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "| crop 512, then 2048 | 4 |" in out.with_suffix(".md").read_text()
