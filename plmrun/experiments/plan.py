@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from plmrun.config import Config
+from plmrun.config import Config, max_length_phases
 
 GB = 1e9
 RESERVED = 0.10
@@ -123,12 +123,13 @@ def plan_table(cfg: Config, gpus: int, gpu_mem_gb: float, *, name: str = "") -> 
             ("total", lambda e: e.total(T, False)), ("total, checkpointed", lambda e: e.total(T, True))]
     for label, f in rows:
         lines.append(f"{label:<44}{_gb(f(est['ddp']))} {_gb(f(est['fsdp']))}")
-    mult = 1024 if cfg.data.max_length <= 1024 else cfg.data.max_length
+    longest = max(n for _, n in max_length_phases(cfg.data))  # a crop schedule's longest phase must fit
+    mult = 1024 if longest <= 1024 else longest
     for ck in (False, True):
         fits = []
         for s in ("ddp", "fsdp"):
             b = est[s].largest_budget(gpu_mem_gb * GB, ck, mult)
-            fits.append(f"{b:,}" if b >= cfg.data.max_length else "does not fit")
+            fits.append(f"{b:,}" if b >= longest else "does not fit")
         label = "largest token budget" + (", checkpointed" if ck else "")
         lines.append(f"{label:<44}{fits[0]:>9} {fits[1]:>9}")
     lines.append(f"(usable memory: {100 * (1 - RESERVED):.0f}% of the card; activations are an estimate)")
