@@ -33,16 +33,16 @@ THREE_LETTER = {"Ala": "A", "Arg": "R", "Asn": "N", "Asp": "D", "Cys": "C", "Gln
                 "Thr": "T", "Trp": "W", "Tyr": "Y", "Val": "V", "Ter": "*", "Xaa": "X", "Asx": "B", "Glx": "Z",
                 "Sec": "U", "Pyl": "O"}
 # Rows that are valid notation but not a substitution: skipped with a count (or refused by --strict).
-SKIP_KINDS = {"deletion": "deletions", "insertion": "insertions (incl. dup, delins)", "frameshift": "frameshifts",
-              "stop_loss": "wild-type stops", "stop": "stops", "nonstandard": "non-standard residues (X, B, Z, U, O)",
-              "synonymous": "synonymous", "unknown": "without a protein change (empty, NA, p.?)"}
+SKIP_KINDS = {"deletion": "deletion", "insertion": "insertion", "frameshift": "frameshift",
+              "stop_loss": "wild-type stop", "stop": "stop", "nonstandard": "non-standard residue",
+              "synonymous": "synonymous", "unknown": "without a protein change"}   # kind -> its count's noun
 _ONE_KIND = {"deletion": "a deletion", "insertion": "an insertion", "frameshift": "a frameshift",
              "stop_loss": "a change of a wild-type stop", "stop": "a stop (nonsense)",
              "nonstandard": "a non-standard residue (X is read as unknown, not as a stop)",
              "synonymous": "synonymous", "unknown": "without a protein change"}
 _AA = r"[A-Z][a-z]{2}|[A-Z*]"
 _PART = re.compile(rf"^(?P<wt>{_AA})(?P<pos>-?\d+)(?P<code>[A-Z]?)(?:_(?:{_AA})-?\d+[A-Z]?)?"
-                   r"(?P<rest>=|-|del|dup|delins.+|ins.+|fs.*|ext.*|\?|[A-Z][a-z]{2}|[A-Z*])$")
+                   rf"(?P<rest>=|-|del|dup|delins.+|ins.+|(?:{_AA})?fs.*|(?:{_AA})?ext.*|\?|[A-Z][a-z]{{2}}|[A-Z*])$")
 _SYNONYMOUS_ROWS = {"=", "p.=", "p.(=)", "_wt", "_sy", "wt", "wildtype", "wild-type", "wild_type", "synonymous"}
 _MISSING = {"", "na", "n/a", "nan", "none", "null", "p.?", "?", "_?"}
 
@@ -91,11 +91,11 @@ def _classify(part: str) -> tuple[str | None, str, str, str, str]:
         return "insertion", wt, site, rest, m["pos"]
     if rest in ("del", "-"):
         return "deletion", wt, site, rest, m["pos"]
-    if rest.startswith("fs"):
+    if "fs" in rest:
         return "frameshift", wt, site, rest, m["pos"]
     if rest == "?":
         return "unknown", wt, site, rest, m["pos"]
-    if wt == "*" or rest.startswith("ext"):
+    if wt == "*" or "ext" in rest:
         return ("synonymous" if rest in ("=", "*", "Ter") else "stop_loss"), wt, site, rest, m["pos"]
     mt = wt if rest == "=" else _residue(rest)
     if len(mt) != 1:
@@ -246,7 +246,7 @@ def _looks_numeric(values: list[str]) -> bool:
             n_ok += 1
         except ValueError:
             pass
-    return n > 0 and n_ok >= 0.9 * n
+    return n > 0 and 2 * n_ok >= n
 
 
 def _column_problem(path, header, sample, col, kind) -> str:
@@ -254,7 +254,7 @@ def _column_problem(path, header, sample, col, kind) -> str:
     values = sample.get(col, [])
     examples = ", ".join(repr(v) for v in dict.fromkeys(x for x in values if x.strip()).keys()) or "nothing"
     examples = examples if len(examples) < 60 else examples[:57] + "..."
-    what = ": no such column" if col not in header else f" holds {examples}"
+    what = ": no such column" if col not in header else f" holds {examples}, not {{need}}"
     if kind == "mutant":
         fits = [c for c in header if _looks_like_mutations(sample[c])]
         letters = [c for c in header if sample[c] and all(v.strip() in AMINO_ACIDS | set("*-") for v in sample[c] if v.strip())]
@@ -271,7 +271,7 @@ def _column_problem(path, header, sample, col, kind) -> str:
         need = "measured scores (numbers)"
     has_one = len(header) == 1 and ("," not in header[0] and "\t" not in header[0])
     sep = "; the header has one column: separate columns by commas or tabs" if has_one else ""
-    return (f"{path}: --{kind}-column {col!r}{what}, not {need}; columns: {', '.join(header)}; {fix}{sep}")
+    return (f"{path}: --{kind}-column {col!r}{what.format(need=need)}; columns: {', '.join(header)}; {fix}{sep}")
 
 
 def read_dms(path: str | Path, *, score_column: str = "DMS_score", mutant_column: str = "mutant",
@@ -302,7 +302,7 @@ def read_dms(path: str | Path, *, score_column: str = "DMS_score", mutant_column
     col = {c: header.index(c) for c in mutant_cols + [score_column]}
     variants, skipped = VariantTable(), {}
     for line, r in body:
-        if len(r) != len(header):
+        if len(r) > len(header) or max(col.values()) >= len(r):
             raise ValueError(f"{path}:{line}: {len(r)} fields, the header has {len(header)}; check quoting "
                              f"and that the whole file uses one delimiter")
         get = lambda c: r[col[c]].strip()
@@ -320,8 +320,9 @@ def read_dms(path: str | Path, *, score_column: str = "DMS_score", mutant_column
         try:
             measured = _number(get(score_column))
         except ValueError:
-            raise ValueError(f"{path}:{line}: {score_column} {get(score_column)!r} is not a number (leave it "
-                             f"empty or NA for an unmeasured variant)") from None
+            comma = " (write decimals with a dot)" if re.fullmatch(r"-?\d+,\d+", get(score_column)) else ""
+            raise ValueError(f"{path}:{line}: {score_column} {get(score_column)!r} is not a number{comma}; leave "
+                             f"it empty or NA for an unmeasured variant") from None
         variants.append(Variant(line, label, subs, measured))
     variants.skipped = {k: skipped[k] for k in SKIP_KINDS if k in skipped}
     if not variants:
@@ -331,7 +332,9 @@ def read_dms(path: str | Path, *, score_column: str = "DMS_score", mutant_column
 
 def format_skipped(skipped: dict) -> str:
     """`skipped: 12 deletions, 40 stops` (or `skipped: none`)."""
-    return "skipped: " + (", ".join(f"{n} {SKIP_KINDS[k]}" for k, n in skipped.items()) or "none")
+    def noun(k, n):
+        return SKIP_KINDS[k] + ("s" if n != 1 and k not in ("synonymous", "unknown") else "")
+    return "skipped: " + (", ".join(f"{n} {noun(k, n)}" for k, n in skipped.items()) or "none")
 
 
 def check_wildtype(variants: list[Variant], wildtype: str, path: str | Path, *, offset: int | None = None) -> None:
@@ -370,6 +373,13 @@ def _offset_hint(variants: list[Variant], wildtype: str, offset: int | None) -> 
             best, best_n = o, n
     if best is not None and best != offset and best_n >= 0.95 * len(subs):
         return f"--offset {best} matches {best_n} of {len(subs)} substitutions; or {fix}"
+    idx = pos - offset
+    ok = (idx >= 0) & (idx < len(wt))
+    fits = ok.copy()
+    fits[ok] = wt[idx[ok]] == letters[ok]
+    if fits.any() and not fits.all() and pos[fits].max() < pos[~fits].min():
+        return (f"the rows fit up to site {pos[fits].max()} and none after: numbering with gaps (e.g. Ambler) "
+                f"needs --position-map FILE (scan site -> residue); or {fix}")
     return fix
 
 
@@ -518,6 +528,8 @@ def _check_args(args) -> None:
     if args.position_map and args.offset != 1:
         raise ValueError("give --offset or --position-map, not both (the map gives every site's residue)")
     for flag, path in (("--out", args.out), ("--json", args.json)):
+        if path and Path(path).is_dir():
+            raise ValueError(f"{flag} {path}: is a folder; give a file path in it")
         if path and not Path(path).resolve().parent.is_dir():
             raise ValueError(f"{flag} {path}: folder {Path(path).parent} does not exist; create it or choose another path")
 
