@@ -449,18 +449,20 @@ def zeroshot(model, wildtype: str, variants: list[Variant], *, token_budget: int
 
 def spearman_difference(scores_a: np.ndarray, scores_b: np.ndarray, measured: np.ndarray, *,
                         resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
-    """rho(A) - rho(B) on the same variants, with a paired bootstrap 95% interval over variants."""
-    import warnings
-    from scipy.stats import spearmanr
+    """rho(A) - rho(B) on the same variants, with a paired bootstrap 95% interval over variants.
+    Ranks are taken once on all variants (Spearman = Pearson of ranks) and each resample correlates
+    its rows' ranks: exact at the point estimate, and O(n) per resample, so 10^5 variants take seconds."""
+    from scipy.stats import rankdata
     from plmrun.eval.metrics import bootstrap_interval
-    ok = np.isfinite(measured)
+    ok = measured_ok(measured)
+    ranks = [rankdata(x[ok]) for x in (scores_a, scores_b, measured)]
 
-    def diff(a, b, m):
-        return spearmanr(a, m).statistic - spearmanr(b, m).statistic
+    def pearson(x, y):
+        x, y = x - x.mean(), y - y.mean()
+        den = np.sqrt((x * x).sum() * (y * y).sum())
+        return (x * y).sum() / den if den > 0 else np.nan   # nan (constant resample) is dropped by the helper
 
-    with warnings.catch_warnings():   # a resample with constant scores gives nan, dropped by the helper
-        warnings.simplefilter("ignore")
-        d, lo, hi = bootstrap_interval((scores_a[ok], scores_b[ok], measured[ok]), diff, n=resamples, seed=seed)
+    d, lo, hi = bootstrap_interval(ranks, lambda a, b, m: pearson(a, m) - pearson(b, m), n=resamples, seed=seed)
     return {"diff": d, "ci95": [lo, hi], "resamples": resamples}
 
 
