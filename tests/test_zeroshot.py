@@ -199,7 +199,7 @@ def test_raw_scan_rows_skipped_with_counts_or_refused_by_strict(tmp_path, saved,
 MAVEDB_HEADER = ("accession", "hgvs_nt", "hgvs_splice", "hgvs_pro", "score", "sd")
 MAVEDB_ROWS = [  # hgvs_pro as MaveDB writes it (three-letter codes), with what it means in one-letter code
     ("p.Met1Ala", "M1A"), ("p.[Lys2Leu;Thr3Ser]", "K2L:T3S"), ("p.(Gln11Trp)", "Q11W"), ("p.Ser17Pro", "S17P"),
-    ("p.[Phe19Tyr;Ser20=]", "F19Y"), ("p.=", None), ("p.Lys2=", None), ("p.Gln11Ter", None), ("p.Gln11*", None),
+    ("p.[Phe19Tyr;Ser20=]", "F19Y"), ("p.=", None), ("p.[=]", None), ("_wt", None), ("p.Lys2=", None), ("p.Gln11Ter", None), ("p.Gln11*", None),
     ("p.Lys2del", None), ("p.Lys2_Thr3del", None), ("p.Lys2_Thr3insAla", None), ("p.Thr3dup", None),
     ("p.Lys2delinsAlaGly", None), ("p.Phe19SerfsTer4", None), ("p.Ter23Gln", None), ("p.Ter23GlnextTer5", None),
     ("NA", None), ("p.Met1?", None), ("p.Arg10Xaa", None)]
@@ -212,7 +212,7 @@ def test_mavedb_hgvs_protein_notation(tmp_path):
     one_letter = [o for _, o in MAVEDB_ROWS if o]
     assert [tuple(s for s in x.subs) for x in v] == [zs.parse_mutant(o) for o in one_letter]
     assert v.skipped == {"deletion": 2, "insertion": 3, "frameshift": 1, "stop_loss": 2, "stop": 2,
-                         "nonstandard": 1, "synonymous": 2, "unknown": 2}
+                         "nonstandard": 1, "synonymous": 4, "unknown": 2}
     model = EvalModel(SiteTable(known_table()), None, "table")
     lp = zs.site_log_probs(model, WT, range(len(WT)))
     want = zs.score_variants(zs.read_dms(write_dms(tmp_path / "pg.csv", [[o, 0] for o in one_letter])), lp)

@@ -5,6 +5,13 @@ log p(mut | masked) - log p(wt | masked); a multi-mutant scores the sum over its
 masked on its own, as in Meier et al. 2021). One forward per distinct site, packed into batches.
 A wild type longer than max_length - 2 residues is scored in a window of that many residues
 centred on the site (clamped to the sequence ends).
+
+Tables as real scans ship them (ProteinGym `mutant` A42G:L50P, MaveDB `hgvs_pro` p.Ala42Gly or
+p.[Ala42Gly;Leu50Pro], CSV/TSV/';', gzip/xz): rows that are no substitution (deletions, insertions,
+frameshifts, stops, changes of a wild-type stop, X/B/Z/U/O, synonymous, empty/NA) are skipped and
+counted per kind, or refused with `strict`. Sites map to residues by `offset` or by a position map
+(numbering with gaps such as Ambler's, insertion codes such as 100A). Columns are never guessed:
+a wrong one fails with the table's columns and the ones that fit.
 """
 from __future__ import annotations
 
@@ -82,6 +89,8 @@ def _residue(token: str) -> str:
 
 def _classify(part: str) -> tuple[str | None, str, str, str, str]:
     """(kind or None for a substitution, wt, site label, mt, position digits) of one `A42G`/`Ala42Gly` part."""
+    if part == "=":   # p.[=]
+        return "synonymous", "", "", "", ""
     m = _PART.match(part)
     if not m or (len(m["wt"]) == 3 and m["wt"] not in THREE_LETTER):
         raise ValueError(f"cannot parse mutant {part!r} (expected e.g. A42G or p.Ala42Gly, multiple joined "
