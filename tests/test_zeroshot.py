@@ -419,3 +419,14 @@ def test_embed_argument_errors_are_one_line(tmp_path, saved, capsys, case):
     code, _, err = run_cli(capsys, "embed", str(root / "model"), *args, "--out", str(out), "--device", "cpu")
     assert code == 2 and err.count("\n") == 1 and want in err
     assert not list(tmp_path.glob("*.partial"))   # refused before any work, nothing to clean up
+
+
+def test_position_map_file_forms(tmp_path):
+    (tmp_path / "ws.map").write_text("238 236\n240 237\n100a 5\n")   # whitespace, no header
+    assert zs.read_position_map(tmp_path / "ws.map") == {"238": 236, "240": 237, "100A": 5}
+    (tmp_path / "bad.map").write_text("site,residue\n1,1\n2,x\n")
+    with pytest.raises(ValueError, match=r"bad.map:3: expected two columns, a site label and its 1-based residue"):
+        zs.read_position_map(tmp_path / "bad.map")
+    (tmp_path / "twice.map").write_text("1,1\n1,2\n")
+    with pytest.raises(ValueError, match=r"twice.map:2: site 1 is mapped twice"):
+        zs.read_position_map(tmp_path / "twice.map")

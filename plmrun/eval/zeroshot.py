@@ -180,17 +180,16 @@ def _index(site: str, pos: str, offset: int, position_map: dict[str, int] | None
 
 def read_position_map(path: str | Path) -> dict[str, int]:
     """A two-column table (site label in the scan, 1-based residue of the wild type); a header is optional."""
-    rows = list(enumerate(_read_table(path, "--position-map"), 1))
-    if rows and rows[0][1] and not rows[0][1][-1].strip().isdigit():
+    rows = [(line, [f.strip() for f in (row[0].split() if len(row) == 1 else row) if f.strip()])
+            for line, row in enumerate(_read_table(path, "--position-map"), 1)]
+    rows = [(line, fields) for line, fields in rows if fields]
+    if rows and not rows[0][1][-1].isdigit():
         rows = rows[1:]   # a header line
     out: dict[str, int] = {}
-    for line, row in rows:
-        fields = [f.strip() for f in (row[0].split() if len(row) == 1 else row) if f.strip()]
-        if not fields:
-            continue
+    for line, fields in rows:
         if len(fields) != 2 or not fields[1].isdigit() or int(fields[1]) < 1:
             raise ValueError(f"{path}:{line}: expected two columns, a site label and its 1-based residue "
-                             f"in the wild type (e.g. 238,236), got {','.join(row)!r}")
+                             f"in the wild type (e.g. 238,236), got {','.join(fields)!r}")
         if fields[0].upper() in out:
             raise ValueError(f"{path}:{line}: site {fields[0]} is mapped twice")
         out[fields[0].upper()] = int(fields[1])
