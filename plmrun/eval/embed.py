@@ -27,6 +27,13 @@ from plmrun.eval.errors import EvalError
 from plmrun.eval.inference import EvalModel, load_eval_model, window_plan, windows
 
 POOLS = ("mean", "cls", "per-residue")
+CONTROL_SUFFIX = ".random-init"   # emb.safetensors -> emb.random-init.safetensors (--random-init-control)
+
+
+def control_path(out: str | Path) -> Path:
+    """Where `plmrun embed --random-init-control` writes the control's embeddings, beside OUT."""
+    out = Path(out)
+    return out.with_name(out.stem + CONTROL_SUFFIX + out.suffix)
 
 
 @torch.no_grad()
@@ -195,6 +202,9 @@ def add_embed_command(subparsers) -> argparse.ArgumentParser:
                         "(default: whole sequences for rotary presets, 1024 for esm2)")
     p.add_argument("--token-budget", type=int, default=8192, help="tokens per packed batch")
     p.add_argument("--chunk-size", type=int, default=2000, help="records per resumable chunk")
+    p.add_argument("--random-init-control", action="store_true",
+                   help="also embed with the same architecture untrained (torch seed 0) into OUT with the "
+                        f"suffix {CONTROL_SUFFIX} (e.g. emb{CONTROL_SUFFIX}.safetensors), for your own downstream baseline")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.set_defaults(func=_run)
     return p
@@ -204,12 +214,31 @@ def _run(args) -> int:
     if (args.max_length is not None and (args.max_length < 3 or args.token_budget < args.max_length)) \
             or args.chunk_size < 1:
         raise EvalError("embed: need --max-length >= 3, --token-budget >= --max-length, --chunk-size >= 1")
+    if not Path(args.fasta).exists():
+        raise EvalError(f"embed: {args.fasta}: no such FASTA file; check the path")
+    from plmrun.data.readers import input_kind
+    if input_kind(args.fasta) in ("csv", "tsv", "parquet"):
+        raise EvalError(f"embed: {args.fasta}: a table; embed reads FASTA: write one '>id' line and its "
+                        f"sequence per record (plmrun data reads tables for training)")
+    if Path(args.out).is_dir():
+        raise EvalError(f"embed: --out {args.out}: is a folder; give a file path such as {Path(args.out) / 'emb.safetensors'}")
+    if not Path(args.out).resolve().parent.is_dir():
+        raise EvalError(f"embed: --out {args.out}: folder {Path(args.out).parent} does not exist; create it "
+                        f"or choose another path")
     model = load_eval_model(args.model, device=resolve_device(args.device), max_length=args.max_length)
-    try:
-        out = embed_fasta(model, args.fasta, args.out, pool=args.pool, layer=args.layer,
-                          token_budget=args.token_budget, chunk_size=args.chunk_size,
-                          log=lambda m: print(m, file=sys.stderr))
-    except ValueError as e:
-        raise EvalError(f"embed: {e}") from None
-    print(f"wrote {out}")
+    n = num_hidden_states(model)
+    if args.layer is not None and not -n <= args.layer < n:
+        raise EvalError(f"embed: --layer {args.layer} out of range: the model has {n} hidden states "
+                        f"(0 = embedding output .. {n - 1} = final, -1 = final)")
+    jobs = [(model, Path(args.out))]
+    if args.random_init_control:
+        jobs.append((model.random_init(0), control_path(args.out)))
+    for net, out in jobs:
+        try:
+            out = embed_fasta(net, args.fasta, out, pool=args.pool, layer=args.layer,
+                              token_budget=args.token_budget, chunk_size=args.chunk_size,
+                              log=lambda m: print(m, file=sys.stderr))
+        except ValueError as e:
+            raise EvalError(f"embed: {e}") from None
+        print(f"wrote {out}" + (" (random-init control: same architecture, torch seed 0)" if net is not model else ""))
     return 0

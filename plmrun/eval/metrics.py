@@ -78,3 +78,20 @@ def compute_metrics(loss_sum: float, normalizer: float, confusion: torch.Tensor)
         "mcc": cov_ytyp / denom if denom > 0 else 0.0,
         "tokens": int(n),
     }
+
+
+def bootstrap_interval(values, statistic, n: int = 1000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float, float]:
+    """(statistic(*values), low, high): a percentile bootstrap interval over rows. `values` is one array
+    or a tuple of arrays of the same length; every resample takes the same rows of each (paired), so
+    a difference of two models on the same items keeps their pairing. Non-finite resamples are dropped."""
+    import numpy as np
+    arrays = [np.asarray(a) for a in (values if isinstance(values, (tuple, list)) else (values,))]
+    m = len(arrays[0])
+    if m == 0 or any(len(a) != m for a in arrays):
+        raise ValueError(f"bootstrap_interval: need arrays of one non-zero length, got {[len(a) for a in arrays]}")
+    rng = np.random.default_rng(seed)
+    boot = np.array([statistic(*(a[idx] for a in arrays)) for idx in rng.integers(0, m, size=(n, m))], float)
+    boot = boot[np.isfinite(boot)]
+    lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2]) if len(boot) else (math.nan, math.nan)
+    return float(statistic(*arrays)), float(lo), float(hi)
