@@ -112,3 +112,11 @@ def test_get_secret(monkeypatch):
     monkeypatch.delenv("HF_TOKEN")
     monkeypatch.setattr(sys, "stdin", open(os.devnull))
     assert get_secret("HF_TOKEN", "x") is None
+
+
+def test_plan_fits_the_longest_phase_of_a_crop_schedule():
+    """A budget that holds 512-token crops but not the schedule's 65,536-token phase does not fit."""
+    fits = lambda extra: [l for l in plan_table(build_config("esmc_300m", ["--data.token_budget=65536", *extra]), 1, 8)
+                          .splitlines() if l.startswith("largest token budget, checkpointed")][0]
+    assert "does not fit" not in fits([])
+    assert fits(["--data.max_length_schedule=[[0, 512], [10, 65536]]"]).count("does not fit") == 2
