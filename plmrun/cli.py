@@ -22,7 +22,7 @@ def _add_train(sub) -> None:
     p.add_argument("--config", help="YAML config file or the name of a shipped config (e.g. debug, esm2_8m)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint (without --resume "
                    "and --logging.name, the newest unfinished run with the same config is continued)")
-    p.add_argument("--init-from-hf", metavar="PATH", help="start from a Hugging Face ESM-2 folder (esm2 preset)")
+    p.add_argument("--init-from-hf", metavar="PATH", help="start from a Hugging Face ESM-2 folder (esm2 preset), an esm package ESM C folder (esmc) or a plmrun model")
     p.set_defaults(func=_cmd_train, takes_overrides=True)
 
 
