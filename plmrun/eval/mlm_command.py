@@ -35,12 +35,14 @@ def eval_source(dataset: str, split: str | None, *, column: str | None = None, i
                             f"nor a saved Hugging Face dataset; give {_INPUTS}") from None
     if split is not None:
         raise DataError(f"--split {split}: {dataset} is one input, evaluated whole (it has no splits); drop --split")
-    prepared = file_dataset_dir(str(path), column=column, invalid=invalid, progress=True)
-    source = open_dataset(prepared, FILE_SPLIT)
-    if len(source) == 0:
-        raise DataError(f"--dataset {dataset}: no sequences left to evaluate (--invalid {invalid} skipped them all); "
-                        "use --invalid x to keep them")
-    return source, "all", prepared
+    try:
+        prepared = file_dataset_dir(str(path), column=column, invalid=invalid, progress=True)
+    except DataError as e:
+        if "no sequences left" not in str(e):  # the split writer's refusal of an all-skipped input
+            raise
+        raise DataError(f"--dataset {dataset}: no sequences left to evaluate (--invalid {invalid} skipped every "
+                        "record); use --invalid x to read unknown letters as X") from None
+    return open_dataset(prepared, FILE_SPLIT), "all", prepared
 
 
 def _open_split(directory: Path, split: str | None, name: str):
@@ -56,7 +58,8 @@ def _open_split(directory: Path, split: str | None, name: str):
 
 def check_subset(subset: int, source, split: str, dataset: str) -> None:
     if subset > len(source):
-        raise EvalError(f"--subset {subset}: split {split} of {dataset} has only {len(source)} sequences; "
+        what = dataset if split == "all" else f"split {split} of {dataset}"
+        raise EvalError(f"--subset {subset}: {what} has only {len(source)} sequences; "
                         f"use --subset {len(source)} or 0 (all of them)")
 
 
