@@ -97,11 +97,11 @@ def _cmd_eval(args) -> int:
              "token_budget": args.token_budget}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
     _check_eval_flags(cfg, args.subset)
-    source, split, _ = eval_source(args.dataset, args.split, column=args.column, invalid=args.invalid)
-    check_subset(args.subset, source, split, args.dataset)
     from plmrun.eval.inference import load_eval_model
     name = args.hf or args.model
-    model = load_eval_model(name, device=device)
+    model = load_eval_model(name, device=device)   # first: a wrong model path fails before any preparing
+    source, split, _ = eval_source(args.dataset, args.split, column=args.column, invalid=args.invalid)
+    check_subset(args.subset, source, split, args.dataset)
     unigram, unigram_source = unigram_baseline(run_cfg.parent if run_cfg else None, source)
     models = [model] + ([model.random_init(run.train.seed if run else 0)] if args.random_init_control else [])
     results = []
