@@ -175,7 +175,7 @@ def test_eval_csv_file_with_column(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "not_a_dataset", "subset", "invalid", "all_skipped",
-                                  "split_of_file", "missing_split"])
+                                  "split_of_file", "missing_split", "split_dir"])
 def test_eval_dataset_argument_errors_are_one_line(tmp_path, monkeypatch, capsys, case):
     """Old code: a file or a missing path was read as a dataset directory ('run `plmrun data prepare INPUT
     --out seqs.fasta`', the FASTA as output folder); --subset beyond the split was silently cut."""
@@ -188,7 +188,7 @@ def test_eval_dataset_argument_errors_are_one_line(tmp_path, monkeypatch, capsys
     (tmp_path / "bad.fasta").write_text(">a\nMKV1L\n")
     (tmp_path / "notds").mkdir()
     (tmp_path / "notds" / "x.txt").write_text("x")
-    if case == "missing_split":
+    if case in ("missing_split", "split_dir"):
         prepare(fasta, tmp_path / "ds", progress=False)
     inputs = "a FASTA/parquet/CSV file, a prepared dataset directory (`plmrun data prepare FILE --out DIR`) or 'bundled'"
     args, message = {
@@ -211,6 +211,9 @@ def test_eval_dataset_argument_errors_are_one_line(tmp_path, monkeypatch, capsys
         "missing_split": (["--dataset", str(tmp_path / "ds")],
                           f"--split valid: dataset {tmp_path / 'ds'} has no split 'valid' (it has: train); "
                           "use --split train"),
+        "split_dir": (["--dataset", str(tmp_path / "ds" / "train")],
+                      f"--dataset {tmp_path / 'ds' / 'train'}: is one split of a prepared dataset; "
+                      f"use --dataset {tmp_path / 'ds'} --split train"),
     }[case]
     assert main(["eval", model, "--device", "cpu", *args]) == 2
     assert capsys.readouterr().err == f"error: {message}\n"

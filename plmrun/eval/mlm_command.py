@@ -27,6 +27,9 @@ def eval_source(dataset: str, split: str | None, *, column: str | None = None, i
         raise DataError(f"--dataset {dataset}: no such file or directory; give {_INPUTS}")
     if path.is_dir() and dataset_splits(path):
         return _open_split(path, split, dataset)
+    if path.is_dir() and (path / "manifest.json").is_file():
+        raise DataError(f"--dataset {dataset}: is one split of a prepared dataset; use --dataset {path.parent} "
+                        f"--split {path.name}")
     if path.is_dir():
         try:
             input_kind(str(path))              # a saved Hugging Face dataset is an input like a file
