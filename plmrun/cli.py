@@ -48,8 +48,15 @@ def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a model under the one MLM protocol (fixed masks)")
     p.add_argument("model", nargs="?", help="run directory, checkpoint, model folder or Hugging Face folder")
     p.add_argument("--hf", metavar="PATH_OR_NAME", help="a Hugging Face EsmForMaskedLM (local folder or hub name)")
-    p.add_argument("--dataset", default="bundled", help="prepared dataset directory (default: bundled corpus)")
-    p.add_argument("--split", default="valid", help="split to evaluate (default: valid)")
+    p.add_argument("--dataset", default="bundled", help="prepared dataset directory, or a FASTA[.gz/.xz]/parquet/CSV "
+                   "file (prepared into the cache on first use, evaluated whole) (default: bundled corpus)")
+    p.add_argument("--split", default=None, help="split of a prepared dataset to evaluate (default: valid)")
+    p.add_argument("--column", help="sequence column of a parquet/CSV --dataset file")
+    p.add_argument("--invalid", choices=["error", "skip", "x"], default="error",
+                   help="letters outside the vocabulary in a --dataset file: error, skip the record, or read as X")
+    p.add_argument("--random-init-control", action="store_true",
+                   help="also evaluate the same architecture and seed untrained, with the difference and a "
+                        "95%% bootstrap interval over sequences")
     p.add_argument("--subset", type=int, default=0, help="only the first N sequences (default: all)")
     p.add_argument("--token-budget", type=int, default=None, help="tokens per eval batch (results do not depend on it)")
     p.add_argument("--eval-seed", type=int, default=None, help="mask seed (default: the run's eval.seed)")
@@ -73,33 +80,51 @@ def _run_config_file(spec: str) -> Path | None:
 def _cmd_eval(args) -> int:
     import dataclasses
 
+    import numpy as np
     import torch
     from plmrun.config import ConfigError, EvalConfig, load_yaml, validate
-    from plmrun.data.shards import open_dataset
+    from plmrun.eval.metrics import BOOTSTRAP_RESAMPLES, paired_bootstrap
     from plmrun.eval.mlm import evaluate
+    from plmrun.eval.mlm_command import check_subset, eval_source, format_line, unigram_baseline
     from plmrun.device import resolve_device
     if bool(args.model) == bool(args.hf):
         raise ConfigError("give exactly one of MODEL or --hf")
     device = resolve_device(args.device)
     run_cfg = None if args.hf else _run_config_file(args.model)
-    cfg = validate(load_yaml(run_cfg)).eval if run_cfg else EvalConfig()   # a run's own eval protocol
+    run = validate(load_yaml(run_cfg)) if run_cfg else None
+    cfg = run.eval if run else EvalConfig()   # a run's own eval protocol
     flags = {"seed": args.eval_seed, "mask_rate": args.mask_rate, "max_length": args.max_length,
              "token_budget": args.token_budget}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
     _check_eval_flags(cfg, args.subset)
     from plmrun.eval.inference import load_eval_model
     name = args.hf or args.model
-    model = load_eval_model(name, device=device, max_length=cfg.max_length).net  # checks the model's position limit
-    from plmrun.data.corpus import resolve_dataset
-    dataset = resolve_dataset(args.dataset)
-    source = open_dataset(dataset, args.split)
-    with torch.inference_mode():
-        metrics = evaluate(model, source, cfg, subset=args.subset, device=device)
-    metrics = {"model": name, "split": args.split, "subset": args.subset, "eval_seed": cfg.seed,
-               "mask_rate": cfg.mask_rate, "max_length": cfg.max_length, **metrics}
-    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    model = load_eval_model(name, device=device, max_length=cfg.max_length)  # first: a wrong path or a length past
+    # the model's position limit fails before any preparing
+    source, split, _ = eval_source(args.dataset, args.split, column=args.column, invalid=args.invalid)
+    check_subset(args.subset, source, split, args.dataset)
+    unigram, unigram_source = unigram_baseline(run_cfg.parent if run_cfg else None, source)
+    models = [model] + ([model.random_init(run.train.seed if run else 0)] if args.random_init_control else [])
+    results = []
+    for m in models:
+        with torch.inference_mode():
+            metrics = evaluate(m.net, source, cfg, subset=args.subset, device=device, unigram=unigram,
+                               per_sequence=args.random_init_control)
+        results.append({"model": m.name, "dataset": args.dataset, "split": split, "subset": args.subset,
+                        "eval_seed": cfg.seed, "mask_rate": cfg.mask_rate, "max_length": cfg.max_length, **metrics,
+                        "unigram_source": unigram_source})
+    per_seq = [r.pop("per_sequence", None) for r in results]
+    for r in results:
+        print(format_line({k: (v.replace(" ", "_") if isinstance(v, str) else v) for k, v in r.items()}))
+    out = results[0]
+    if args.random_init_control:
+        (loss_a, n), (loss_b, _) = per_seq
+        diff = paired_bootstrap(loss_a - loss_b, n)
+        out = {**results[0], "random_init_control": results[1], "model_minus_random_init": {"loss": diff}}
+        print(f"model - random init: loss {diff['diff']:+.4f} (95% CI {diff['ci95'][0]:+.4f} .. {diff['ci95'][1]:+.4f}, "
+              f"{BOOTSTRAP_RESAMPLES} bootstrap resamples of {int(np.count_nonzero(n))} sequences)")
     if args.out:
-        Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
+        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     return 0
 
 

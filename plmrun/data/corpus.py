@@ -47,20 +47,43 @@ def cache_root(cache_dir=None) -> Path:
 def bundled_dataset_dir(cache_dir=None, progress: bool = False) -> Path:
     """Directory of the prepared bundled corpus (train/valid/test), preparing it on first use."""
     final = cache_root(cache_dir) / f"{CORPUS_NAME}-{corpus_fingerprint()}"
-    if set(SPLITS) <= set(dataset_splits(final)):
-        return final
     files = corpus_files()
+    return _prepared_once(final, SPLITS, lambda: prepare(
+        files["train"], final, valid=files["valid"], test=files["test"], progress=progress,
+        command=["plmrun", "(bundled corpus)", CORPUS_NAME]))
+
+
+def _prepared_once(final: Path, splits, build) -> Path:
+    """`final` if it holds `splits`, else build it (a concurrent builder winning the rename is fine)."""
+    if set(splits) <= set(dataset_splits(final)):
+        return final
     try:
-        prepare(files["train"], final, valid=files["valid"], test=files["test"], progress=progress,
-                command=["plmrun", "(bundled corpus)", CORPUS_NAME])
+        build()
     except (DataError, OSError):               # another process won the rename, or a real failure
-        if not set(SPLITS) <= set(dataset_splits(final)):
+        if not set(splits) <= set(dataset_splits(final)):
             if final.is_dir() and any(final.iterdir()):
                 raise DataError(f"{final}: exists but is not a complete prepared corpus; "
                                 "delete it and retry") from None
             raise
     return final
 
+
+FILE_SPLIT = "train"
+"The one split a lone input file is prepared into (`plmrun data prepare` puts its first input there)."
+
+
+def file_dataset_dir(spec, *, column: str | None = None, invalid: str = "error", cache_dir=None,
+                     progress: bool = False) -> Path:
+    """A lone input (FASTA[.gz/.xz], parquet, CSV/TSV, saved HF dataset) prepared into the cache as
+    split FILE_SPLIT, keyed by its content hash and the reading options: the second call reuses it,
+    an edited file is prepared again."""
+    from plmrun.data.readers import file_fingerprint
+    fp = file_fingerprint(str(spec))           # DataError for a missing file or an unusable directory
+    key = hashlib.sha256(f"{fp['sha256']}|{column}|{invalid}".encode()).hexdigest()[:16]
+    final = cache_root(cache_dir) / "files" / f"{Path(str(spec)).name}-{key}"
+    return _prepared_once(final, [FILE_SPLIT], lambda: prepare(
+        str(spec), final, column=column, invalid=invalid, progress=progress,
+        command=["plmrun", "eval", "--dataset", str(spec)]))
 
 
 def resolve_dataset(spec: str | os.PathLike, *, progress: bool = False) -> Path:

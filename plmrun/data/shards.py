@@ -281,6 +281,10 @@ class ShardedSequences:
         (offsets, residues, _, _), j = self._locate(int(i))
         return residues[offsets[j]:offsets[j + 1]]
 
+    def residue_blocks(self) -> list:
+        """Every shard's residues as one array each (whole-split counts without a per-sequence loop)."""
+        return [shard[1] for shard in self._shards]
+
     def ids(self, i: int) -> str:
         """The record's name: FASTA header without '>', or the id column value / row number."""
         (_, _, name_offsets, names), j = self._locate(int(i))

@@ -45,6 +45,18 @@ def length_stats(lengths: np.ndarray, max_length: int, token_budget: int, batch_
     }
 
 
+def residue_counts(source) -> np.ndarray:
+    """Occurrences of each vocabulary id [V] over all residues of `source` (the unigram baseline's
+    frequencies); a sharded split is counted shard by shard, anything else sequence by sequence."""
+    from plmrun.tokenizer import VOCAB_SIZE
+    blocks = source.residue_blocks() if hasattr(source, "residue_blocks") else \
+        (source.residues(i) for i in range(len(source)))
+    counts = np.zeros(VOCAB_SIZE, dtype=np.int64)
+    for b in blocks:
+        counts += np.bincount(np.asarray(b), minlength=VOCAB_SIZE)[:VOCAB_SIZE]
+    return counts
+
+
 def histogram_png(lengths: np.ndarray, path: Path, title: str, max_length: int) -> None:
     import matplotlib
     matplotlib.use("Agg")

@@ -37,9 +37,12 @@ def eval_batches(source, cfg: EvalConfig, *, subset: int = 0, token_budget: int 
 @torch.no_grad()
 def evaluate(model, source, cfg: EvalConfig, *, subset: int = 0, device: torch.device | str = "cpu",
              autocast_dtype: torch.dtype | None = None, token_budget: int | None = None,
-             world_size: int | None = None, rank: int | None = None, batches=None) -> dict:
+             world_size: int | None = None, rank: int | None = None, batches=None,
+             unigram: torch.Tensor | None = None, per_sequence: bool = False) -> dict:
     """Evaluate `model` (anything with the PLM forward signature) under the one protocol.
 
+    `unigram` (log p [V], `metrics.unigram_log_probs`) adds unigram_loss and gain on the same targets;
+    `per_sequence` adds "per_sequence": (Σ CE, targets) per evaluated sequence as arrays (bootstraps).
     Every rank must call this (it all-reduces). Ranks whose share has fewer batches than others
     run the forward on their last batch with zero weight, so sharded (FSDP) models stay in step.
     """
@@ -51,17 +54,23 @@ def evaluate(model, source, cfg: EvalConfig, *, subset: int = 0, device: torch.d
                                 world_size=world_size, rank=rank))
     amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
-    sums = accumulate(model, batches, device, amp, _max_over_ranks(len(batches), device))
+    n_seq = (len(source) if subset <= 0 else min(subset, len(source))) if per_sequence else None
+    sums = accumulate(model, batches, device, amp, _max_over_ranks(len(batches), device),
+                      unigram=unigram, num_sequences=n_seq)
     sums.all_reduce()
     if was_training:
         model.train()
-    return sums.compute()
+    out = sums.compute()
+    if per_sequence:
+        out["per_sequence"] = (sums.seq_loss.cpu().numpy(), sums.seq_weight.cpu().numpy())
+    return out
 
 
-def accumulate(model, batches: list, device: torch.device, amp=None, n_batches: int | None = None) -> MetricSums:
+def accumulate(model, batches: list, device: torch.device, amp=None, n_batches: int | None = None, *,
+               unigram: torch.Tensor | None = None, num_sequences: int | None = None) -> MetricSums:
     """Metric sums of `batches` on this rank (no communication); n_batches >= len(batches) pads with idle forwards."""
     amp = amp or contextlib.nullcontext()
-    sums = MetricSums.zeros(device)
+    sums = MetricSums.zeros(device, unigram_logp=unigram, num_sequences=num_sequences)
     for i in range(len(batches) if n_batches is None else n_batches):
         if i >= len(batches):  # this rank's share is used up: a throw-away forward keeps FSDP collectives in step
             with amp:
@@ -74,8 +83,16 @@ def accumulate(model, batches: list, device: torch.device, amp=None, n_batches: 
         index = (targets != -100).nonzero().squeeze(1)
         with amp:
             out = model(tokens, p.positions.to(device), p.cu_seqlens.to(device), p.max_seqlen, logits_index=index)
-        sums.add(out.logits, targets[index], mb.loss_weights.to(device)[index], mb.normalizer)
+        seq = _target_sequences(p, index) if num_sequences is not None else None
+        sums.add(out.logits, targets[index], mb.loss_weights.to(device)[index], mb.normalizer, seq=seq)
     return sums
+
+
+def _target_sequences(p, index: torch.Tensor) -> torch.Tensor:
+    """Dataset sequence index of each target position (targets lie in real segments only)."""
+    seg_len = (p.cu_seqlens[1:] - p.cu_seqlens[:-1])[:p.num_sequences].long()
+    of_token = torch.repeat_interleave(p.seq_index.long(), seg_len)
+    return of_token.to(index.device)[index]
 
 
 def _idle_batch(device) -> tuple:
@@ -92,3 +109,35 @@ def _max_over_ranks(n: int, device) -> int:
     t = torch.tensor([n], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+UNIGRAM_FILE = "unigram.json"
+"Residue counts of a run's training split, written by the trainer at setup (the unigram baseline)."
+
+
+def write_unigram(run_dir, counts, source: str) -> None:
+    """Record `counts` [V] (residue occurrences) and what they were counted on in RUN/unigram.json."""
+    import json
+    from pathlib import Path
+    from plmrun.eval.metrics import counts_to_letters
+    path = Path(run_dir) / UNIGRAM_FILE
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"source": source, "smoothing": "add-one over residue letters",
+                               "counts": counts_to_letters(counts)}, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def read_unigram(run_dir):
+    """Counts [V] from RUN/unigram.json, or None for a run trained before it was written."""
+    import json
+    from pathlib import Path
+    from plmrun.eval.errors import EvalError
+    from plmrun.eval.metrics import letters_to_counts
+    path = Path(run_dir) / UNIGRAM_FILE
+    if not path.is_file():
+        return None
+    try:
+        return letters_to_counts(json.loads(path.read_text())["counts"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise EvalError(f"{path}: unreadable ({type(e).__name__}: {e}); delete it to use the eval data's "
+                        "frequencies instead") from None

@@ -31,12 +31,12 @@ from plmrun.device import resolve_device
 from plmrun.eval.errors import EvalError
 from plmrun.eval.embed import embed_sequences, num_hidden_states
 from plmrun.eval.inference import EvalModel, load_eval_model
+from plmrun.eval.metrics import BOOTSTRAP_RESAMPLES, paired_bootstrap
 
 PROBE_DIR = Path(__file__).resolve().parent.parent / "probes"
 HEADS = ("logistic", "ridge", "mlp")
 TRAIN_FRACTION = 0.8
 VALIDATION_ROWS = 20000   # held-out training rows (residues for per-residue tasks) that pick `--layer best`
-BOOTSTRAP_RESAMPLES = 2000   # paired bootstrap over test sequences for "model minus control"
 SS3 = {"H": 0, "G": 0, "I": 0, "E": 1, "B": 1}   # everything else (L, T, S, ...) -> coil (2)
 OVERLAP_NOTE = ("note: ~80% of the localisation sequences also occur in Swiss-Prot 2014 "
                 "(the bundled pretraining corpus)")
@@ -193,11 +193,7 @@ def paired_difference(correct_a: np.ndarray, correct_b: np.ndarray, item_sizes: 
                          f"{sizes.sum()}: need the same non-zero number")
     seq_of_item = np.repeat(np.arange(len(sizes)), sizes)
     diff_per_seq = np.bincount(seq_of_item, weights=correct_a - correct_b, minlength=len(sizes))
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(sizes), size=(resamples, len(sizes)))
-    boot = diff_per_seq[draws].sum(1) / sizes[draws].sum(1)
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    return {"diff": float(diff_per_seq.sum() / sizes.sum()), "ci95": [float(lo), float(hi)]}
+    return paired_bootstrap(diff_per_seq, sizes, resamples, seed)
 
 
 def best_layer_scores(task: Task, data: TaskData, model: EvalModel, seeds, head: str,

@@ -215,6 +215,7 @@ class _Run:
     launch: float
     progress: object = None
     wall_start: float = 0.0
+    unigram: Optional[torch.Tensor] = None   # log p [V] of the training split's residues (eval's unigram baseline)
 
     @property
     def ckpt_root(self) -> Path:
@@ -325,6 +326,7 @@ def _setup(cfg: Config, resume: Optional[str], init_from_hf: Optional[str], laun
     name = run_dir.name
 
     data_path, train_src, valid_src = open_training_data(cfg, env)
+    unigram = _unigram_baseline(run_dir, train_src, data_path, cfg, env)
     if latest is not None:
         accum = resume_grad_accum(ckpt.read_train_state(latest), env.world_size, cfg.train.grad_accum, latest,
                                   verbose=env.is_main)
@@ -386,7 +388,18 @@ def _setup(cfg: Config, resume: Optional[str], init_from_hf: Optional[str], laun
               + (f"  resumed at step {state['step']}" if latest is not None else ""), flush=True)
     return _Run(cfg=cfg, env=env, name=name, run_dir=run_dir, model=model, optimizers=optimizers, loader=loader,
                 valid_src=valid_src, amp_dtype=amp_dtype, peak=peak, n_params=n_params, n_dense=n_dense, state=state,
-                log=log, launch=launch)
+                log=log, launch=launch, unigram=unigram)
+
+
+def _unigram_baseline(run_dir: Path, train_src, data_path, cfg: Config, env: DistEnv) -> torch.Tensor:
+    """Residue frequencies of the training split as eval's unigram baseline, recorded in RUN/unigram.json."""
+    from plmrun.data.stats import residue_counts
+    from plmrun.eval.metrics import unigram_log_probs
+    from plmrun.eval.mlm import write_unigram
+    counts = residue_counts(train_src)
+    if env.is_main:
+        write_unigram(run_dir, counts, f"{data_path} split {cfg.data.train_split} ({train_src.fingerprint})")
+    return unigram_log_probs(counts)
 
 
 def _train_step(run: _Run, step: int) -> dict:
@@ -454,7 +467,8 @@ def _log_train(run: _Run, step: int, r: dict, interval: dict) -> None:
 def _eval_and_report(run: _Run, step: int, loss: float) -> bool:
     """Evaluate on the eval subset, log it, track the best and time-to-target; True if stop_at_val_loss is reached."""
     cfg, state = run.cfg, run.state
-    val = _timed_eval(run.model, run.valid_src, cfg, run.env, amp_dtype=None, subset=cfg.eval.subset, state=state)
+    val = _timed_eval(run.model, run.valid_src, cfg, run.env, amp_dtype=None, subset=cfg.eval.subset, state=state,
+                      unigram=run.unigram)
     run.log.write({"kind": "eval", "step": step, "tokens": state["tokens"],
                    "train_time_s": round(state["train_time_s"], 3),
                    "wall_time_s": round(time.perf_counter() - run.wall_start, 3), **_val_record(val)})
@@ -468,7 +482,7 @@ def _eval_and_report(run: _Run, step: int, loss: float) -> bool:
             run.say(f"reached val loss {thr} at step {step}: {state['train_time_s']:.1f} s of training,"
                     f" {state['tokens']:,} tokens")
     if run.progress is not None:
-        run.progress.set_postfix(loss=f"{loss:.3f}", val=f"{val['loss']:.3f}", refresh=True)
+        run.progress.set_postfix(loss=f"{loss:.3f}", val=f"{val['loss']:.3f}", gain=f"{val['gain']:.3f}", refresh=True)
     return cfg.train.stop_at_val_loss is not None and val["loss"] <= cfg.train.stop_at_val_loss
 
 
@@ -489,7 +503,8 @@ def _finish(run: _Run, stopped_reason: str, signum: Optional[int]) -> dict:
     else:
         final_full = None
         if cfg.eval.final_full:
-            final_full = _timed_eval(run.model, run.valid_src, cfg, env, amp_dtype=None, subset=0, state=state)
+            final_full = _timed_eval(run.model, run.valid_src, cfg, env, amp_dtype=None, subset=0, state=state,
+                                     unigram=run.unigram)
             run.log.write({"kind": "eval", "final": True, "step": state["step"], "tokens": state["tokens"],
                            "train_time_s": round(state["train_time_s"], 3), **_val_record(final_full)})
         _save_final_model(run.run_dir, run.model, cfg, env)
@@ -552,9 +567,10 @@ def _no_sync(model, last: bool):
     return contextlib.nullcontext()
 
 
-def _timed_eval(model, source, cfg, env, *, amp_dtype, subset, state) -> dict:
+def _timed_eval(model, source, cfg, env, *, amp_dtype, subset, state, unigram=None) -> dict:
     t0 = time.perf_counter()
-    val = evaluate(model, source, cfg.eval, subset=subset, device=env.device, autocast_dtype=amp_dtype)
+    val = evaluate(model, source, cfg.eval, subset=subset, device=env.device, autocast_dtype=amp_dtype,
+                   unigram=unigram)
     state["eval_time_s"] += time.perf_counter() - t0
     return val
 
@@ -655,7 +671,8 @@ def _print_summary(s: dict) -> None:
     if s["final_full_val"]:
         f = s["final_full_val"]
         lines.append(f"full valid split: loss {f['loss']:.4f}  ppl {f['perplexity']:.2f}  acc {f['accuracy']:.3f}"
-                     f"  F1 {f['f1']:.3f}  MCC {f['mcc']:.3f}")
+                     f"  F1 {f['f1']:.3f}  MCC {f['mcc']:.3f}  unigram loss {f['unigram_loss']:.4f}"
+                     f"  gain {f['gain']:.4f}")
     for thr, r in sorted(s["time_to_target"].items(), key=lambda kv: -float(kv[0])):
         lines.append(f"time-to-target {thr}: {r['train_time_s']:.1f} s training ({r['wall_time_s_incl_eval']:.1f} s incl."
                      f" eval), {r['tokens']:,} tokens, step {r['step']}")
