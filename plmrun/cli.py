@@ -23,6 +23,8 @@ def _add_train(sub) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint (without --resume "
                    "and --logging.name, the newest unfinished run with the same config is continued)")
     p.add_argument("--init-from-hf", metavar="PATH", help="start from a Hugging Face ESM-2 folder (esm2 preset), an esm package ESM C folder (esmc) or a plmrun model")
+    p.add_argument("--push-to-hub", metavar="REPO", help="when the run finishes, export it and upload it to this Hub "
+                   "repo as `plmrun export --push-to-hub` does (token from HF_TOKEN; = --logging.push_to_hub=REPO)")
     p.set_defaults(func=_cmd_train, takes_overrides=True)
 
 
@@ -37,8 +39,12 @@ def _cmd_train(args, overrides) -> int:
             raise ConfigError("--resume continues a run with its saved config; do not pass --config or overrides")
         cfg = validate(load_yaml(run_cfg))
         cfg.logging.run_root = str(Path(args.resume).parent)
+        if args.push_to_hub:
+            cfg.logging.push_to_hub = args.push_to_hub
+            validate(cfg)
     else:
-        cfg = build_config(args.config, overrides)
+        push = [f"--logging.push_to_hub={args.push_to_hub}"] if args.push_to_hub else []
+        cfg = build_config(args.config, [*overrides, *push])
     # SIGTERM/SIGINT: checkpointed and stopped, not finished: 128 + the signal (143, 130) tells schedulers apart
     return train(cfg, resume=args.resume, init_from_hf=args.init_from_hf).get("exit_code", 0)
 

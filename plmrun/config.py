@@ -88,6 +88,8 @@ class DataConfig:
     "Split used for training."
     valid_split: str = "valid"
     "Split used for evaluation during training."
+    test_split: str = "test"
+    "Split evaluated at the end of training when eval.final_test is on."
     max_length: int = 512
     "Longest sequence in tokens (incl. <cls>/<eos>); longer ones get a random crop window."
     max_length_schedule: list[list[int]] = field(default_factory=list)
@@ -168,6 +170,10 @@ class TrainConfig:
     "Optimizer steps (the default run: 655k tokens, 2-6 minutes of training on a 2-core CPU)."
     grad_accum: int = 1
     "Micro-batches per rank per step."
+    global_batch_tokens: int = 0
+    "Tokens per optimizer step over all ranks (the seed's --batch_size; 0 = off): grad_accum is derived as global_batch_tokens / (data.token_budget × world size), so one YAML gives the same optimisation on 1, 4 or 8 GPUs; leave train.grad_accum at 1."
+    max_time: float = 0.0
+    "Wall-clock budget in seconds for training and in-training evals, across resumes (0 = none): when spent, the run evals, checkpoints, runs the final eval and finishes with stopped=max_time. The LR schedule stays step-based (over train.max_steps)."
     seed: int = 0
     "Seed for init, data order, crops and masks."
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -220,6 +226,8 @@ class EvalConfig:
     "Tokens per eval micro-batch (results do not depend on it)."
     final_full: bool = True
     "Evaluate the whole valid split at the end of training."
+    final_test: bool = False
+    "Also evaluate the whole data.test_split at the end of training (same protocol), recorded as final_test in summary.json and metrics."
 
 
 @dataclass
@@ -236,6 +244,8 @@ class LoggingConfig:
     "Also log metrics to Weights & Biases (WANDB_MODE=offline works)."
     wandb_project: str = "plmrun"
     "W&B project name."
+    push_to_hub: Optional[str] = None
+    "Hub repo (user/name) the finished run is exported to and uploaded to, as `plmrun export --push-to-hub` (token from HF_TOKEN); a failed upload leaves the run finished."
 
 
 @dataclass
@@ -541,6 +551,13 @@ def validate(cfg: Config) -> Config:
     _check(warm + cool <= t.max_steps,
            f"optim: warmup ({warm:g} steps) + cooldown ({cool:g} steps) exceed train.max_steps ({t.max_steps})")
     _check(t.grad_accum >= 1, "train.grad_accum must be >= 1")
+    _check(t.global_batch_tokens >= 0, f"train.global_batch_tokens must be >= 0 (0 = off), got {t.global_batch_tokens}")
+    _check(not (t.global_batch_tokens and t.grad_accum != 1),
+           f"train.global_batch_tokens ({t.global_batch_tokens}) derives grad_accum from the world size; "
+           f"leave train.grad_accum at 1 (got {t.grad_accum})")
+    _check(t.global_batch_tokens % d.token_budget == 0,
+           f"train.global_batch_tokens ({t.global_batch_tokens}) must be a multiple of data.token_budget ({d.token_budget})")
+    _check(t.max_time >= 0, f"train.max_time must be >= 0 seconds (0 = no limit), got {t.max_time}")
     _check(t.eval_every >= 0 and t.log_every >= 1, "train.eval_every must be >= 0 and train.log_every >= 1")
     _check(t.checkpoint_every >= 0 and t.keep_latest_k >= 1, "train.checkpoint_every >= 0, train.keep_latest_k >= 1")
     _check(t.cost_per_hour >= 0, "train.cost_per_hour must be >= 0")
@@ -558,6 +575,9 @@ def validate(cfg: Config) -> Config:
     _check(limit is None or e.max_length <= limit,
            f"eval.max_length: {e.max_length} tokens exceed the model.arch={m.arch} position limit of {limit}")
     _check(e.subset >= 0, "eval.subset must be >= 0")
+    hub = cfg.logging.push_to_hub
+    _check(hub is None or (hub.count("/") == 1 and all(hub.split("/"))),
+           f"logging.push_to_hub must be a Hub repo id like user/name, got {hub!r}")
     return cfg
 
 

@@ -56,6 +56,12 @@ def test_explicit_cli_value_equal_to_default_still_wins_over_yaml(tmp_path):
     (["--optim.warmup=500", "--train.max_steps=100"], "exceed train.max_steps"),
     (["train.max_steps=3"], "unrecognised argument"),
     (["--train.max_steps"], "missing value"),
+    (["--train.global_batch_tokens=3000"], "train.global_batch_tokens (3000) must be a multiple of data.token_budget (2048)"),
+    (["--train.global_batch_tokens=4096", "--train.grad_accum=2"],
+     "train.global_batch_tokens (4096) derives grad_accum from the world size; leave train.grad_accum at 1 (got 2)"),
+    (["--train.max_time=-5"], "train.max_time must be >= 0 seconds (0 = no limit), got -5.0"),
+    (["--train.max_time=1h"], "train.max_time: expected a number"),
+    (["--logging.push_to_hub=model"], "logging.push_to_hub must be a Hub repo id like user/name, got 'model'"),
 ])
 def test_bad_values_give_one_clear_message(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

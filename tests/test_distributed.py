@@ -210,3 +210,21 @@ def test_loss_spike_policies(work, monkeypatch):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     with pytest.raises(TrainingError, match=r"step 2: loss spike .*\(train.loss_spike=abort\)"):
         train(cfg("--train.loss_spike=abort", "--logging.name=abort"))
+
+
+def test_global_batch_tokens_gives_the_same_run_on_any_world_size(work):
+    """train.global_batch_tokens=1024 (2 micro-batches of 512): 2 ranks × 1 and 1 rank × 2 are the same run,
+    bitwise, and equal to the explicit grad_accum=2 reference; a size the ranks cannot share is refused."""
+    from plmrun.config import ConfigError, build_config
+    from plmrun.train.trainer import grad_accum_for
+    _torchrun(["--train.global_batch_tokens=1024", "--logging.name=gbt2"], work)
+    _plmrun(["--train.global_batch_tokens=1024", "--logging.name=gbt1"], work)
+    runs = work / "runs"
+    _assert_identical(runs / "gbt1", runs / "gbt2")
+    _assert_identical(runs / "single", runs / "gbt2")
+    assert json.loads((runs / "gbt2" / "summary.json").read_text())["world_size"] == 2
+    cfg = build_config(None, [*TINY, "--train.global_batch_tokens=1536"])
+    assert [grad_accum_for(cfg, w) for w in (1, 3)] == [3, 1]
+    with pytest.raises(ConfigError, match=r"^train.global_batch_tokens \(1536\) is 3 micro-batches of "
+                                          r"data.token_budget \(512\), which 2 ranks cannot share evenly"):
+        grad_accum_for(cfg, 2)

@@ -252,3 +252,69 @@ def test_precision_auto_is_bf16_only_where_bf16_matmuls_are_native(monkeypatch):
         for explicit, dtype in (("fp32", None), ("bf16", torch.bfloat16)):  # explicit choices are kept
             assert P.resolve_precision(explicit, cpu) == explicit
             assert P.autocast_dtype(build_config(None, [f"--train.precision={explicit}"]), cpu) is dtype
+
+
+def test_max_time_stops_evaluates_checkpoints_and_tests(tmp_path, monkeypatch):
+    """train.max_time=3.5 on a clock that ticks 1 s per step: the run stops after step 4 of 6, evaluates
+    that step, checkpoints it, runs the final full-valid and test-split evals and says stopped=max_time."""
+    import itertools
+    from plmrun.train import trainer
+    ticks = itertools.count()
+    monkeypatch.setattr(trainer, "_clock", lambda: float(next(ticks)))
+    monkeypatch.setenv("PLMRUN_CACHE", str(tmp_path.parent / "plmrun-cache"))
+    cfg = build_config(None, [*TINY, "--train.max_time=3.5", "--eval.final_full=true", "--eval.final_test=true",
+                              f"--logging.run_root={tmp_path / 'runs'}", "--logging.name=timed"])
+    summary = trainer.train(cfg)
+    run = tmp_path / "runs" / "timed"
+    assert summary["stopped"] == "max_time" and summary["steps"] == 4
+    assert json.loads((run / "summary.json").read_text())["stopped"] == "max_time"
+    assert (run / "checkpoints" / "step_00000004").is_dir()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "eval" and not r.get("final")] == [3, 4]
+    test = [r for r in records if r.get("split") == "test"]
+    assert len(test) == 1 and test[0]["test_loss"] == summary["final_test"]["loss"]
+    assert summary["final_full_val"]["loss"] != summary["final_test"]["loss"] and summary["final_test"]["tokens"] > 0
+
+
+def test_final_test_needs_a_test_split(tmp_path):
+    proc = _plmrun(["train", *TINY, "--eval.final_test=true", "--data.test_split=holdout"], tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert "no 'holdout' split for eval.final_test (splits: test, train, valid)" in proc.stderr
+    assert not list((tmp_path / "runs").glob("*/metrics.jsonl"))  # refused before training
+
+
+def test_push_to_hub_at_the_end_of_training(tmp_path, monkeypatch):
+    """--push-to-hub: no token stops before a run directory exists; offline, the run still finishes (model,
+    checkpoint, summary) with one warning line; with the Hub's upload recorded, the exported folder is sent."""
+    proc = _plmrun(["train", *TINY, "--push-to-hub", "someone/model"], tmp_path, check=False,
+                   env_extra={"HF_TOKEN": "", "HUGGING_FACE_HUB_TOKEN": ""})
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: set HF_TOKEN in the environment to push to the Hub (it is never read from files or flags)")
+    assert not (tmp_path / "runs").exists()
+    secret = "hf_SECRETTOKEN1234567890"
+    proc = _plmrun(["train", *TINY, "--push-to-hub", "someone/model", "--logging.name=offline"], tmp_path,
+                   env_extra={"HF_TOKEN": secret, "HF_HUB_OFFLINE": "1"})
+    run = tmp_path / "runs" / "offline"
+    warning = [line for line in proc.stderr.splitlines() if "someone/model" in line]
+    assert len(warning) == 1 and warning[0].startswith("warning: upload to someone/model failed:")
+    assert secret not in proc.stdout + proc.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["hub"]["error"].startswith("upload to someone/model failed")
+    assert (run / "checkpoints" / "step_00000006").is_dir() and (run / "hf" / "model.safetensors").is_file()
+
+    import huggingface_hub
+    from plmrun.train.trainer import train
+    calls = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo, **kw: calls.append(("create", repo)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: calls.append(("upload", kw)))
+    monkeypatch.setenv("HF_TOKEN", secret)
+    monkeypatch.setenv("PLMRUN_CACHE", str(tmp_path.parent / "plmrun-cache"))
+    summary = train(build_config(None, [*TINY, "--logging.push_to_hub=someone/model", "--train.max_steps=1",
+                                        "--train.eval_every=1", f"--logging.run_root={tmp_path / 'runs'}",
+                                        "--logging.name=pushed"]))
+    hf = tmp_path / "runs" / "pushed" / "hf"
+    assert calls == [("create", "someone/model"), ("upload", {"folder_path": str(hf), "repo_id": "someone/model",
+                                                              "commit_message": "plmrun export"})]
+    assert (hf / "MANIFEST.json").is_file() and summary["hub"] == {"repo": "someone/model",
+                                                                   "url": "https://huggingface.co/someone/model"}
+    assert json.loads((tmp_path / "runs" / "pushed" / "summary.json").read_text())["hub"] == summary["hub"]

@@ -148,12 +148,18 @@ def export(source: str | Path, out: str | Path, *, overwrite: bool = False) -> P
     return out
 
 
-def push_to_hub(folder: Path, repo: str, *, private: bool = False) -> str:
-    """Upload `folder` to the Hub repo; the token comes from HF_TOKEN (never printed or logged)."""
-    from huggingface_hub import HfApi
+def hub_token() -> str:
+    """The Hub token from HF_TOKEN (never from files or flags), or a one-line ExportError."""
     token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
     if not token:
         raise ExportError("set HF_TOKEN in the environment to push to the Hub (it is never read from files or flags)")
+    return token
+
+
+def push_to_hub(folder: Path, repo: str, *, private: bool = False) -> str:
+    """Upload `folder` to the Hub repo; the token comes from HF_TOKEN (never printed or logged)."""
+    from huggingface_hub import HfApi
+    token = hub_token()
     api = HfApi(token=token)
     try:
         api.create_repo(repo, private=private, exist_ok=True)

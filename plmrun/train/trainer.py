@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from plmrun.config import Config, TrainConfig
+from plmrun.config import Config, ConfigError, TrainConfig
 from plmrun.errors import PlmrunError
 from plmrun.tokenizer import VOCAB_SIZE
 from plmrun.eval.mlm import evaluate
@@ -79,6 +79,41 @@ def build_train_loader(cfg: Config, env: DistEnv, train_src):
                        prefetch=cfg.data.prefetch, num_workers=cfg.data.num_workers,
                        pin_memory=env.device.type == "cuda", device=env.device,
                        max_length_schedule=cfg.data.max_length_schedule)
+
+
+def grad_accum_for(cfg: Config, world_size: int) -> int:
+    """train.grad_accum on this world size: derived from train.global_batch_tokens when set, so one YAML
+    gives the same global batches on 1, 4 or 8 ranks (validate() already checked token_budget divides it)."""
+    t, budget = cfg.train, cfg.data.token_budget
+    if not t.global_batch_tokens:
+        return t.grad_accum
+    micro = t.global_batch_tokens // budget
+    if micro % world_size:
+        raise ConfigError(f"train.global_batch_tokens ({t.global_batch_tokens}) is {micro} micro-batches of "
+                          f"data.token_budget ({budget}), which {world_size} ranks cannot share evenly; use a "
+                          f"multiple of {budget * world_size} tokens or another world size")
+    return micro // world_size
+
+
+def open_test_split(cfg: Config, path):
+    """The data.test_split of a prepared dataset for eval.final_test, checked before training starts."""
+    from plmrun.data.errors import DataError
+    from plmrun.data.shards import dataset_splits, open_dataset
+    splits = dataset_splits(path)
+    if cfg.data.test_split not in splits:
+        raise DataError(f"{path}: no '{cfg.data.test_split}' split for eval.final_test (splits: "
+                        f"{', '.join(splits) or 'none'}); set data.test_split to one of them or eval.final_test=false")
+    return open_dataset(path, cfg.data.test_split)
+
+
+# Clock of train.max_time (a module attribute so tests can drive it deterministically).
+_clock = time.perf_counter
+
+
+def _out_of_time(run: "_Run", budget_start: float) -> bool:
+    """train.max_time spent on any rank (all ranks agree, so they stop at the same step)."""
+    spent = float(_clock() - budget_start >= run.cfg.train.max_time)
+    return float(all_reduce_sum(torch.tensor([spent]))) > 0
 
 
 # ------------------------------------------------------------------ signals and faults
@@ -216,6 +251,7 @@ class _Run:
     progress: object = None
     wall_start: float = 0.0
     unigram: Optional[torch.Tensor] = None   # log p [V] of the training split's residues (eval's unigram baseline)
+    test_src: object = None
 
     @property
     def ckpt_root(self) -> Path:
@@ -274,6 +310,8 @@ def _loop(run: _Run, stop: _StopFlag) -> str:
                             dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
     stopped_reason = "max_steps"
     run.wall_start = time.perf_counter() - state["train_time_s"] - state["eval_time_s"]
+    # train.max_time counts training and eval time of every attempt (it is in the checkpointed state)
+    budget_start = _clock() - state["train_time_s"] - state["eval_time_s"]
     interval = {"t": 0.0, "tokens": 0, "flops": 0.0}
     for step in range(start_step, cfg.train.max_steps):
         r = _train_step(run, step)
@@ -292,6 +330,9 @@ def _loop(run: _Run, stop: _StopFlag) -> str:
         _fault_injection(step + 1, run.env.rank, run.model)
 
         done = step + 1 == cfg.train.max_steps
+        if cfg.train.max_time and not done and _out_of_time(run, budget_start):
+            stopped_reason = "max_time"
+            done = True  # evaluated and checkpointed like the last step
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 or done:
             if _eval_and_report(run, step + 1, r["loss"]):
                 stopped_reason = "stop_at_val_loss"
@@ -314,6 +355,10 @@ def _setup(cfg: Config, resume: Optional[str], init_from_hf: Optional[str], laun
     if env.device.type == "cpu":
         torch.set_num_threads(threads)
     torch.manual_seed(cfg.train.seed)
+    accum = grad_accum_for(cfg, env.world_size)  # both refused before a run directory exists
+    if cfg.logging.push_to_hub:
+        from plmrun.eval.export import hub_token
+        hub_token()  # no token: stop now, not after training
 
     # run directory and checkpoint: rank 0 decides, everyone agrees
     def decide():  # the lock stays in `held`, out of the broadcast
@@ -324,9 +369,13 @@ def _setup(cfg: Config, resume: Optional[str], init_from_hf: Optional[str], laun
     if note and env.is_main:
         print(note, flush=True)
     name = run_dir.name
+    if accum != cfg.train.grad_accum:  # derived after the run directory saved the config as written
+        cfg = copy.deepcopy(cfg)
+        cfg.train.grad_accum = accum
 
     data_path, train_src, valid_src = open_training_data(cfg, env)
     unigram = _unigram_baseline(run_dir, train_src, data_path, cfg, env)
+    test_src = open_test_split(cfg, data_path) if cfg.eval.final_test else None
     if latest is not None:
         accum = resume_grad_accum(ckpt.read_train_state(latest), env.world_size, cfg.train.grad_accum, latest,
                                   verbose=env.is_main)
@@ -388,7 +437,7 @@ def _setup(cfg: Config, resume: Optional[str], init_from_hf: Optional[str], laun
               + (f"  resumed at step {state['step']}" if latest is not None else ""), flush=True)
     return _Run(cfg=cfg, env=env, name=name, run_dir=run_dir, model=model, optimizers=optimizers, loader=loader,
                 valid_src=valid_src, amp_dtype=amp_dtype, peak=peak, n_params=n_params, n_dense=n_dense, state=state,
-                log=log, launch=launch, unigram=unigram)
+                log=log, launch=launch, unigram=unigram, test_src=test_src)
 
 
 def _unigram_baseline(run_dir: Path, train_src, data_path, cfg: Config, env: DistEnv) -> torch.Tensor:
@@ -507,17 +556,44 @@ def _finish(run: _Run, stopped_reason: str, signum: Optional[int]) -> dict:
                                      unigram=run.unigram)
             run.log.write({"kind": "eval", "final": True, "step": state["step"], "tokens": state["tokens"],
                            "train_time_s": round(state["train_time_s"], 3), **_val_record(final_full)})
+        final_test = None
+        if cfg.eval.final_test:
+            final_test = _timed_eval(run.model, run.test_src, cfg, env, amp_dtype=None, subset=0, state=state,
+                                     unigram=run.unigram)
+            run.log.write({"kind": "eval", "final": True, "split": cfg.data.test_split, "step": state["step"],
+                           "tokens": state["tokens"], "train_time_s": round(state["train_time_s"], 3),
+                           **{("test_" + k if k != "tokens" else "test_targets"): v for k, v in final_test.items()}})
         _save_final_model(run.run_dir, run.model, cfg, env)
         if env.is_main:
             summary = _summary(cfg, run.name, run.run_dir, state, run.n_params, run.n_dense, run.peak, env, final_full,
                                stopped_reason, run.launch, read_metrics(run.run_dir), run.precision)
+            if cfg.eval.final_test:
+                summary["final_test"] = final_test
             write_json_atomic(run.run_dir / "summary.json", summary)
             plot_curves(run.run_dir)
             _print_summary(summary)
+            if cfg.logging.push_to_hub:
+                summary["hub"] = _push_run(run)
+                write_json_atomic(run.run_dir / "summary.json", summary)
     run.log.close()
     if env.world_size > 1:
         torch.distributed.barrier()
     return summary or {"stopped": stopped_reason, "run_dir": str(run.run_dir), "step": state["step"]}
+
+
+def _push_run(run: _Run) -> dict:
+    """logging.push_to_hub: the `plmrun export --push-to-hub` path on the finished run. A failed upload is one
+    line; the run stays finished (model, checkpoint, summary) and can be uploaded later by hand."""
+    from plmrun.eval.export import ExportError, export, push_to_hub
+    repo = run.cfg.logging.push_to_hub
+    try:
+        url = push_to_hub(export(run.run_dir, run.run_dir / "hf", overwrite=True), repo)
+    except ExportError as e:
+        run.say(f"warning: {e}; the run is finished, upload it later with `plmrun export {run.run_dir} --out "
+                f"{run.run_dir / 'hf'} --overwrite --push-to-hub {repo}`", err=True)
+        return {"repo": repo, "error": str(e)}
+    run.say(f"uploaded to {url}")
+    return {"repo": repo, "url": url}
 
 
 def forward_backward(model, micro: list, *, global_norm: float, world_size: int, device: torch.device,
