@@ -87,6 +87,9 @@ def build_task_model(cfg: FinetuneConfig, data: FinetuneData, device) -> tuple[n
     check_position_limit(data, cfg, loaded.config.arch)
     torch.manual_seed(cfg.seed)
     model = TaskModel(loaded.net, data.num_outputs, data.per_residue).to(device)
+    for name, p in model.net.named_parameters():   # the MLM head gets no gradient from the task: frozen
+        if name.startswith(model.net.head_prefixes):
+            p.requires_grad_(False)
     if cfg.method == "full":
         return model, loaded
     try:
