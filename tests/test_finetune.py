@@ -77,6 +77,8 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, cap
     assert _ft(tmp_path, model, *flags, root="b") == 143
     assert "rerun the same command to continue" in capsys.readouterr().err
     monkeypatch.delenv("PLMRUN_FAULT")
+    assert _ft(tmp_path, model, *flags, "--lr", "0.5", root="b") == 2   # another config: refused, not mixed
+    assert "solubility-full: exists with a different config; rerun with that config" in capsys.readouterr().err
     assert _ft(tmp_path, model, *flags, root="b") == 0
     assert "continuing" in capsys.readouterr().err
     a, b = tmp_path / "a" / "solubility-full", tmp_path / "b" / "solubility-full"
