@@ -122,6 +122,11 @@ def test_regression_on_a_table(tmp_path, capsys):
     ("missing column", ["--task", "TABLE", "--label-column", "y"],
      "no column 'y' (columns: sequence, label, split); set --label-column to the right one"),
     ("empty split", ["--task", "NOTEST"], "the test split is empty: no row has 'test' in column 'split'"),
+    ("residue labels", ["--task", "TABLE", "--kind", "residue_classification"],
+     ": 1 residue labels for a sequence of 1"),
+    ("too long whole", ["--task", "TABLE", "--max-length", "0", "--token-budget", "16"],
+     "residues does not fit token_budget 16 whole (max_length 0); raise --token-budget or set --max-length"),
+    ("lora targets", ["--lora-targets", "[q, qkv]"], "lora_targets ['qkv'] are not linear layers of"),
     ("unknown key", ["--max-stepz", "3"], "flag: unknown finetune key 'max_stepz'"),
     ("bad value", ["--patience", "-1"], "finetune: patience -1: must be >= 0 (0 = never stop early)"),
     ("bad type", ["--method", "lowrank"], "flag: method: 'lowrank' is not one of 'lora', 'full'"),
@@ -136,6 +141,32 @@ def test_bad_input_is_one_line(tmp_path, capsys, case, flags, message):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "runs").exists()   # refused before anything was written
+
+
+def test_residue_classification_on_a_table(tmp_path, capsys):
+    model = _model(tmp_path)
+    rows = [r.split(",") for r in _rows()]
+    table = _table(tmp_path, [f"{q},{''.join('HEC'[(k + j) % 3] for j in range(len(q)))},{sp}"
+                              for k, (q, _, sp) in enumerate(rows)])
+    assert _ft(tmp_path, model, "--task", table, "--kind", "residue_classification", "--method", "full",
+               "--max-steps", "2", "--eval-every", "2") == 0
+    out = capsys.readouterr().out
+    assert "fine-tuned full  accuracy" in out and "t                    model - frozen probe" in out
+
+
+def test_config_file_keys_are_checked(tmp_path, capsys):
+    model = _model(tmp_path)
+    (tmp_path / "ft.yaml").write_text("method: full\nmax_step: 3\n")
+    assert main(["finetune", model, "--config", str(tmp_path / "ft.yaml")]) == 2
+    assert f"error: {tmp_path / 'ft.yaml'}: unknown finetune key 'max_step'" in capsys.readouterr().err
+
+
+def test_lora_without_peft_is_one_line(tmp_path, monkeypatch, capsys):
+    import sys
+    monkeypatch.setitem(sys.modules, "peft", None)   # as if peft were not installed
+    assert _ft(tmp_path, _model(tmp_path)) == 2
+    assert ("error: finetune: method lora needs peft (pip install 'plmrun[finetune]'), or use --method full"
+            in capsys.readouterr().err)
 
 
 def test_esm2_position_limit(tmp_path, capsys):

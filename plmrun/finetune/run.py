@@ -92,16 +92,16 @@ def build_task_model(cfg: FinetuneConfig, data: FinetuneData, device) -> tuple[n
             p.requires_grad_(False)
     if cfg.method == "full":
         return model, loaded
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise FinetuneError("finetune: method lora needs peft (pip install 'plmrun[finetune]'), or use "
-                            "--method full") from None
     names = {n.rsplit(".", 1)[-1] for n, m in model.net.named_modules() if isinstance(m, nn.Linear)}
     missing = [t for t in cfg.lora_targets if t not in names]
     if missing:
         raise FinetuneError(f"finetune: lora_targets {missing} are not linear layers of {cfg.model} "
                             f"(its linear layers: {', '.join(sorted(names))})")
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise FinetuneError("finetune: method lora needs peft (pip install 'plmrun[finetune]'), or use "
+                            "--method full") from None
     pattern = r"net\..*\.(" + "|".join(cfg.lora_targets) + r")$"
     peft_model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                                                   target_modules=pattern))
