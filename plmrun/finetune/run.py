@@ -19,7 +19,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +34,14 @@ from plmrun.data.packing import PackingPlan, length_batches, pack, pack_tokens
 from plmrun.eval.inference import DEFAULT_MAX_LENGTH, EvalModel, load_eval_model, windows
 from plmrun.eval.probe import TASKS, Task, fit_and_score, format_table, model_features, paired_difference, score_row
 from plmrun.optim.build import Optimizers
-from plmrun.train.rundir import RunDirError, RunLock, write_json_atomic
+from plmrun.errors import PlmrunError
+from plmrun.train.rundir import RunLock, write_json_atomic
 
 from .config import FinetuneConfig, to_dict
 from .data import FinetuneData, check_position_limit, load_data
 
 
-class FinetuneError(RunDirError):
+class FinetuneError(PlmrunError, RuntimeError):
     """A fine-tuning run that cannot proceed as asked (the message says what to do)."""
 
 
@@ -400,7 +401,8 @@ def add_finetune_command(subparsers) -> None:
         "finetune", help="LoRA or full fine-tuning on a labelled table, reported beside the frozen probe",
         description="Fine-tune MODEL on a bundled probe task (" + ", ".join(TASKS) + ") or a CSV/TSV table. "
                     "Settings: --config FILE (YAML) and --key value flags (e.g. --method full --max-steps 100); "
-                    "see plmrun/finetune/config.py for every key. Rerunning the same command continues its run. "
+                    "keys: " + ", ".join(f.name.replace("_", "-") for f in fields(FinetuneConfig)) +
+                    " (each explained in plmrun/finetune/config.py). Rerunning the same command continues its run. "
                     "Exit status: 0 finished, 2 error, 143/130 stopped by SIGTERM/SIGINT with a checkpoint saved.")
     p.add_argument("model", nargs="?", help="run directory, checkpoint, model folder, HF folder or Hub name")
     p.add_argument("--config", help="YAML file of finetune keys")
