@@ -49,7 +49,7 @@ class FinetuneConfig:
     "Steps between validation passes (each also saves a checkpoint)."
     patience: int = 4
     "Stop after this many validation passes without improvement (0 = never stop early)."
-    token_budget: int = 4096
+    token_budget: int = 2048
     "Tokens per packed training batch."
     max_length: int = 512
     "Training crop in tokens incl. <cls>/<eos> (random windows; evaluation averages over windows); 0 = whole sequences."

@@ -374,8 +374,8 @@ def _finish(cfg, data, model, loaded, run, width, norm, state, device, log) -> d
         sizes = [len(y) for y in data.test.labels] if data.per_residue else None
         minus["frozen probe"] = paired_difference(right, fit.correct, sizes)
     report = {"model": cfg.model, "head": "logistic", "layer": -1, "seeds": list(range(cfg.probe_seeds)),
-              "max_length": width, "note": f"fine-tuned {state['best_step']} steps (best validation "
-                                           f"{metric_name(data)} {state['best_metric']:.4f}); run {run}",
+              "max_length": width, "note": f"fine-tuned {state['step']} steps, weights of step {state['best_step']} (best "
+                                           f"validation {metric_name(data)} {state['best_metric']:.4f}); run {run}",
               "tasks": {data.name: {"metric": metric_name(data), "classes": len(data.classes),
                                     "n_train": len(data.train.seqs), "n_test": len(data.test.seqs),
                                     "n_test_residues": int(sum(len(s) for s in data.test.seqs)),
