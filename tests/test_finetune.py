@@ -127,9 +127,9 @@ def test_regression_on_a_table(tmp_path, capsys):
     ("too long whole", ["--task", "TABLE", "--max-length", "0", "--token-budget", "16"],
      "residues does not fit token_budget 16 whole (max_length 0); raise --token-budget or set --max-length"),
     ("lora targets", ["--lora-targets", "[q, qkv]"], "lora_targets ['qkv'] are not linear layers of"),
-    ("unknown key", ["--max-stepz", "3"], "flag: unknown finetune key 'max_stepz'"),
+    ("unknown key", ["--max-stepz", "3"], "command line: unknown finetune key 'max_stepz'"),
     ("bad value", ["--patience", "-1"], "finetune: patience -1: must be >= 0 (0 = never stop early)"),
-    ("bad type", ["--method", "lowrank"], "flag: method: 'lowrank' is not one of 'lora', 'full'"),
+    ("bad type", ["--method", "lowrank"], "command line: method: 'lowrank' is not one of 'lora', 'full'"),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, case, flags, message):
     model = _model(tmp_path)

@@ -118,7 +118,7 @@ def build(model: Optional[str], config_file: Optional[str], flags: list[str]) ->
         if not isinstance(data, dict):
             raise ConfigError(f"{config_file}: expected a mapping of finetune keys")
         apply(cfg, data, config_file)
-    apply(cfg, parse_flags(flags), "flag")
+    apply(cfg, parse_flags(flags), "command line")
     if model:
         cfg.model = model
     return validate(cfg)
