@@ -38,6 +38,7 @@ class FinetuneData:
     valid: Split
     test: Split
     where: str            # the file (or bundled task) for messages
+    bundled: bool = False  # one of probe's TASKS (not a user table that happens to share its name)
 
     @property
     def per_residue(self) -> bool:
@@ -70,7 +71,7 @@ def _bundled(cfg: FinetuneConfig) -> FinetuneData:
     d = load_task(replace(task, max_train=cfg.max_train + cfg.max_valid, max_test=cfg.max_test))
     train, valid = _carve_valid(d.train_seqs, d.train_labels, cfg.max_valid, cfg.max_train)
     data = FinetuneData(cfg.task, kind, list(range(d.classes)), train, valid, Split(d.test_seqs, d.test_labels),
-                        f"bundled task {cfg.task}")
+                        f"bundled task {cfg.task}", bundled=True)
     _check_lengths(data, cfg)
     return data
 

@@ -193,8 +193,9 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def metric_name(data: FinetuneData) -> str:
-    return "spearman" if data.kind == "regression" else "Q3 accuracy" if data.name == "secondary_structure" \
-        else "accuracy"
+    if data.kind == "regression":
+        return "spearman"
+    return "Q3 accuracy" if data.bundled and data.name == "secondary_structure" else "accuracy"
 
 
 # ------------------------------------------------------------------ run directory
@@ -364,7 +365,7 @@ def _finish(cfg, data, model, loaded, run, width, norm, state, device, log) -> d
     t0 = time.perf_counter()
     if cfg.probe_seeds and data.kind != "regression":
         frozen = load_eval_model(cfg.model, device=device, max_length=width)
-        task = replace(TASKS[data.name], max_train=cfg.max_train, max_test=cfg.max_test) if data.name in TASKS \
+        task = replace(TASKS[data.name], max_train=cfg.max_train, max_test=cfg.max_test) if data.bundled \
             else Task(data.name, data.per_residue, cfg.max_train, cfg.max_test, 20000 if data.per_residue else 0)
         budget = max(cfg.token_budget, width)
         feats = [model_features(frozen, s, data.per_residue, budget) for s in (data.train.seqs, data.test.seqs)]
