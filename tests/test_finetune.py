@@ -69,19 +69,23 @@ def test_lora_merges_into_the_exported_model(tmp_path, capsys):
     assert changed and all(k.rsplit(".", 2)[-2] in ("q", "k", "v", "o") for k in changed)
 
 
-def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, capsys, method):
+    if method == "lora":
+        pytest.importorskip("peft")
     model = _model(tmp_path)
-    flags = ("--method", "full", "--max-steps", "7", "--eval-every", "2", "--patience", "0", "--probe-seeds", "0")
+    flags = ("--method", method, "--lr", "0.01", "--max-steps", "7", "--eval-every", "2", "--patience", "0",
+             "--probe-seeds", "0")
     assert _ft(tmp_path, model, *flags, root="a") == 0
     monkeypatch.setenv("PLMRUN_FAULT", "term@3")
     assert _ft(tmp_path, model, *flags, root="b") == 143
     assert "rerun the same command to continue" in capsys.readouterr().err
     monkeypatch.delenv("PLMRUN_FAULT")
     assert _ft(tmp_path, model, *flags, "--lr", "0.5", root="b") == 2   # another config: refused, not mixed
-    assert "solubility-full: exists with a different config; rerun with that config" in capsys.readouterr().err
+    assert f"solubility-{method}: exists with a different config; rerun with that config" in capsys.readouterr().err
     assert _ft(tmp_path, model, *flags, root="b") == 0
-    assert "continuing" in capsys.readouterr().err
-    a, b = tmp_path / "a" / "solubility-full", tmp_path / "b" / "solubility-full"
+    assert f"solubility-{method} from step 3" in capsys.readouterr().err   # the checkpoint saved on SIGTERM
+    a, b = tmp_path / "a" / f"solubility-{method}", tmp_path / "b" / f"solubility-{method}"
     for f in ("model/model.safetensors", "task_head.safetensors", "metrics.jsonl"):
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
 
