@@ -93,7 +93,8 @@ def parse_flags(args: list[str]) -> dict:
     while i < len(args):
         a = args[i]
         if not a.startswith("--") or a == "--":
-            raise ConfigError(f"finetune: unexpected argument {a!r}; options are --key value (see `plmrun finetune -h`)")
+            raise ConfigError(f"finetune: unexpected argument {a!r}; options are --key value "
+                              "(see `plmrun finetune -h`)")
         key, eq, value = a[2:].partition("=")
         if not eq:
             if i + 1 >= len(args):

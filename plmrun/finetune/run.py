@@ -19,7 +19,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +31,8 @@ from plmrun import checkpoint as ckpt
 from plmrun import tokenizer as tok
 from plmrun.config import OptimConfig
 from plmrun.data.packing import PackingPlan, length_batches, pack, pack_tokens
-from plmrun.eval.inference import DEFAULT_MAX_LENGTH, EvalModel, load_eval_model, windows
-from plmrun.eval.probe import TASKS, Task, fit_and_score, format_table, model_features, paired_difference, score_row
+from plmrun.eval.inference import EvalModel, load_eval_model, windows
+from plmrun.eval.probe import TASKS, Task, fit_and_score, model_features, paired_difference, score_row
 from plmrun.optim.build import Optimizers
 from plmrun.errors import PlmrunError
 from plmrun.train.rundir import RunLock, write_json_atomic
@@ -146,7 +146,8 @@ def predict(model: nn.Module, seqs: list[str], per_residue: bool, width: int, to
         tokens, positions, cu, max_seqlen = pack_tokens([arrays[j] for j in batch], device)
         bounds = cu.tolist()
         rows, seg = residue_rows(bounds, len(batch))
-        out = model(tokens, positions, cu, max_seqlen, rows.to(device), seg.to(device), len(batch)).double().cpu().numpy()
+        out = model(tokens, positions, cu, max_seqlen, rows.to(device), seg.to(device), len(batch))
+        out = out.double().cpu().numpy()
         offset = 0
         for k, j in enumerate(batch):
             i, start = pieces[j]
@@ -375,8 +376,9 @@ def _finish(cfg, data, model, loaded, run, width, norm, state, device, log) -> d
         sizes = [len(y) for y in data.test.labels] if data.per_residue else None
         minus["frozen probe"] = paired_difference(right, fit.correct, sizes)
     report = {"model": cfg.model, "head": "logistic", "layer": -1, "seeds": list(range(cfg.probe_seeds)),
-              "max_length": width, "note": f"fine-tuned {state['step']} steps, weights of step {state['best_step']} (best "
-                                           f"validation {metric_name(data)} {state['best_metric']:.4f}); run {run}",
+              "max_length": width,
+              "note": f"fine-tuned {state['step']} steps, weights of step {state['best_step']} (best validation "
+                      f"{metric_name(data)} {state['best_metric']:.4f}); run {run}",
               "tasks": {data.name: {"metric": metric_name(data), "classes": len(data.classes),
                                     "n_train": len(data.train.seqs), "n_test": len(data.test.seqs),
                                     "n_test_residues": int(sum(len(s) for s in data.test.seqs)),
@@ -394,32 +396,3 @@ def _finish(cfg, data, model, loaded, run, width, norm, state, device, log) -> d
     shutil.rmtree(run / "checkpoints", ignore_errors=True)
     write_json_atomic(run / "summary.json", {**report, "steps": state["step"], "best_step": state["best_step"]})
     return {**report, "exit_code": 0, "run": str(run)}
-
-
-# ------------------------------------------------------------------ CLI
-def add_finetune_command(subparsers) -> None:
-    p = subparsers.add_parser(
-        "finetune", help="LoRA or full fine-tuning on a labelled table, reported beside the frozen probe",
-        description="Fine-tune MODEL on a bundled probe task (" + ", ".join(TASKS) + ") or a CSV/TSV table. "
-                    "Settings: --config FILE (YAML) and --key value flags (e.g. --method full --max-steps 100); "
-                    "keys: " + ", ".join(f.name.replace("_", "-") for f in fields(FinetuneConfig)) +
-                    " (each explained in plmrun/finetune/config.py). Rerunning the same command continues its run. "
-                    "Exit status: 0 finished, 2 error, 143/130 stopped by SIGTERM/SIGINT with a checkpoint saved.")
-    p.add_argument("model", nargs="?", help="run directory, checkpoint, model folder, HF folder or Hub name")
-    p.add_argument("--config", help="YAML file of finetune keys")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--out", help="also write the report as JSON here")
-    p.set_defaults(func=_run, takes_overrides=True)
-
-
-def _run(args, overrides) -> int:
-    from plmrun.device import resolve_device
-    from .config import build
-    cfg = build(args.model, args.config, overrides)
-    result = finetune(cfg, device=resolve_device(args.device))
-    if result["exit_code"]:
-        return result["exit_code"]
-    print(format_table(result))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
-    return 0
