@@ -206,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     from plmrun.eval.report import add_report_command
     for add in (add_export_command, add_embed_command, add_probe_command, add_zeroshot_command, add_report_command):
         add(sub)
+    from plmrun.finetune.command import add_finetune_command
+    add_finetune_command(sub)
     from plmrun.experiments.record import add_record_command
     add_record_command(sub)
     _add_config(sub)

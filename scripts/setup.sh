@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install plmrun and what it needs. CPU torch first (pinned, so pip never pulls a multi-GB CUDA build),
-# then the package; --dev adds test dependencies and mmseqs2 (homology-aware splits).
+# then the package; --dev adds test dependencies (peft included: plmrun finetune --method lora) and mmseqs2
+# (homology-aware splits).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -1,0 +1,40 @@
+"""`plmrun finetune`'s parser, kept apart from the training code so building the CLI imports none of it."""
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+
+from plmrun.eval.probe import TASKS
+
+from .config import FinetuneConfig
+
+
+def add_finetune_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "finetune", help="LoRA or full fine-tuning on a labelled table, reported beside the frozen probe",
+        description="Fine-tune MODEL on a bundled probe task (" + ", ".join(TASKS) + ") or a CSV/TSV table. "
+                    "Settings: --config FILE (YAML) and --key value flags (e.g. --method full --max-steps 100); "
+                    "keys: " + ", ".join(f.name.replace("_", "-") for f in fields(FinetuneConfig)) +
+                    " (each explained in plmrun/finetune/config.py). Rerunning the same command continues its run. "
+                    "Exit status: 0 finished, 2 error, 143/130 stopped by SIGTERM/SIGINT with a checkpoint saved.")
+    p.add_argument("model", nargs="?", help="run directory, checkpoint, model folder, HF folder or Hub name")
+    p.add_argument("--config", help="YAML file of finetune keys")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--out", help="also write the report as JSON here")
+    p.set_defaults(func=_run, takes_overrides=True)
+
+
+def _run(args, overrides) -> int:
+    from plmrun.device import resolve_device
+    from plmrun.eval.probe import format_table
+    from .config import build
+    from .run import finetune
+    cfg = build(args.model, args.config, overrides)
+    result = finetune(cfg, device=resolve_device(args.device))
+    if result["exit_code"]:
+        return result["exit_code"]
+    print(format_table(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
