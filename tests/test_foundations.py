@@ -21,8 +21,9 @@ def test_every_typed_error_is_a_plmrun_error():
     from plmrun.experiments.record import RecordError
     from plmrun.train.rundir import RunDirError
     from plmrun.train.trainer import TrainingError
+    from plmrun.finetune.run import FinetuneError
     for cls in (ConfigError, DataError, EvalError, ExportError, ModelLoadError, InvalidSequenceError, RecordError,
-                RunDirError, TrainingError, DeviceError, ManifestError):
+                RunDirError, TrainingError, DeviceError, ManifestError, FinetuneError):
         assert issubclass(cls, PlmrunError), cls
 
 
