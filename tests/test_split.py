@@ -71,9 +71,36 @@ def test_split_bad_input(tmp_path, result):
         split(d / "in.fa", d / "out")
     with pytest.raises(DataError, match="must be >= 0 and sum to less than 1"):
         split(d / "in.fa", tmp_path / "o", valid_frac=0.6, test_frac=0.5)
+    with pytest.raises(DataError, match="--cluster-mode 'fast': must be one of auto, cluster, linclust"):
+        split(d / "in.fa", tmp_path / "o", cluster_mode="fast")
+    with pytest.raises(DataError, match="--leak-sensitivity 0.5: must be in"):
+        split(d / "in.fa", tmp_path / "o", leak_sensitivity=0.5)
     with pytest.raises(DataError, match="mmseqs2 not found"):
         split(d / "in.fa", tmp_path / "o", mmseqs="mmseqs-not-installed")
     (tmp_path / "e.fa").write_text("")
     with pytest.raises(DataError, match="e.fa: empty file"):
         split(tmp_path / "e.fa", tmp_path / "o")
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o*"))
+
+
+def test_linclust_above_the_threshold_keeps_the_guarantees(result, tmp_path, monkeypatch):
+    """auto switches to easy-linclust above LINCLUST_ABOVE unique sequences; the leakage search
+    still runs, so no parent/fragment pair straddles train and held-out data."""
+    import plmrun.data.split as split_mod
+    d, first, _ = result
+    assert first["cluster"]["tool"] == "mmseqs easy-cluster"          # 80 unique: below the threshold
+    assert set(first["seconds"]) == {"read", "cluster", "leakage_search", "total"}
+    monkeypatch.setattr(split_mod, "LINCLUST_ABOVE", 50)
+    report = split(d / "in.fa", tmp_path / "o", valid_frac=0.25, test_frac=0.25, threads=2)
+    assert report["cluster"]["tool"] == "mmseqs easy-linclust" and report["cluster"]["mode"] == "auto"
+    out = {s: {n.split()[0] for n, _, _ in read_records(tmp_path / "o" / f"{s}.fasta")}
+           for s in ("train", "valid", "test")}
+    held_out = out["valid"] | out["test"]
+    for i in range(40):
+        pair = {f"P{i}", f"F{i}"}
+        assert not (pair & out["train"] and pair & held_out), pair
+    dropped = {r["name"].split()[0] for r in report["dropped"]}
+    assert set().union(*out.values()) | dropped == {f"{k}{i}" for k in "PF" for i in range(40)}
+    forced = split(d / "in.fa", tmp_path / "o2", valid_frac=0.25, test_frac=0.25, threads=2,
+                   cluster_mode="cluster")
+    assert forced["cluster"]["tool"] == "mmseqs easy-cluster"

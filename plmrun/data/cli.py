@@ -54,6 +54,13 @@ def add_data_commands(sub) -> None:
                    help="... covering at least this fraction of the valid/test sequence")
     p.add_argument("--seed", type=int, default=0, help="cluster assignment seed")
     p.add_argument("--invalid", choices=["error", "skip", "x"], default="error")
+    p.add_argument("--cluster-mode", choices=["auto", "cluster", "linclust"], default="auto",
+                   help="mmseqs easy-cluster, or easy-linclust (linear time, less sensitive at low "
+                   "identity; the leakage search runs either way); auto: linclust above 200,000 "
+                   "unique sequences")
+    p.add_argument("--leak-sensitivity", type=float, default=5.7,
+                   help="mmseqs -s of the leakage search (5.7; 2 is ~3x faster on redundant data and "
+                   "found 99.5%% of the leaks in benchmarks/split_scaling.py)")
     p.add_argument("--threads", type=int, default=None, help="mmseqs threads (default: all)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_split)
@@ -117,7 +124,11 @@ def cmd_split(args) -> int:
                    min_seq_id=args.min_seq_id, coverage=args.coverage,
                    leak_identity=args.leak_identity, leak_coverage=args.leak_coverage,
                    seed=args.seed, invalid=args.invalid, threads=args.threads,
-                   overwrite=args.overwrite)
+                   overwrite=args.overwrite, cluster_mode=args.cluster_mode,
+                   leak_sensitivity=args.leak_sensitivity)
+    t = report["seconds"]
+    print(f"{report['cluster']['tool']}: {t['cluster']:.0f} s, leakage search: "
+          f"{t['leakage_search']:.0f} s, total {t['total']:.0f} s")
     for s, c in report["splits"].items():
         print(f"{s}: {c['kept']:,} sequences ({c['assigned'] - c['kept']} dropped as leaks)")
     print(f"wrote {args.out}/{{train,valid,test}}.fasta and leakage_report.txt; next: "
