@@ -2,10 +2,12 @@
 (speedrun architecture, Muon + Adam) and the ESM-2 recipe at the same shape (esm2 preset, AdamW),
 on the same packed batches; then the step's operator time by kind (matrix multiplies, attention
 kernels, everything else) from torch.profiler; then Muon's Newton–Schulz alone at several
-iteration counts.
+iteration counts. With --variants, instead: Muon Newton–Schulz variants side by side (see
+profile_variants and ns_errors).
 
     python benchmarks/step_profile.py [--config default] [--set section.key=value ...] [--steps 12]
         [--ns-steps 5 4 3] [--threads 0] [--precision auto|fp32|bf16]
+        [--variants quintic:5 polar_express:4 polar_express:3 quintic:5:bf16 ...]
 
 --config works as in throughput.py ('default': the default run's model; none: the ESM-2 8M shape).
 --precision is the training precision (auto: what the trainer picks on this device, i.e. bf16 where
@@ -34,6 +36,7 @@ from throughput import RESULTS, plmrun_config, recipe_at_shape  # noqa: E402
 
 WARMUP = 2
 PROFILED_STEPS = 3
+ERROR_STEP = 3
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 
 
@@ -100,6 +103,130 @@ def profile_newton_schulz(cfg, ns_steps: list[int], dtype: torch.dtype, repeats:
     return {"matrices": len(grads), "seconds": {str(n): statistics.median(t) for n, t in times.items()}}
 
 
+def parse_variant(text: str) -> tuple[str, int, str]:
+    """'coefficients:steps[:fp32|bf16]' -> (coefficients, steps, Newton–Schulz dtype name or '' = the run's)."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not parts[1].isdigit() or (len(parts) == 3 and parts[2] not in ("fp32", "bf16")):
+        raise ValueError(f"--variants {text!r}: expected coefficients:steps[:fp32|bf16], e.g. polar_express:4")
+    return parts[0], int(parts[1]), parts[2] if len(parts) == 3 else ""
+
+
+def profile_variants(cfg, variants: list[str], steps: int, amp_dtype: torch.dtype | None) -> dict:
+    """Whole training steps per Newton–Schulz variant, interleaved: one model + optimizer per variant
+    (same seed), every step's batch run by each variant in turn, so a busy shared machine slows all of
+    them alike. Medians of forward + backward and of clipping + optimizer step; NS dtype: the variant's,
+    else what the trainer picks (bf16 only where bf16 matmuls are native)."""
+    import dataclasses
+    from plmrun.model.registry import build_model
+    from plmrun.optim.build import build_optimizer
+    from plmrun.train.parallelize import init_distributed, native_bf16
+    from plmrun.train.trainer import build_train_loader, forward_backward, open_training_data
+    env = init_distributed(cfg)
+    _, train_src, _ = open_training_data(cfg, env)
+    loader = build_train_loader(cfg, env, train_src)
+    run_ns = torch.bfloat16 if amp_dtype is not None and native_bf16(env.device) else torch.float32
+    runs = {}
+    for v in variants:
+        coefficients, ns_steps, dt = parse_variant(v)
+        optim = dataclasses.replace(cfg.optim, ns_coefficients=coefficients, ns_steps=ns_steps)
+        model = build_model(cfg.model)
+        ns_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(dt, run_ns)
+        runs[v] = (model, build_optimizer(model, optim, cfg.train.max_steps, ns_dtype=ns_dtype), [])
+    for step in range(WARMUP + steps):
+        micro = loader.next_step(step)
+        for model, opt, times in runs.values():
+            opt.set_step(step)
+            t0 = time.perf_counter()
+            forward_backward(model, micro, global_norm=float(sum(mb.normalizer for mb in micro)), world_size=1,
+                             device=env.device, amp_dtype=amp_dtype, step=step)
+            t1 = time.perf_counter()
+            opt.clip_gradients()
+            opt.step()
+            opt.zero_grad()
+            if step >= WARMUP:
+                times.append((t1 - t0, time.perf_counter() - t1))
+    out = {}
+    for v, (_, _, times) in runs.items():
+        fb, o = statistics.median(t for t, _ in times), statistics.median(o for _, o in times)
+        out[v] = {"fwd_bwd_s": fb, "optimizer_s": o, "optimizer_share": o / (fb + o)}
+    return out
+
+
+def ns_errors(cfg, variants: list[str], amp_dtype: torch.dtype | None) -> dict:
+    """Orthogonalisation error of each variant on the model's real hidden gradients (those of step
+    ERROR_STEP of an fp32 quintic run: at step 0 the zero-initialised output projections leave other
+    gradients rank-deficient): over each gradient's spectrum above 1e-3·σmax (the
+    interval Polar Express is tuned for), max |singular
+    value − 1| of NS(G) and its RMS distance from the exact polar factor U·Vᵀ, worst matrix of each."""
+    from plmrun.model.registry import build_model
+    from plmrun.optim.build import build_optimizer
+    from plmrun.optim.muon import newton_schulz
+    from plmrun.train.parallelize import init_distributed
+    from plmrun.train.trainer import build_train_loader, forward_backward, open_training_data
+    env = init_distributed(cfg)
+    _, train_src, _ = open_training_data(cfg, env)
+    loader = build_train_loader(cfg, env, train_src)
+    model = build_model(cfg.model)
+    opt = build_optimizer(model, cfg.optim, cfg.train.max_steps, ns_dtype=torch.float32)
+    for step in range(ERROR_STEP + 1):
+        opt.set_step(step)
+        micro = loader.next_step(step)
+        forward_backward(model, micro, global_norm=float(sum(mb.normalizer for mb in micro)), world_size=1,
+                         device=env.device, amp_dtype=amp_dtype, step=step)
+        if step < ERROR_STEP:
+            opt.clip_gradients()
+            opt.step()
+            opt.zero_grad()
+    kinds = model.parameter_kinds()
+    grads = [p.grad.float() for n, p in model.named_parameters() if kinds[n] == "hidden" and p.grad is not None]
+    polar = []
+    for g in grads:
+        u, sig, vh = torch.linalg.svd(g.double(), full_matrices=False)
+        k = int((sig > 1e-3 * sig[0]).sum())
+        polar.append((u[:, :k], vh[:k]))
+    out = {}
+    for v in variants:
+        coefficients, steps, dt = parse_variant(v)
+        dtype = torch.bfloat16 if dt == "bf16" else torch.float32
+        sv, dist = 0.0, 0.0
+        for g, (u, vh) in zip(grads, polar):
+            o = newton_schulz(g, steps, dtype, coefficients=coefficients).double()
+            sv = max(sv, (torch.linalg.svdvals(o)[:u.shape[1]] - 1).abs().max().item())
+            dist = max(dist, ((o - u @ vh).norm() / u.shape[1] ** 0.5).item())
+        out[v] = {"max_abs_sv_minus_1": sv, "rms_from_polar": dist}
+    return out
+
+
+def main_variants(speed, a, precision: str, amp_dtype) -> int:
+    """--variants: interleaved step times and orthogonalisation errors, one row per variant."""
+    try:
+        for v in a.variants:
+            parse_variant(v)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows = profile_variants(speed, a.variants, a.steps, amp_dtype)
+    errors = ns_errors(speed, a.variants, amp_dtype)
+    base = rows[a.variants[0]]
+    step0 = base["fwd_bwd_s"] + base["optimizer_s"]
+    print(f"precision {precision}; step time ratio against {a.variants[0]}")
+    print(f"{'variant':<22} {'fwd+bwd ms':>11} {'optimizer ms':>13} {'optimizer share':>16} {'step ratio':>11}"
+          f" {'max|s-1|':>9} {'rms from UVt':>13}")
+    for v, r in rows.items():
+        e = errors[v]
+        r["step_ratio"] = (r["fwd_bwd_s"] + r["optimizer_s"]) / step0
+        print(f"{v:<22} {r['fwd_bwd_s'] * 1e3:11.1f} {r['optimizer_s'] * 1e3:13.1f} {r['optimizer_share']:15.1%} "
+              f"{r['step_ratio']:11.3f} {e['max_abs_sv_minus_1']:9.3f} {e['rms_from_polar']:13.4f}")
+    from plmrun.experiments.record import hardware_info
+    report = {"date": datetime.date.today().isoformat(), "hardware": hardware_info(), "config": a.config,
+              "overrides": a.set, "precision": precision, "steps": a.steps, "variants": rows, "ns_errors": errors}
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", help="plmrun config file, shipped name or 'default'; without it: the ESM-2 8M shape")
@@ -109,8 +236,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = the config's)")
     ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                     help="training precision (auto: bf16 where this device multiplies bf16 natively, else fp32)")
-    ap.add_argument("--out", default=str(RESULTS / "step_profile.json"))
+    ap.add_argument("--variants", nargs="+", metavar="COEFFICIENTS:STEPS[:DTYPE]",
+                    help="compare Muon Newton–Schulz variants instead (first = baseline), e.g. quintic:5 polar_express:3")
+    ap.add_argument("--out", default=None, help="JSON report (default benchmarks/results/step_profile[_variants].json)")
     a = ap.parse_args(argv)
+    a.out = a.out or str(RESULTS / ("step_profile_variants.json" if a.variants else "step_profile.json"))
     if a.steps < 1 or min(a.ns_steps) < 1:
         ap.error("--steps and --ns-steps must be >= 1")
     from plmrun.config import ConfigError
@@ -127,6 +257,8 @@ def main(argv=None) -> int:
     from plmrun.train.parallelize import resolve_precision
     precision = resolve_precision(a.precision, resolve_device(speed.train.device))
     amp_dtype = torch.bfloat16 if precision == "bf16" else None
+    if a.variants:
+        return main_variants(speed, a, precision, amp_dtype)
     print(f"precision {precision}")
     print(f"{'case':<20} {'params':>8} {'optimizer':>9} {'fwd+bwd ms':>11} {'optimizer ms':>13} {'optimizer share':>16}")
     rows = {}

@@ -148,6 +148,8 @@ class OptimConfig:
     "Steps over which Muon momentum rises to muon_momentum."
     ns_steps: int = 5
     "Newton-Schulz iterations."
+    ns_coefficients: Literal["quintic", "polar_express"] = "quintic"
+    "Newton-Schulz coefficients: quintic (Keller Jordan's, the same each step) or polar_express (per step, ns_steps=5)."
     schedule: Literal["cosine", "wsd", "linear", "constant"] = "wsd"
     "LR schedule after warm-up: cosine, warmup-stable-decay, linear decay, or constant."
     warmup: float = 0.0
@@ -539,6 +541,8 @@ def validate(cfg: Config) -> Config:
     _check(all(0 <= b < 1 for b in o.betas), "optim.betas must be in [0, 1)")
     _check(0 <= o.muon_momentum < 1 and 0 <= o.muon_momentum_start < 1, "optim: Muon momenta must be in [0, 1)")
     _check(o.ns_steps >= 1, "optim.ns_steps must be >= 1")
+    _check(o.ns_coefficients != "polar_express" or o.ns_steps == 5,
+           "optim.ns_coefficients=polar_express is a 5-step schedule: set optim.ns_steps=5 (or use quintic)")
     _check(o.muon_momentum_warmup_steps >= 0, "optim.muon_momentum_warmup_steps must be >= 0")
     _check(o.warmup >= 0 and o.cooldown >= 0, "optim.warmup and optim.cooldown must be >= 0")
     _check(0 <= o.final_lr_ratio <= 1, "optim.final_lr_ratio must be in [0, 1]")

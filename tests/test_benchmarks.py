@@ -203,6 +203,21 @@ def test_step_profile_end_to_end(tmp_path, cache):
         step_profile.main(["--steps", "0"])
 
 
+def test_step_profile_variants_side_by_side(tmp_path, cache, capsys):
+    out = tmp_path / "v.json"
+    assert step_profile.main(["--steps", "1", "--threads", "1", "--precision", "fp32", "--out", str(out),
+                              "--variants", "quintic:5", "polar_express:5", "quintic:2",
+                              *[x for s in TINY for x in ("--set", s)]]) == 0
+    report = json.loads(out.read_text())
+    assert list(report["variants"]) == ["quintic:5", "polar_express:5", "quintic:2"]
+    assert report["variants"]["quintic:5"]["step_ratio"] == 1.0
+    assert all(0 < r["optimizer_share"] < 1 for r in report["variants"].values())
+    errors = report["ns_errors"]  # on real gradients: 2 quintic steps are far from orthogonal, 5 are not
+    assert errors["quintic:2"]["max_abs_sv_minus_1"] > errors["quintic:5"]["max_abs_sv_minus_1"]
+    assert step_profile.main(["--variants", "quintic", *[x for s in TINY for x in ("--set", s)]]) == 2
+    assert "expected coefficients:steps[:fp32|bf16]" in capsys.readouterr().err
+
+
 def test_step_profile_op_kinds():
     assert [step_profile.op_kind(n) for n in ("aten::mm", "aten::addmm",
             "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::mul", "aten::copy_")] == \

@@ -11,7 +11,8 @@ from torch import nn
 from plmrun.config import OptimConfig
 from plmrun.optim.build import build_optimizer
 from plmrun.optim.clip import clip_gradients
-from plmrun.optim.muon import NS_COEFFICIENTS, Muon, newton_schulz
+from plmrun.config import ConfigError, validate
+from plmrun.optim.muon import NS_COEFFICIENTS, Muon, newton_schulz, ns_schedule
 from plmrun.optim.schedule import lr_multiplier, muon_momentum, steps_of
 
 
@@ -196,6 +197,70 @@ def test_newton_schulz_matches_svd_reference(shape):
     bf = newton_schulz(g, 5)
     assert bf.dtype == torch.bfloat16
     torch.testing.assert_close(bf.float(), out, atol=0.05, rtol=0)
+
+
+def _pe_reference(g):
+    """Polar Express on the singular values in float64 (its 2% safety factor in the normalisation)."""
+    u, s, vh = torch.linalg.svd(g.double(), full_matrices=False)
+    s = s / (torch.linalg.matrix_norm(g.double()) * 1.02)
+    for a, b, c in ns_schedule("polar_express", 5):
+        s = a * s + b * s ** 3 + c * s ** 5
+    return u @ torch.diag(s) @ vh
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (48, 16), (16, 48)])
+def test_polar_express_matches_svd_reference_and_is_closer_to_orthogonal(shape):
+    """Same cost as 5 quintic steps; on a Gaussian matrix its singular values land in [0.8, 1.2]
+    where the quintic's spread over [0.6, 1.25]."""
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    out = newton_schulz(g, 5, torch.float32, coefficients="polar_express")
+    torch.testing.assert_close(out.double(), _pe_reference(g), atol=5e-5, rtol=0)
+    sv = torch.linalg.svdvals(out)
+    assert sv.min() > 0.8 and sv.max() < 1.2
+    quintic = torch.linalg.svdvals(newton_schulz(g, 5, torch.float32))
+    assert (sv - 1).abs().max() < (quintic - 1).abs().max()
+
+
+def test_truncated_or_unknown_schedule_is_refused():
+    with pytest.raises(ValueError, match="exactly 5 steps"):
+        Muon([nn.Parameter(torch.zeros(3, 3))], lr=0.1, ns_steps=4, ns_coefficients="polar_express")
+    with pytest.raises(ValueError, match="expected one of quintic, polar_express"):
+        ns_schedule("cubic", 5)
+    cfg = copy.deepcopy(_full_config())
+    cfg.optim.ns_coefficients, cfg.optim.ns_steps = "polar_express", 3
+    with pytest.raises(ConfigError, match="optim.ns_steps=5"):
+        validate(cfg)
+
+
+def _full_config():
+    from plmrun.config import Config
+    return Config()
+
+
+@pytest.mark.parametrize("coefficients", ["quintic", "polar_express"])
+@pytest.mark.parametrize("shape", [(7, 5), (24, 8), (8, 24), (16, 16)])
+def test_batched_newton_schulz_equals_one_call_per_matrix(shape, coefficients):
+    """A stack [k, rows, cols] is orthogonalised matrix by matrix (own norm each), to fp32 rounding
+    (NS amplifies it to ~2e-6 here; on CPU bitwise for the default model's shapes)."""
+    gs = torch.randn(3, *shape, generator=torch.Generator().manual_seed(2)) * torch.tensor([1.0, 30.0, 1e-3])[:, None, None]
+    batched = newton_schulz(gs, 5, torch.float32, coefficients=coefficients)
+    for g, b in zip(gs, batched):
+        torch.testing.assert_close(b, newton_schulz(g, 5, torch.float32, coefficients=coefficients), atol=1e-5, rtol=0)
+
+
+def test_gram_side_equals_direct_iteration():
+    """A tall matrix is iterated transposed (Gram cols×cols); the direct X·Xᵀ (rows×rows) iteration agrees."""
+    g = torch.randn(40, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x = g / g.norm()
+    for a, b, c in ns_schedule("quintic", 5):
+        gram = x @ x.T  # 40×40: the expensive side
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    torch.testing.assert_close(newton_schulz(g.float(), 5, torch.float32).double(), x, atol=2e-5, rtol=0)
+
+
+def test_build_optimizer_passes_ns_coefficients():
+    opt = build_optimizer(_model(), _cfg(ns_coefficients="polar_express"), max_steps=10)
+    assert opt.optimizers[0].param_groups[0]["ns_coefficients"] == "polar_express"
 
 
 def test_muon_steps_match_direct_reference():

@@ -133,7 +133,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, max_steps: int,
     if by_kind["hidden"]:
         hidden = [dict(params=[named[n][0] for n in by_kind["hidden"]], name="hidden", base_lr=cfg.lr_hidden)]
         opts.append(Muon(hidden, lr=cfg.lr_hidden, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay,
-                         ns_steps=cfg.ns_steps, ns_dtype=ns_dtype))
+                         ns_steps=cfg.ns_steps, ns_dtype=ns_dtype, ns_coefficients=cfg.ns_coefficients))
     if adam:
         opts.append(torch.optim.AdamW(adam, betas=betas, eps=eps))
     return Optimizers(opts, cfg, max_steps, model)

@@ -10,8 +10,8 @@ repeats all of the Newton–Schulz work. This one
     `world` matrices, matrix i of a round to rank i; the owner orthogonalises it and one
     all-gather per round gives every rank every result. Any world size and any number or shape
     of matrices works (the last round may be partial; the seed asserted even splits and crashed);
-  * runs Newton–Schulz in `ns_dtype`: bf16 by default (fast on GPUs and on this CPU), fp32 for
-    exact comparisons.
+  * runs Newton–Schulz in `ns_dtype`: bf16 where bf16 matmuls are native (the trainer's choice),
+    fp32 elsewhere and for exact comparisons; with `ns_coefficients` quintic or polar_express.
 
 Update of a weight W (rows × cols) with gradient G, momentum μ, learning rate η, decay λ:
     B ← μ·B + (1−μ)·G                   momentum buffer as an EMA, so it stays in gradient units
@@ -30,34 +30,65 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+# Polar Express (Amsel et al. 2025, arXiv 2505.16932; modded-nanogpt's 5-step schedule with its 2%
+# safety factor): one (a, b, c) per iteration. Only the whole schedule ends near 1: cut after 4 or 3
+# steps it leaves singular values up to 1.6 / 1.9 (a 48×16 Gaussian matrix), so it takes 5 steps.
+POLAR_EXPRESS_COEFFICIENTS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+NS_SCHEDULES = ("quintic", "polar_express")
 
 
-def newton_schulz(g: torch.Tensor, steps: int, dtype: torch.dtype = torch.bfloat16, eps: float = 1e-7) -> torch.Tensor:
+def ns_schedule(coefficients: str, steps: int) -> list[tuple[float, float, float]]:
+    """The (a, b, c) of each of `steps` iterations for `coefficients` ('quintic' or 'polar_express')."""
+    if coefficients == "quintic":
+        return [NS_COEFFICIENTS] * steps
+    if coefficients == "polar_express" and steps == len(POLAR_EXPRESS_COEFFICIENTS):
+        return list(POLAR_EXPRESS_COEFFICIENTS)
+    raise ValueError(f"Newton-Schulz coefficients {coefficients!r} with {steps} steps: expected one of "
+                     f"{', '.join(NS_SCHEDULES)}, polar_express with exactly {len(POLAR_EXPRESS_COEFFICIENTS)} steps")
+
+
+def newton_schulz(g: torch.Tensor, steps: int, dtype: torch.dtype = torch.bfloat16, eps: float = 1e-7,
+                  coefficients: str = "quintic") -> torch.Tensor:
     """Quintic Newton–Schulz iteration towards U·Vᵀ of g = U·S·Vᵀ; returns a `dtype` tensor.
 
     Each step maps every singular value s to a·s + b·s³ + c·s⁵ after dividing g by its Frobenius
-    norm (so s ≤ 1); the coefficients push small s up fast at the price of not converging exactly
-    to 1. Works on the wide orientation so the Gram matrix X·Xᵀ is the small one.
+    norm (so s ≤ 1); the quintic coefficients push small s up fast at the price of not converging
+    exactly to 1; polar_express changes (a, b, c) per step and lands closer to 1 in as many steps.
+    Works on the wide orientation so the Gram matrix X·Xᵀ is the small one. g may be a stack
+    [..., rows, cols] of same-shape matrices: one batched matmul per product instead of one per
+    matrix, each matrix normalised on its own (on CPU bitwise equal to one call per matrix).
     """
-    a, b, c = NS_COEFFICIENTS
     x = g.to(dtype)
-    tall = x.size(0) > x.size(1)
+    tall = x.size(-2) > x.size(-1)
     if tall:
-        x = x.T
-    x = x / (x.norm() + eps)
-    for _ in range(steps):
-        gram = x @ x.T
-        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # b·A + c·A²
-        x = torch.addmm(x, poly, x, beta=a)  # a·X + (b·A + c·A²)·X
-    return x.T if tall else x
+        x = x.mT
+    norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
+    if coefficients == "polar_express":
+        norm = norm * (1 + 2e-2)  # its safety factor: the schedule assumes s ≤ 1/1.02
+    x = x / (norm + eps)
+    mm = torch.addmm if x.ndim == 2 else torch.baddbmm
+    for a, b, c in ns_schedule(coefficients, steps):
+        gram = x @ x.mT
+        poly = mm(gram, gram, gram, beta=b, alpha=c)  # b·A + c·A²
+        x = mm(x, poly, x, beta=a)  # a·X + (b·A + c·A²)·X
+    return x.mT if tall else x
 
 
 class Muon(torch.optim.Optimizer):
     """Muon over 2-D parameters (plain tensors or FSDP2 DTensors); see the module docstring."""
 
     def __init__(self, params, lr: float, momentum: float = 0.95, nesterov: bool = True,
-                 weight_decay: float = 0.0, ns_steps: int = 5, ns_dtype: torch.dtype = torch.bfloat16):
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps)
+                 weight_decay: float = 0.0, ns_steps: int = 5, ns_dtype: torch.dtype = torch.bfloat16,
+                 ns_coefficients: str = "quintic"):
+        ns_schedule(ns_coefficients, ns_steps)  # refuse an unknown schedule here, not at the first step
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps,
+                        ns_coefficients=ns_coefficients)
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -83,14 +114,15 @@ class Muon(torch.optim.Optimizer):
     def _round(self, items: list, rank: int, world: int) -> None:
         """Orthogonalise up to `world` matrices, matrix i on rank i, and apply all of them."""
         full = [_full(self._momentum_update(p, group)) for p, group in items]
-        steps = [group["ns_steps"] for _, group in items]
+        ns = [dict(steps=group["ns_steps"], coefficients=group["ns_coefficients"], dtype=self.ns_dtype)
+              for _, group in items]
         if world == 1:
-            outs = [newton_schulz(u, n, self.ns_dtype) for u, n in zip(full, steps)]
+            outs = [newton_schulz(u, **kw) for u, kw in zip(full, ns)]
         else:
             size = max(u.numel() for u in full)
             mine = torch.zeros(size, dtype=self.ns_dtype, device=full[0].device)
             if rank < len(items):
-                mine[:full[rank].numel()] = newton_schulz(full[rank], steps[rank], self.ns_dtype).flatten()
+                mine[:full[rank].numel()] = newton_schulz(full[rank], **ns[rank]).flatten()
             gathered = torch.empty(world * size, dtype=self.ns_dtype, device=mine.device)
             dist.all_gather_into_tensor(gathered, mine)
             outs = [gathered[i * size:i * size + u.numel()].view(u.shape) for i, u in enumerate(full)]
