@@ -30,6 +30,7 @@ def _add_train(sub) -> None:
 
 def _cmd_train(args, overrides) -> int:
     from plmrun.config import ConfigError, build_config, load_yaml, validate
+    from plmrun.train.parallelize import leave_distributed
     from plmrun.train.trainer import train
     if args.resume:
         run_cfg = Path(args.resume) / "config.yaml"
@@ -46,7 +47,10 @@ def _cmd_train(args, overrides) -> int:
         push = [f"--logging.push_to_hub={args.push_to_hub}"] if args.push_to_hub else []
         cfg = build_config(args.config, [*overrides, *push])
     # SIGTERM/SIGINT: checkpointed and stopped, not finished: 128 + the signal (143, 130) tells schedulers apart
-    return train(cfg, resume=args.resume, init_from_hf=args.init_from_hf).get("exit_code", 0)
+    try:
+        return train(cfg, resume=args.resume, init_from_hf=args.init_from_hf).get("exit_code", 0)
+    finally:
+        leave_distributed()
 
 
 # ------------------------------------------------------------------ eval
