@@ -19,6 +19,14 @@ MANIFEST = "MANIFEST.json"
 _CHUNK = 1 << 20
 
 
+def follow_umask(path) -> None:
+    """Give a written file the ordinary mode (0666 less the umask): safetensors' `save_file` and
+    temp-file writers create 0600 files, which other users of a shared model folder cannot read."""
+    old = os.umask(0)
+    os.umask(old)
+    os.chmod(path, 0o666 & ~old)
+
+
 class ManifestError(PlmrunError):
     """A folder's files do not match its manifest (truncated, corrupted, missing or edited)."""
 

@@ -196,3 +196,19 @@ def test_hf_folder_loads_into_the_esm2_preset_and_random_init_control(tmp_path):
     plm_control = plm.random_init(0)
     assert type(plm_control.net) is type(plm.net)
     assert plm_control.net.state_dict().keys() == plm.net.state_dict().keys()
+
+
+def test_embeddings_file_follows_the_umask(tmp_path):
+    """safetensors' save_file creates 0600 files; the embeddings (and the saved model) get 0666 & ~umask."""
+    import os
+    model = tiny_plmrun()
+    old = os.umask(0o022)
+    try:
+        save_model_dir(tmp_path / "model", model.net.state_dict(), model.config)
+        fasta = write_fasta(tmp_path / "in.fasta", SEQS)
+        out = tmp_path / "emb.safetensors"
+        assert main(["embed", str(tmp_path / "model"), str(fasta), "--out", str(out), "--device", "cpu"]) == 0
+    finally:
+        os.umask(old)
+    assert oct(out.stat().st_mode & 0o777) == "0o644"
+    assert oct((tmp_path / "model" / "model.safetensors").stat().st_mode & 0o777) == "0o644"

@@ -140,3 +140,65 @@ def test_push_to_hub_offline_fails_cleanly_and_never_leaks_the_token(tmp_path, m
     assert "\n" not in str(info.value)
     captured = capsys.readouterr()
     assert secret not in captured.out + captured.err
+
+
+@pytest.mark.parametrize("kw", [ESM2, SPEEDRUN], ids=["esm2", "speedrun"])
+def test_exported_files_follow_the_umask(tmp_path, kw):
+    old = os.umask(0o022)
+    try:
+        _saved_model(tmp_path, kw)
+        out_dir = export(tmp_path / "model", tmp_path / "hf")
+    finally:
+        os.umask(old)
+    modes = {f.name: oct(f.stat().st_mode & 0o777) for d in (tmp_path / "model", out_dir) for f in d.iterdir()}
+    assert set(modes.values()) == {"0o644"}, modes   # safetensors' save_file alone made 0600
+
+
+def _summary_with_cache_path(folder):
+    """summary.json as the trainer writes it: data.dataset is the resolved (local cache) folder."""
+    summary = {"steps": 10, "tokens": 1000, "data": {
+        "dataset": "/root/.cache/plmrun/swissprot2014_small-191be9c581187484",
+        "train_fingerprint": "0123456789abcdef0123456789abcdef", "valid_fingerprint": "f" * 32,
+        "train_sequences": 5, "valid_sequences": 2}}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    return summary
+
+
+def _card_snippet(card, folder):
+    code = card.split("```python\n", 1)[1].split("```", 1)[0]
+    assert code.count('PATH = "path/to/this/folder"') == 1
+    return code.replace('"path/to/this/folder"', repr(str(folder)))
+
+
+@pytest.mark.parametrize("kw", [ESM2, SPEEDRUN], ids=["esm2", "speedrun"])
+def test_model_card_names_the_dataset_and_its_snippet_runs_unattended(tmp_path, kw):
+    import re
+    _saved_model(tmp_path, kw)
+    summary = _summary_with_cache_path(tmp_path / "model")
+    out_dir = export(tmp_path / "model", tmp_path / "hf")
+    card = (out_dir / "README.md").read_text()
+    assert "swissprot2014_small" in card and summary["data"]["train_fingerprint"] in card
+    assert not re.search(r"(^|[\s(`|])/(root|home|tmp|\w)", card, re.M), card   # no absolute path
+    assert str(tmp_path) not in card and ".cache" not in card
+    script = _card_snippet(card, out_dir) + "\nassert tokenizer('MKV')['input_ids'][0] == 0\nprint('ok')\n"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          stdin=subprocess.DEVNULL, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("kw,limit", [(ESM2, 1026), (SPEEDRUN, None)], ids=["esm2", "speedrun"])
+def test_tokenizer_max_length_matches_the_model(tmp_path, kw, limit, caplog):
+    import logging
+    _saved_model(tmp_path, kw)
+    out_dir = export(tmp_path / "model", tmp_path / "hf")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out_dir, trust_remote_code=True)
+    if limit is not None:
+        assert tokenizer.model_max_length == limit
+        return
+    assert tokenizer.model_max_length >= 10 ** 9
+    transformers.logging.enable_propagation()
+    with caplog.at_level(logging.WARNING):
+        ids = tokenizer("A" * 2000)["input_ids"]
+    assert len(ids) == 2002
+    assert "longer than the specified maximum sequence length" not in caplog.text

@@ -21,10 +21,10 @@ def fake_summary(seed_time: float | None, tokens: int = 100_000, target: float =
     return {"run_dir": "runs/x", "best_val_loss": 2.69, "time_to_target": ttt, "data": {"valid_fingerprint": "fp"}}
 
 
-def entry(times, previous=(), hw=HW, tokens=100_000):
-    seeds = [seed_result(fake_summary(t, tokens + i), i, 2.7) for i, t in enumerate(times)]
+def entry(times, previous=(), hw=HW, tokens=100_000, target=2.7):
+    seeds = [seed_result(fake_summary(t, tokens + i, target), i, target) for i, t in enumerate(times)]
     return build_entry(track=TRACK, config="c.yaml", overrides=["--train.max_steps=9"], resolved={"x": 1},
-                       commit="abc", hardware=hw, params=7_000_000, target=2.7, valid_fingerprint="fp",
+                       commit="abc", hardware=hw, params=7_000_000, target=target, valid_fingerprint="fp",
                        seeds=seeds, previous=list(previous))
 
 
@@ -84,9 +84,9 @@ def test_append_read_and_table(tmp_path):
     back = read_records(path)
     assert back == json.loads(json.dumps([first, back[1]]))
     table = records_table(back).splitlines()
-    assert len(table) == 4 and table[0].startswith("| date |")
-    assert "51.0 ± 1.0" in table[2] and "100,001 ± 1" in table[2] and table[2].rstrip().endswith("✓ |")
-    assert "not reached" in table[3] and "✓" not in table[3]
+    assert len(table) == 6 and table[0] == "**target val loss ≤ 2.70**" and table[2].startswith("| date |")
+    assert "51.0 ± 1.0" in table[4] and "100,001 ± 1" in table[4] and table[4].rstrip().endswith("✓ |")
+    assert "not reached" in table[5] and "✓" not in table[5]
     path.write_text(path.read_text() + "{oops\n")
     with pytest.raises(RecordError, match=r"cpu-2core.jsonl:3: not valid JSON"):
         read_records(path)
@@ -131,3 +131,23 @@ def test_cli_errors(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(["record", "debug", "--track", "gpu-8xH100", "--records-dir", str(tmp_path)]) == 2
         assert "error: track gpu-8xH100 runs on 8 process(es)" in capsys.readouterr().err
+
+
+def test_cpu_track_moved_to_2_85_and_keeps_the_2_90_history(capsys):
+    """records/cpu-2core.jsonl keeps the 2.90 entries, each labelled with its target; the table puts the
+    current 2.85 target first and labels the old block; a 2.85 attempt is never compared with 2.90 records."""
+    from pathlib import Path
+    assert TRACK.target == 2.85 and "2.85" in TRACK.description
+    repo_records = Path(__file__).resolve().parents[1] / "records"
+    old = read_records(records_path(repo_records, "cpu-2core"))
+    assert old and all(e["target"] == 2.9 for e in old)
+    assert main(["record", "--table", "--records-dir", str(repo_records)]) == 0
+    out = capsys.readouterr().out
+    assert out.index("**target val loss ≤ 2.85**\n") < out.index("**target val loss ≤ 2.90** (earlier target)")
+    assert "no attempts yet" in out.split("2.90")[0]           # nothing at 2.85 yet
+    fast_old = entry([5.0, 6.0, 5.5], target=2.9)             # a fast 2.90 record on the same hardware
+    new = entry([50.0, 52.0, 51.0], [fast_old], target=2.85)
+    assert new["vs_record"] is None and new["new_record"]     # the first complete 2.85 attempt
+    table = records_table([fast_old, new], 2.85).split("\n\n")
+    assert table[0] == "**target val loss ≤ 2.85**" and "51.0 ± 1.0" in table[1] and "5.5" not in table[1]
+    assert table[2] == "**target val loss ≤ 2.90** (earlier target)" and "5.5 ± 0.5" in table[3]

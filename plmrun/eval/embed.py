@@ -24,6 +24,7 @@ from plmrun.data.packing import length_batches, pack_tokens
 from plmrun.data.readers import file_fingerprint
 from plmrun.device import resolve_device
 from plmrun.eval.errors import EvalError
+from plmrun.manifest import follow_umask
 from plmrun.eval.inference import EvalModel, load_eval_model, window_plan, windows
 
 POOLS = ("mean", "cls", "per-residue")
@@ -140,6 +141,7 @@ def _save_atomic(arrays: dict, order: list[str], meta: dict, path: Path) -> None
     from safetensors.numpy import save_file
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: arrays[k] for k in order}, str(tmp), metadata={**meta, "ids": json.dumps(order)})
+    follow_umask(tmp)
     os.replace(tmp, path)
 
 

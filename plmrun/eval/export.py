@@ -18,9 +18,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from plmrun import tokenizer as tok
-from plmrun.config import ModelConfig
+from plmrun.config import POSITION_LIMIT, ModelConfig
 from plmrun.errors import PlmrunError
-from plmrun.manifest import write_manifest
+from plmrun.manifest import follow_umask, write_manifest
 from plmrun.model.loading import load_model
 
 _PKG = Path(__file__).resolve().parents[1]
@@ -31,10 +31,15 @@ class ExportError(PlmrunError, RuntimeError):
     """Export cannot proceed (the message says why)."""
 
 
-def write_tokenizer_files(out: Path) -> None:
+ESM2_MAX_LENGTH = POSITION_LIMIT["esm2"]
+ROTARY_MAX_LENGTH = 1_000_000_000
+"Tokenizer limit for rotary-only models: no position table, so no length warning on long proteins."
+
+
+def write_tokenizer_files(out: Path, model_max_length: int = ESM2_MAX_LENGTH) -> None:
     (out / "vocab.txt").write_text("\n".join(tok.VOCAB) + "\n")
     (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "EsmTokenizer", "model_max_length": 1026, "cls_token": "<cls>", "eos_token": "<eos>",
+        "tokenizer_class": "EsmTokenizer", "model_max_length": model_max_length, "cls_token": "<cls>", "eos_token": "<eos>",
         "pad_token": "<pad>", "unk_token": "<unk>", "mask_token": "<mask>"}, indent=2))
     (out / "special_tokens_map.json").write_text(json.dumps({
         "cls_token": "<cls>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
@@ -46,7 +51,7 @@ def esm_hf_config(cfg: ModelConfig) -> dict:
         "architectures": ["EsmForMaskedLM"], "model_type": "esm", "vocab_size": tok.VOCAB_SIZE,
         "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
         "intermediate_size": round(cfg.hidden_size * cfg.expansion_ratio), "hidden_act": "gelu",
-        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "max_position_embeddings": 1026,
+        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "max_position_embeddings": ESM2_MAX_LENGTH,
         "position_embedding_type": "rotary", "layer_norm_eps": cfg.layer_norm_eps, "emb_layer_norm_before": False,
         "token_dropout": cfg.token_dropout, "mask_token_id": tok.MASK, "pad_token_id": tok.PAD,
         "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std,
@@ -69,6 +74,17 @@ def _copy_model_code(out: Path) -> None:
         shutil.copyfile(Path(__file__).parent / "hf_remote" / name, out / name)
 
 
+def dataset_name(dataset) -> str:
+    """A dataset's name for a model card: the folder's last part, less plmrun's cache suffix (-16 hex),
+    so the card never shows a local path like /root/.cache/plmrun/swissprot2014_small-191be9c581187484."""
+    name = Path(str(dataset or "unknown")).name
+    return re.sub(r"-[0-9a-f]{16}$", "", name) or "unknown"
+
+
+CARD_PATH_LINE = 'PATH = "path/to/this/folder"  # or the Hub repo id'
+"The model card snippet's one placeholder line."
+
+
 def _model_card(cfg: ModelConfig, n_params: int, summary: dict | None, source: Path) -> str:
     lines = [
         "---", "library_name: transformers", "tags: [protein-language-model, plmrun, masked-lm]", "---", "",
@@ -78,13 +94,14 @@ def _model_card(cfg: ModelConfig, n_params: int, summary: dict | None, source: P
     ]
     if cfg.arch == "esm2":
         lines += ["Loads as a native `EsmForMaskedLM`:", "", "```python",
-                  "from transformers import EsmForMaskedLM, AutoTokenizer",
+                  "from transformers import EsmForMaskedLM, AutoTokenizer", CARD_PATH_LINE,
                   "model = EsmForMaskedLM.from_pretrained(PATH)", "tokenizer = AutoTokenizer.from_pretrained(PATH)", "```"]
     else:
         lines += ["Loads with remote code (the architecture files are in this folder):", "", "```python",
-                  "from transformers import AutoModelForMaskedLM, AutoTokenizer",
+                  "from transformers import AutoModelForMaskedLM, AutoTokenizer", CARD_PATH_LINE,
                   "model = AutoModelForMaskedLM.from_pretrained(PATH, trust_remote_code=True)",
-                  "tokenizer = AutoTokenizer.from_pretrained(PATH)", "```"]
+                  # the folder's config needs remote code, which AutoTokenizer would otherwise ask about
+                  "tokenizer = AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)", "```"]
     if summary:
         lines += ["", "## Training summary", "", "| | |", "|---|---|"]
         for key in ("steps", "tokens", "train_time_s", "tok_per_s", "mfu", "device", "world_size", "precision",
@@ -99,7 +116,8 @@ def _model_card(cfg: ModelConfig, n_params: int, summary: dict | None, source: P
             lines.append(f"| time to val loss {thr} | {r['train_time_s']:.1f} s, {r['tokens']:,} tokens |")
         data = summary.get("data") or {}
         if data:
-            lines.append(f"| training data | {data.get('dataset')} (fingerprint {str(data.get('train_fingerprint'))[:16]}) |")
+            lines.append(f"| training data | {dataset_name(data.get('dataset'))} "
+                         f"(train fingerprint `{data.get('train_fingerprint')}`) |")
     lines += ["", "Evaluation protocol and metrics: see the plmrun README (15% of residues masked, all `<mask>`, "
               "fixed masks; token-weighted loss)."]
     return "\n".join(lines) + "\n"
@@ -136,8 +154,9 @@ def export(source: str | Path, out: str | Path, *, overwrite: bool = False) -> P
     # safetensors refuses shared storage (tied embeddings): store independent copies
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}, str(tmp / "model.safetensors"),
               metadata={"format": "pt"})
+    follow_umask(tmp / "model.safetensors")
     (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-    write_tokenizer_files(tmp)
+    write_tokenizer_files(tmp, POSITION_LIMIT.get(cfg.arch, ROTARY_MAX_LENGTH))
     n_params = sum(p.numel() for p in model.parameters())
     (tmp / "README.md").write_text(_model_card(cfg, n_params, summary, source))
     # checksums last, of everything but the model card (made to be edited before a Hub upload)

@@ -35,6 +35,7 @@ from plmrun.eval.inference import EvalModel, load_eval_model, windows
 from plmrun.eval.probe import TASKS, Task, fit_and_score, model_features, paired_difference, score_row
 from plmrun.optim.build import Optimizers
 from plmrun.errors import PlmrunError
+from plmrun.manifest import follow_umask
 from plmrun.train.rundir import RunLock, write_json_atomic
 
 from .config import FinetuneConfig, to_dict
@@ -224,6 +225,7 @@ def _save_weights(model: nn.Module, file: Path) -> None:
     from safetensors.torch import save_file
     tmp = file.with_name(file.name + ".tmp")
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}, str(tmp))
+    follow_umask(tmp)
     os.replace(tmp, file)
 
 

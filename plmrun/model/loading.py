@@ -23,7 +23,7 @@ import yaml
 
 from plmrun.config import ESMC_OFF, ConfigError, ModelConfig, config_from_dict
 from plmrun.errors import ModelLoadError
-from plmrun.manifest import ManifestError, verify_manifest, write_manifest
+from plmrun.manifest import ManifestError, follow_umask, verify_manifest, write_manifest
 
 FORMAT = 1
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -44,6 +44,7 @@ def save_model_dir(out: Path, state_dict: dict, cfg: ModelConfig) -> None:
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
     tmp = out / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"plmrun_format": str(FORMAT)})
+    follow_umask(tmp)
     os.replace(tmp, out / "model.safetensors")
     tmp = out / "config.json.tmp"
     tmp.write_text(json.dumps({"plmrun_format": FORMAT, "model": asdict(cfg)}, indent=2))
