@@ -296,6 +296,7 @@ def test_dataset_from_one_fasta_says_how_to_get_a_valid_split(tmp_path, capsys):
                    f"`plmrun data split FILE --out DIR` (homology split, then prepare its train/valid FASTA) or "
                    f"`plmrun data prepare TRAIN --valid VALID --out {ds} --overwrite`, or set "
                    f"--data.valid_split=NAME to an existing split\n")
+    assert not (tmp_path / "runs").exists()   # refused before a run directory exists
 
 
 def test_push_to_hub_at_the_end_of_training(tmp_path, monkeypatch):
