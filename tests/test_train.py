@@ -283,6 +283,22 @@ def test_final_test_needs_a_test_split(tmp_path):
     assert not list((tmp_path / "runs").glob("*/metrics.jsonl"))  # refused before training
 
 
+def test_dataset_from_one_fasta_says_how_to_get_a_valid_split(tmp_path, capsys):
+    from plmrun.cli import main
+    fasta = tmp_path / "one.fasta"
+    fasta.write_text(">a\nMKTAYIAKQRQISFVKSHFSRQ\n>b\nMSEQNNTEMTFQIQRIYTKDIS\n")
+    ds = tmp_path / "ds"
+    assert main(["data", "prepare", str(fasta), "--out", str(ds), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["train", *TINY, f"--data.dataset={ds}", f"--logging.run_root={tmp_path / 'runs'}"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {ds}: no 'valid' split for data.valid_split (splits: train); make one with "
+                   f"`plmrun data split FILE --out DIR` (homology split, then prepare its train/valid FASTA) or "
+                   f"`plmrun data prepare TRAIN --valid VALID --out {ds} --overwrite`, or set "
+                   f"--data.valid_split=NAME to an existing split\n")
+    assert not (tmp_path / "runs").exists()   # refused before a run directory exists
+
+
 def test_push_to_hub_at_the_end_of_training(tmp_path, monkeypatch):
     """--push-to-hub: no token stops before a run directory exists; offline, the run still finishes (model,
     checkpoint, summary) with one warning line; with the Hub's upload recorded, the exported folder is sent."""

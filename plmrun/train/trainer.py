@@ -66,7 +66,24 @@ def open_training_data(cfg: Config, env: DistEnv):
     path = resolve_dataset(cfg.data.dataset)
     if wait and env.is_main:
         torch.distributed.barrier()
+    _require_splits(cfg, path)
     return path, open_dataset(path, cfg.data.train_split), open_dataset(path, cfg.data.valid_split)
+
+
+def _require_splits(cfg: Config, path) -> None:
+    """A dataset prepared from one input has only 'train': say how to get a valid split before shards fail."""
+    from plmrun.data.errors import DataError
+    from plmrun.data.shards import dataset_splits
+    if not Path(path).is_dir():   # a missing directory: open_dataset names it
+        return
+    splits = dataset_splits(path)
+    for key in ("train_split", "valid_split"):
+        split = getattr(cfg.data, key)
+        if split not in splits:
+            raise DataError(f"{path}: no '{split}' split for data.{key} (splits: {', '.join(splits) or 'none'}); "
+                            f"make one with `plmrun data split FILE --out DIR` (homology split, then prepare its "
+                            f"train/valid FASTA) or `plmrun data prepare TRAIN --valid VALID --out {path} "
+                            f"--overwrite`, or set --data.{key}=NAME to an existing split")
 
 
 def build_train_loader(cfg: Config, env: DistEnv, train_src):
@@ -356,6 +373,8 @@ def _setup(cfg: Config, resume: Optional[str], init_from_hf: Optional[str], laun
         torch.set_num_threads(threads)
     torch.manual_seed(cfg.train.seed)
     accum = grad_accum_for(cfg, env.world_size)  # both refused before a run directory exists
+    if cfg.data.dataset != "bundled":
+        _require_splits(cfg, Path(cfg.data.dataset))  # so is a dataset without the splits training needs
     if cfg.logging.push_to_hub:
         from plmrun.eval.export import hub_token
         hub_token()  # no token: stop now, not after training
