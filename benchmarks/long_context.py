@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import write_report  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BUCKETS = [(1, 511), (512, 1022), (1023, 2048), (2049, None)]
@@ -127,11 +129,7 @@ def main(argv=None) -> int:
     report = {"date": datetime.date.today().isoformat(), "steps": a.steps, "long_steps": a.long_steps,
               "long_max_length": a.long_max_length, "token_budget": a.token_budget, "per_bucket": a.per_bucket,
               "overrides": a.set, "rows": rows}
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(a.out, report, markdown(report))
     return 0
 
 

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import RESULTS, plmrun_config, recipe_at_shape  # noqa: E402
+from throughput import RESULTS, plmrun_config, recipe_at_shape, write_report  # noqa: E402
 
 # The peer, measured once on this 2-core CPU (2026-11-22) with the reference script
 # ../shared/reference/hf_esm_baseline.py (log: hf_baseline_2026-11-22.log), quoted, not re-run:
@@ -185,11 +184,7 @@ def main(argv=None) -> int:
     report = {"date": datetime.date.today().isoformat(), "hardware": hardware_info(), "target": a.target,
               "eval_every": a.eval_every, "eval_subset": speed.eval.subset, "max_tokens": a.max_tokens,
               "config": a.config, "overrides": a.set, "rows": rows, "hf_reference": hf_reference(a.target)}
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(a.out, report, markdown(report))
     return 0
 
 

@@ -277,6 +277,15 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_report(out, report: dict, table: str) -> None:
+    """OUT.json (every raw number) and OUT.md (the table to paste into the README), and print the table."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    out.with_suffix(".md").write_text(table)
+    print(table)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", help="plmrun config file, shipped name or 'default' (plmrun's defaults at their own "
@@ -338,11 +347,7 @@ def main(argv=None) -> int:
                         "esm_heads": configs[a.precision[0]]["plmrun-esm2"].model.num_heads}, "windows": a.windows,
               "steps_per_window": a.steps_per_window, "warmup": a.warmup, "hf_batch": a.hf_batch,
               "config": a.config, "overrides": a.set, "rows": rows}
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(a.out, report, markdown(report))
     return 0
 
 
