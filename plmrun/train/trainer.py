@@ -71,7 +71,8 @@ def open_training_data(cfg: Config, env: DistEnv):
 
 
 def _require_splits(cfg: Config, path) -> None:
-    """A dataset prepared from one input has only 'train': say how to get a valid split before shards fail."""
+    """The splits training needs (train, valid, and the test split of eval.final_test), checked before any
+    shard opens: a dataset prepared from one input has only 'train', so say how to get a valid split."""
     from plmrun.data.errors import DataError
     from plmrun.data.shards import dataset_splits
     if not Path(path).is_dir():   # a missing directory: open_dataset names it
@@ -84,6 +85,9 @@ def _require_splits(cfg: Config, path) -> None:
                             f"make one with `plmrun data split FILE --out DIR` (homology split, then prepare its "
                             f"train/valid FASTA) or `plmrun data prepare TRAIN --valid VALID --out {path} "
                             f"--overwrite`, or set --data.{key}=NAME to an existing split")
+    if cfg.eval.final_test and cfg.data.test_split not in splits:
+        raise DataError(f"{path}: no '{cfg.data.test_split}' split for eval.final_test (splits: "
+                        f"{', '.join(splits) or 'none'}); set data.test_split to one of them or eval.final_test=false")
 
 
 def build_train_loader(cfg: Config, env: DistEnv, train_src):
@@ -113,13 +117,8 @@ def grad_accum_for(cfg: Config, world_size: int) -> int:
 
 
 def open_test_split(cfg: Config, path):
-    """The data.test_split of a prepared dataset for eval.final_test, checked before training starts."""
-    from plmrun.data.errors import DataError
-    from plmrun.data.shards import dataset_splits, open_dataset
-    splits = dataset_splits(path)
-    if cfg.data.test_split not in splits:
-        raise DataError(f"{path}: no '{cfg.data.test_split}' split for eval.final_test (splits: "
-                        f"{', '.join(splits) or 'none'}); set data.test_split to one of them or eval.final_test=false")
+    """The data.test_split of a prepared dataset for eval.final_test (its presence checked by _require_splits)."""
+    from plmrun.data.shards import open_dataset
     return open_dataset(path, cfg.data.test_split)
 
 
