@@ -49,13 +49,27 @@ def op_kind(name: str) -> str:
     return "other"
 
 
+def timed_step(model, optimizers, micro, env, amp_dtype, step: int) -> tuple[float, float]:
+    """One real training step on `micro`: seconds of forward + backward, and of clipping + optimizer step."""
+    from plmrun.train.trainer import forward_backward
+    optimizers.set_step(step)
+    t0 = time.perf_counter()
+    forward_backward(model, micro, global_norm=float(sum(mb.normalizer for mb in micro)), world_size=1,
+                     device=env.device, amp_dtype=amp_dtype, step=step)
+    t1 = time.perf_counter()
+    optimizers.clip_gradients()
+    optimizers.step()
+    optimizers.zero_grad()
+    return t1 - t0, time.perf_counter() - t1
+
+
 def profile_steps(cfg, steps: int, amp_dtype: torch.dtype | None = None) -> dict:
     """Median seconds of forward + backward and of clipping + optimizer step over `steps` real steps,
     then per-step operator self time by kind over PROFILED_STEPS more steps."""
     from plmrun.model.registry import build_model
     from plmrun.optim.build import build_optimizer
     from plmrun.train.parallelize import init_distributed
-    from plmrun.train.trainer import build_train_loader, forward_backward, open_training_data
+    from plmrun.train.trainer import build_train_loader, open_training_data
     env = init_distributed(cfg)
     _, train_src, _ = open_training_data(cfg, env)
     model = build_model(cfg.model)
@@ -63,16 +77,7 @@ def profile_steps(cfg, steps: int, amp_dtype: torch.dtype | None = None) -> dict
     loader = build_train_loader(cfg, env, train_src)
 
     def one_step(step: int) -> tuple[float, float]:
-        optimizers.set_step(step)
-        micro = loader.next_step(step)
-        t0 = time.perf_counter()
-        forward_backward(model, micro, global_norm=float(sum(mb.normalizer for mb in micro)), world_size=1,
-                         device=env.device, amp_dtype=amp_dtype, step=step)
-        t1 = time.perf_counter()
-        optimizers.clip_gradients()
-        optimizers.step()
-        optimizers.zero_grad()
-        return t1 - t0, time.perf_counter() - t1
+        return timed_step(model, optimizers, loader.next_step(step), env, amp_dtype, step)
 
     times = [one_step(step) for step in range(WARMUP + steps)][WARMUP:]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -120,7 +125,7 @@ def profile_variants(cfg, variants: list[str], steps: int, amp_dtype: torch.dtyp
     from plmrun.model.registry import build_model
     from plmrun.optim.build import build_optimizer
     from plmrun.train.parallelize import init_distributed, native_bf16
-    from plmrun.train.trainer import build_train_loader, forward_backward, open_training_data
+    from plmrun.train.trainer import build_train_loader, open_training_data
     env = init_distributed(cfg)
     _, train_src, _ = open_training_data(cfg, env)
     loader = build_train_loader(cfg, env, train_src)
@@ -135,16 +140,9 @@ def profile_variants(cfg, variants: list[str], steps: int, amp_dtype: torch.dtyp
     for step in range(WARMUP + steps):
         micro = loader.next_step(step)
         for model, opt, times in runs.values():
-            opt.set_step(step)
-            t0 = time.perf_counter()
-            forward_backward(model, micro, global_norm=float(sum(mb.normalizer for mb in micro)), world_size=1,
-                             device=env.device, amp_dtype=amp_dtype, step=step)
-            t1 = time.perf_counter()
-            opt.clip_gradients()
-            opt.step()
-            opt.zero_grad()
+            t = timed_step(model, opt, micro, env, amp_dtype, step)
             if step >= WARMUP:
-                times.append((t1 - t0, time.perf_counter() - t1))
+                times.append(t)
     out = {}
     for v, (_, _, times) in runs.items():
         fb, o = statistics.median(t for t, _ in times), statistics.median(o for _, o in times)
