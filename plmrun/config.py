@@ -192,6 +192,10 @@ class TrainConfig:
     "Record time and tokens at the first eval reaching each of these val losses."
     stop_at_val_loss: Optional[float] = None
     "End the run at the first eval at or below this loss."
+    dense_eval_every: int = 0
+    "Near a target, also evaluate every N steps (0 = off): while the best val loss is at most train.dense_eval_margin above a report_at_val_losses or stop_at_val_loss level not yet reached, so the crossing is known to N steps."
+    dense_eval_margin: float = 0.02
+    "How close (nats) the best val loss must be to an unreached target for train.dense_eval_every to apply."
     log_every: int = 10
     "Write a training-metrics line every N steps."
     checkpoint_every: int = 0
@@ -563,6 +567,11 @@ def validate(cfg: Config) -> Config:
            f"train.global_batch_tokens ({t.global_batch_tokens}) must be a multiple of data.token_budget ({d.token_budget})")
     _check(t.max_time >= 0, f"train.max_time must be >= 0 seconds (0 = no limit), got {t.max_time}")
     _check(t.eval_every >= 0 and t.log_every >= 1, "train.eval_every must be >= 0 and train.log_every >= 1")
+    _check(t.dense_eval_every >= 0, "train.dense_eval_every must be >= 0")
+    _check(not t.dense_eval_every or 0 < t.dense_eval_every < t.eval_every,
+           f"train.dense_eval_every ({t.dense_eval_every}) needs train.eval_every > it (now {t.eval_every}):"
+           " it refines the regular evals near a target")
+    _check(t.dense_eval_margin > 0, "train.dense_eval_margin must be > 0")
     _check(t.checkpoint_every >= 0 and t.keep_latest_k >= 1, "train.checkpoint_every >= 0, train.keep_latest_k >= 1")
     _check(t.cost_per_hour >= 0, "train.cost_per_hour must be >= 0")
     _check(t.threads >= 0, "train.threads must be >= 0")

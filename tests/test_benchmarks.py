@@ -7,12 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 import gpu_bench  # noqa: E402
+import long_curve  # noqa: E402
 import speedrun  # noqa: E402
 import step_profile  # noqa: E402
 import throughput  # noqa: E402
@@ -119,49 +121,131 @@ def test_hf_reference_matches_the_raw_log():
     assert int(tail["real_tok/s"]) == speedrun.HF_REFERENCE["tok_per_s"]
 
 
+def _sr_row(case, seed, hits, tokens=1_000_000, secs=500.0, params=7.5e6):
+    """A speedrun row: `hits` {target: (tokens, seconds) or None}."""
+    return {"case": case, "seed": seed, "params": params, "tokens": tokens, "train_time_s": secs, "tok_per_s": 1.0,
+            "best_val_loss": 2.8, "stopped": "max_steps",
+            "hits": {str(float(t)): None if h is None else {"tokens_to_target": h[0], "time_to_target_s": h[1],
+                                                             "wall_time_s_incl_eval": h[1], "val_loss": t, "step": 1}
+                     for t, h in hits.items()}}
+
+
+def _sr_report(rows, targets):
+    return {"targets": targets, "hardware": {"gpu": None, "cpu": "c", "threads": 2}, "date": "d", "eval_every": 25,
+            "eval_subset": 256, "rows": rows, "hf_reference": {str(float(t)): speedrun.hf_reference(t) for t in targets}}
+
+
 def test_speedrun_headline_says_more_or_fewer_correctly():
     assert speedrun._ratio(600, 200, "tokens") == "**3.0× fewer tokens**"
     assert speedrun._ratio(200, 700, "tokens") == "**3.5× more tokens**"
     assert speedrun._ratio(50, 100, "training time") == "**2.0× more training time**"
     assert speedrun._ratio(245_386, 245_386, "tokens") == "**the same tokens** (1.00×)"
     assert speedrun._ratio(104, 100, "training time") == "**the same training time** (1.04×)"
-    row = lambda case, tokens, secs: {"case": case, "params": 7.5e6, "reached": True, "tokens_to_target": tokens,
-                                      "time_to_target_s": secs, "wall_time_s_incl_eval": secs, "tok_per_s": 1.0,
-                                      "stopped": "stop_at_val_loss"}
-    md = speedrun.markdown({"target": 2.9, "hardware": {"gpu": None, "cpu": "c", "threads": 2}, "date": "d",
-                            "eval_every": 25, "eval_subset": 256,
-                            "rows": [row("plmrun", 700_000, 140.0), row("plmrun esm2 recipe", 200_000, 47.6)],
-                            "hf_reference": speedrun.hf_reference(2.9)})
-    assert "vs plmrun esm2 recipe (same protocol): **3.5× more tokens**, **2.9× more training time**" in md
+    md = speedrun.markdown(_sr_report([_sr_row("plmrun", 0, {2.9: (700_000, 140.0)}),
+                                       _sr_row("plmrun esm2 recipe", 0, {2.9: (200_000, 47.6)})], [2.9]))
+    assert "vs plmrun esm2 recipe: **3.50× more tokens** (one-sided Welch p: ratio > 1 n/a" in md
+    assert "**2.94× more training time**" in md
 
 
-def test_speedrun_token_cap_and_not_reached():
-    cfg = speedrun.speedrun_config(throughput.plmrun_config(None, ["data.token_budget=4096"]), target=2.7,
-                                   eval_every=10, max_tokens=10_000, threads=1, run_root="r", name="n")
-    assert (cfg.train.max_steps, cfg.train.stop_at_val_loss, cfg.train.eval_every) == (3, 2.7, 10)
+def test_speedrun_ratios_and_welch_p_against_a_hand_computation():
+    """Three seeds per arm: geometric-mean ratios and the one-sided Welch p-values of log(theirs) - log(ours)
+    > log(factor), checked against Welch's t and Welch-Satterthwaite degrees of freedom written out here."""
+    from scipy import stats
+    ours = [(300_000, 100.0), (320_000, 110.0), (350_000, 104.0)]
+    theirs = [(900_000, 220.0), (700_000, 260.0), (820_000, 200.0)]
+    rows_a = [_sr_row("plmrun", i, {2.85: h}) for i, h in enumerate(ours)]
+    rows_b = [_sr_row("esm2", i, {2.85: h}) for i, h in enumerate(theirs)]
+    c = speedrun.compare(rows_a, rows_b, 2.85)
+    for what, k in (("tokens", 0), ("time", 1)):
+        la, lb = np.log([h[k] for h in ours]), np.log([h[k] for h in theirs])
+        assert c[what]["ratio"] == pytest.approx(np.exp(lb.mean() - la.mean()), rel=1e-12)
+        for factor, key in ((1.0, "p_gt_1"), (2.0, "p_gt_2")):
+            va, vb = la.var(ddof=1) / 3, lb.var(ddof=1) / 3
+            t = (lb.mean() - np.log(factor) - la.mean()) / np.sqrt(va + vb)
+            df = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 2)
+            assert c[what][key] == pytest.approx(stats.t.sf(t, df), rel=1e-9)
+    assert c["tokens"]["p_gt_1"] < c["tokens"]["p_gt_2"] < 0.05 and not c["tokens"]["lower_bound"]
+    # a baseline run that never reached the target counts with its whole run: a lower bound
+    rows_b[1] = _sr_row("esm2", 1, {2.85: None}, tokens=1_600_000, secs=400.0)
+    c = speedrun.compare(rows_a, rows_b, 2.85)
+    assert c["tokens"]["lower_bound"] and c["tokens"]["not_reached"] == 1
+    assert speedrun.arm_values(rows_b, 2.85, "tokens_to_target") == ([900_000.0, 1_600_000.0, 820_000.0], 1)
+    md = speedrun.markdown(_sr_report(rows_a + rows_b, [2.85]))
+    assert "**≥ " in md and "(≥; 1 not reached)" in md and "| plmrun | 3 |" in md
+    # one of ours not reaching it: no ratio at all
+    rows_a[0] = _sr_row("plmrun", 0, {2.85: None})
+    assert speedrun.compare(rows_a, rows_b, 2.85) is None
+    assert "**plmrun did not reach 2.85 in 1 of 3 runs**" in speedrun.markdown(_sr_report(rows_a + rows_b, [2.85]))
+
+
+def test_speedrun_token_cap_schedule_and_not_reached():
+    cfg = speedrun.speedrun_config(throughput.plmrun_config(None, ["data.token_budget=4096"]), targets=[2.7, 2.8],
+                                   eval_every=10, max_tokens=10_000, threads=1, run_root="r", name="n", seed=3,
+                                   dense_eval_every=5, dense_margin=0.01)
+    assert (cfg.train.max_steps, cfg.train.stop_at_val_loss, cfg.train.eval_every, cfg.train.seed) == (3, 2.7, 10, 3)
+    assert (cfg.train.dense_eval_every, cfg.train.dense_eval_margin) == (5, 0.01) and {2.7, 2.8} <= set(cfg.train.report_at_val_losses)
+    cfg = speedrun.speedrun_config(throughput.plmrun_config(None, ["data.token_budget=4096"]), targets=[2.7],
+                                   eval_every=10, max_tokens=10_000, threads=1, run_root="r", name="n",
+                                   schedule_tokens=4096 * 900)
+    assert cfg.train.max_steps == 900   # one schedule of the given tokens, past the config's own max_steps
     summary = {"params": 10, "steps": 3, "tokens": 9000, "train_time_s": 1.0, "tok_per_s": 9000.0, "mfu": 0.1,
                "precision": "bf16", "best_val_loss": 2.9, "stopped": "max_steps", "run_dir": "r/n",
                "time_to_target": {"2.8": {"tokens": 1, "train_time_s": 1, "wall_time_s_incl_eval": 1,
                                           "val_loss": 2.79, "step": 1}}}
-    row = speedrun.result_row("plmrun", summary, 2.7)
-    assert not row["reached"] and "tokens_to_target" not in row
-    md = speedrun.markdown({"target": 2.7, "hardware": {"gpu": None, "cpu": "c", "threads": 1}, "date": "d",
-                            "eval_every": 10, "eval_subset": 256, "rows": [row],
-                            "hf_reference": speedrun.hf_reference(2.7)})
-    assert "**plmrun did not reach 2.7** within 9,000 tokens" in md and "| plmrun | 0.00M | not reached |" in md
+    row = speedrun.result_row("plmrun", summary, [2.7, 2.8])
+    assert row["hits"]["2.7"] is None and row["hits"]["2.8"]["tokens_to_target"] == 1
+    md = speedrun.markdown({**_sr_report([row], [2.7]), "rows": [row]})
+    assert "**plmrun did not reach 2.7 in 1 of 1 runs** (best 2.9000)" in md and "| plmrun | 1 | 0.00M | not reached |" in md
 
 
 def test_speedrun_end_to_end(tmp_path, cache):
     out = tmp_path / "sr"
-    assert speedrun.main(["--config", "debug", "--set", "eval.subset=16", "--target", "3.3", "--eval-every", "5",
-                          "--threads", "1", "--skip-recipe", "--run-root", str(tmp_path / "runs"),
-                          "--out", str(out)]) == 0
+    assert speedrun.main(["--config", "debug", "--set", "eval.subset=16", "--target", "3.3", "3.25", "--eval-every", "4",
+                          "--dense-eval-every", "2", "--dense-margin", "1", "--seeds", "2", "--threads", "1",
+                          "--baseline-tokens", "8192", "--run-root", str(tmp_path / "runs"), "--out", str(out)]) == 0
     report = json.loads(out.with_suffix(".json").read_text())
-    (row,) = report["rows"]
-    assert row["reached"] and row["tokens_to_target"] > 0 and row["stopped"] == "stop_at_val_loss"
-    summary = json.loads((Path(row["run_dir"]) / "summary.json").read_text())
-    assert summary["time_to_target"]["3.3"]["tokens"] == row["tokens_to_target"]
-    assert f"**Tokens to 3.3: {row['tokens_to_target']:,}**" in out.with_suffix(".md").read_text()
+    rows = report["rows"]
+    assert [(r["case"], r["seed"]) for r in rows] == [("plmrun (debug)", 0), ("plmrun esm2 recipe", 0),
+                                                     ("plmrun (debug)", 1), ("plmrun esm2 recipe", 1)]
+    for row in rows:
+        summary = json.loads((Path(row["run_dir"]) / "summary.json").read_text())
+        assert f"seed: {row['seed']}" in (Path(row["run_dir"]) / "config.yaml").read_text()
+        for t, hit in row["hits"].items():
+            assert hit is None or summary["time_to_target"][t]["tokens"] == hit["tokens_to_target"]
+    assert all(r["steps"] <= 8192 // 1024 for r in rows if r["case"] == "plmrun esm2 recipe")
+    assert set(report["comparisons"]) == {"plmrun esm2 recipe @ 3.3", "plmrun esm2 recipe @ 3.25"}
+    md = out.with_suffix(".md").read_text()
+    assert "seeds 0, 1 per arm" in md and "| plmrun (debug) | 2 |" in md
+
+
+def test_long_curve_ratio_table():
+    """Tokens to the first eval at or below each 0.01 level both curves reach, and their ratio."""
+    pt = lambda tokens, loss: {"step": tokens // 100, "tokens": tokens, "train_time_s": tokens / 1e3, "val_loss": loss}
+    ours = [pt(100, 2.905), pt(200, 2.871), pt(300, 2.842), pt(400, 2.829)]
+    theirs = [pt(100, 2.915), pt(200, 2.889), pt(300, 2.866), pt(400, 2.851), pt(500, 2.838)]
+    rows = long_curve.ratio_table({long_curve.ARMS[0]: ours, long_curve.ARMS[1]: theirs})
+    assert [(r["val_loss"], r["plmrun_tokens"], r["recipe_tokens"]) for r in rows] == [
+        (2.9, 200, 200), (2.89, 200, 200), (2.88, 200, 300), (2.87, 300, 300), (2.86, 300, 400), (2.85, 300, 500),
+        (2.84, 400, 500)]
+    assert rows[-1]["ratio"] == 1.25
+    assert long_curve.tokens_to(ours, 2.80) is None
+
+
+def test_long_curve_end_to_end_and_from_runs(tmp_path, cache):
+    out = tmp_path / "lc"
+    args = ["--tokens", "6144", "--eval-tokens", "2048", "--jobs", "1", "--run-root", str(tmp_path / "runs"),
+            "--out", str(out), *[x for s in TINY + ["train.threads=1"] for x in ("--set", s)]]
+    assert long_curve.main(args) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert set(report["curves"]) == set(long_curve.ARMS) and out.with_suffix(".png").stat().st_size > 0
+    for arm, run in report["runs"].items():
+        assert [p["step"] for p in report["curves"][arm]] == [4, 8, 12]   # 512-token steps, eval every 4
+        assert json.loads((Path(run) / "summary.json").read_text())["steps"] == 12
+    assert report["unigram_loss"] > 2.5 and "| plmrun default |" in out.with_suffix(".md").read_text()
+    again = tmp_path / "again"
+    assert long_curve.main(["--from-runs", *report["runs"].values(), "--out", str(again)]) == 0
+    assert json.loads(again.with_suffix(".json").read_text())["curves"] == report["curves"]
+    assert long_curve.main(["--from-runs", str(tmp_path), str(tmp_path), "--out", str(again)]) == 2
 
 
 def test_gpu_table_scaling():

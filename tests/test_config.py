@@ -62,6 +62,10 @@ def test_explicit_cli_value_equal_to_default_still_wins_over_yaml(tmp_path):
     (["--train.max_time=-5"], "train.max_time must be >= 0 seconds (0 = no limit), got -5.0"),
     (["--train.max_time=1h"], "train.max_time: expected a number"),
     (["--logging.push_to_hub=model"], "logging.push_to_hub must be a Hub repo id like user/name, got 'model'"),
+    (["--train.dense_eval_every=80"], "train.dense_eval_every (80) needs train.eval_every > it (now 80)"),
+    (["--train.dense_eval_every=10", "--train.eval_every=0"], "train.dense_eval_every (10) needs train.eval_every > it"),
+    (["--train.dense_eval_every=-1"], "train.dense_eval_every must be >= 0"),
+    (["--train.dense_eval_margin=0"], "train.dense_eval_margin must be > 0"),
 ])
 def test_bad_values_give_one_clear_message(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

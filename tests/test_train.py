@@ -276,6 +276,32 @@ def test_max_time_stops_evaluates_checkpoints_and_tests(tmp_path, monkeypatch):
     assert summary["final_full_val"]["loss"] != summary["final_test"]["loss"] and summary["final_test"]["tokens"] > 0
 
 
+def test_dense_eval_due_only_near_an_unreached_target():
+    from plmrun.train.trainer import _dense_eval_due
+    cfg = build_config(None, ["--train.eval_every=40", "--train.dense_eval_every=10", "--train.dense_eval_margin=0.01",
+                              "--train.report_at_val_losses=[2.85]", "--train.stop_at_val_loss=2.84"])
+    due = lambda step, best: _dense_eval_due(cfg, {"step": step, "best_val_loss": best})
+    assert [due(s, 2.855) for s in (10, 15, 20)] == [True, False, True]       # within 0.01 above 2.85
+    assert [due(10, b) for b in (None, 2.861, 2.8495, 2.845, 2.8395)] == [False, False, True, True, False]
+    off = build_config(None, ["--train.report_at_val_losses=[2.85]"])
+    assert not _dense_eval_due(off, {"step": 10, "best_val_loss": 2.851})
+
+
+def test_dense_evals_near_a_target_and_resume_keeps_them(tmp_path):
+    """Once the best val loss is within the margin of an unreached target the run evaluates every
+    dense_eval_every steps; SIGTERM after step 5 and a resume give the same eval steps and losses."""
+    dense = [*TINY, "--train.max_steps=10", "--train.eval_every=4", "--train.dense_eval_every=2",
+             "--train.dense_eval_margin=5", "--train.report_at_val_losses=[0.5]"]
+    _plmrun(["train", *dense, "--logging.name=whole"], tmp_path)
+    evals = lambda name: [(r["step"], r["val_loss"]) for r in map(json.loads, (tmp_path / "runs" / name / "metrics.jsonl")
+                          .read_text().splitlines()) if r["kind"] == "eval" and not r.get("final")]
+    assert [s for s, _ in evals("whole")] == [4, 6, 8, 10]   # 2 is before the first eval: no best val loss yet
+    proc = _plmrun(["train", *dense, "--logging.name=cut"], tmp_path, env_extra={"PLMRUN_FAULT": "term@5"}, check=False)
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    _plmrun(["train", "--resume", str(tmp_path / "runs" / "cut")], tmp_path)
+    assert evals("cut") == evals("whole")
+
+
 def test_final_test_needs_a_test_split(tmp_path):
     proc = _plmrun(["train", *TINY, "--eval.final_test=true", "--data.test_split=holdout"], tmp_path, check=False)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0

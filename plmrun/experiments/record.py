@@ -87,7 +87,7 @@ def hardware_key(hw: dict, track: Track) -> str:
 def cpu_label(hw: dict) -> str:
     """'AMD EPYC (AVX2), 2 threads': the CPU model, the vector ISA torch uses and the thread count."""
     isa = f" ({hw['cpu_isa']})" if hw.get("cpu_isa") else ""
-    return f"{hw['cpu']}{isa}, {hw['threads']} threads"
+    return f"{hw['cpu']}{isa}, {hw['threads']} thread{'' if hw['threads'] == 1 else 's'}"
 
 
 # ------------------------------------------------------------------ statistics and entries

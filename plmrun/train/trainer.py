@@ -349,7 +349,7 @@ def _loop(run: _Run, stop: _StopFlag) -> str:
         if cfg.train.max_time and not done and _out_of_time(run, budget_start):
             stopped_reason = "max_time"
             done = True  # evaluated and checkpointed like the last step
-        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 or done:
+        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 or done or _dense_eval_due(cfg, state):
             if _eval_and_report(run, step + 1, r["loss"]):
                 stopped_reason = "stop_at_val_loss"
         signalled = float(all_reduce_sum(torch.tensor([float(stop.signal is not None)]))) > 0
@@ -530,6 +530,16 @@ def _log_train(run: _Run, step: int, r: dict, interval: dict) -> None:
     run.log.write(rec)
     if run.progress is not None:
         run.progress.set_postfix(loss=f"{r['loss']:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}", refresh=False)
+
+
+def _dense_eval_due(cfg: Config, state: dict) -> bool:
+    """train.dense_eval_every: an extra eval at this step because the best val loss so far is within
+    train.dense_eval_margin above a target not reached yet (a function of checkpointed state only)."""
+    t, best = cfg.train, state["best_val_loss"]
+    if not t.dense_eval_every or state["step"] % t.dense_eval_every or best is None:
+        return False
+    levels = [*t.report_at_val_losses, *([] if t.stop_at_val_loss is None else [t.stop_at_val_loss])]
+    return any(level < best <= level + t.dense_eval_margin for level in levels)
 
 
 def _eval_and_report(run: _Run, step: int, loss: float) -> bool:
