@@ -9,10 +9,11 @@ Each arm is one full schedule over --tokens (max_steps = tokens / token budget, 
 cool-down and the recipe's linear decay both end at the last step), evaluated every --eval-tokens
 on the eval subset with the one protocol (15% of residues, all <mask>, fixed masks). `--jobs 2`
 trains the two arms side by side, one process and one thread each (the losses are the same as
-sequential runs: they do not depend on timing). The table gives, for each loss level both arms
-reach, the tokens each needed (the first eval at or below it) and their ratio: where the curves
-separate, and whether plmrun's advantage grows with tokens. Writes benchmarks/results/long_curve.json,
-.md and .png.
+sequential runs: they do not depend on timing). The table gives, on a 0.005 grid of loss levels, the
+tokens each arm needed (the first eval at or below the level), the token ratio at the evals and with
+each crossing interpolated between evals, and the training-time ratio; a level one arm passed before
+its first eval or never reached gives a bound (≥ / ≤). Where the curves separate, and whether
+plmrun's advantage grows with tokens. Writes benchmarks/results/long_curve.json, .md and .png.
 """
 from __future__ import annotations
 
@@ -61,29 +62,54 @@ def eval_curve(run_dir) -> list[dict]:
     return [{k: r[k] for k in ("step", "tokens", "train_time_s", "val_loss")} for r in rows if r.get("kind") == "eval"]
 
 
-def tokens_to(curve: list[dict], level: float):
-    """Tokens at the first eval at or below `level` (None if never)."""
-    return next((p["tokens"] for p in curve if p["val_loss"] <= level), None)
+def tokens_to(curve: list[dict], level: float, interpolate: bool = False):
+    """Tokens at the first eval at or below `level` (None if never). With `interpolate`, the crossing
+    between that eval and the one before it, linear in tokens: evals are ~0.5M tokens apart, so the
+    eval-grid value alone can be off by most of an interval."""
+    i = next((i for i, p in enumerate(curve) if p["val_loss"] <= level), None)
+    if i is None or not interpolate or i == 0:
+        return None if i is None else curve[i]["tokens"]
+    a, b = curve[i - 1], curve[i]
+    return a["tokens"] + (a["val_loss"] - level) / (a["val_loss"] - b["val_loss"]) * (b["tokens"] - a["tokens"])
 
 
-def ratio_table(curves: dict, step: float = 0.01) -> list[dict]:
-    """Token ratio (recipe / plmrun) at each loss level, on a `step` grid, from the highest level both
-    curves cross after their first eval down to the lowest both reach."""
+def ratio_table(curves: dict, step: float = 0.005) -> list[dict]:
+    """Token and training-time ratios (recipe / plmrun) at each loss level on a `step` grid, from the
+    higher first eval down to the lowest loss either arm reaches: at the first evals at or below the
+    level, and for tokens also between evals (linear interpolation of each crossing).
+
+    A row is a bound when one side is only bounded: an arm already below the level at its first eval
+    crossed it somewhere before (its tokens are an upper bound); an arm that never reached the level
+    needed more than its whole run (its last eval is a lower bound). `bound` says which way the true
+    ratio lies ("≥", "≤" or ""); levels where both sides are bounded in opposite ways are left out."""
     ours, theirs = curves[ARMS[0]], curves[ARMS[1]]
-    lo = max(min(p["val_loss"] for p in ours), min(p["val_loss"] for p in theirs))
-    hi = min(ours[0]["val_loss"], theirs[0]["val_loss"])
-    rows, level = [], math.floor(hi / step) * step
-    while level >= lo - 1e-12:
-        a, b = tokens_to(ours, level), tokens_to(theirs, level)
-        if a and b:
-            rows.append({"val_loss": round(level, 4), "plmrun_tokens": a, "recipe_tokens": b, "ratio": b / a})
+
+    def crossing(curve, level):
+        i = next((i for i, p in enumerate(curve) if p["val_loss"] <= level), None)
+        if i is None:   # never: more than the whole run
+            return curve[-1], curve[-1]["tokens"], "never"
+        return curve[i], tokens_to(curve, level, interpolate=True), "first" if i == 0 else ""
+
+    rows = []
+    level = round(math.floor(max(ours[0]["val_loss"], theirs[0]["val_loss"]) / step + 1e-9) * step, 6)
+    lowest = min(p["val_loss"] for p in ours + theirs)
+    while level >= lowest - 1e-9:
+        (a, ai, ka), (b, bi, kb) = crossing(ours, level), crossing(theirs, level)
+        up = ka == "first" or kb == "never"          # ours overstated or theirs understated: ratio larger
+        down = ka == "never" or kb == "first"
+        if not (up and down):
+            rows.append({"val_loss": round(level, 4), "bound": "≥" if up else "≤" if down else "",
+                         "plmrun_tokens": a["tokens"], "recipe_tokens": b["tokens"],
+                         "plmrun_crossing": ka, "recipe_crossing": kb,
+                         "ratio": b["tokens"] / a["tokens"], "ratio_interpolated": bi / ai,
+                         "time_ratio": b["train_time_s"] / a["train_time_s"]})
         level = round(level - step, 6)
     return rows
 
 
 def markdown(report: dict) -> str:
     c = report["curves"]
-    side = "the two runs side by side" if report.get("jobs") == 2 else "one run after the other"
+    side = {2: "the two runs side by side", 1: "one run after the other"}.get(report.get("jobs"), "run order unknown")
     lines = [f"Long curve, {report['date']}, {report['machine']} ({side}): one run per arm at the default shape, one"
              f" schedule over {report['tokens']:,} tokens each, eval every {report['eval_every_tokens']:,} tokens"
              f" (first {report['eval_subset']} valid sequences, 15% all <mask>).", "",
@@ -92,9 +118,20 @@ def markdown(report: dict) -> str:
         s = report["summaries"][arm]
         lines.append(f"| {arm} | {s['params'] / 1e6:.2f}M | {s['tokens']:,} | {c[arm][-1]['val_loss']:.4f} | "
                      f"{s['best_val_loss']:.4f} | {s['train_time_s']:.0f} | {s['tok_per_s']:,.0f} |")
-    lines += ["", "| val loss | plmrun tokens | ESM-2 recipe tokens | recipe / plmrun |", "|---|---|---|---|"]
-    lines += [f"| {r['val_loss']:.2f} | {r['plmrun_tokens']:,} | {r['recipe_tokens']:,} | {r['ratio']:.2f}× |"
-              for r in report["ratios"]]
+    def cell(tokens, crossing):   # crossing: "" (between two evals), "first" (by the first eval), "never"
+        return {"never": "not reached", "first": f"≤ {tokens:,}"}.get(crossing, f"{tokens:,}")
+
+    lines += ["", "| val loss | plmrun tokens | ESM-2 recipe tokens | tokens: recipe / plmrun | between evals "
+              "(interpolated) | training time: recipe / plmrun |", "|---|---|---|---|---|---|"]
+    for r in report["ratios"]:
+        b = f"{r['bound']} " if r["bound"] else ""
+        lines.append(f"| {r['val_loss']:.3f} | {cell(r['plmrun_tokens'], r['plmrun_crossing'])} | "
+                     f"{cell(r['recipe_tokens'], r['recipe_crossing'])} | {b}{r['ratio']:.2f}× | "
+                     f"{b}{r['ratio_interpolated']:.2f}× | {b}{r['time_ratio']:.2f}× |")
+    lines += ["", "Tokens and training seconds (evals not counted) are those of the first eval at or below the level;"
+              " the interpolated column puts each crossing linearly between the two evals around it. ≥ / ≤: one"
+              " arm was already below the level at its first eval (≤ its tokens) or never reached it (more than"
+              " its whole run), so the ratio is a bound."]
     return "\n".join(lines) + "\n"
 
 
@@ -102,21 +139,30 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.6))
     for arm, style in zip(ARMS, ("-o", "-s")):
         pts = report["curves"][arm]
         ax.plot([p["tokens"] / 1e6 for p in pts], [p["val_loss"] for p in pts], style, ms=3, label=arm)
     ax.axhline(report["unigram_loss"], color="grey", ls=":", label="unigram (same targets)")
     ax.set(xlabel="training tokens (M)", ylabel="val loss (15%, all <mask>)", title="validation loss")
-    ax.legend()
+    ax.legend(fontsize=8)
     r = report["ratios"]
-    bx.plot([x["val_loss"] for x in r], [x["ratio"] for x in r], "-o", ms=3)
+    exact = [x for x in r if not x["bound"]]
+    bx.plot([x["val_loss"] for x in exact], [x["ratio"] for x in exact], "o", ms=3, label="at the evals")
+    bx.plot([x["val_loss"] for x in exact], [x["ratio_interpolated"] for x in exact], "-",
+            label="between evals (interpolated)")
+    for sign, marker in (("≥", "^"), ("≤", "v")):
+        pts = [x for x in r if x["bound"] == sign]
+        if pts:
+            bx.plot([x["val_loss"] for x in pts], [x["ratio"] for x in pts], marker, ms=5, color="grey",
+                    label=f"bound ({sign}): one arm at its first eval or never there")
     bx.axhline(1.0, color="grey", ls=":")
     bx.axhline(2.0, color="grey", ls="--", label="2× (the speed-track goal)")
     bx.set(xlabel="val loss level", ylabel="ESM-2 recipe tokens / plmrun tokens", title="token ratio to reach each loss")
     bx.invert_xaxis()
-    bx.legend()
-    fig.suptitle(f"{report['date']}, {report['machine']}", fontsize=9)
+    bx.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+    side = {2: ", two runs side by side", 1: ", one run after the other"}.get(report.get("jobs"), "")
+    fig.suptitle(f"{report['date']}, {report['machine']}{side}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -168,11 +214,21 @@ def main(argv=None) -> int:
         rec = json.loads(line) if line.strip() else {}
         if rec.get("kind") == "eval" and "val_unigram_loss" in rec:
             unigram = rec["val_unigram_loss"]
+    envs = {arm: json.loads(f.read_text()) if (f := Path(d) / "environment.json").is_file() else {}
+            for arm, d in runs.items()}
+    jobs = a.jobs
+    if a.from_runs:   # how the runs were made, from their own records, not from this call's flags
+        spans = [(t := datetime.datetime.fromisoformat(envs[arm]["started"]).timestamp(),
+                  t + summaries[arm]["total_time_s"]) for arm in ARMS if "started" in envs[arm]]
+        # side by side when the runs overlap by more than the 1-s resolution of "started" can blur
+        jobs = (2 if min(spans[0][1], spans[1][1]) - max(spans[0][0], spans[1][0]) > 2 else 1) if len(spans) == 2 else None
     hw = hardware_info()
-    report = {"date": datetime.date.today().isoformat(), "hardware": hw,
-              "machine": hw.get("gpu") or cpu_label({**hw, "threads": 1} if a.jobs == 2 and not a.from_runs else hw), "tokens": max(s["tokens"] for s in summaries.values()),
+    hw["threads"] = max(e.get("torch_threads", hw["threads"]) for e in envs.values())
+    report = {"date": min((e["started"] for e in envs.values() if "started" in e),
+                          default=datetime.date.today().isoformat())[:10], "hardware": hw,
+              "machine": hw.get("gpu") or cpu_label(hw), "tokens": max(s["tokens"] for s in summaries.values()),
               "eval_every_tokens": curves[ARMS[0]][1]["tokens"] - curves[ARMS[0]][0]["tokens"],
-              "unigram_loss": unigram, "jobs": None if a.from_runs else a.jobs,
+              "unigram_loss": unigram, "jobs": jobs,
               "eval_subset": summaries[ARMS[0]]["eval_subset"], "runs": {arm: str(d) for arm, d in runs.items()},
               "summaries": {arm: {k: s[k] for k in ("params", "tokens", "train_time_s", "tok_per_s", "best_val_loss")}
                             for arm, s in summaries.items()},

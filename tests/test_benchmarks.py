@@ -219,16 +219,36 @@ def test_speedrun_end_to_end(tmp_path, cache):
 
 
 def test_long_curve_ratio_table():
-    """Tokens to the first eval at or below each 0.01 level both curves reach, and their ratio."""
+    """Tokens and time to the first eval at or below each level, their ratios, the interpolated
+    crossing, and bounds where one arm was already below at its first eval or never got there."""
     pt = lambda tokens, loss: {"step": tokens // 100, "tokens": tokens, "train_time_s": tokens / 1e3, "val_loss": loss}
     ours = [pt(100, 2.905), pt(200, 2.871), pt(300, 2.842), pt(400, 2.829)]
     theirs = [pt(100, 2.915), pt(200, 2.889), pt(300, 2.866), pt(400, 2.851), pt(500, 2.838)]
-    rows = long_curve.ratio_table({long_curve.ARMS[0]: ours, long_curve.ARMS[1]: theirs})
-    assert [(r["val_loss"], r["plmrun_tokens"], r["recipe_tokens"]) for r in rows] == [
-        (2.9, 200, 200), (2.89, 200, 200), (2.88, 200, 300), (2.87, 300, 300), (2.86, 300, 400), (2.85, 300, 500),
-        (2.84, 400, 500)]
-    assert rows[-1]["ratio"] == 1.25
-    assert long_curve.tokens_to(ours, 2.80) is None
+    for p in theirs:
+        p["train_time_s"] *= 0.5   # the recipe's step is twice as fast
+    rows = long_curve.ratio_table({long_curve.ARMS[0]: ours, long_curve.ARMS[1]: theirs}, step=0.01)
+    assert [(r["val_loss"], r["plmrun_tokens"], r["recipe_tokens"], r["bound"]) for r in rows] == [
+        (2.91, 100, 200, "≥"),                       # ours below 2.91 already at its first eval
+        (2.9, 200, 200, ""), (2.89, 200, 200, ""), (2.88, 200, 300, ""), (2.87, 300, 300, ""),
+        (2.86, 300, 400, ""), (2.85, 300, 500, ""), (2.84, 400, 500, ""),
+        (2.83, 400, 500, "≥")]                       # theirs never reached 2.83: more than its whole run
+    assert rows[-2]["ratio"] == 1.25 and rows[-2]["time_ratio"] == pytest.approx(0.625)
+    assert rows[0]["plmrun_crossing"] == "first" and rows[-1]["recipe_crossing"] == "never"
+    assert long_curve.tokens_to(ours, 2.80) is None and long_curve.tokens_to(ours, 2.80, interpolate=True) is None
+    # 2.85: ours crosses between 200 (2.871) and 300 (2.842) at 200 + 21/29·100; theirs between 400 and 500
+    assert rows[-3]["ratio_interpolated"] == pytest.approx((400 + 1 / 13 * 100) / (200 + 21 / 29 * 100))
+    assert long_curve.tokens_to(ours, 2.95, interpolate=True) == 100   # already below at the first eval
+    # opposite bounds (ours never there, theirs below at its first eval) are left out, not guessed
+    swapped = long_curve.ratio_table({long_curve.ARMS[0]: [pt(100, 2.90), pt(200, 2.89)],
+                                      long_curve.ARMS[1]: [pt(100, 2.85), pt(200, 2.84)]}, step=0.01)
+    assert [(r["val_loss"], r["bound"]) for r in swapped] == [(2.89, "≤"), (2.88, "≤"), (2.87, "≤"), (2.86, "≤"),
+                                                             (2.85, "≤"), (2.84, "≤")]   # 2.90: both bounded
+    md = long_curve.markdown({"curves": {long_curve.ARMS[0]: ours, long_curve.ARMS[1]: theirs}, "ratios": rows,
+                              "date": "d", "machine": "m", "jobs": 1, "tokens": 500, "eval_every_tokens": 100,
+                              "eval_subset": 8, "summaries": {a: {"params": 1e6, "tokens": 500, "best_val_loss": 2.8,
+                                                                  "train_time_s": 1.0, "tok_per_s": 1.0}
+                                                              for a in long_curve.ARMS}})
+    assert "| 2.910 | ≤ 100 | 200 | ≥ 2.00× |" in md and "| 2.830 | 400 | not reached | ≥ 1.25× |" in md
 
 
 def test_long_curve_end_to_end_and_from_runs(tmp_path, cache):
@@ -244,7 +264,8 @@ def test_long_curve_end_to_end_and_from_runs(tmp_path, cache):
     assert report["unigram_loss"] > 2.5 and "| plmrun default |" in out.with_suffix(".md").read_text()
     again = tmp_path / "again"
     assert long_curve.main(["--from-runs", *report["runs"].values(), "--out", str(again)]) == 0
-    assert json.loads(again.with_suffix(".json").read_text())["curves"] == report["curves"]
+    redrawn = json.loads(again.with_suffix(".json").read_text())
+    assert redrawn["curves"] == report["curves"] and redrawn["jobs"] == 1   # read from the runs: one after the other
     assert long_curve.main(["--from-runs", str(tmp_path), str(tmp_path), "--out", str(again)]) == 2
 
 
