@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import RESULTS, plmrun_config, recipe_at_shape, write_report  # noqa: E402
 
 ARMS = ("plmrun default", "plmrun esm2 recipe")
+RUN_ORDER = {2: "two runs side by side", 1: "one run after the other"}   # report["jobs"] → label
 
 
 def arm_configs(sets: list[str], *, tokens: int, eval_tokens: int, seed: int, threads: int, run_root: str) -> dict:
@@ -62,15 +63,27 @@ def eval_curve(run_dir) -> list[dict]:
     return [{k: r[k] for k in ("step", "tokens", "train_time_s", "val_loss")} for r in rows if r.get("kind") == "eval"]
 
 
+def _first_at_or_below(curve: list[dict], level: float):
+    """Index of the first eval at or below `level` (None if never)."""
+    return next((i for i, p in enumerate(curve) if p["val_loss"] <= level), None)
+
+
+def _crossing_tokens(curve: list[dict], i: int, level: float) -> float:
+    """Where the curve crosses `level` between eval i - 1 and eval i, linear in tokens (eval 0: its own)."""
+    if i == 0:
+        return curve[0]["tokens"]
+    a, b = curve[i - 1], curve[i]
+    return a["tokens"] + (a["val_loss"] - level) / (a["val_loss"] - b["val_loss"]) * (b["tokens"] - a["tokens"])
+
+
 def tokens_to(curve: list[dict], level: float, interpolate: bool = False):
     """Tokens at the first eval at or below `level` (None if never). With `interpolate`, the crossing
     between that eval and the one before it, linear in tokens: evals are ~0.5M tokens apart, so the
     eval-grid value alone can be off by most of an interval."""
-    i = next((i for i, p in enumerate(curve) if p["val_loss"] <= level), None)
-    if i is None or not interpolate or i == 0:
-        return None if i is None else curve[i]["tokens"]
-    a, b = curve[i - 1], curve[i]
-    return a["tokens"] + (a["val_loss"] - level) / (a["val_loss"] - b["val_loss"]) * (b["tokens"] - a["tokens"])
+    i = _first_at_or_below(curve, level)
+    if i is None:
+        return None
+    return _crossing_tokens(curve, i, level) if interpolate else curve[i]["tokens"]
 
 
 def ratio_table(curves: dict, step: float = 0.005) -> list[dict]:
@@ -85,10 +98,10 @@ def ratio_table(curves: dict, step: float = 0.005) -> list[dict]:
     ours, theirs = curves[ARMS[0]], curves[ARMS[1]]
 
     def crossing(curve, level):
-        i = next((i for i, p in enumerate(curve) if p["val_loss"] <= level), None)
+        i = _first_at_or_below(curve, level)
         if i is None:   # never: more than the whole run
             return curve[-1], curve[-1]["tokens"], "never"
-        return curve[i], tokens_to(curve, level, interpolate=True), "first" if i == 0 else ""
+        return curve[i], _crossing_tokens(curve, i, level), "first" if i == 0 else ""
 
     rows = []
     level = round(math.floor(max(ours[0]["val_loss"], theirs[0]["val_loss"]) / step + 1e-9) * step, 6)
@@ -109,7 +122,7 @@ def ratio_table(curves: dict, step: float = 0.005) -> list[dict]:
 
 def markdown(report: dict) -> str:
     c = report["curves"]
-    side = {2: "the two runs side by side", 1: "one run after the other"}.get(report.get("jobs"), "run order unknown")
+    side = RUN_ORDER.get(report.get("jobs"), "run order unknown")
     lines = [f"Long curve, {report['date']}, {report['machine']} ({side}): one run per arm at the default shape, one"
              f" schedule over {report['tokens']:,} tokens each, eval every {report['eval_every_tokens']:,} tokens"
              f" (first {report['eval_subset']} valid sequences, 15% all <mask>).", "",
@@ -161,7 +174,7 @@ def plot(report: dict, path: Path) -> None:
     bx.set(xlabel="val loss level", ylabel="ESM-2 recipe tokens / plmrun tokens", title="token ratio to reach each loss")
     bx.invert_xaxis()
     bx.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
-    side = {2: ", two runs side by side", 1: ", one run after the other"}.get(report.get("jobs"), "")
+    side = f", {RUN_ORDER[report['jobs']]}" if report.get("jobs") in RUN_ORDER else ""
     fig.suptitle(f"{report['date']}, {report['machine']}{side}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -218,9 +231,12 @@ def main(argv=None) -> int:
             for arm, d in runs.items()}
     jobs = a.jobs
     if a.from_runs:   # how the runs were made, from their own records, not from this call's flags
+        # [first start, start + training and eval seconds]: environment.json is stamped before the first
+        # step and those seconds leave out set-up, so a span never reaches past the run's real end and
+        # runs one after the other overlap by at most the 1-s resolution of "started"
         spans = [(t := datetime.datetime.fromisoformat(envs[arm]["started"]).timestamp(),
-                  t + summaries[arm]["total_time_s"]) for arm in ARMS if "started" in envs[arm]]
-        # side by side when the runs overlap by more than the 1-s resolution of "started" can blur
+                  t + summaries[arm]["train_time_s"] + summaries[arm]["eval_time_s"])
+                 for arm in ARMS if "started" in envs[arm]]
         jobs = (2 if min(spans[0][1], spans[1][1]) - max(spans[0][0], spans[1][0]) > 2 else 1) if len(spans) == 2 else None
     hw = hardware_info()
     hw["threads"] = max(e.get("torch_threads", hw["threads"]) for e in envs.values())
