@@ -225,7 +225,9 @@ class EvalConfig:
     mask_rate: float = 0.15
     "Fraction of residues masked (all with <mask>) in the eval protocol."
     max_length: int = 1024
-    "Eval crop: longer sequences get one fixed window of this many tokens (1022 residues)."
+    "Eval window in tokens (1022 residues): see eval.windows for sequences that are longer."
+    windows: Literal["crop", "chunk"] = "crop"
+    "Sequences longer than eval.max_length: 'crop' scores one fixed window, 'chunk' scores every consecutive window (the SpeedrunningPLMs protocol: chunks of 256)."
     subset: int = 256
     "Valid sequences used by in-training evals (the first N; 0 = all)."
     token_budget: int = 8192

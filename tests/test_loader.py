@@ -197,3 +197,31 @@ def test_crop_schedule_makes_longer_windows_after_the_switch():
         before = [n for s in range(3) for b in ld.next_step(s) for n in _segments(b)]
         after = [n for s in range(3, 12) for b in ld.next_step(s) for n in _segments(b)]
     assert max(before) == 100 and max(after) == 902               # the 900-residue sequence whole
+
+
+def test_chunked_eval_windows_score_every_residue_once():
+    src = random_source([30, 2000, 5, 400, 1100, 60, 700], seed=3)
+    chunks = EvalBatches(src, token_budget=1024, max_length=256, eval_seed=7, mask_rate=0.15, windows="chunk")
+    seen = {}
+    for b in chunks:
+        cu = b.packed.cu_seqlens.tolist()
+        for k, (i, s) in enumerate(zip(b.packed.seq_index.tolist(), b.packed.crop_start.tolist())):
+            assert cu[k + 1] - cu[k] <= 256
+            seen.setdefault(i, []).append((s, cu[k + 1] - cu[k] - 2))
+    for i, parts in seen.items():                                # consecutive windows tile the sequence
+        assert [s for s, _ in parts] == list(range(0, len(parts) * 254, 254))
+        assert sum(n for _, n in parts) == src.lengths[i]
+    assert sorted(seen) == list(range(len(src))) and len(seen[1]) == 8
+    # masks depend on the residue's place in the whole sequence: the same residues are masked whatever the window
+    crop = EvalBatches(src, token_budget=4096, max_length=2048, eval_seed=7, mask_rate=0.15)
+    masked = lambda batches: sorted((i, s + p) for b in batches for i, s, p in _targets(b))
+    assert masked(chunks) == masked(crop)
+    with pytest.raises(ValueError, match="windows"):
+        EvalBatches(src, token_budget=1024, max_length=256, eval_seed=7, mask_rate=0.15, windows="slide")
+
+
+def _targets(b):
+    cu = b.packed.cu_seqlens.tolist()
+    for k, (i, s) in enumerate(zip(b.packed.seq_index.tolist(), b.packed.crop_start.tolist())):
+        for p in (b.targets[cu[k]:cu[k + 1]] != IGNORE).nonzero().flatten().tolist():
+            yield i, s, p - 1

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from plmrun.data.masking import MaskedBatch, Masker, eval_masks
-from plmrun.data.packing import TAG_EVAL_CROP, PackingPlan, crop_starts, pack, token_lengths
+from plmrun.data.packing import TAG_EVAL_CROP, PackingPlan, crop_starts, pack
 
 
 @dataclass(frozen=True)
@@ -210,32 +210,38 @@ class TrainLoader:
 
 
 class EvalBatches:
-    """Eval micro-batches in dataset order with fixed crops and masks (see masking.eval_masks).
+    """Eval micro-batches in dataset order with fixed windows and masks (see masking.eval_masks).
 
-    Sequences (the first `subset`, 0 = all) are filled into batches in order; batch k belongs to
-    rank k % world_size, so ranks hold disjoint parts whose union is the split. Results summed
-    over batches do not depend on the budget, the world size or the worker count.
+    Sequences (the first `subset`, 0 = all) are cut into windows of at most max_length tokens:
+    `windows="crop"` keeps one fixed window per sequence, `windows="chunk"` keeps every consecutive
+    window (each with its own <cls>/<eos>), so every residue of a long sequence is scored. Windows
+    are filled into batches in order; batch k belongs to rank k % world_size, so ranks hold disjoint
+    parts whose union is the split. Results summed over batches do not depend on the budget, the
+    world size or the worker count.
     """
 
     def __init__(self, source, *, token_budget: int, max_length: int, eval_seed: int, mask_rate: float,
-                 subset: int = 0, world_size: int = 1, rank: int = 0):
+                 subset: int = 0, world_size: int = 1, rank: int = 0, windows: str = "crop"):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if max_length < 3 or token_budget < max_length:
             raise ValueError(f"need 3 <= max_length ({max_length}) <= token_budget ({token_budget})")
+        if windows not in ("crop", "chunk"):
+            raise ValueError(f"windows must be 'crop' or 'chunk', got {windows!r}")
         n = len(source) if subset <= 0 else min(subset, len(source))
         self.source, self.token_budget, self.max_length = source, token_budget, max_length
         self.eval_seed, self.mask_rate = eval_seed, mask_rate
-        self.lengths = np.asarray(source.lengths[:n], dtype=np.int64)
-        tok = token_lengths(self.lengths, max_length).tolist()
+        lengths = np.asarray(source.lengths[:n], dtype=np.int64)
+        self.index, self.starts = _eval_windows(lengths, max_length, eval_seed, windows)
+        tok = (np.minimum(lengths[self.index] - self.starts, max_length - 2) + 2).tolist()
         bounds, start, used = [], 0, 0
         for i, t in enumerate(tok):
             if used + t > token_budget:
                 bounds.append((start, i))
                 start, used = i, 0
             used += t
-        if n:
-            bounds.append((start, n))
+        if tok:
+            bounds.append((start, len(tok)))
         self.num_sequences = n
         self.num_batches_total = len(bounds)
         self.padding_fraction = 1.0 - sum(tok) / (len(bounds) * token_budget) if bounds else 0.0
@@ -246,7 +252,18 @@ class EvalBatches:
 
     def __iter__(self):
         for a, b in self._mine:
-            idx = np.arange(a, b, dtype=np.int64)
-            crops = crop_starts(self.lengths[a:b], idx, self.max_length, self.eval_seed, TAG_EVAL_CROP)
-            packed = pack(self.source, idx, crops, token_budget=self.token_budget, max_length=self.max_length)
+            packed = pack(self.source, self.index[a:b], self.starts[a:b], token_budget=self.token_budget,
+                          max_length=self.max_length)
             yield eval_masks(packed, eval_seed=self.eval_seed, mask_rate=self.mask_rate)
+
+
+def _eval_windows(lengths: np.ndarray, max_length: int, eval_seed: int, windows: str) -> tuple[np.ndarray, np.ndarray]:
+    """(sequence index, residue offset) of every eval window, in dataset order."""
+    index = np.arange(len(lengths), dtype=np.int64)
+    if windows == "crop":
+        return index, crop_starts(lengths, index, max_length, eval_seed, TAG_EVAL_CROP)
+    per_seq = np.maximum(1, -(-lengths // (max_length - 2)))        # ceil(L / window), an empty sequence once
+    seq = np.repeat(index, per_seq)
+    first = np.cumsum(per_seq) - per_seq
+    starts = (np.arange(len(seq), dtype=np.int64) - np.repeat(first, per_seq)) * (max_length - 2)
+    return seq, starts

@@ -111,7 +111,7 @@ def compute_metrics(loss_sum: float, normalizer: float, confusion: torch.Tensor)
     n = c.sum().item()
     loss = loss_sum / normalizer if normalizer > 0 else float("nan")
     if n == 0:
-        return {"loss": loss, "perplexity": math.exp(loss) if loss == loss else float("nan"), "accuracy": float("nan"),
+        return {"loss": loss, "bits": loss / math.log(2), "perplexity": math.exp(loss) if loss == loss else float("nan"), "accuracy": float("nan"),
                 "precision": float("nan"), "recall": float("nan"), "f1": float("nan"), "mcc": float("nan"), "tokens": 0}
     tp = c.diag()
     support = c.sum(1)  # true counts per class
@@ -129,6 +129,7 @@ def compute_metrics(loss_sum: float, normalizer: float, confusion: torch.Tensor)
     denom = math.sqrt(cov_ytyt * cov_ypyp)
     return {
         "loss": loss,
+        "bits": loss / math.log(2),
         "perplexity": math.exp(min(loss, 700.0)),
         "accuracy": correct / n,
         "precision": (w * precision).sum().item(),

@@ -30,7 +30,7 @@ def eval_batches(source, cfg: EvalConfig, *, subset: int = 0, token_budget: int 
     """The fixed-mask batches of `source` for this rank (all of them when world_size == 1)."""
     ws, rk = _dist_info()
     return EvalBatches(source, token_budget=token_budget or cfg.token_budget, max_length=cfg.max_length,
-                       eval_seed=cfg.seed, mask_rate=cfg.mask_rate, subset=subset,
+                       eval_seed=cfg.seed, mask_rate=cfg.mask_rate, subset=subset, windows=cfg.windows,
                        world_size=ws if world_size is None else world_size, rank=rk if rank is None else rank)
 
 
