@@ -213,9 +213,12 @@ def add_embed_command(subparsers) -> argparse.ArgumentParser:
 
 
 def _run(args) -> int:
-    if (args.max_length is not None and (args.max_length < 3 or args.token_budget < args.max_length)) \
-            or args.chunk_size < 1:
-        raise EvalError("embed: need --max-length >= 3, --token-budget >= --max-length, --chunk-size >= 1")
+    from plmrun.config import check_at_least, check_budget_covers, check_window
+    if args.max_length is not None:
+        check_window(args.max_length, "--max-length")
+        check_budget_covers(args.token_budget, args.max_length, "--token-budget", "--max-length")
+    check_at_least(args.token_budget, 1, "--token-budget")
+    check_at_least(args.chunk_size, 1, "--chunk-size", " (records per resumable chunk)")
     if not Path(args.fasta).exists():
         raise EvalError(f"embed: {args.fasta}: no such FASTA file; check the path")
     from plmrun.data.readers import input_kind

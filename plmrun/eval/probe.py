@@ -322,9 +322,12 @@ def _layer_arg(value: str) -> int | str:
 
 
 def _run(args) -> int:
-    if args.seeds < 1 or (args.max_train is not None and args.max_train < 2) or \
-            (args.max_test is not None and args.max_test < 1):
-        raise EvalError("probe: need --seeds >= 1, --max-train >= 2, --max-test >= 1")
+    from plmrun.config import check_at_least
+    check_at_least(args.seeds, 1, "--seeds")
+    for flag, value, least in (("--max-train", args.max_train, 2), ("--max-test", args.max_test, 1)):
+        if value is not None:
+            check_at_least(value, least, flag)
+    check_at_least(args.token_budget, 1, "--token-budget", " (batches grow to hold one window)")
     caps = {k: v for k, v in (("max_train", args.max_train), ("max_test", args.max_test)) if v is not None}
     model = load_eval_model(args.model, device=resolve_device(args.device), max_length=args.max_length)
     try:

@@ -531,10 +531,10 @@ def add_zeroshot_command(subparsers) -> argparse.ArgumentParser:
 
 def _check_args(args) -> None:
     """Flags that need no file, checked before anything is read or loaded."""
-    if args.max_length is not None and args.max_length < 3:
-        raise ValueError(f"--max-length {args.max_length}: must be >= 3 (<cls>, a residue, <eos>)")
-    if args.token_budget < 1:
-        raise ValueError(f"--token-budget {args.token_budget}: must be >= 1 (batches hold at least one window)")
+    from plmrun.config import check_at_least, check_window
+    if args.max_length is not None:
+        check_window(args.max_length, "--max-length")
+    check_at_least(args.token_budget, 1, "--token-budget", " (batches grow to hold one window)")
     if args.position_map and args.offset != 1:
         raise ValueError("give --offset or --position-map, not both (the map gives every site's residue)")
     for flag, path in (("--out", args.out), ("--json", args.json)):
