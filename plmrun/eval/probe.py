@@ -14,11 +14,8 @@ over test sequences: the seed std says how much the probe moves, not whether the
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
-import io
 import json
-import lzma
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -27,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from plmrun import tokenizer as tok
+from plmrun.data.tables import read_table
 from plmrun.device import resolve_device
 from plmrun.eval.errors import EvalError
 from plmrun.eval.embed import embed_sequences, num_hidden_states
@@ -76,10 +74,8 @@ def _unit_hash(text: str) -> float:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") / 2.0 ** 64
 
 
-def _read_table(name: str, delimiter: str) -> list[dict]:
-    path = PROBE_DIR / name
-    with lzma.open(path, "rt") as f:
-        return list(csv.DictReader(io.StringIO(f.read()), delimiter=delimiter))
+def _read_table(name: str) -> list[dict]:
+    return read_table(PROBE_DIR / name, what="bundled probe").records()
 
 
 def _cap(rows: list, key, n: int) -> list:
@@ -89,7 +85,7 @@ def _cap(rows: list, key, n: int) -> list:
 def load_task(task: Task) -> TaskData:
     """Train/test sequences and labels of a bundled task, split and capped deterministically."""
     if task.name == "localisation":
-        rows = _read_table("scl2205_localisation.tsv.xz", "\t")
+        rows = _read_table("scl2205_localisation.tsv.xz")
         acc = lambda r: r["accession"]
         train = _cap([r for r in rows if r["split"] == "trn"], acc, task.max_train)
         test = _cap([r for r in rows if r["split"] == "tst"], acc, task.max_test)
@@ -97,7 +93,7 @@ def load_task(task: Task) -> TaskData:
         return TaskData([r["sequence"] for r in train], [lab(r) for r in train],
                         [r["sequence"] for r in test], [lab(r) for r in test], 13)
     if task.name == "secondary_structure":
-        rows = _read_table("scope207_domains_dssp8.tsv.xz", "\t")
+        rows = _read_table("scope207_domains_dssp8.tsv.xz")
         is_test = lambda r: _unit_hash("superfamily:" + r["sccs"].rsplit(".", 1)[0]) < 0.2
         ident = lambda r: r["id"]
         train = _cap([r for r in rows if not is_test(r)], ident, task.max_train)
@@ -106,7 +102,7 @@ def load_task(task: Task) -> TaskData:
         return TaskData([r["sequence"] for r in train], [ss3(r) for r in train],
                         [r["sequence"] for r in test], [ss3(r) for r in test], 3)
     if task.name == "solubility":
-        rows = _read_table("solvnet_solubility.csv.xz", ",")
+        rows = _read_table("solvnet_solubility.csv.xz")
         is_test = lambda r: _unit_hash("solubility:" + r["aa_seq"]) < 0.2
         seq = lambda r: r["aa_seq"]
         train = _cap([r for r in rows if not is_test(r)], seq, task.max_train)

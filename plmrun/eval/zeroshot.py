@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ import torch
 
 from plmrun import tokenizer as tok
 from plmrun.data.packing import length_batches, pack_tokens
+from plmrun.data.tables import MISSING, read_table
 from plmrun.device import resolve_device
 from plmrun.eval.errors import EvalError
 from plmrun.eval.inference import EvalModel, load_eval_model, window_plan
@@ -51,7 +51,7 @@ _AA = r"[A-Z][a-z]{2}|[A-Z*]"
 _PART = re.compile(rf"^(?P<wt>{_AA})(?P<pos>-?\d+)(?P<code>[A-Z]?)(?:_(?:{_AA})-?\d+[A-Z]?)?"
                    rf"(?P<rest>=|-|del|dup|delins.+|ins.+|(?:{_AA})?fs.*|(?:{_AA})?ext.*|\?|[A-Z][a-z]{{2}}|[A-Z*])$")
 _SYNONYMOUS_ROWS = {"=", "p.=", "p.(=)", "_wt", "_sy", "wt", "wildtype", "wild-type", "wild_type", "synonymous"}
-_MISSING = {"", "na", "n/a", "nan", "none", "null", "p.?", "?", "_?"}
+_MISSING = MISSING | {"p.?", "?", "_?"}
 
 
 class NotSubstitution(ValueError):
@@ -180,9 +180,9 @@ def _index(site: str, pos: str, offset: int, position_map: dict[str, int] | None
 
 def read_position_map(path: str | Path) -> dict[str, int]:
     """A two-column table (site label in the scan, 1-based residue of the wild type); a header is optional."""
+    table = read_table(path, what="--position-map", header=False)
     rows = [(line, [f.strip() for f in (row[0].split() if len(row) == 1 else row) if f.strip()])
-            for line, row in enumerate(_read_table(path, "--position-map"), 1)]
-    rows = [(line, fields) for line, fields in rows if fields]
+            for line, row in zip(table.lines, table.rows)]
     if rows and not rows[0][1][-1].isdigit():
         rows = rows[1:]   # a header line
     out: dict[str, int] = {}
@@ -196,33 +196,6 @@ def read_position_map(path: str | Path) -> dict[str, int]:
     if not out:
         raise ValueError(f"{path}: empty position map; one row per scan site: label,residue (e.g. 238,236)")
     return out
-
-
-def _open_table(path: str | Path, what: str):
-    """A text table (plain or gzip/xz/bz2), refusing spreadsheets and binaries with the fix."""
-    from plmrun.data.readers import open_binary
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such {what} file" + (" (a directory)" if path.is_dir() else "")
-                         + "; check the path")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if head.startswith(b"PK\x03\x04") or head.startswith(b"\xd0\xcf\x11\xe0"):
-        raise ValueError(f"{path}: an Excel workbook or zip archive, not a text table; save the sheet as CSV "
-                         f"(File > Save As > CSV) and pass that")
-    raw, _ = open_binary(path)
-    try:
-        return io.TextIOWrapper(raw, encoding="utf-8-sig", newline="").read()
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not a UTF-8 text table; save it as CSV (UTF-8) and pass that") from None
-
-
-def _read_table(path: str | Path, what: str) -> list[list[str]]:
-    """Rows of a CSV, TSV or ';'-separated file, the delimiter taken from the header line."""
-    text = _open_table(path, what)
-    header = text.split("\n", 1)[0]
-    delimiter = max("\t,;", key=header.count) if any(c in header for c in "\t,;") else ","
-    return list(csv.reader(io.StringIO(text), delimiter=delimiter))
 
 
 def _looks_like_mutations(values: list[str]) -> bool:
@@ -291,11 +264,11 @@ def read_dms(path: str | Path, *, score_column: str = "DMS_score", mutant_column
     split_cols = [wt_column, pos_column, mut_column]
     if any(split_cols) and not all(split_cols):
         raise ValueError("give all three of --wt-column, --pos-column and --mut-column, or none")
-    rows = _read_table(path, "DMS")
-    if not rows or not any(f.strip() for f in rows[0]):
+    table = read_table(path, what="DMS")
+    if not table.columns:
         raise ValueError(f"{path}: empty file; expected a header line (e.g. mutant,DMS_score) and one row per variant")
-    header = [h.strip() for h in rows[0]]
-    body = [(line, r) for line, r in enumerate(rows[1:], 2) if any(f.strip() for f in r)]
+    header = table.columns
+    body = list(zip(table.lines, table.rows))
     if not body:
         raise ValueError(f"{path}: a header but no variants (columns: {', '.join(header)})")
     sample = {c: [r[k] for _, r in body[:200] if k < len(r)] for k, c in enumerate(header)}
@@ -310,9 +283,6 @@ def read_dms(path: str | Path, *, score_column: str = "DMS_score", mutant_column
     col = {c: header.index(c) for c in mutant_cols + [score_column]}
     variants, skipped = VariantTable(), {}
     for line, r in body:
-        if len(r) > len(header) or max(col.values()) >= len(r):
-            raise ValueError(f"{path}:{line}: {len(r)} fields, the header has {len(header)}; check quoting "
-                             f"and that the whole file uses one delimiter")
         get = lambda c: r[col[c]].strip()
         label = "".join(get(c) for c in split_cols) if all(split_cols) else get(mutant_column)
         try:

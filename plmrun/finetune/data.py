@@ -6,8 +6,6 @@ to stop). Each problem with a table is one DataError line naming the file and ro
 """
 from __future__ import annotations
 
-import csv
-import io
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import numpy as np
 
 from plmrun import tokenizer as tok
 from plmrun.data.errors import DataError
+from plmrun.data.tables import read_table
 from plmrun.eval.probe import TASKS, _unit_hash, load_task
 
 from .config import FinetuneConfig
@@ -76,33 +75,20 @@ def _bundled(cfg: FinetuneConfig) -> FinetuneData:
     return data
 
 
-def _read_rows(path: Path) -> tuple[list[str], list[dict]]:
-    from plmrun.data.readers import open_binary
-    f, _ = open_binary(path)
-    with f:
-        text = f.read().decode("utf-8", errors="replace")
-    stem = path.name.lower().removesuffix(".gz").removesuffix(".xz").removesuffix(".bz2")
-    reader = csv.DictReader(io.StringIO(text), delimiter="\t" if stem.endswith((".tsv", ".tab")) else ",")
-    rows = list(reader)
-    return list(reader.fieldnames or []), rows
-
-
 def _table(cfg: FinetuneConfig) -> FinetuneData:
     path = Path(cfg.task)
     if not path.is_file():
         raise DataError(f"{path}: no such table and not a bundled task (bundled: {', '.join(TASKS)})")
-    columns, rows = _read_rows(path)
+    table = read_table(path, what="finetune table")
     for key in ("sequence_column", "label_column"):
-        col = getattr(cfg, key)
-        if col not in columns:
-            raise DataError(f"{path}: no column {col!r} (columns: {', '.join(columns) or 'none'}); "
-                            f"set --{key.replace('_', '-')} to the right one")
+        table.index(getattr(cfg, key), f"--{key.replace('_', '-')}")
+    columns, rows = table.columns, table.records()
     if not rows:
         raise DataError(f"{path}: no rows")
     kind = "classification" if cfg.kind == "auto" else cfg.kind
     seq_col, lab_col = cfg.sequence_column, cfg.label_column
     by_split: dict[str, list[tuple[int, dict]]] = {"train": [], "valid": [], "test": []}
-    for n, r in enumerate(rows, 2):   # line 1 is the header
+    for n, r in zip(table.lines, rows):
         seq = (r.get(seq_col) or "").strip().upper()
         if not seq:
             raise DataError(f"{path}: line {n}: empty sequence in column {seq_col!r}")
