@@ -231,15 +231,20 @@ def _looks_numeric(values: list[str]) -> bool:
 
 
 def _column_problem(path, header, sample, col, kind) -> str:
-    """One line: what is wrong with column `col`, every column, and which ones fit `kind`."""
+    """One line: what is wrong with column `col` (given by --KIND-column: mutant, score, wt, pos or mut),
+    every column, and which ones fit `kind`."""
     values = sample.get(col, [])
     examples = ", ".join(repr(v) for v in dict.fromkeys(x for x in values if x.strip()).keys()) or "nothing"
     examples = examples if len(examples) < 60 else examples[:57] + "..."
     what = ": no such column" if col not in header else f" holds {examples}, not {{need}}"
-    if kind == "mutant":
+    letters = [c for c in header if sample[c] and all(v.strip() in AMINO_ACIDS | set("*-") for v in sample[c] if v.strip())]
+    ints = [c for c in header if sample[c] and all(v.strip().lstrip("-").isdigit() for v in sample[c] if v.strip())]
+    if kind in ("wt", "pos", "mut"):
+        fits, noun = (ints, "integer") if kind == "pos" else (letters, "one-letter amino-acid")
+        fix = f"{noun} columns: {', '.join(fits)}" if fits else f"no column holds {noun} values"
+        need = "positions" if kind == "pos" else "amino acids"
+    elif kind == "mutant":
         fits = [c for c in header if _looks_like_mutations(sample[c])]
-        letters = [c for c in header if sample[c] and all(v.strip() in AMINO_ACIDS | set("*-") for v in sample[c] if v.strip())]
-        ints = [c for c in header if sample[c] and all(v.strip().lstrip("-").isdigit() for v in sample[c] if v.strip())]
         fix = (f"mutation-like: {', '.join(fits)} (pass --mutant-column {fits[0]})" if fits else
                "no column looks like mutations (A42G, A42G:L50P, p.Ala42Gly)")
         if not fits and len(letters) >= 2 and ints:
@@ -273,9 +278,10 @@ def read_dms(path: str | Path, *, score_column: str = "DMS_score", mutant_column
         raise ValueError(f"{path}: a header but no variants (columns: {', '.join(header)})")
     sample = {c: [r[k] for _, r in body[:200] if k < len(r)] for k, c in enumerate(header)}
     mutant_cols = split_cols if all(split_cols) else [mutant_column]
-    for col in mutant_cols:
+    kinds = ["wt", "pos", "mut"] if all(split_cols) else ["mutant"]   # the --KIND-column that named each
+    for col, kind in zip(mutant_cols, kinds):
         if col not in header:
-            raise ValueError(_column_problem(path, header, sample, col, "mutant"))
+            raise ValueError(_column_problem(path, header, sample, col, kind))
     if not all(split_cols) and not _looks_like_mutations(sample[mutant_column]):
         raise ValueError(_column_problem(path, header, sample, mutant_column, "mutant"))
     if score_column not in header or not _looks_numeric(sample[score_column]):
