@@ -72,7 +72,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--eval-seed", type=int, default=None, help="mask seed (default: the run's eval.seed)")
     p.add_argument("--mask-rate", type=float, default=None, help="fraction of residues masked (default: the run's eval.mask_rate)")
     p.add_argument("--max-length", type=int, default=None, help="eval crop in tokens (default: the run's eval.max_length)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    from plmrun.eval.flags import add_device_flag
+    add_device_flag(p)
     p.add_argument("--out", help="also write the metrics as JSON here")
     p.set_defaults(func=_cmd_eval)
 

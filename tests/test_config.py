@@ -264,8 +264,10 @@ def test_argparse_errors_are_one_line(capsys, argv, want):
      "error: --chunk-size 0: must be >= 1 (records per resumable chunk)"),
     (["embed", "m", "x.fa", "--out", "e.safetensors", "--max-length", "2"],
      "error: --max-length 2: must be >= 3 (<cls>, a residue, <eos>)"),
-    (["embed", "m", "x.fa", "--out", "e.safetensors", "--max-length", "512", "--token-budget", "100"],
-     "error: --token-budget 100 is below the window of 512 tokens (--max-length): use --token-budget >= 512"),
+    (["embed", "m", "x.fa", "--out", "e.safetensors", "--token-budget", "0"],
+     "error: --token-budget 0: must be >= 1 (batches grow to hold one window)"),
+    (["probe", "m", "--max-length", "2"], "error: --max-length 2: must be >= 3 (<cls>, a residue, <eos>)"),
+    (["eval", "m", "--device", "gpu"], "error: unknown device 'gpu'; use auto, cpu, cuda or cuda:N"),
     (["probe", "m", "--seeds", "0"], "error: --seeds 0: must be >= 1"),
     (["probe", "m", "--max-train", "1"], "error: --max-train 1: must be >= 2"),
     (["zeroshot", "m", "--dms", "d.csv", "--wildtype", "MKT", "--max-length", "1"],
@@ -274,7 +276,8 @@ def test_argparse_errors_are_one_line(capsys, argv, want):
      "error: zeroshot: --token-budget 0: must be >= 1"),
 ])
 def test_inference_flags_checked_by_the_same_rules_before_loading(capsys, argv, want):
-    """embed, probe and zeroshot word a range like eval and the config do, before any file is read."""
+    """embed, probe and zeroshot declare and check their shared flags once (plmrun.eval.flags) and word a
+    range like eval and the config do, before any file is read."""
     from plmrun.cli import main
     assert main(argv) == 2
     err = capsys.readouterr().err

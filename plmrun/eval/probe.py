@@ -27,6 +27,7 @@ from plmrun import tokenizer as tok
 from plmrun.data.tables import read_table
 from plmrun.device import resolve_device
 from plmrun.eval.errors import EvalError
+from plmrun.eval.flags import add_device_flag, add_window_flags, check_window_flags
 from plmrun.eval.embed import embed_sequences, num_hidden_states
 from plmrun.eval.inference import EvalModel, load_eval_model
 from plmrun.eval.metrics import BOOTSTRAP_RESAMPLES, paired_bootstrap
@@ -294,16 +295,13 @@ def add_probe_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--head", choices=HEADS, default="logistic", help="probe: logistic regression, ridge or MLP")
     p.add_argument("--max-train", type=int, help="override every task's training-sequence cap")
     p.add_argument("--max-test", type=int, help="override every task's test-sequence cap")
-    p.add_argument("--max-length", type=int, default=None,
-                   help="tokens per window incl. <cls>/<eos>; longer sequences are averaged over windows "
-                        "(default: whole sequences for rotary presets, 1024 for esm2)")
-    p.add_argument("--token-budget", type=int, default=8192, help="tokens per packed batch")
+    add_window_flags(p, longer="longer sequences are averaged over windows")
     p.add_argument("--layer", type=_layer_arg, default=None,
                    help="hidden state to probe, for the model and its control: 0 = embedding output, "
                         "1..N = after block N, -1 = the final (normed) output, the default; 'best': each "
                         "model's hidden state with the best accuracy on held-out training rows")
     p.add_argument("--out", help="write the results (all per-seed scores) to this JSON file")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    add_device_flag(p)
     p.set_defaults(func=_run)
     return p
 
@@ -323,7 +321,7 @@ def _run(args) -> int:
     for flag, value, least in (("--max-train", args.max_train, 2), ("--max-test", args.max_test, 1)):
         if value is not None:
             check_at_least(value, least, flag)
-    check_at_least(args.token_budget, 1, "--token-budget", " (batches grow to hold one window)")
+    check_window_flags(args)
     caps = {k: v for k, v in (("max_train", args.max_train), ("max_test", args.max_test)) if v is not None}
     model = load_eval_model(args.model, device=resolve_device(args.device), max_length=args.max_length)
     try:

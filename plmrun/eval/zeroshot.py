@@ -31,6 +31,7 @@ from plmrun.data.packing import length_batches, pack_tokens
 from plmrun.data.tables import MISSING, read_table
 from plmrun.device import resolve_device
 from plmrun.eval.errors import EvalError
+from plmrun.eval.flags import add_device_flag, add_window_flags, check_window_flags
 from plmrun.eval.inference import EvalModel, load_eval_model, window_plan
 
 AMINO_ACIDS = frozenset(tok.VOCAB[i] for i in tok.AMINO_ACID_IDS)
@@ -494,23 +495,17 @@ def add_zeroshot_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--random-init-control", action="store_true",
                    help="also score the same architecture untrained (torch seed 0) and report model minus "
                         "control with a paired bootstrap 95%% interval over variants")
-    p.add_argument("--max-length", type=int, default=None,
-                   help="tokens per forward incl. <cls>/<eos>; longer wild types are scored in a window "
-                        "(default: the whole wild type for rotary presets, 1024 for esm2)")
-    p.add_argument("--token-budget", type=int, default=8192, help="tokens per packed batch")
+    add_window_flags(p, longer="a longer wild type is scored in a window centred on each site")
     p.add_argument("--out", help="write line, mutant, measured and score per variant to this CSV")
     p.add_argument("--json", help="write the summary (rho, counts, skipped rows per kind, control) to this JSON file")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    add_device_flag(p)
     p.set_defaults(func=_run)
     return p
 
 
 def _check_args(args) -> None:
     """Flags that need no file, checked before anything is read or loaded."""
-    from plmrun.config import check_at_least, check_window
-    if args.max_length is not None:
-        check_window(args.max_length, "--max-length")
-    check_at_least(args.token_budget, 1, "--token-budget", " (batches grow to hold one window)")
+    check_window_flags(args)
     if args.position_map and args.offset != 1:
         raise ValueError("give --offset or --position-map, not both (the map gives every site's residue)")
     for flag, path in (("--out", args.out), ("--json", args.json)):
