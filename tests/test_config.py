@@ -61,6 +61,8 @@ def test_explicit_cli_value_equal_to_default_still_wins_over_yaml(tmp_path):
      "train.global_batch_tokens (4096) derives grad_accum from the world size; leave train.grad_accum at 1 (got 2)"),
     (["--train.max_time=-5"], "train.max_time must be >= 0 seconds (0 = no limit), got -5.0"),
     (["--train.max_time=1h"], "train.max_time: expected a number"),
+    (["--optim.lr=nan"], "--optim.lr: optim.lr: expected a finite number, got 'nan'"),
+    (["--train.max_time=.inf"], "--train.max_time: train.max_time: expected a finite number, got inf"),
     (["--logging.push_to_hub=model"], "logging.push_to_hub must be a Hub repo id like user/name, got 'model'"),
     (["--train.dense_eval_every=80"], "train.dense_eval_every (80) needs train.eval_every > it (now 80)"),
     (["--train.dense_eval_every=10", "--train.eval_every=0"], "train.dense_eval_every (10) needs train.eval_every > it"),
