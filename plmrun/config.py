@@ -503,7 +503,7 @@ def require(ok: bool, name: str, value: Any, need: str) -> None:
 
 def check_window(max_length: int, name: str) -> None:
     """A forward window in tokens incl. <cls>/<eos> (eval, embed, probe, zeroshot, finetune)."""
-    require(max_length >= MIN_WINDOW, name, max_length, "must be >= 3 (<cls>, a residue, <eos>)")
+    require(max_length >= MIN_WINDOW, name, max_length, f"must be >= {MIN_WINDOW} (<cls>, a residue, <eos>)")
 
 
 def check_mask_rate(rate: float, name: str) -> None:
