@@ -448,3 +448,15 @@ def test_a_wrong_split_column_names_its_own_flag(tmp_path, saved, capsys, flag, 
     code, _, err = run_cli(capsys, "zeroshot", str(root / "model"), "--dms", str(path), "--wildtype", WT,
                            "--score-column", "fitness", "--offset", "11", *[x for kv in cols.items() for x in kv])
     assert code == 2 and err.strip() == f"error: zeroshot: {path}: {want}"
+
+
+def test_a_parquet_scan_reads_like_its_csv(tmp_path):
+    """The one table reader (plmrun.data.tables) reads parquet too; before, it was 'not a UTF-8 text table'."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    rows = [r for r in PROTEINGYM_ROWS if isinstance(r[1], float)]
+    pq.write_table(pa.table({"mutant": [m for m, _ in rows], "DMS_score": [s for _, s in rows]}),
+                   tmp_path / "scan.parquet")
+    got, want = zs.read_dms(tmp_path / "scan.parquet"), zs.read_dms(write_dms(tmp_path / "scan.csv", rows))
+    key = lambda vs: [(v.line, v.label, v.subs, v.measured) for v in vs]
+    assert key(got) == key(want) and got.skipped == want.skipped and got.skipped
