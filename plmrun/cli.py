@@ -72,7 +72,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--eval-seed", type=int, default=None, help="mask seed (default: the run's eval.seed)")
     p.add_argument("--mask-rate", type=float, default=None, help="fraction of residues masked (default: the run's eval.mask_rate)")
     p.add_argument("--max-length", type=int, default=None, help="eval crop in tokens (default: the run's eval.max_length)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    from plmrun.eval.flags import add_device_flag
+    add_device_flag(p)
     p.add_argument("--out", help="also write the metrics as JSON here")
     p.set_defaults(func=_cmd_eval)
 
@@ -139,18 +140,11 @@ def _cmd_eval(args) -> int:
 
 
 def _check_eval_flags(cfg, subset: int) -> None:
-    """Each eval flag's allowed range as one line naming the flag (the run's own setting where none was given)."""
-    from plmrun.config import ConfigError
-    if not 0 < cfg.mask_rate < 1:
-        raise ConfigError(f"--mask-rate {cfg.mask_rate}: must be in (0, 1), e.g. 0.15 (the ESM-2 protocol)")
-    if cfg.max_length < 3:
-        raise ConfigError(f"--max-length {cfg.max_length}: must be >= 3 (<cls>, a residue, <eos>)")
-    if cfg.token_budget < cfg.max_length:
-        raise ConfigError(f"--token-budget {cfg.token_budget} is below the eval window of {cfg.max_length} tokens "
-                          f"(--max-length): use --token-budget >= {cfg.max_length} (results do not depend on it) "
-                          "or a smaller --max-length")
-    if subset < 0:
-        raise ConfigError(f"--subset {subset}: must be >= 0 (0 = the whole split)")
+    """Each eval flag's allowed range as one line naming the flag (the run's own setting where none was given):
+    the eval section's own rules (config.validate_eval), worded with the flags."""
+    from plmrun.config import EVAL_FLAGS, check_at_least, validate_eval
+    validate_eval(cfg, EVAL_FLAGS)
+    check_at_least(subset, 0, "--subset", " (0 = the whole split)")
 
 
 # ------------------------------------------------------------------ config
@@ -195,8 +189,16 @@ def os_error_line(e: OSError) -> str:
     return f"{where}: {hint}".replace("\n", " ")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors (a bad int, an unknown choice, a missing argument) are one line, exit 2, like
+    every other flag error; subcommand parsers inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} -h`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="plmrun", description="Speedrun pretraining of protein language models.")
+    parser = _Parser(prog="plmrun", description="Speedrun pretraining of protein language models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     from plmrun.data.cli import add_data_commands
     data = sub.add_parser("data", help="prepare, split, download, inspect datasets")

@@ -8,6 +8,7 @@ rejected with one message naming the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -169,7 +170,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 320
-    "Optimizer steps (the default run: 655k tokens, 2-6 minutes of training on a 2-core CPU)."
+    "Optimizer steps (the default run: 320 steps of 2,048 tokens, 655k tokens)."
     grad_accum: int = 1
     "Micro-batches per rank per step."
     global_batch_tokens: int = 0
@@ -183,7 +184,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     "bf16 autocast with fp32 master weights, or fp32 (auto = bf16 where bf16 matmuls are native: CUDA, AVX-512/AMX CPUs)."
     compile: bool = False
-    "torch.compile each block (static shapes) and, on CPU, the bf16 attention kernel; ~20 s to compile."
+    "torch.compile each block (static shapes) and, on CPU, the bf16 attention kernel (compiling takes time at start)."
     threads: int = 0
     "torch intra-op threads on CPU (0 = all cores)."
     eval_every: int = 80
@@ -330,14 +331,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is not None and math.isfinite(number):
+            return number
+        what = "a finite number" if number is not None else "a number"
+        raise ConfigError(f"{key}: expected {what}, got {value!r}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -439,8 +444,8 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str, str]]:
         if "=" in a:
             name, value = a[2:].split("=", 1)
         else:
-            if i + 1 >= len(args):
-                raise ConfigError(f"{a}: missing value")
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ConfigError(f"{a}: missing value (write {a}=VALUE; booleans too: {a}=true)")
             name, value = a[2:], args[i + 1]
             i += 1
         section, key = name.split(".", 1)
@@ -486,6 +491,56 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+# ---------------------------------------------------------------- value rules shared by keys and flags
+MIN_WINDOW = 3
+"Fewest tokens a window can hold: <cls>, one residue, <eos>."
+
+
+def require(ok: bool, name: str, value: Any, need: str) -> None:
+    """A broken rule as one line, `NAME VALUE: NEED`. NAME is the config key (eval.max_length) or the
+    command-line flag that set the value (--max-length), so every command words a range the same way."""
+    if not ok:
+        raise ConfigError(f"{name} {value}: {need}")
+
+
+def check_window(max_length: int, name: str) -> None:
+    """A forward window in tokens incl. <cls>/<eos> (eval, embed, probe, zeroshot, finetune)."""
+    require(max_length >= MIN_WINDOW, name, max_length, f"must be >= {MIN_WINDOW} (<cls>, a residue, <eos>)")
+
+
+def check_mask_rate(rate: float, name: str) -> None:
+    require(0 < rate < 1, name, rate, "must be in (0, 1), e.g. 0.15 (the ESM-2 protocol)")
+
+
+def check_at_least(value: float, minimum: float, name: str, note: str = "") -> None:
+    """A count or size with a lower bound; `note` says what the bound means, e.g. ' (0 = all)'."""
+    require(value >= minimum, name, value, f"must be >= {minimum}{note}")
+
+
+def check_budget_covers(token_budget: int, max_length: int, budget_name: str, length_name: str,
+                        window: str = "window") -> None:
+    """A batch must hold one whole window: the budget is at least max_length (results do not depend on it)."""
+    if token_budget < max_length:
+        raise ConfigError(f"{budget_name} {token_budget} is below the {window} of {max_length} tokens "
+                          f"({length_name}): use {budget_name} >= {max_length} (results do not depend on it) "
+                          f"or a smaller {length_name}")
+
+
+EVAL_FLAGS = {"seed": "--eval-seed", "mask_rate": "--mask-rate", "max_length": "--max-length",
+              "token_budget": "--token-budget"}
+"`plmrun eval`'s flags that set EvalConfig keys (validate_eval names them in its errors)."
+
+
+def validate_eval(e: "EvalConfig", names: Optional[dict[str, str]] = None) -> None:
+    """The eval protocol's ranges, for a config's eval section and for `plmrun eval`'s flags alike;
+    `names` maps a key to the flag that set it, so the error names what the user typed."""
+    name = lambda key: (names or {}).get(key, f"eval.{key}")
+    check_mask_rate(e.mask_rate, name("mask_rate"))
+    check_window(e.max_length, name("max_length"))
+    check_budget_covers(e.token_budget, e.max_length, name("token_budget"), name("max_length"), "eval window")
+    check_at_least(e.subset, 0, name("subset"), " (0 = all)")
+
+
 def _validate_schedule(d: DataConfig, m: ModelConfig) -> None:
     """data.max_length_schedule: [step, length] pairs from step 0, steps increasing, lengths in [3, token_budget]
     and within the preset's position limit."""
@@ -527,7 +582,7 @@ def validate(cfg: Config) -> Config:
             _check(getattr(m, key) == 0, f"model.{key} is a speedrun option; set it to 0 with model.arch=esm2")
     if m.arch == "esmc" and esmc_conflicts(m):
         raise ConfigError(f"model.{esmc_conflicts(m)[0]} is not part of ESM C; turn it off (false or 0) with model.arch=esmc")
-    _check(d.max_length >= 3, "data.max_length must be >= 3 (<cls>, one residue, <eos>)")
+    check_window(d.max_length, "data.max_length")
     _check(d.token_budget >= d.max_length,
            f"data.token_budget ({d.token_budget}) must be >= data.max_length ({d.max_length})")
     _validate_schedule(d, m)
@@ -583,13 +638,10 @@ def validate(cfg: Config) -> Config:
     _check(t.divergence_factor == 0 or t.divergence_factor > 1,
            f"train.divergence_factor must be 0 (off) or > 1, got {t.divergence_factor}")
     _check(t.divergence_steps >= 1, f"train.divergence_steps must be >= 1, got {t.divergence_steps}")
-    _check(0 < e.mask_rate < 1, "eval.mask_rate must be in (0, 1)")
-    _check(e.max_length >= 3 and e.token_budget >= e.max_length,
-           f"eval.token_budget ({e.token_budget}) must be >= eval.max_length ({e.max_length}) >= 3")
+    validate_eval(e)
     limit = POSITION_LIMIT.get(m.arch)
     _check(limit is None or e.max_length <= limit,
            f"eval.max_length: {e.max_length} tokens exceed the model.arch={m.arch} position limit of {limit}")
-    _check(e.subset >= 0, "eval.subset must be >= 0")
     hub = cfg.logging.push_to_hub
     _check(hub is None or (hub.count("/") == 1 and all(hub.split("/"))),
            f"logging.push_to_hub must be a Hub repo id like user/name, got {hub!r}")

@@ -61,6 +61,8 @@ def test_explicit_cli_value_equal_to_default_still_wins_over_yaml(tmp_path):
      "train.global_batch_tokens (4096) derives grad_accum from the world size; leave train.grad_accum at 1 (got 2)"),
     (["--train.max_time=-5"], "train.max_time must be >= 0 seconds (0 = no limit), got -5.0"),
     (["--train.max_time=1h"], "train.max_time: expected a number"),
+    (["--optim.lr=nan"], "--optim.lr: optim.lr: expected a finite number, got 'nan'"),
+    (["--train.max_time=.inf"], "--train.max_time: train.max_time: expected a finite number, got inf"),
     (["--logging.push_to_hub=model"], "logging.push_to_hub must be a Hub repo id like user/name, got 'model'"),
     (["--train.dense_eval_every=80"], "train.dense_eval_every (80) needs train.eval_every > it (now 80)"),
     (["--train.dense_eval_every=10", "--train.eval_every=0"], "train.dense_eval_every (10) needs train.eval_every > it"),
@@ -190,3 +192,95 @@ def test_rotary_presets_take_a_long_crop_schedule():
     for config in (None, "esmc_cpu"):
         cfg = build_config(config, ["--data.max_length_schedule=[[0, 512], [100, 4096]]", "--data.token_budget=8192"])
         assert cfg.data.max_length_schedule == [[0, 512], [100, 4096]]
+
+
+# ------------------------------------------------------------------ one flag grammar and one set of value rules
+def test_a_flag_followed_by_a_flag_is_missing_its_value():
+    """`--train.compile --train.max_steps=3` used to read '--train.max_steps=3' as the compile value."""
+    with pytest.raises(ConfigError, match=re.escape("--train.compile: missing value (write --train.compile=VALUE")):
+        build_config(None, ["--train.compile", "--train.max_steps=3"])
+    assert build_config(None, ["--optim.weight_decay", "-0.0"]).optim.weight_decay == 0.0   # a negative is a value
+
+
+@pytest.mark.parametrize("key,value,need", [
+    ("mask_rate", 1.5, " 1.5: must be in (0, 1), e.g. 0.15 (the ESM-2 protocol)"),
+    ("max_length", 2, " 2: must be >= 3 (<cls>, a residue, <eos>)"),
+    ("token_budget", 1000, " 1000 is below the eval window of 1024 tokens ({max_length}): use {token_budget} >= 1024"),
+])
+def test_eval_section_and_eval_flags_share_one_rule(key, value, need):
+    """The eval section's ranges and `plmrun eval`'s flags are one rule (config.validate_eval); only the
+    names differ: keys in a config, flags on the eval command line (tests/test_eval.py)."""
+    keys = {k: f"eval.{k}" for k in C.EVAL_FLAGS}
+    with pytest.raises(ConfigError, match=re.escape(keys[key] + need.format(**keys))):
+        build_config(None, [f"--eval.{key}={value}"])
+    with pytest.raises(ConfigError, match=re.escape(C.EVAL_FLAGS[key] + need.format(**C.EVAL_FLAGS))):
+        C.validate_eval(dataclasses.replace(C.EvalConfig(), **{key: value}), C.EVAL_FLAGS)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--eval.subset=-1", "eval.subset -1: must be >= 0 (0 = all)"),
+    ("--data.max_length=2", "data.max_length 2: must be >= 3 (<cls>, a residue, <eos>)"),
+])
+def test_window_and_count_rules_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_config(None, [override])
+
+
+def _parsers():
+    """Every argparse parser of the CLI (the top level and each command and sub-command)."""
+    import argparse
+    from plmrun.cli import build_parser
+    todo, seen = [build_parser()], []
+    while todo:
+        p = todo.pop()
+        seen.append(p)
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                todo += list(a.choices.values())
+    return seen
+
+
+def test_no_command_flag_is_a_type_bool_trap():
+    """`type=bool` reads "False" as True; switches are store_true, settings go through config's bool coercion."""
+    actions = [(p.prog, a.option_strings) for p in _parsers() for a in p._actions if a.type is bool]
+    assert actions == []
+    assert len(_parsers()) > 15   # the walk reaches the commands
+
+
+@pytest.mark.parametrize("argv,want", [
+    (["eval", "m", "--max-length", "ten"], "error: plmrun eval: argument --max-length: invalid int value: 'ten'"),
+    (["probe", "m", "--head", "svm"], "error: plmrun probe: argument --head: invalid choice: 'svm'"),
+    (["zeroshot", "m", "--wildtype", "MKT"], "error: plmrun zeroshot: the following arguments are required: --dms"),
+    (["eval", "m", "--frobnicate"], "error: plmrun: unrecognised arguments: --frobnicate"),
+])
+def test_argparse_errors_are_one_line(capsys, argv, want):
+    from plmrun.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(want) and err.count("\n") == 1 and "usage:" not in err
+
+
+@pytest.mark.parametrize("argv,want", [
+    (["embed", "m", "x.fa", "--out", "e.safetensors", "--chunk-size", "0"],
+     "error: --chunk-size 0: must be >= 1 (records per resumable chunk)"),
+    (["embed", "m", "x.fa", "--out", "e.safetensors", "--max-length", "2"],
+     "error: --max-length 2: must be >= 3 (<cls>, a residue, <eos>)"),
+    (["embed", "m", "x.fa", "--out", "e.safetensors", "--token-budget", "0"],
+     "error: --token-budget 0: must be >= 1 (batches grow to hold one window)"),
+    (["probe", "m", "--max-length", "2"], "error: --max-length 2: must be >= 3 (<cls>, a residue, <eos>)"),
+    (["eval", "m", "--device", "gpu"], "error: unknown device 'gpu'; use auto, cpu, cuda or cuda:N"),
+    (["probe", "m", "--seeds", "0"], "error: --seeds 0: must be >= 1"),
+    (["probe", "m", "--max-train", "1"], "error: --max-train 1: must be >= 2"),
+    (["zeroshot", "m", "--dms", "d.csv", "--wildtype", "MKT", "--max-length", "1"],
+     "error: zeroshot: --max-length 1: must be >= 3 (<cls>, a residue, <eos>)"),
+    (["zeroshot", "m", "--dms", "d.csv", "--wildtype", "MKT", "--token-budget", "0"],
+     "error: zeroshot: --token-budget 0: must be >= 1"),
+])
+def test_inference_flags_checked_by_the_same_rules_before_loading(capsys, argv, want):
+    """embed, probe and zeroshot declare and check their shared flags once (plmrun.eval.flags) and word a
+    range like eval and the config do, before any file is read."""
+    from plmrun.cli import main
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(want) and err.count("\n") == 1

@@ -165,3 +165,14 @@ def test_hub_unreachable_is_one_line():
                        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode != 0
     assert "DataError: hf:Synthyra/omg_prot50: cannot load it from the Hugging Face Hub" in r.stderr
+
+
+def test_streamed_tables_take_the_delimiter_from_the_header(tmp_path):
+    """`data prepare` read a TSV saved as .csv (and a ';' CSV) as one column named 'name\\tseq'."""
+    pytest.importorskip("pyarrow")
+    rows = "".join(f"{n}\t{s}\n" for n, s in RECORDS)
+    write(tmp_path / "tsv.csv", b"\xef\xbb\xbfname\tseq\n" + rows.encode())
+    write(tmp_path / "semi.csv.gz", ("name;seq\n" + rows.replace("\t", ";")).encode(), gzip.open)
+    for name in ("tsv.csv", "semi.csv.gz"):
+        assert records(tmp_path / name, column="seq", id_column="name") == RECORDS, name
+    assert readers.sniff_delimiter("a,b\tc,d") == "," and readers.sniff_delimiter("sequence") == ","

@@ -430,3 +430,33 @@ def test_position_map_file_forms(tmp_path):
     (tmp_path / "twice.map").write_text("1,1\n1,2\n")
     with pytest.raises(ValueError, match=r"twice.map:2: site 1 is mapped twice"):
         zs.read_position_map(tmp_path / "twice.map")
+
+
+@pytest.mark.parametrize("flag,want", [
+    ("--wt-column", "--wt-column 'wild': no such column; columns: wt, pos, mt, fitness; one-letter amino-acid "
+                    "columns: wt, mt"),
+    ("--pos-column", "--pos-column 'wild': no such column; columns: wt, pos, mt, fitness; integer columns: pos"),
+    ("--mut-column", "--mut-column 'wild': no such column; columns: wt, pos, mt, fitness; one-letter amino-acid "
+                     "columns: wt, mt"),
+])
+def test_a_wrong_split_column_names_its_own_flag(tmp_path, saved, capsys, flag, want):
+    """Old code: a wrong --pos-column or --wt-column was reported as --mutant-column."""
+    root, _, _ = saved
+    path = write_dms(tmp_path / "cols.csv", [["M", 11, "A", 0.5], ["K", 12, "L", 0.1], ["T", 13, "S", 1.0]],
+                     header=("wt", "pos", "mt", "fitness"))
+    cols = {"--wt-column": "wt", "--pos-column": "pos", "--mut-column": "mt", flag: "wild"}
+    code, _, err = run_cli(capsys, "zeroshot", str(root / "model"), "--dms", str(path), "--wildtype", WT,
+                           "--score-column", "fitness", "--offset", "11", *[x for kv in cols.items() for x in kv])
+    assert code == 2 and err.strip() == f"error: zeroshot: {path}: {want}"
+
+
+def test_a_parquet_scan_reads_like_its_csv(tmp_path):
+    """The one table reader (plmrun.data.tables) reads parquet too; before, it was 'not a UTF-8 text table'."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    rows = [r for r in PROTEINGYM_ROWS if isinstance(r[1], float)]
+    pq.write_table(pa.table({"mutant": [m for m, _ in rows], "DMS_score": [s for _, s in rows]}),
+                   tmp_path / "scan.parquet")
+    got, want = zs.read_dms(tmp_path / "scan.parquet"), zs.read_dms(write_dms(tmp_path / "scan.csv", rows))
+    key = lambda vs: [(v.line, v.label, v.subs, v.measured) for v in vs]
+    assert key(got) == key(want) and got.skipped == want.skipped and got.skipped

@@ -27,6 +27,7 @@ WHITESPACE = b" \t\r\n\v\f"
 MAGIC = {b"\x1f\x8b": "gzip", b"\xfd7zXZ\x00": "xz", b"BZh": "bz2"}
 OPENERS = {"gzip": gzip.open, "xz": lzma.open, "bz2": bz2.open}
 DECOMPRESS_ERRORS = (EOFError, OSError, lzma.LZMAError, zlib.error, ValueError)
+DELIMITERS = "\t,;"
 
 
 @dataclass
@@ -103,6 +104,26 @@ def open_binary(path) -> tuple:
         if head.startswith(magic):
             return OPENERS[kind](path, "rb"), kind
     return open(path, "rb"), "plain"
+
+
+def sniff_delimiter(header: str) -> str:
+    """The most frequent of tab, comma and ';' in a table's header line (comma when it has none: one
+    column), so a TSV saved under a .csv name reads as what it is."""
+    return max(DELIMITERS, key=header.count) if any(c in header for c in DELIMITERS) else ","
+
+
+def header_line(path) -> str:
+    """The first non-blank line of a (possibly compressed) text file, without a UTF-8 byte-order mark."""
+    f, kind = open_binary(path)
+    with f:
+        try:
+            for raw in f:
+                line = raw.decode("utf-8-sig", errors="replace")
+                if line.strip():
+                    return line
+        except DECOMPRESS_ERRORS as e:
+            raise DataError(f"{path}: truncated or corrupt {kind} data ({e})") from None
+    return ""
 
 
 # ---------------------------------------------------------------- FASTA
@@ -222,7 +243,7 @@ def table_batches(spec: str, column: Optional[str], id_column: Optional[str] = N
     if kind == "parquet":
         batches, names = _parquet(spec, rows)
     elif kind in ("csv", "tsv"):
-        batches, names = _csv(spec, "\t" if kind == "tsv" else ",", rows)
+        batches, names = _csv(spec, sniff_delimiter(header_line(spec)), rows)
     else:
         batches, names = _hf(spec, kind, rows)
     for c in (column, id_column):

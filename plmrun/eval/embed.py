@@ -24,6 +24,7 @@ from plmrun.data.packing import length_batches, pack_tokens
 from plmrun.data.readers import file_fingerprint
 from plmrun.device import resolve_device
 from plmrun.eval.errors import EvalError
+from plmrun.eval.flags import add_device_flag, add_window_flags, check_window_flags
 from plmrun.manifest import follow_umask
 from plmrun.eval.inference import EvalModel, load_eval_model, window_plan, windows
 
@@ -199,23 +200,20 @@ def add_embed_command(subparsers) -> argparse.ArgumentParser:
                    help="mean over residues (no specials), the <cls> vector, or one vector per residue")
     p.add_argument("--layer", type=int, default=None,
                    help="index into hidden states: 0 = embedding output, -1 = final (default)")
-    p.add_argument("--max-length", type=int, default=None,
-                   help="tokens per window incl. <cls>/<eos>; longer sequences are averaged over windows "
-                        "(default: whole sequences for rotary presets, 1024 for esm2)")
-    p.add_argument("--token-budget", type=int, default=8192, help="tokens per packed batch")
+    add_window_flags(p, longer="longer sequences are averaged over windows")
     p.add_argument("--chunk-size", type=int, default=2000, help="records per resumable chunk")
     p.add_argument("--random-init-control", action="store_true",
                    help="also embed with the same architecture untrained (torch seed 0) into OUT with the "
                         f"suffix {CONTROL_SUFFIX} (e.g. emb{CONTROL_SUFFIX}.safetensors), for your own downstream baseline")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    add_device_flag(p)
     p.set_defaults(func=_run)
     return p
 
 
 def _run(args) -> int:
-    if (args.max_length is not None and (args.max_length < 3 or args.token_budget < args.max_length)) \
-            or args.chunk_size < 1:
-        raise EvalError("embed: need --max-length >= 3, --token-budget >= --max-length, --chunk-size >= 1")
+    from plmrun.config import check_at_least
+    check_window_flags(args)
+    check_at_least(args.chunk_size, 1, "--chunk-size", " (records per resumable chunk)")
     if not Path(args.fasta).exists():
         raise EvalError(f"embed: {args.fasta}: no such FASTA file; check the path")
     from plmrun.data.readers import input_kind

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from plmrun.config import POSITION_LIMIT, ModelConfig
+from plmrun.config import check_window
 from plmrun.eval.errors import EvalError
 
 DEFAULT_MAX_LENGTH = 1024
@@ -43,8 +44,7 @@ def model_max_length(config: ModelConfig, requested: int | None = None, flag: st
     limit = POSITION_LIMIT.get(config.arch)
     if requested is None:
         return DEFAULT_MAX_LENGTH if limit else None
-    if requested < 3:
-        raise EvalError(f"{flag} {requested}: must be >= 3 (<cls>, a residue, <eos>)")
+    check_window(requested, flag)
     if limit is not None and requested > limit:
         raise EvalError(f"{flag} {requested}: the model.arch={config.arch} model has a position limit of {limit} "
                         f"tokens; use {flag} <= {limit} (longer sequences are then scored in windows)")

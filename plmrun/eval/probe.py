@@ -14,11 +14,8 @@ over test sequences: the seed std says how much the probe moves, not whether the
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
-import io
 import json
-import lzma
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -27,8 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from plmrun import tokenizer as tok
+from plmrun.data.tables import read_table
 from plmrun.device import resolve_device
 from plmrun.eval.errors import EvalError
+from plmrun.eval.flags import add_device_flag, add_window_flags, check_window_flags
 from plmrun.eval.embed import embed_sequences, num_hidden_states
 from plmrun.eval.inference import EvalModel, load_eval_model
 from plmrun.eval.metrics import BOOTSTRAP_RESAMPLES, paired_bootstrap
@@ -76,10 +75,8 @@ def _unit_hash(text: str) -> float:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") / 2.0 ** 64
 
 
-def _read_table(name: str, delimiter: str) -> list[dict]:
-    path = PROBE_DIR / name
-    with lzma.open(path, "rt") as f:
-        return list(csv.DictReader(io.StringIO(f.read()), delimiter=delimiter))
+def _read_table(name: str) -> list[dict]:
+    return read_table(PROBE_DIR / name, what="bundled probe").records()
 
 
 def _cap(rows: list, key, n: int) -> list:
@@ -89,7 +86,7 @@ def _cap(rows: list, key, n: int) -> list:
 def load_task(task: Task) -> TaskData:
     """Train/test sequences and labels of a bundled task, split and capped deterministically."""
     if task.name == "localisation":
-        rows = _read_table("scl2205_localisation.tsv.xz", "\t")
+        rows = _read_table("scl2205_localisation.tsv.xz")
         acc = lambda r: r["accession"]
         train = _cap([r for r in rows if r["split"] == "trn"], acc, task.max_train)
         test = _cap([r for r in rows if r["split"] == "tst"], acc, task.max_test)
@@ -97,7 +94,7 @@ def load_task(task: Task) -> TaskData:
         return TaskData([r["sequence"] for r in train], [lab(r) for r in train],
                         [r["sequence"] for r in test], [lab(r) for r in test], 13)
     if task.name == "secondary_structure":
-        rows = _read_table("scope207_domains_dssp8.tsv.xz", "\t")
+        rows = _read_table("scope207_domains_dssp8.tsv.xz")
         is_test = lambda r: _unit_hash("superfamily:" + r["sccs"].rsplit(".", 1)[0]) < 0.2
         ident = lambda r: r["id"]
         train = _cap([r for r in rows if not is_test(r)], ident, task.max_train)
@@ -106,7 +103,7 @@ def load_task(task: Task) -> TaskData:
         return TaskData([r["sequence"] for r in train], [ss3(r) for r in train],
                         [r["sequence"] for r in test], [ss3(r) for r in test], 3)
     if task.name == "solubility":
-        rows = _read_table("solvnet_solubility.csv.xz", ",")
+        rows = _read_table("solvnet_solubility.csv.xz")
         is_test = lambda r: _unit_hash("solubility:" + r["aa_seq"]) < 0.2
         seq = lambda r: r["aa_seq"]
         train = _cap([r for r in rows if not is_test(r)], seq, task.max_train)
@@ -298,16 +295,13 @@ def add_probe_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--head", choices=HEADS, default="logistic", help="probe: logistic regression, ridge or MLP")
     p.add_argument("--max-train", type=int, help="override every task's training-sequence cap")
     p.add_argument("--max-test", type=int, help="override every task's test-sequence cap")
-    p.add_argument("--max-length", type=int, default=None,
-                   help="tokens per window incl. <cls>/<eos>; longer sequences are averaged over windows "
-                        "(default: whole sequences for rotary presets, 1024 for esm2)")
-    p.add_argument("--token-budget", type=int, default=8192, help="tokens per packed batch")
+    add_window_flags(p, longer="longer sequences are averaged over windows")
     p.add_argument("--layer", type=_layer_arg, default=None,
                    help="hidden state to probe, for the model and its control: 0 = embedding output, "
                         "1..N = after block N, -1 = the final (normed) output, the default; 'best': each "
                         "model's hidden state with the best accuracy on held-out training rows")
     p.add_argument("--out", help="write the results (all per-seed scores) to this JSON file")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    add_device_flag(p)
     p.set_defaults(func=_run)
     return p
 
@@ -322,9 +316,12 @@ def _layer_arg(value: str) -> int | str:
 
 
 def _run(args) -> int:
-    if args.seeds < 1 or (args.max_train is not None and args.max_train < 2) or \
-            (args.max_test is not None and args.max_test < 1):
-        raise EvalError("probe: need --seeds >= 1, --max-train >= 2, --max-test >= 1")
+    from plmrun.config import check_at_least
+    check_at_least(args.seeds, 1, "--seeds")
+    for flag, value, least in (("--max-train", args.max_train, 2), ("--max-test", args.max_test, 1)):
+        if value is not None:
+            check_at_least(value, least, flag)
+    check_window_flags(args)
     caps = {k: v for k, v in (("max_train", args.max_train), ("max_test", args.max_test)) if v is not None}
     model = load_eval_model(args.model, device=resolve_device(args.device), max_length=args.max_length)
     try:

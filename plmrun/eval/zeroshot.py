@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -29,8 +28,10 @@ import torch
 
 from plmrun import tokenizer as tok
 from plmrun.data.packing import length_batches, pack_tokens
+from plmrun.data.tables import MISSING, read_table
 from plmrun.device import resolve_device
 from plmrun.eval.errors import EvalError
+from plmrun.eval.flags import add_device_flag, add_window_flags, check_window_flags
 from plmrun.eval.inference import EvalModel, load_eval_model, window_plan
 
 AMINO_ACIDS = frozenset(tok.VOCAB[i] for i in tok.AMINO_ACID_IDS)
@@ -51,7 +52,7 @@ _AA = r"[A-Z][a-z]{2}|[A-Z*]"
 _PART = re.compile(rf"^(?P<wt>{_AA})(?P<pos>-?\d+)(?P<code>[A-Z]?)(?:_(?:{_AA})-?\d+[A-Z]?)?"
                    rf"(?P<rest>=|-|del|dup|delins.+|ins.+|(?:{_AA})?fs.*|(?:{_AA})?ext.*|\?|[A-Z][a-z]{{2}}|[A-Z*])$")
 _SYNONYMOUS_ROWS = {"=", "p.=", "p.(=)", "_wt", "_sy", "wt", "wildtype", "wild-type", "wild_type", "synonymous"}
-_MISSING = {"", "na", "n/a", "nan", "none", "null", "p.?", "?", "_?"}
+_MISSING = MISSING | {"p.?", "?", "_?"}
 
 
 class NotSubstitution(ValueError):
@@ -180,9 +181,9 @@ def _index(site: str, pos: str, offset: int, position_map: dict[str, int] | None
 
 def read_position_map(path: str | Path) -> dict[str, int]:
     """A two-column table (site label in the scan, 1-based residue of the wild type); a header is optional."""
+    table = read_table(path, what="--position-map", header=False)
     rows = [(line, [f.strip() for f in (row[0].split() if len(row) == 1 else row) if f.strip()])
-            for line, row in enumerate(_read_table(path, "--position-map"), 1)]
-    rows = [(line, fields) for line, fields in rows if fields]
+            for line, row in zip(table.lines, table.rows)]
     if rows and not rows[0][1][-1].isdigit():
         rows = rows[1:]   # a header line
     out: dict[str, int] = {}
@@ -196,33 +197,6 @@ def read_position_map(path: str | Path) -> dict[str, int]:
     if not out:
         raise ValueError(f"{path}: empty position map; one row per scan site: label,residue (e.g. 238,236)")
     return out
-
-
-def _open_table(path: str | Path, what: str):
-    """A text table (plain or gzip/xz/bz2), refusing spreadsheets and binaries with the fix."""
-    from plmrun.data.readers import open_binary
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such {what} file" + (" (a directory)" if path.is_dir() else "")
-                         + "; check the path")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if head.startswith(b"PK\x03\x04") or head.startswith(b"\xd0\xcf\x11\xe0"):
-        raise ValueError(f"{path}: an Excel workbook or zip archive, not a text table; save the sheet as CSV "
-                         f"(File > Save As > CSV) and pass that")
-    raw, _ = open_binary(path)
-    try:
-        return io.TextIOWrapper(raw, encoding="utf-8-sig", newline="").read()
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not a UTF-8 text table; save it as CSV (UTF-8) and pass that") from None
-
-
-def _read_table(path: str | Path, what: str) -> list[list[str]]:
-    """Rows of a CSV, TSV or ';'-separated file, the delimiter taken from the header line."""
-    text = _open_table(path, what)
-    header = text.split("\n", 1)[0]
-    delimiter = max("\t,;", key=header.count) if any(c in header for c in "\t,;") else ","
-    return list(csv.reader(io.StringIO(text), delimiter=delimiter))
 
 
 def _looks_like_mutations(values: list[str]) -> bool:
@@ -258,15 +232,20 @@ def _looks_numeric(values: list[str]) -> bool:
 
 
 def _column_problem(path, header, sample, col, kind) -> str:
-    """One line: what is wrong with column `col`, every column, and which ones fit `kind`."""
+    """One line: what is wrong with column `col` (given by --KIND-column: mutant, score, wt, pos or mut),
+    every column, and which ones fit `kind`."""
     values = sample.get(col, [])
     examples = ", ".join(repr(v) for v in dict.fromkeys(x for x in values if x.strip()).keys()) or "nothing"
     examples = examples if len(examples) < 60 else examples[:57] + "..."
     what = ": no such column" if col not in header else f" holds {examples}, not {{need}}"
-    if kind == "mutant":
+    letters = [c for c in header if sample[c] and all(v.strip() in AMINO_ACIDS | set("*-") for v in sample[c] if v.strip())]
+    ints = [c for c in header if sample[c] and all(v.strip().lstrip("-").isdigit() for v in sample[c] if v.strip())]
+    if kind in ("wt", "pos", "mut"):
+        fits, noun = (ints, "integer") if kind == "pos" else (letters, "one-letter amino-acid")
+        fix = f"{noun} columns: {', '.join(fits)}" if fits else f"no column holds {noun} values"
+        need = "positions" if kind == "pos" else "amino acids"
+    elif kind == "mutant":
         fits = [c for c in header if _looks_like_mutations(sample[c])]
-        letters = [c for c in header if sample[c] and all(v.strip() in AMINO_ACIDS | set("*-") for v in sample[c] if v.strip())]
-        ints = [c for c in header if sample[c] and all(v.strip().lstrip("-").isdigit() for v in sample[c] if v.strip())]
         fix = (f"mutation-like: {', '.join(fits)} (pass --mutant-column {fits[0]})" if fits else
                "no column looks like mutations (A42G, A42G:L50P, p.Ala42Gly)")
         if not fits and len(letters) >= 2 and ints:
@@ -291,18 +270,19 @@ def read_dms(path: str | Path, *, score_column: str = "DMS_score", mutant_column
     split_cols = [wt_column, pos_column, mut_column]
     if any(split_cols) and not all(split_cols):
         raise ValueError("give all three of --wt-column, --pos-column and --mut-column, or none")
-    rows = _read_table(path, "DMS")
-    if not rows or not any(f.strip() for f in rows[0]):
+    table = read_table(path, what="DMS")
+    if not table.columns:
         raise ValueError(f"{path}: empty file; expected a header line (e.g. mutant,DMS_score) and one row per variant")
-    header = [h.strip() for h in rows[0]]
-    body = [(line, r) for line, r in enumerate(rows[1:], 2) if any(f.strip() for f in r)]
+    header = table.columns
+    body = list(zip(table.lines, table.rows))
     if not body:
         raise ValueError(f"{path}: a header but no variants (columns: {', '.join(header)})")
     sample = {c: [r[k] for _, r in body[:200] if k < len(r)] for k, c in enumerate(header)}
     mutant_cols = split_cols if all(split_cols) else [mutant_column]
-    for col in mutant_cols:
+    kinds = ["wt", "pos", "mut"] if all(split_cols) else ["mutant"]   # the --KIND-column that named each
+    for col, kind in zip(mutant_cols, kinds):
         if col not in header:
-            raise ValueError(_column_problem(path, header, sample, col, "mutant"))
+            raise ValueError(_column_problem(path, header, sample, col, kind))
     if not all(split_cols) and not _looks_like_mutations(sample[mutant_column]):
         raise ValueError(_column_problem(path, header, sample, mutant_column, "mutant"))
     if score_column not in header or not _looks_numeric(sample[score_column]):
@@ -310,9 +290,6 @@ def read_dms(path: str | Path, *, score_column: str = "DMS_score", mutant_column
     col = {c: header.index(c) for c in mutant_cols + [score_column]}
     variants, skipped = VariantTable(), {}
     for line, r in body:
-        if len(r) > len(header) or max(col.values()) >= len(r):
-            raise ValueError(f"{path}:{line}: {len(r)} fields, the header has {len(header)}; check quoting "
-                             f"and that the whole file uses one delimiter")
         get = lambda c: r[col[c]].strip()
         label = "".join(get(c) for c in split_cols) if all(split_cols) else get(mutant_column)
         try:
@@ -518,23 +495,17 @@ def add_zeroshot_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--random-init-control", action="store_true",
                    help="also score the same architecture untrained (torch seed 0) and report model minus "
                         "control with a paired bootstrap 95%% interval over variants")
-    p.add_argument("--max-length", type=int, default=None,
-                   help="tokens per forward incl. <cls>/<eos>; longer wild types are scored in a window "
-                        "(default: the whole wild type for rotary presets, 1024 for esm2)")
-    p.add_argument("--token-budget", type=int, default=8192, help="tokens per packed batch")
+    add_window_flags(p, longer="a longer wild type is scored in a window centred on each site")
     p.add_argument("--out", help="write line, mutant, measured and score per variant to this CSV")
     p.add_argument("--json", help="write the summary (rho, counts, skipped rows per kind, control) to this JSON file")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    add_device_flag(p)
     p.set_defaults(func=_run)
     return p
 
 
 def _check_args(args) -> None:
     """Flags that need no file, checked before anything is read or loaded."""
-    if args.max_length is not None and args.max_length < 3:
-        raise ValueError(f"--max-length {args.max_length}: must be >= 3 (<cls>, a residue, <eos>)")
-    if args.token_budget < 1:
-        raise ValueError(f"--token-budget {args.token_budget}: must be >= 1 (batches hold at least one window)")
+    check_window_flags(args)
     if args.position_map and args.offset != 1:
         raise ValueError("give --offset or --position-map, not both (the map gives every site's residue)")
     for flag, path in (("--out", args.out), ("--json", args.json)):

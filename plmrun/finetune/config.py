@@ -71,6 +71,10 @@ class FinetuneConfig:
     "Run directory name (default: <task>-<method>); rerunning the same config continues it."
     export: bool = True
     "Write the fine-tuned model (LoRA merged) as a Hugging Face folder RUN/hf."
+    drop_bad_labels: bool = False
+    "Table: drop rows whose label is missing (empty, NA, nan) and print how many; off: refuse them, naming their lines."
+    drop_leaks: bool = False
+    "Table: drop valid/test rows whose sequence is also in an earlier split (train, then valid) and print how many; off: refuse the leak, naming the lines."
 
 
 def to_dict(cfg: FinetuneConfig) -> dict:

@@ -2,12 +2,13 @@
 so the test set is the one `plmrun probe --max-test N` scores) or a user CSV/TSV table.
 
 Validation rows come out of the training rows by a hash of the sequence (no test row is ever used
-to stop). Each problem with a table is one DataError line naming the file and row.
+to stop). Each problem with a table is one DataError line naming the file and row. Rows without a
+label and valid/test sequences already in an earlier split are refused, never read as a class 'nan'
+or a fair test row; drop_bad_labels / drop_leaks drop them instead, with a printed count.
 """
 from __future__ import annotations
 
-import csv
-import io
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from plmrun import tokenizer as tok
 from plmrun.data.errors import DataError
+from plmrun.data.tables import is_missing, read_table
 from plmrun.eval.probe import TASKS, _unit_hash, load_task
 
 from .config import FinetuneConfig
@@ -76,51 +78,41 @@ def _bundled(cfg: FinetuneConfig) -> FinetuneData:
     return data
 
 
-def _read_rows(path: Path) -> tuple[list[str], list[dict]]:
-    from plmrun.data.readers import open_binary
-    f, _ = open_binary(path)
-    with f:
-        text = f.read().decode("utf-8", errors="replace")
-    stem = path.name.lower().removesuffix(".gz").removesuffix(".xz").removesuffix(".bz2")
-    reader = csv.DictReader(io.StringIO(text), delimiter="\t" if stem.endswith((".tsv", ".tab")) else ",")
-    rows = list(reader)
-    return list(reader.fieldnames or []), rows
-
-
 def _table(cfg: FinetuneConfig) -> FinetuneData:
     path = Path(cfg.task)
     if not path.is_file():
         raise DataError(f"{path}: no such table and not a bundled task (bundled: {', '.join(TASKS)})")
-    columns, rows = _read_rows(path)
+    table = read_table(path, what="finetune table")
     for key in ("sequence_column", "label_column"):
-        col = getattr(cfg, key)
-        if col not in columns:
-            raise DataError(f"{path}: no column {col!r} (columns: {', '.join(columns) or 'none'}); "
-                            f"set --{key.replace('_', '-')} to the right one")
+        table.index(getattr(cfg, key), f"--{key.replace('_', '-')}")
+    columns, rows = table.columns, table.records()
     if not rows:
         raise DataError(f"{path}: no rows")
     kind = "classification" if cfg.kind == "auto" else cfg.kind
     seq_col, lab_col = cfg.sequence_column, cfg.label_column
     by_split: dict[str, list[tuple[int, dict]]] = {"train": [], "valid": [], "test": []}
-    for n, r in enumerate(rows, 2):   # line 1 is the header
+    for i, (n, r) in enumerate(zip(table.lines, rows)):
+        where = table.where(i)
         seq = (r.get(seq_col) or "").strip().upper()
         if not seq:
-            raise DataError(f"{path}: line {n}: empty sequence in column {seq_col!r}")
+            raise DataError(f"{where}: empty sequence in column {seq_col!r}")
         try:
             tok.encode(seq)
         except tok.InvalidSequenceError as e:
-            raise DataError(f"{path}: line {n}: {e}") from None
+            raise DataError(f"{where}: {e}") from None
         r[seq_col] = seq
         if cfg.split_column in columns:
             value = (r.get(cfg.split_column) or "").strip().lower()
             if value not in SPLITS:
-                raise DataError(f"{path}: line {n}: split {value!r} in column {cfg.split_column!r} is not "
+                raise DataError(f"{where}: split {value!r} in column {cfg.split_column!r} is not "
                                 f"train, valid or test")
             split = SPLITS[value]
         else:
             u = _unit_hash("finetune-split:" + seq)
             split = "test" if u < 0.1 else "valid" if u < 0.2 else "train"
         by_split[split].append((n, r))
+    _unlabelled(by_split, table, lab_col, cfg.drop_bad_labels)
+    _leaks(by_split, table, seq_col, cfg.drop_leaks)
     for split, items in by_split.items():
         if not items:
             how = (f"no row has {split!r} in column {cfg.split_column!r}" if cfg.split_column in columns
@@ -170,6 +162,61 @@ def _table(cfg: FinetuneConfig) -> FinetuneData:
     data = FinetuneData(path.stem, kind, classes, splits["train"], splits["valid"], splits["test"], str(path))
     _check_lengths(data, cfg)
     return data
+
+
+def _lines(table, items: list[tuple[int, dict]], most: int = 8) -> str:
+    """`lines 3, 7 and 9` (the first `most`, then how many more) of (line, row) items; parquet: rows."""
+    unit = "row" if table.parquet else "line"
+    nums = [str(n - 1 if table.parquet else n) for n, _ in items]
+    shown = nums[:most] + ([f"{len(nums) - most} more"] if len(nums) > most else [])
+    listed = shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + " and " + shown[-1]
+    return f"{unit}{'s' if len(nums) > 1 else ''} {listed}"
+
+
+def _unlabelled(by_split: dict, table, lab_col: str, drop: bool) -> None:
+    """Rows whose label is missing (empty, NA, nan, ...) are refused with their lines, or dropped with a
+    printed count when `drop` (drop_bad_labels): never read as a class named 'nan'."""
+    bad = sorted((item for items in by_split.values() for item in items if is_missing(item[1][lab_col])),
+                 key=lambda it: it[0])
+    if not bad:
+        return
+    what = f"{len(bad)} of {sum(map(len, by_split.values()))} rows have no label in column {lab_col!r}"
+    if not drop:
+        raise DataError(f"{table.path}: {what} (empty, NA or nan): {_lines(table, bad)}; fill them in, or "
+                        "set drop_bad_labels (--drop-bad-labels true) to train without them")
+    for split, items in by_split.items():
+        by_split[split] = [it for it in items if not is_missing(it[1][lab_col])]
+    print(f"{table.path}: dropped {len(bad)} rows without a label in column {lab_col!r} ({_lines(table, bad)}; "
+          "drop_bad_labels)", file=sys.stderr, flush=True)
+
+
+def _leaks(by_split: dict, table, seq_col: str, drop: bool) -> None:
+    """A sequence in valid or test that is also in an earlier split (train, then valid) leaks the answer
+    into early stopping or the test score: refused with the lines of both copies, or, with `drop`
+    (drop_leaks), dropped from the later split with a printed count."""
+    first: dict[str, tuple[str, int]] = {}
+    leaks = []
+    for split, items in by_split.items():   # train, valid, test
+        for n, r in items:
+            earlier = first.get(r[seq_col])
+            if earlier is not None and earlier[0] != split:
+                leaks.append((split, n, earlier))
+        for n, r in items:
+            first.setdefault(r[seq_col], (split, n))
+    if not leaks:
+        return
+    unit = "row" if table.parquet else "line"
+    num = lambda n: n - 1 if table.parquet else n
+    pairs = ", ".join(f"{unit} {num(n)} ({split}) = {unit} {num(m)} ({first_split})"
+                      for split, n, (first_split, m) in leaks[:5]) + (f" and {len(leaks) - 5} more" if len(leaks) > 5 else "")
+    what = f"{len(leaks)} valid/test rows repeat a sequence of an earlier split (a leak): {pairs}"
+    if not drop:
+        raise DataError(f"{table.path}: {what}; remove the copies, or set drop_leaks (--drop-leaks true) to drop "
+                        "them from the later split")
+    gone = {(split, n) for split, n, _ in leaks}
+    for split, items in by_split.items():
+        by_split[split] = [it for it in items if (split, it[0]) not in gone]
+    print(f"{table.path}: dropped {what} (drop_leaks)", file=sys.stderr, flush=True)
 
 
 def _check_lengths(data: FinetuneData, cfg: FinetuneConfig) -> None:
