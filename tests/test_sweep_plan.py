@@ -1,7 +1,6 @@
 """`plmrun plan` (memory estimate, checked against real tensors) and `plmrun sweep` (experiment runner)."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -9,6 +8,8 @@ import torch
 
 from plmrun.config import build_config, list_shipped_configs
 from plmrun.experiments.plan import GB, RESERVED, estimate, parameter_counts, plan_table
+
+from helpers import run_cli
 
 TINY_YAML = """model: {hidden_size: 32, num_layers: 2, num_heads: 2}
 data: {token_budget: 512, max_length: 128}
@@ -67,11 +68,8 @@ def test_plan_cli(capsys):
 
 
 def _sweep(args, tmp_path, env_extra=None):
-    env = dict(os.environ, PLMRUN_CACHE=str(tmp_path.parent / "plmrun-cache"), OMP_NUM_THREADS="1",
-               **(env_extra or {}))
-    env.pop("WANDB_API_KEY", None)
-    return subprocess.run([sys.executable, "-m", "plmrun.cli", "sweep", *args], cwd=tmp_path, env=env,
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    env = {"OMP_NUM_THREADS": "1", **(env_extra or {}), "WANDB_API_KEY": None}  # None: no W&B key, ever
+    return run_cli(["sweep", *args], tmp_path, env, check=False, timeout=300)
 
 
 def test_sweep_runs_valid_experiments_and_reports_the_invalid_one(tmp_path):

@@ -1,8 +1,5 @@
 """The trainer: end to end on the bundled corpus, loss normalisation, exact resume, run directories."""
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,22 +12,8 @@ from plmrun.data.shards import InMemorySequences
 from plmrun.model.registry import build_model
 from plmrun.train.trainer import forward_backward
 
-# The tiny run every end-to-end test uses. Its masking is pinned (ESM-2's 15%, 80/10/10) so that the
-# measured tolerances below (FSDP2 vs one process) do not move when the default recipe is retuned.
-TINY = ["--model.hidden_size=32", "--model.num_layers=2", "--model.num_heads=2", "--data.token_budget=512",
-        "--data.max_length=128", "--train.max_steps=6", "--train.eval_every=3", "--eval.subset=16",
-        "--eval.token_budget=2048", "--eval.final_full=false", "--train.precision=fp32", "--logging.progress=false",
-        "--train.log_every=1", "--train.threads=1", "--masking.mask_rate=0.15", "--masking.mask_token_frac=0.8",
-        "--masking.random_token_frac=0.1"]
-
-
-def _plmrun(args, tmp_path, env_extra=None, check=True):
-    env = dict(os.environ, PLMRUN_CACHE=str(tmp_path.parent / "plmrun-cache"), **(env_extra or {}))
-    proc = subprocess.run([sys.executable, "-m", "plmrun.cli", *args], cwd=tmp_path, capture_output=True, text=True,
-                          env=env, timeout=600)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc
+from helpers import TINY
+from helpers import run_cli as _plmrun
 
 
 def _sequences(n=12, seed=0):
