@@ -205,6 +205,7 @@ def test_next_save_removes_leftover_temp_folders(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == [path.name]
 
 
+@pytest.mark.slow
 def test_resume_into_another_model_config_is_one_cli_line(tmp_path):
     """A run's config.yaml edited to a wider model after its checkpoint: --resume refuses with one line."""
     args = [*TINY, "--train.checkpoint_every=2", "--logging.name=edited"]
@@ -219,6 +220,7 @@ def test_resume_into_another_model_config_is_one_cli_line(tmp_path):
     assert "in this model (the checkpoint is from another model config" in proc.stderr
 
 
+@pytest.mark.slow
 def test_disk_full_during_training_is_one_cli_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
     """ENOSPC at the step-4 save of a real run: exit 2, one line, step 2 kept whole, no temp folder left."""
     from plmrun.cli import main
@@ -239,6 +241,7 @@ def test_disk_full_during_training_is_one_cli_line_and_keeps_the_previous_checkp
     assert ckpt.read_train_state(ckpts / "step_00000002")["step"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 def test_fsdp2_sharded_checkpoint_resumes_bitwise(tmp_path, torchrun):
     """FSDP2 on 2 ranks: SIGTERM after step 3 saves sharded (DTensor) model and optimizer state; the resumed run

@@ -19,7 +19,8 @@ from helpers import assert_identical as _assert_identical
 from helpers import series as _series
 from helpers import weights as _weights
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")]
 
 CKPT = ["--train.checkpoint_every=2"]
 

@@ -197,6 +197,7 @@ def test_init_from_a_folder_of_another_arch_or_size_is_one_line(tmp_path):
         load_hf_weights_into(wide_sr, tmp_path / "model")
 
 
+@pytest.mark.slow
 def test_train_init_from_hf_on_a_transformers_folder(tmp_path, cli):
     """The issue's case: `plmrun train --init-from-hf DIR --config esm2_8m` on a save_pretrained folder."""
     saved_by_transformers(tiny_hf(), tmp_path / "hf")

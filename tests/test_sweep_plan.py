@@ -72,6 +72,7 @@ def _sweep(args, tmp_path, env_extra=None):
     return run_cli(["sweep", *args], tmp_path, env, check=False, timeout=300)
 
 
+@pytest.mark.slow
 def test_sweep_runs_valid_experiments_and_reports_the_invalid_one(tmp_path):
     exp = tmp_path / "exp"
     exp.mkdir()

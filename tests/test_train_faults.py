@@ -18,6 +18,8 @@ from helpers import TINY, run_torchrun
 from helpers import series as _series
 from helpers import weights as _weights
 
+pytestmark = pytest.mark.slow  # every test shares a module run (`work`) or trains
+
 REF = [*TINY, "--train.grad_accum=2"]
 # embeddings, head and scalars at lr 1000: the loss leaves ln 33 after step 1 and never comes back
 DIVERGING = ["--optim.lr_hidden=1e6", "--optim.lr_embed=1e3", "--optim.lr_head=1e3", "--optim.lr_scalar=1e3"]
