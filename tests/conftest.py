@@ -33,6 +33,14 @@ def plmrun_cache(tmp_path_factory):
         yield path
 
 
+@pytest.fixture(scope="session")
+def bundled_corpus(plmrun_cache):
+    """The bundled corpus prepared in the session cache, for tests whose output must not include the
+    one-time preparation (its progress lines on stderr) when they happen to run first."""
+    from plmrun.data.corpus import bundled_dataset_dir
+    return bundled_dataset_dir()
+
+
 @pytest.fixture
 def tiny_config():
     """`tiny_config(*overrides)`: the tiny end-to-end run's Config (helpers.TINY plus `--section.key=value`
