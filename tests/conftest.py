@@ -3,7 +3,7 @@
 The plain functions behind them live in helpers.py (module-scoped fixtures and module constants such as
 `REF = [*TINY, ...]` need them without a fixture). Markers (pyproject.toml, --strict-markers):
 `slow` end-to-end runs (CI runs them; `-m "not slow"` for a quick pass), `cuda` needs a CUDA GPU,
-`external` needs an optional outside package or tool (skipped when it is missing).
+`external` needs a package or tool beyond the dev extra (`-m "not external"` leaves them out).
 """
 
 import pytest

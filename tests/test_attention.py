@@ -106,7 +106,7 @@ def _brute_force_cost(lengths, call_cost):
 
 def test_bucket_plan_is_an_optimal_exact_cover():
     g = torch.Generator().manual_seed(0)
-    for trial in range(20):
+    for _ in range(20):
         lengths = torch.randint(1, 513, (int(torch.randint(1, 14, (1,), generator=g)),), generator=g).tolist()
         lengths += [lengths[0], 2, 2]  # repeats and tiny segments
         for call_cost in (0, 128 * 128, 10 ** 7):

@@ -24,7 +24,7 @@ def cli(*args, env=None):
 
 
 def parse_fasta(text):
-    out, name = [], None
+    out = []
     for line in text.splitlines():
         if line.startswith(">"):
             out.append([line[1:], ""])

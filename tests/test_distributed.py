@@ -52,7 +52,8 @@ def work(tmp_path_factory):
 
 
 def test_ddp_and_fsdp2_match_one_process(work):
-    """DDP: bitwise equal. FSDP2 (+ activation checkpointing): |Δloss| ≤ 1e-6, |Δweight| ≤ 5e-6 (reduce-scatter order)."""
+    """DDP: bitwise equal. FSDP2 (+ activation checkpointing): |Δloss| ≤ 1e-6, |Δweight| ≤ 5e-6
+    (reduce-scatter order)."""
     runs = work / "runs"
     _assert_identical(runs / "single", runs / "ddp")
     _torchrun(["--dist.strategy=fsdp", "--dist.activation_checkpointing=true", "--logging.name=fsdp"], work)

@@ -50,7 +50,7 @@ def test_world_size_times_accumulation_gives_the_same_stream():
 
 def test_epochs_cover_every_sequence_once_and_roll_over():
     ld = loader(grad_accum=1)
-    seen, epochs = [], set()
+    seen = []
     while ld.epoch == 0:
         (b,) = ld.next_step(len(seen))
         seen.append(b.packed.seq_index.tolist())

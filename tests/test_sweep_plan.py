@@ -115,7 +115,8 @@ def test_get_secret(monkeypatch):
 
 def test_plan_fits_the_longest_phase_of_a_crop_schedule():
     """A budget that holds 512-token crops but not the schedule's 65,536-token phase does not fit."""
-    fits = lambda extra: [l for l in plan_table(build_config("esmc_300m", ["--data.token_budget=65536", *extra]), 1, 8)
-                          .splitlines() if l.startswith("largest token budget, checkpointed")][0]
+    fits = lambda extra: [line for line in plan_table(build_config("esmc_300m", ["--data.token_budget=65536", *extra]),
+                                                      1, 8).splitlines()
+                          if line.startswith("largest token budget, checkpointed")][0]
     assert "does not fit" not in fits([])
     assert fits(["--data.max_length_schedule=[[0, 512], [10, 65536]]"]).count("does not fit") == 2

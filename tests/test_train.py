@@ -231,7 +231,7 @@ def test_precision_auto_is_bf16_only_where_bf16_matmuls_are_native(monkeypatch):
     cfg = build_config(None, [])
     assert cfg.train.precision == "auto"
     for native, expect in ((True, torch.bfloat16), (False, None)):
-        monkeypatch.setattr(P.torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+        monkeypatch.setattr(P.torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native)
         assert P.native_bf16(cpu) is native
         assert P.resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
         assert P.autocast_dtype(cfg, cpu) is expect
