@@ -106,7 +106,7 @@ def _brute_force_cost(lengths, call_cost):
 
 def test_bucket_plan_is_an_optimal_exact_cover():
     g = torch.Generator().manual_seed(0)
-    for trial in range(20):
+    for _ in range(20):
         lengths = torch.randint(1, 513, (int(torch.randint(1, 14, (1,), generator=g)),), generator=g).tolist()
         lengths += [lengths[0], 2, 2]  # repeats and tiny segments
         for call_cost in (0, 128 * 128, 10 ** 7):
@@ -138,8 +138,8 @@ def test_bad_input_messages():
         assert resolve_backend("auto", q) == "cpu"
 
 
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("backend", ["flex", "flash", "auto"])
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["flex", pytest.param("flash", marks=pytest.mark.external), "auto"])
 @pytest.mark.parametrize("opts", [dict(), dict(soft_cap=5.0), dict(window=16, soft_cap=3.0)], ids=["plain", "cap", "win"])
 def test_cuda_backends_match_naive(backend, opts):
     if backend == "flash":
@@ -154,6 +154,7 @@ def test_cuda_backends_match_naive(backend, opts):
         torch.testing.assert_close(a.float(), b, rtol=5e-2, atol=5e-2)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("PLMRUN_SLOW"), reason="compiles FlexAttention on CPU (~25 s); set PLMRUN_SLOW=1")
 def test_flex_forward_on_cpu_matches_naive():
     """torch 2.13 has FlexAttention forward (not backward) on CPU: check our mask/score_mod there."""

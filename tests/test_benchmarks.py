@@ -198,6 +198,7 @@ def test_speedrun_token_cap_schedule_and_not_reached():
     assert "**plmrun did not reach 2.7 in 1 of 1 runs** (best 2.9000)" in md and "| plmrun | 1 | 0.00M | not reached |" in md
 
 
+@pytest.mark.slow
 def test_speedrun_end_to_end(tmp_path, cache):
     out = tmp_path / "sr"
     assert speedrun.main(["--config", "debug", "--set", "eval.subset=16", "--target", "3.3", "3.25", "--eval-every", "4",
@@ -251,6 +252,7 @@ def test_long_curve_ratio_table():
     assert "| 2.910 | ≤ 100 | 200 | ≥ 2.00× |" in md and "| 2.830 | 400 | not reached | ≥ 1.25× |" in md
 
 
+@pytest.mark.slow
 def test_long_curve_end_to_end_and_from_runs(tmp_path, cache):
     out = tmp_path / "lc"
     args = ["--tokens", "6144", "--eval-tokens", "2048", "--jobs", "1", "--run-root", str(tmp_path / "runs"),

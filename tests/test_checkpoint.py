@@ -1,6 +1,6 @@
 """Checkpoints: one save/load pair over Stateful parts, exact round trip, and every damage refused in one line.
 
-The parts are the real ones (the tiny model of test_train.py, its Optimizers, the trainer's counters,
+The parts are the real ones (the tiny model of helpers.TINY, its Optimizers, the trainer's counters,
 the RNG); gradients are seeded random tensors so the optimizers carry real Muon/AdamW state without
 a data pipeline. Disk full is an OSError(ENOSPC) injected where DCP writes a shard, or where the
 manifest is renamed into place.
@@ -19,7 +19,9 @@ from plmrun.model.registry import build_model
 from plmrun.optim.build import build_optimizer
 from plmrun import checkpoint as ckpt
 from plmrun.checkpoint import CheckpointError
-from test_train import TINY, _plmrun
+
+from helpers import TINY, assert_identical
+from helpers import run_cli as _plmrun
 
 
 def _setup(*overrides, seed=0):
@@ -203,6 +205,7 @@ def test_next_save_removes_leftover_temp_folders(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == [path.name]
 
 
+@pytest.mark.slow
 def test_resume_into_another_model_config_is_one_cli_line(tmp_path):
     """A run's config.yaml edited to a wider model after its checkpoint: --resume refuses with one line."""
     args = [*TINY, "--train.checkpoint_every=2", "--logging.name=edited"]
@@ -217,6 +220,7 @@ def test_resume_into_another_model_config_is_one_cli_line(tmp_path):
     assert "in this model (the checkpoint is from another model config" in proc.stderr
 
 
+@pytest.mark.slow
 def test_disk_full_during_training_is_one_cli_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
     """ENOSPC at the step-4 save of a real run: exit 2, one line, step 2 kept whole, no temp folder left."""
     from plmrun.cli import main
@@ -237,21 +241,19 @@ def test_disk_full_during_training_is_one_cli_line_and_keeps_the_previous_checkp
     assert ckpt.read_train_state(ckpts / "step_00000002")["step"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
-def test_fsdp2_sharded_checkpoint_resumes_bitwise(tmp_path):
+def test_fsdp2_sharded_checkpoint_resumes_bitwise(tmp_path, torchrun):
     """FSDP2 on 2 ranks: SIGTERM after step 3 saves sharded (DTensor) model and optimizer state; the resumed run
     ends bitwise equal to the uninterrupted one, and the manifest lists every rank's shard."""
-    import sys
-    from test_distributed import _assert_identical, _run, _torchrun
-    args = ["--dist.strategy=fsdp", "--train.checkpoint_every=2"]
-    _torchrun([*args, "--logging.name=straight"], tmp_path)
-    _torchrun([*args, "--logging.name=termed"], tmp_path, {"PLMRUN_FAULT": "term@3:1"}, check=False)
+    args = ["train", *TINY, "--dist.strategy=fsdp", "--train.checkpoint_every=2"]
+    torchrun([*args, "--logging.name=straight"])
+    torchrun([*args, "--logging.name=termed"], {"PLMRUN_FAULT": "term@3:1"}, check=False)
     run = tmp_path / "runs" / "termed"
     manifest = json.loads((run / "checkpoints" / "step_00000003" / MANIFEST).read_text())
     assert {"__0_0.distcp", "__1_0.distcp", ".metadata", ckpt.STATE_FILE} <= set(manifest["files"])
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "plmrun.cli",
-          "train", "--resume", str(run)], tmp_path)
-    _assert_identical(tmp_path / "runs" / "straight", run)
+    torchrun(["train", "--resume", str(run)])
+    assert_identical(tmp_path / "runs" / "straight", run)
 
 
 def test_checkpoint_weights_for_eval_are_verified_too(tmp_path):

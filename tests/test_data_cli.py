@@ -14,16 +14,17 @@ from plmrun.data import corpus
 from plmrun.cli import main
 from plmrun.data.shards import open_dataset
 
+from helpers import run_cli
+
 CORPUS = Path(corpus.__file__).resolve().parents[1] / "corpus" / "swissprot2014_small"
 
 
 def cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "plmrun.cli", "data", *map(str, args)],
-                          capture_output=True, text=True, env={**os.environ, **(env or {})})
+    return run_cli(["data", *args], env_extra=env, check=False)
 
 
 def parse_fasta(text):
-    out, name = [], None
+    out = []
     for line in text.splitlines():
         if line.startswith(">"):
             out.append([line[1:], ""])

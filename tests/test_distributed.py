@@ -1,6 +1,6 @@
 """torchrun end to end on CPU/gloo: DDP and FSDP2 equal one process, crashes resume bit for bit, failures stop loudly.
 
-Every run is the tiny model of test_train.py (6 steps); the reference is one process × grad_accum 2, the
+Every run is the tiny model of helpers.TINY (6 steps); the reference is one process × grad_accum 2, the
 distributed runs are 2 processes × grad_accum 1 (the same global batches, see data/loader.py).
 """
 import json
@@ -9,29 +9,28 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from test_train import TINY
+import helpers
+from helpers import DIST_ENV, TINY
+from helpers import assert_identical as _assert_identical
+from helpers import series as _series
+from helpers import weights as _weights
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")]
 
 CKPT = ["--train.checkpoint_every=2"]
 
 
 def _env(tmp, extra=None):
-    return dict(os.environ, PLMRUN_CACHE=str(tmp / "cache"), OMP_NUM_THREADS="1", PLMRUN_DIST_TIMEOUT="60",
-                **(extra or {}))
+    return dict(os.environ, PLMRUN_CACHE=str(tmp / "cache"), **DIST_ENV, **(extra or {}))
 
 
 def _run(cmd, tmp, extra=None, check=True, timeout=300):
-    proc = subprocess.run(cmd, cwd=tmp, env=_env(tmp, extra), capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
-    return proc
+    return helpers.run(cmd, tmp, {"PLMRUN_CACHE": tmp / "cache", **DIST_ENV, **(extra or {})}, check, timeout)
 
 
 def _plmrun(args, tmp, extra=None, check=True):
@@ -39,23 +38,8 @@ def _plmrun(args, tmp, extra=None, check=True):
 
 
 def _torchrun(args, tmp, extra=None, check=True, launcher=("--standalone", "--nproc_per_node=2")):
-    return _run([sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "plmrun.cli", "train", *TINY, *args],
-                tmp, extra, check)
-
-
-def _series(run: Path):
-    rs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["kind"], r["step"], r.get("tokens"), r.get("loss", r.get("val_loss"))) for r in rs]
-
-
-def _weights(run: Path):
-    return load_file(run / "model" / "model.safetensors")
-
-
-def _assert_identical(a: Path, b: Path):
-    assert _series(a) == _series(b)
-    wa, wb = _weights(a), _weights(b)
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    return helpers.run_torchrun(["train", *TINY, *args], tmp, {"PLMRUN_CACHE": tmp / "cache", **(extra or {})}, check,
+                                launcher)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +52,8 @@ def work(tmp_path_factory):
 
 
 def test_ddp_and_fsdp2_match_one_process(work):
-    """DDP: bitwise equal. FSDP2 (+ activation checkpointing): |Δloss| ≤ 1e-6, |Δweight| ≤ 5e-6 (reduce-scatter order)."""
+    """DDP: bitwise equal. FSDP2 (+ activation checkpointing): |Δloss| ≤ 1e-6, |Δweight| ≤ 5e-6
+    (reduce-scatter order)."""
     runs = work / "runs"
     _assert_identical(runs / "single", runs / "ddp")
     _torchrun(["--dist.strategy=fsdp", "--dist.activation_checkpointing=true", "--logging.name=fsdp"], work)
@@ -105,15 +90,14 @@ def test_sigterm_saves_and_resumes_on_another_world_size(work):
     _assert_identical(work / "runs" / "single", run)
 
 
-def test_resume_that_would_change_the_global_batch_is_refused(work):
+def test_resume_that_would_change_the_global_batch_is_refused(work, tiny_config):
     """A 1 × 1 checkpoint cannot continue on 2 ranks (2 does not divide 1): refused, one line, nothing trained."""
-    from plmrun.config import build_config
     from plmrun.train.trainer import train
     with pytest.MonkeyPatch.context() as mp:  # in this process: SIGTERM is caught by the trainer's handler
         mp.setenv("PLMRUN_CACHE", str(work / "cache"))
         mp.setenv("PLMRUN_FAULT", "term@2")
         mp.chdir(work)
-        assert train(build_config(None, [*TINY, "--logging.name=odd"]))["stopped"].startswith("signal")
+        assert train(tiny_config("--logging.name=odd"))["stopped"].startswith("signal")
     proc = _torchrun(["--logging.name=odd"], work, check=False)
     assert proc.returncode != 0
     assert "world_size × grad_accum = 1, which 2 ranks cannot reproduce" in proc.stderr

@@ -74,6 +74,7 @@ def assert_matches(out, ref, sl, row=0, rows=slice(None)):
     close(hs[-1][sl], ref.embeddings[row, rows])  # after the final norm
 
 
+@pytest.mark.external
 @pytest.mark.parametrize("backend", ["cpu", "naive", "sdpa_dense"])
 def test_logits_and_hidden_states_match_esmc(backend):
     """fp32, 1e-5: our packed forward vs ESM C on each sequence alone and on the right-padded batch."""
@@ -96,6 +97,7 @@ def test_logits_and_hidden_states_match_esmc(backend):
             start += len(s)
 
 
+@pytest.mark.external
 def test_without_qk_norm_matches_esmc():
     ref_model = reference(qk_norm=False)
     ours = build_model(our_config(qk_norm=False)).eval()
@@ -106,6 +108,7 @@ def test_without_qk_norm_matches_esmc():
         assert_matches(out, ref_model(sequence_tokens=seqs[1][None]), slice(len(seqs[0]), len(seqs[0]) + len(seqs[1])))
 
 
+@pytest.mark.external
 def test_our_weights_load_into_esmc():
     """to_esmc_state_dict loads strictly into ESMC; its 64-way softmax is then our 33-way one."""
     ref_model = reference()
@@ -171,6 +174,7 @@ def test_parameter_kinds_cover_every_parameter():
     assert kinds["head.dense.weight"] == "head" and kinds["head.bias"] == "scalar"
 
 
+@pytest.mark.slow
 def test_train_three_steps_with_muon(tmp_path, monkeypatch):
     from plmrun.train.trainer import train
     monkeypatch.chdir(tmp_path)
@@ -243,6 +247,7 @@ def test_an_esm_package_folder_of_the_wrong_size_is_one_line(tmp_path, capsys):
     assert "esmc_600m_2024_12_v0.pth: not an ESM C state dict" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_train_init_from_an_esm_package_folder(tmp_path):
     from plmrun.config import build_config
     from plmrun.train.trainer import train

@@ -250,6 +250,7 @@ def test_unigram_baseline_of_a_model_without_run_uses_the_eval_data(tmp_path, mo
     assert got["gain"] == pytest.approx(got["unigram_loss"] - got["loss"], abs=1e-12)
 
 
+@pytest.mark.slow
 def test_trainer_records_training_unigram_and_eval_uses_it(tmp_path, monkeypatch):
     """Old code: runs had no unigram.json, eval records no val_unigram_loss/val_gain."""
     from plmrun.config import build_config

@@ -26,6 +26,7 @@ def _ft(tmp_path, model, *flags, root="runs"):
     return main(["finetune", model, "--device", "cpu", "--run-root", str(tmp_path / root), *SMALL, *flags])
 
 
+@pytest.mark.slow
 def test_full_finetune_reports_beside_the_frozen_probe_and_exports(tmp_path, capsys):
     model = _model(tmp_path)
     out = tmp_path / "report.json"
@@ -54,6 +55,7 @@ def test_full_finetune_reports_beside_the_frozen_probe_and_exports(tmp_path, cap
     assert "already finished" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_lora_merges_into_the_exported_model(tmp_path, capsys):
     pytest.importorskip("peft")
     model = _model(tmp_path)
@@ -69,6 +71,7 @@ def test_lora_merges_into_the_exported_model(tmp_path, capsys):
     assert changed and all(k.rsplit(".", 2)[-2] in ("q", "k", "v", "o") for k in changed)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, capsys, method):
     if method == "lora":
@@ -90,6 +93,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, cap
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
 
 
+@pytest.mark.slow
 def test_early_stopping_on_validation(tmp_path, capsys):
     model = _model(tmp_path)
     assert _ft(tmp_path, model, "--method", "full", "--max-steps", "50", "--eval-every", "1", "--patience", "2",
@@ -111,6 +115,7 @@ def _rows(n=40, label=lambda i: str(i % 2)):
             f"{'train' if i < 28 else 'valid' if i < 34 else 'test'}" for i in range(n)]
 
 
+@pytest.mark.slow
 def test_regression_on_a_table(tmp_path, capsys):
     model = _model(tmp_path)
     table = _table(tmp_path, _rows(label=lambda i: f"{(i % 9) * 0.5:.1f}"))
@@ -147,6 +152,7 @@ def test_bad_input_is_one_line(tmp_path, capsys, case, flags, message):
     assert not (tmp_path / "runs").exists()   # refused before anything was written
 
 
+@pytest.mark.slow
 def test_residue_classification_on_a_table(tmp_path, capsys):
     model = _model(tmp_path)
     rows = [r.split(",") for r in _rows()]

@@ -50,7 +50,7 @@ def test_world_size_times_accumulation_gives_the_same_stream():
 
 def test_epochs_cover_every_sequence_once_and_roll_over():
     ld = loader(grad_accum=1)
-    seen, epochs = [], set()
+    seen = []
     while ld.epoch == 0:
         (b,) = ld.next_step(len(seen))
         seen.append(b.packed.seq_index.tolist())
@@ -147,7 +147,7 @@ def test_eval_batches_are_fixed_and_split_over_ranks():
     assert [i for b in sub for i in b.packed.seq_index.tolist()] == [0, 1, 2, 3]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_pinned_copies_match_cpu():
     cpu = run(3, grad_accum=2)
     with loader(grad_accum=2, prefetch=4, pin_memory=True, device="cuda") as ld:

@@ -197,20 +197,18 @@ def test_init_from_a_folder_of_another_arch_or_size_is_one_line(tmp_path):
         load_hf_weights_into(wide_sr, tmp_path / "model")
 
 
-def test_train_init_from_hf_on_a_transformers_folder(tmp_path):
+@pytest.mark.slow
+def test_train_init_from_hf_on_a_transformers_folder(tmp_path, cli):
     """The issue's case: `plmrun train --init-from-hf DIR --config esm2_8m` on a save_pretrained folder."""
     saved_by_transformers(tiny_hf(), tmp_path / "hf")
-    env = dict(os.environ, PLMRUN_CACHE=os.environ.get("PLMRUN_CACHE", str(tmp_path.parent / "plmrun-cache")))
     args = ["train", "--config", "esm2_8m", "--init-from-hf", str(tmp_path / "hf"), "--model.hidden_size=32",
             "--model.num_layers=2", "--model.num_heads=4", "--model.expansion_ratio=2.0", "--data.token_budget=512",
             "--data.max_length=128", "--train.max_steps=1", "--train.eval_every=1", "--eval.subset=4",
             "--eval.token_budget=1024", "--eval.final_full=false", "--train.precision=fp32",
             "--logging.progress=false", "--train.threads=1"]
-    proc = subprocess.run([sys.executable, "-m", "plmrun.cli", *args], cwd=tmp_path, capture_output=True,
-                          text=True, env=env, timeout=600)
+    proc = cli(args, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    bad = subprocess.run([sys.executable, "-m", "plmrun.cli", *[a.replace("num_layers=2", "num_layers=3") for a in args]],
-                         cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    bad = cli([a.replace("num_layers=2", "num_layers=3") for a in args], check=False)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0, bad.stderr[-3000:]
     assert "2 encoder layers, the model has 3" in bad.stderr
 

@@ -111,6 +111,7 @@ def test_refusals(tmp_path):
                         run_root=tmp_path)
 
 
+@pytest.mark.slow
 def test_end_to_end_one_seed(tmp_path, monkeypatch, capsys):
     """A real (tiny) attempt: debug model, 1 seed, easy target; appended, not a record (1 seed)."""
     monkeypatch.setenv("PLMRUN_CACHE", str(tmp_path.parent / "plmrun-cache"))

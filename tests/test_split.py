@@ -32,6 +32,7 @@ def result(tmp_path_factory):
     return d, report, out
 
 
+@pytest.mark.external
 def test_no_pair_straddles_train_and_eval(result):
     d, report, out = result
     train = set(out["train"])
@@ -42,6 +43,7 @@ def test_no_pair_straddles_train_and_eval(result):
     assert not train & held_out and not set(out["valid"]) & set(out["test"])
 
 
+@pytest.mark.external
 def test_clustering_alone_leaked_and_search_dropped(result):
     d, report, out = result
     dropped = {r["name"].split()[0] for r in report["dropped"]}
@@ -65,6 +67,7 @@ def test_assignment_is_a_pure_hash():
     assert a != [assign(n, 1, 0.1, 0.2) for n in names]
 
 
+@pytest.mark.external
 def test_split_bad_input(tmp_path, result):
     d, *_ = result
     with pytest.raises(DataError, match="output directory already exists"):
@@ -83,6 +86,7 @@ def test_split_bad_input(tmp_path, result):
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o*"))
 
 
+@pytest.mark.external
 def test_linclust_above_the_threshold_keeps_the_guarantees(result, tmp_path, monkeypatch):
     """auto switches to easy-linclust above LINCLUST_ABOVE unique sequences; the leakage search
     still runs, so no parent/fragment pair straddles train and held-out data."""

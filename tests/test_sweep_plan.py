@@ -1,7 +1,6 @@
 """`plmrun plan` (memory estimate, checked against real tensors) and `plmrun sweep` (experiment runner)."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -9,6 +8,8 @@ import torch
 
 from plmrun.config import build_config, list_shipped_configs
 from plmrun.experiments.plan import GB, RESERVED, estimate, parameter_counts, plan_table
+
+from helpers import run_cli
 
 TINY_YAML = """model: {hidden_size: 32, num_layers: 2, num_heads: 2}
 data: {token_budget: 512, max_length: 128}
@@ -67,13 +68,11 @@ def test_plan_cli(capsys):
 
 
 def _sweep(args, tmp_path, env_extra=None):
-    env = dict(os.environ, PLMRUN_CACHE=str(tmp_path.parent / "plmrun-cache"), OMP_NUM_THREADS="1",
-               **(env_extra or {}))
-    env.pop("WANDB_API_KEY", None)
-    return subprocess.run([sys.executable, "-m", "plmrun.cli", "sweep", *args], cwd=tmp_path, env=env,
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    env = {"OMP_NUM_THREADS": "1", **(env_extra or {}), "WANDB_API_KEY": None}  # None: no W&B key, ever
+    return run_cli(["sweep", *args], tmp_path, env, check=False, timeout=300)
 
 
+@pytest.mark.slow
 def test_sweep_runs_valid_experiments_and_reports_the_invalid_one(tmp_path):
     exp = tmp_path / "exp"
     exp.mkdir()
@@ -116,7 +115,8 @@ def test_get_secret(monkeypatch):
 
 def test_plan_fits_the_longest_phase_of_a_crop_schedule():
     """A budget that holds 512-token crops but not the schedule's 65,536-token phase does not fit."""
-    fits = lambda extra: [l for l in plan_table(build_config("esmc_300m", ["--data.token_budget=65536", *extra]), 1, 8)
-                          .splitlines() if l.startswith("largest token budget, checkpointed")][0]
+    fits = lambda extra: [line for line in plan_table(build_config("esmc_300m", ["--data.token_budget=65536", *extra]),
+                                                      1, 8).splitlines()
+                          if line.startswith("largest token budget, checkpointed")][0]
     assert "does not fit" not in fits([])
     assert fits(["--data.max_length_schedule=[[0, 512], [10, 65536]]"]).count("does not fit") == 2

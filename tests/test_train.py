@@ -1,8 +1,5 @@
 """The trainer: end to end on the bundled corpus, loss normalisation, exact resume, run directories."""
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,22 +12,8 @@ from plmrun.data.shards import InMemorySequences
 from plmrun.model.registry import build_model
 from plmrun.train.trainer import forward_backward
 
-# The tiny run every end-to-end test uses. Its masking is pinned (ESM-2's 15%, 80/10/10) so that the
-# measured tolerances below (FSDP2 vs one process) do not move when the default recipe is retuned.
-TINY = ["--model.hidden_size=32", "--model.num_layers=2", "--model.num_heads=2", "--data.token_budget=512",
-        "--data.max_length=128", "--train.max_steps=6", "--train.eval_every=3", "--eval.subset=16",
-        "--eval.token_budget=2048", "--eval.final_full=false", "--train.precision=fp32", "--logging.progress=false",
-        "--train.log_every=1", "--train.threads=1", "--masking.mask_rate=0.15", "--masking.mask_token_frac=0.8",
-        "--masking.random_token_frac=0.1"]
-
-
-def _plmrun(args, tmp_path, env_extra=None, check=True):
-    env = dict(os.environ, PLMRUN_CACHE=str(tmp_path.parent / "plmrun-cache"), **(env_extra or {}))
-    proc = subprocess.run([sys.executable, "-m", "plmrun.cli", *args], cwd=tmp_path, capture_output=True, text=True,
-                          env=env, timeout=600)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc
+from helpers import TINY
+from helpers import run_cli as _plmrun
 
 
 def _sequences(n=12, seed=0):
@@ -93,6 +76,7 @@ def _unigram_cross_entropy(dataset, split, eval_cfg, subset):
     return evaluate(Unigram(), open_dataset(dataset, split), eval_cfg, subset=subset)["loss"]
 
 
+@pytest.mark.slow
 def test_training_learns_more_than_residue_frequencies(tmp_path):
     """On sequences whose residues are given by their context (each one letter repeated), a short run
     must get below the unigram cross-entropy, which no context-free model can beat."""
@@ -112,6 +96,7 @@ def test_training_learns_more_than_residue_frequencies(tmp_path):
     assert summary["final_val"]["loss"] < unigram, (summary["final_val"]["loss"], unigram)
 
 
+@pytest.mark.slow
 def test_train_cli_end_to_end(tmp_path):
     # non-default eval settings: `plmrun eval RUN` must use them (the run's own protocol), and a target
     # the first eval reaches (10) next to one no eval reaches (0.1) for the time-to-target report
@@ -146,6 +131,7 @@ def test_train_cli_end_to_end(tmp_path):
     assert json.loads((tmp_path / "o.json").read_text())["mask_rate"] == 0.15
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--data.max_length_schedule=[[0, 64], [2, 256]]"]], ids=["plain", "crop_schedule"])
 def test_sigterm_checkpoint_and_resume_is_bitwise_identical(tmp_path, extra):
     """Also across a crop-length switch (step 2) before the interruption (step 3)."""
@@ -245,7 +231,7 @@ def test_precision_auto_is_bf16_only_where_bf16_matmuls_are_native(monkeypatch):
     cfg = build_config(None, [])
     assert cfg.train.precision == "auto"
     for native, expect in ((True, torch.bfloat16), (False, None)):
-        monkeypatch.setattr(P.torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+        monkeypatch.setattr(P.torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native)
         assert P.native_bf16(cpu) is native
         assert P.resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
         assert P.autocast_dtype(cfg, cpu) is expect
@@ -254,6 +240,7 @@ def test_precision_auto_is_bf16_only_where_bf16_matmuls_are_native(monkeypatch):
             assert P.autocast_dtype(build_config(None, [f"--train.precision={explicit}"]), cpu) is dtype
 
 
+@pytest.mark.slow
 def test_max_time_stops_evaluates_checkpoints_and_tests(tmp_path, monkeypatch):
     """train.max_time=3.5 on a clock that ticks 1 s per step: the run stops after step 4 of 6, evaluates
     that step, checkpoints it, runs the final full-valid and test-split evals and says stopped=max_time."""
@@ -287,6 +274,7 @@ def test_dense_eval_due_only_near_an_unreached_target():
     assert not _dense_eval_due(off, {"step": 10, "best_val_loss": 2.851})
 
 
+@pytest.mark.slow
 def test_dense_evals_near_a_target_and_resume_keeps_them(tmp_path):
     """Once the best val loss is within the margin of an unreached target the run evaluates every
     dense_eval_every steps; SIGTERM after step 5 and a resume give the same eval steps and losses."""
@@ -325,6 +313,7 @@ def test_dataset_from_one_fasta_says_how_to_get_a_valid_split(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()   # refused before a run directory exists
 
 
+@pytest.mark.slow
 def test_push_to_hub_at_the_end_of_training(tmp_path, monkeypatch):
     """--push-to-hub: no token stops before a run directory exists; offline, the run still finishes (model,
     checkpoint, summary) with one warning line; with the Hub's upload recorded, the exported folder is sent."""

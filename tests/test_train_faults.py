@@ -1,7 +1,7 @@
 """Faults of a training run: divergence, endless spike skipping, restarts and reruns that must continue
 their own run, a failed early run, --resume on runs it cannot continue, and a run that is still alive.
 
-Every run is the tiny model of test_train.py with grad_accum 2, so one process equals 2 torchrun ranks.
+Every run is the tiny model of helpers.TINY with grad_accum 2, so one process equals 2 torchrun ranks.
 """
 import json
 import re
@@ -13,8 +13,12 @@ from plmrun.cli import main
 from plmrun.config import ConfigError, build_config
 from plmrun.train.rundir import RunDirError, RunLock, prepare_run_dir
 from plmrun.train.trainer import TrainingError, train
-from test_distributed import _series, _torchrun, _weights
-from test_train import TINY
+
+from helpers import TINY, run_torchrun
+from helpers import series as _series
+from helpers import weights as _weights
+
+pytestmark = pytest.mark.slow  # every test shares a module run (`work`) or trains
 
 REF = [*TINY, "--train.grad_accum=2"]
 # embeddings, head and scalars at lr 1000: the loss leaves ln 33 after step 1 and never comes back
@@ -196,9 +200,10 @@ def test_a_run_that_is_still_training_is_neither_continued_nor_reused(here):
 def test_torchrun_restart_continues_its_own_run(here):
     """torchrun --max-restarts=1, rank 1 SIGKILLed after step 3, no --logging.name: the restart continues the
     first attempt's directory (old code: a second run from step 0) and ends identical to the uninterrupted run."""
-    proc = _torchrun(["--train.checkpoint_every=2", "--dist.strategy=ddp", "--logging.run_root=restart"],
-                     here, {"PLMRUN_FAULT": "kill@3:1", "PLMRUN_FAULT_ONCE": str(here / "restart.once")},
-                     launcher=("--standalone", "--nproc_per_node=2", "--max-restarts=1"))
+    proc = run_torchrun(["train", *TINY, "--train.checkpoint_every=2", "--dist.strategy=ddp",
+                         "--logging.run_root=restart"],
+                        here, {"PLMRUN_FAULT": "kill@3:1", "PLMRUN_FAULT_ONCE": str(here / "restart.once")},
+                        launcher=("--standalone", "--nproc_per_node=2", "--max-restarts=1"))
     (name,) = _runs(here / "restart")
     assert (here / "restart.once").exists()
     assert f"continuing unfinished run restart/{name} (same config) from step 2" in proc.stdout
