@@ -12,7 +12,8 @@ the original command, which continues the same run directory). Each kill lands a
 - `in-save`: the moment a checkpoint's `.tmp-step_*` folder appears (polled from outside: DCP shards
   half written), or a random 0-5 ms later;
 - `killsave`: plmrun's own PLMRUN_FAULT=killsave@STEP hook (shards written, rename not done);
-- `final`: a random moment after the last step (final eval, model save, summary).
+- `final`: the moment the final model/ folder appears after the last step, or a random 0-50 ms later
+  (model save, summary, plots); a run killed after its summary.json is finished and is not restarted.
 
 After every kill the metric lines the run has written so far must be a prefix of the reference's, and
 the restart must not fail; at the end the final weights (model/model.safetensors) and the whole
@@ -216,11 +217,10 @@ def chaos_run(chaos: Chaos, kills: int, seed: int, ref: dict) -> tuple[list[Kill
         elif kind == "killsave":   # the process kills itself inside the save
             k.target = f"PLMRUN_FAULT=killsave@{ckpt}"
             chaos.wait(proc, lambda: False)
-        elif kind == "final":
-            # the reference's last step to exit includes interpreter shutdown: aim at its first 60%
-            delay = rng.uniform(0, 0.6 * max(0.01, ref["total_s"] - ref["last_step_s"]))
-            k.target = f"{delay:.2f} s after step {chaos.steps}"
-            if chaos.wait(proc, lambda: last_step(run) >= chaos.steps):
+        elif kind == "final":   # inside the final model save, or just after it (summary, plots)
+            delay = rng.choice([0.0, rng.uniform(0, 0.05)])
+            k.target = f"{delay * 1e3:.0f} ms after model/ appears (after step {chaos.steps})"
+            if chaos.wait(proc, lambda: last_step(run) >= chaos.steps and (run / "model").exists()):
                 time.sleep(delay)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
