@@ -314,7 +314,7 @@ def format_table(results: dict) -> str:
         if "majority_class" in t:
             m = t["majority_class"]
             lines.append(f"{name:<20} {'majority class':<16} {t['metric']:<12} {m['rate']:.4f}"
-                         f"{'':<10}  {t['n_train']}/{t['n_test']}  (always class {m['class']}, the most "
+                         f"{'':<9}  {t['n_train']}/{t['n_test']}  (always class {m['class']}, the most "
                          f"frequent in training)")
         for other, d in t.get("model_minus", {}).items():
             lines.append(f"{name:<20} {'model - ' + other:<29} {d['diff']:+.4f}  95% CI "
