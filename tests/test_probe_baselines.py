@@ -4,7 +4,6 @@ import json
 from dataclasses import replace
 
 import numpy as np
-import pytest
 import torch
 
 from plmrun import tokenizer as tok

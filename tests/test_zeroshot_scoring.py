@@ -148,7 +148,8 @@ def test_unigram_baseline_from_the_run_or_the_wild_type(tmp_path, capsys):
     assert got["model_minus_unigram"]["diff"] == pytest.approx(got["spearman"] - 1.0, abs=1e-9)
     assert (f"site-independent baseline (the training split's residue frequencies, {run}/unigram.json): "
             f"Spearman rho = 1.0000; model - baseline = {got['spearman'] - 1:+.4f}, 95% CI [") in out
-    scored = list(csv.DictReader(open(out_csv)))
+    with open(out_csv) as f:
+        scored = list(csv.DictReader(f))
     np.testing.assert_allclose([float(r["unigram_score"]) for r in scored],
                                zs.unigram_scores(zs.read_dms(path), logp), atol=1e-6)
     # the same weights outside a run: the wild type's own frequencies, said so
