@@ -161,4 +161,4 @@ def test_unigram_baseline_from_the_run_or_the_wild_type(tmp_path, capsys):
     wt_logp = unigram_log_probs(np.bincount(tok.encode(WT), minlength=tok.VOCAB_SIZE)).numpy()
     want = zs.spearman(zs.unigram_scores(zs.read_dms(path), wt_logp), np.array([r[1] for r in rows]))[0]
     assert got["unigram_source"] == "eval-data" and got["unigram_spearman"] == pytest.approx(want, abs=1e-12)
-    assert "the wild type's own residue frequencies (the model has no run with unigram.json)" in out
+    assert "(the wild type's own residue frequencies; the model has no run with unigram.json): Spearman rho" in out

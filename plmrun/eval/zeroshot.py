@@ -645,7 +645,7 @@ def _run(args) -> int:
         print(f"duplicates: {duplicates['rows']} repeated rows averaged into {duplicates['variants']} variants "
               f"(--average-duplicates)")
     where = ({"training-split": f"the training split's residue frequencies, {run_dir_of(args.model)}/unigram.json",
-              "eval-data": "the wild type's own residue frequencies (the model has no run with unigram.json)"}
+              "eval-data": "the wild type's own residue frequencies; the model has no run with unigram.json"}
              [unigram_source])
     print(f"site-independent baseline ({where}): Spearman rho = {u_rho:.4f}; model - baseline = "
           f"{u_diff['diff']:+.4f}, 95% CI [{u_diff['ci95'][0]:+.4f}, {u_diff['ci95'][1]:+.4f}]")
