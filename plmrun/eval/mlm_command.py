@@ -66,6 +66,16 @@ def check_subset(subset: int, source, split: str, dataset: str) -> None:
                         f"use --subset {len(source)} or 0 (all of them)")
 
 
+def run_dir_of(spec: str) -> Path | None:
+    """The run directory a model path belongs to (the run directory itself, its model/ folder or one of
+    its checkpoints), or None for a model from elsewhere (HF folder, export, hub name)."""
+    path = Path(spec)
+    if path.name == "model" or path.parent.name == "checkpoints":    # run/model, run/checkpoints/step_N
+        path = path.parent if path.name == "model" else path.parent.parent
+    # the run layout of plmrun.train.rundir
+    return path if (path / "config.yaml").is_file() and (path / "metrics.jsonl").is_file() else None
+
+
 def unigram_baseline(run_dir: Path | None, source):
     """(log p [V], source name): the run's training-split frequencies (RUN/unigram.json) when the model
     has a run that recorded them, else the frequencies of the eval data itself."""

@@ -4,7 +4,9 @@ Each task trains a scikit-learn probe on frozen embeddings (mean-pooled, or per 
 secondary structure) and reports test accuracy as mean ± std over seeds. Every seed trains on a
 different random 80% of the (capped) training rows; the test set is fixed. Two controls run with
 the model: the same architecture randomly initialised (torch seed 0) and a model-free baseline
-(amino-acid composition per sequence, one-hot residue identity per residue). Splits and caps are
+(amino-acid composition per sequence, one-hot residue identity per residue). Where the untrained
+encoder is context-free (the speedrun preset: zero-initialised output projections) the two controls
+are one, and the report says so; the majority-class rate is printed as its own row. Splits and caps are
 deterministic hashes of ids, so every run sees the same sequences. `layer` probes another hidden
 state than the final one; `layer="best"` probes every hidden state and reports each model at the one
 that scores best on the training rows its seeds held out, so the test set never chooses.
@@ -122,6 +124,36 @@ def baseline_features(seqs: list[str], per_residue: bool) -> list | np.ndarray:
     return onehots if per_residue else np.stack([o.mean(0) for o in onehots])
 
 
+CONTEXT_PROBE = ("ACDEFGHIKLMNPQRSTVWYX", "YWVTSRQPNMLKIHGFEDCAX", "AAKKAAKKWWMMGG")
+"Sequences with every residue letter in different contexts (context_free's check)."
+
+
+def context_free(model: EvalModel, layer: int | tuple | None = None) -> bool:
+    """Whether `model`'s features at `layer` depend only on the residue itself, not its context.
+
+    An untrained speedrun encoder (the default preset) is: its attention and MLP output projections
+    start at zero, so every block adds 0 and each position's state is a function of its token alone
+    (esm2 and esmc are not; hidden state 0, the embedding, is context-free in any model). Per-residue
+    features are then a lookup of the residue (the one-hot baseline in another basis) and mean-pooled
+    ones linear in the amino-acid composition: the random-init control and the baseline are one."""
+    states = embed_sequences(model, list(CONTEXT_PROBE), pool="per-residue", layer=layer)
+    seen: dict = {}
+    for h, ids in zip(states, (tok.encode(s) for s in CONTEXT_PROBE)):
+        for v, t in zip(h, ids):
+            seen.setdefault(int(t), []).append(v)
+    scale = max(1.0, max(float(np.abs(h).max()) for h in states))
+    return all(float(np.abs(v - vs[0]).max()) <= 1e-5 * scale for vs in seen.values() for v in vs[1:])
+
+
+def majority_class(train_labels: list, test_labels: list, per_residue: bool) -> dict:
+    """The most frequent training class and how often it is right on the test items (the floor any
+    probe must beat; a constant predictor)."""
+    train = np.concatenate(train_labels) if per_residue else np.asarray(train_labels)
+    test = np.concatenate(test_labels) if per_residue else np.asarray(test_labels)
+    k = int(np.bincount(train).argmax())
+    return {"class": k, "rate": float((test == k).mean())}
+
+
 def model_features(model: EvalModel, seqs: list[str], per_residue: bool, token_budget: int,
                    layer: int | tuple | None = None):
     return embed_sequences(model, seqs, pool="per-residue" if per_residue else "mean", layer=layer,
@@ -225,9 +257,10 @@ def run_probes(model: EvalModel, tasks=tuple(TASKS), *, seeds=(0, 1, 2), head: s
     "best": each model's hidden state with the best accuracy on held-out training rows.
     """
     control = model.random_init(0)
+    free = context_free(control, tuple(range(num_hidden_states(control))) if layer == "best" else layer)
     results = {"model": model.name, "head": head, "layer": -1 if layer is None else layer,
                "seeds": list(seeds), "max_length": model.max_length,
-               "note": OVERLAP_NOTE, "tasks": {}}
+               "note": OVERLAP_NOTE, "random_init_context_free": free, "tasks": {}}
     t_all = time.perf_counter()
     for name in tasks:
         if name not in TASKS:
@@ -249,12 +282,15 @@ def run_probes(model: EvalModel, tasks=tuple(TASKS), *, seeds=(0, 1, 2), head: s
         base = [baseline_features(s, task.per_residue) for s in (data.train_seqs, data.test_seqs)]
         fits[base_label] = fit_and_score(task, base[0], data.train_labels, base[1], data.test_labels, seeds, head)
         rows[base_label] = score_row(fits[base_label].scores)
+        if free:   # the same control twice: say so (its fit differs only by the basis and the L2 penalty)
+            rows["random init"]["same_as"] = base_label
         sizes = [len(y) for y in data.test_labels] if task.per_residue else None
         results["tasks"][name] = {
             "metric": "Q3 accuracy" if task.per_residue else "accuracy", "classes": data.classes,
             "n_train": len(data.train_seqs), "n_test": len(data.test_seqs),
             "n_test_residues": int(sum(len(s) for s in data.test_seqs)),
             "rows": rows,
+            "majority_class": majority_class(data.train_labels, data.test_labels, task.per_residue),
             "model_minus": {other: paired_difference(fits["model"].correct, fits[other].correct, sizes)
                             for other in ("random init", base_label)},
             "time_s": round(time.perf_counter() - t0, 1)}
@@ -270,10 +306,22 @@ def format_table(results: dict) -> str:
         for label, r in t["rows"].items():
             lines.append(f"{name:<20} {label:<16} {t['metric']:<12} "
                          f"{r['mean']:.4f} ± {r['std']:.4f}  {t['n_train']}/{t['n_test']}"
-                         + (f"  hidden state {r['layer']}" if "layer" in r else ""))
+                         + (f"  hidden state {r['layer']}" if "layer" in r else "")
+                         + (f"  = {r['same_as']}: one control (see below)" if "same_as" in r else ""))
+        if "majority_class" in t:
+            m = t["majority_class"]
+            lines.append(f"{name:<20} {'majority class':<16} {t['metric']:<12} {m['rate']:.4f}"
+                         f"{'':<9}  {t['n_train']}/{t['n_test']}  (always class {m['class']}, the most "
+                         f"frequent in training)")
         for other, d in t.get("model_minus", {}).items():
             lines.append(f"{name:<20} {'model - ' + other:<29} {d['diff']:+.4f}  95% CI "
                          f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]")
+    if results.get("random_init_context_free"):
+        lines.append("random init = baseline: the untrained encoder's features here depend only on each residue's "
+                     "letter (the speedrun preset starts its attention and MLP output projections at zero, so every "
+                     "block adds 0; hidden state 0 is the embedding): a lookup per residue, linear in the amino-acid "
+                     "composition when mean-pooled, i.e. the one-hot / aa-composition baseline in another basis: "
+                     "one control, not two")
     where = ("each model's best hidden state (picked on held-out training rows)" if results["layer"] == "best"
              else f"hidden state {results['layer']}")
     lines.append(f"{results['head']} probe on {where}, {len(results['seeds'])} seeds, "

@@ -12,6 +12,11 @@ frameshifts, stops, changes of a wild-type stop, X/B/Z/U/O, synonymous, empty/NA
 counted per kind, or refused with `strict`. Sites map to residues by `offset` or by a position map
 (numbering with gaps such as Ambler's, insertion codes such as 100A). Columns are never guessed:
 a wrong one fails with the table's columns and the ones that fit.
+
+A variant on several rows (in any notation or order) is refused, or scored once with the mean of its
+measured scores under --average-duplicates; variants without a measured score are counted in
+`skipped`. Beside the model's rho stands a site-independent baseline's: log f(mut) - log f(wt) under
+the training split's residue frequencies (RUN/unigram.json), else the wild type's own, saying which.
 """
 from __future__ import annotations
 
@@ -28,11 +33,13 @@ import torch
 
 from plmrun import tokenizer as tok
 from plmrun.data.packing import length_batches, pack_tokens
+from plmrun.data.shards import InMemorySequences
 from plmrun.data.tables import MISSING, read_table
 from plmrun.device import resolve_device
 from plmrun.eval.errors import EvalError
 from plmrun.eval.flags import add_device_flag, add_window_flags, check_window_flags
 from plmrun.eval.inference import EvalModel, load_eval_model, window_plan
+from plmrun.eval.mlm_command import run_dir_of, unigram_baseline
 
 AMINO_ACIDS = frozenset(tok.VOCAB[i] for i in tok.AMINO_ACID_IDS)
 NONSTANDARD = frozenset("XBZUO")   # X is an unknown residue in IUPAC, not a stop: counted apart
@@ -318,6 +325,8 @@ def read_dms(path: str | Path, *, score_column: str = "DMS_score", mutant_column
 def format_skipped(skipped: dict) -> str:
     """`skipped: 12 deletions, 40 stops` (or `skipped: none`)."""
     def noun(k, n):
+        if k == UNMEASURED:
+            return "without a measured score"
         return SKIP_KINDS[k] + ("s" if n != 1 and k not in ("synonymous", "unknown") else "")
     return "skipped: " + (", ".join(f"{n} {noun(k, n)}" for k, n in skipped.items()) or "none")
 
@@ -401,6 +410,52 @@ def score_variants(variants: list[Variant], log_probs: Callable[[int], np.ndarra
     vocab = {a: i for i, a in enumerate(tok.VOCAB)}
     return np.array([sum(float(get(s.index)[vocab[s.mt]] - get(s.index)[vocab[s.wt]]) for s in v.subs)
                      for v in variants])
+
+
+def unigram_scores(variants: list[Variant], unigram_logp) -> np.ndarray:
+    """The site-independent baseline: Σ_sites log f(mut) - log f(wt) under residue frequencies f
+    (`unigram_logp`, log p [V] as `metrics.unigram_log_probs` gives), the same at every site."""
+    logp = np.asarray(unigram_logp, dtype=np.float64)
+    return score_variants(variants, lambda _site: logp)
+
+
+UNMEASURED = "unmeasured"
+"The `skipped` key of variants scored but left out of rho: no finite measured score (empty, NA, NaN, inf)."
+
+
+def count_unmeasured(variants: list[Variant]) -> dict:
+    """{UNMEASURED: n} for the variants without a finite measured score (rho leaves them out), else {}."""
+    n = int((~np.isfinite(np.array([v.measured for v in variants], dtype=np.float64))).sum())
+    return {UNMEASURED: n} if n else {}
+
+
+def merge_duplicates(variants: VariantTable, path: str | Path, *, average: bool) -> tuple[VariantTable, dict]:
+    """One entry per variant. Rows with the same substitutions (in any notation or order: A42G:L50P,
+    L50P:A42G, p.[Ala42Gly;Leu50Pro]) would each count as a point in rho, so they are refused naming
+    their lines, or with `average` merged into the first such row with the mean of their finite
+    measured scores. Returns the variants and {"variants": repeated variants, "rows": rows merged away}."""
+    groups: dict[tuple, list[Variant]] = {}
+    for v in variants:
+        groups.setdefault(tuple(sorted((s.index, s.mt) for s in v.subs)), []).append(v)
+    repeated = [g for g in groups.values() if len(g) > 1]
+    counts = {"variants": len(repeated), "rows": sum(len(g) - 1 for g in repeated)}
+    if not repeated:
+        return variants, counts
+    if not average:
+        g = repeated[0]
+        lines = ", ".join(str(v.line) for v in g[:5]) + (", ..." if len(g) > 5 else "")
+        raise ValueError(f"{path}: {counts['variants']} variant"
+                         f"{'s occur' if counts['variants'] != 1 else ' occurs'} more than once ({counts['rows']} extra row{'s' if counts['rows'] != 1 else ''}), e.g. "
+                         f"{g[0].label} on lines {lines}; each row would be its own point in rho: remove the "
+                         f"repeats, or pass --average-duplicates to score each variant once with the mean of its "
+                         f"measured scores")
+    out = VariantTable()
+    for g in groups.values():
+        m = np.array([v.measured for v in g], dtype=np.float64)
+        m = m[np.isfinite(m)]
+        out.append(Variant(g[0].line, g[0].label, g[0].subs, float(m.mean()) if len(m) else float("nan")))
+    out.skipped = variants.skipped
+    return out, counts
 
 
 def measured_ok(measured: np.ndarray) -> np.ndarray:
@@ -492,6 +547,9 @@ def add_zeroshot_command(subparsers) -> argparse.ArgumentParser:
                         "wild type, for numbering with gaps (Ambler) or insertion codes; replaces --offset")
     p.add_argument("--strict", action="store_true",
                    help="fail on the first row that is no substitution instead of skipping it with a count")
+    p.add_argument("--average-duplicates", action="store_true",
+                   help="score a variant that occurs on several rows (in any notation or order) once, with the "
+                        "mean of its measured scores, and print how many were merged (default: refuse the table)")
     p.add_argument("--random-init-control", action="store_true",
                    help="also score the same architecture untrained (torch seed 0) and report model minus "
                         "control with a paired bootstrap 95%% interval over variants")
@@ -524,13 +582,19 @@ def _run(args) -> int:
                             wt_column=args.wt_column, pos_column=args.pos_column, mut_column=args.mut_column,
                             offset=args.offset, position_map=position_map, strict=args.strict)
         check_wildtype(variants, wildtype, args.dms, offset=None if position_map else args.offset)
-        measured_ok(np.array([v.measured for v in variants]))   # enough scores, before the model loads
+        variants, duplicates = merge_duplicates(variants, args.dms, average=args.average_duplicates)
+        measured = np.array([v.measured for v in variants])
+        measured_ok(measured)   # enough scores, before the model loads
         model = load_eval_model(args.model, device=resolve_device(args.device), max_length=args.max_length)
         scores, rho, n = zeroshot(model, wildtype, variants, token_budget=args.token_budget)
+        unigram, unigram_source = unigram_baseline(run_dir_of(args.model),
+                                                   InMemorySequences([tok.encode(wildtype)]))
+        u_scores = unigram_scores(variants, unigram.numpy())
+        u_rho, _ = spearman(u_scores, measured)
+        u_diff = spearman_difference(scores, u_scores, measured)
         control = None
         if args.random_init_control:
             c_scores, c_rho, _ = zeroshot(model.random_init(0), wildtype, variants, token_budget=args.token_budget)
-            measured = np.array([v.measured for v in variants])
             control = {"seed": 0, "spearman": c_rho,
                        "model_minus_random_init": spearman_difference(scores, c_scores, measured)}
     except ValueError as e:
@@ -538,12 +602,24 @@ def _run(args) -> int:
     if args.out:
         with open(args.out, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["line", "mutant", "measured", "score"] + (["random_init_score"] if control else []))
+            w.writerow(["line", "mutant", "measured", "score", "unigram_score"]
+                       + (["random_init_score"] if control else []))
             for k, (v, s) in enumerate(zip(variants, scores)):
-                w.writerow([v.line, v.label, v.measured, f"{s:.6f}"] + ([f"{c_scores[k]:.6f}"] if control else []))
+                w.writerow([v.line, v.label, v.measured, f"{s:.6f}", f"{u_scores[k]:.6f}"]
+                           + ([f"{c_scores[k]:.6f}"] if control else []))
     n_sites = len({s.index for v in variants for s in v.subs})
     print(f"{args.dms}: Spearman rho = {rho:.4f} over {n} variants ({n_sites} sites scored, model {args.model})")
-    print(format_skipped(variants.skipped) + ("" if not variants.skipped else " (--strict refuses them instead)"))
+    skipped = {**variants.skipped, **count_unmeasured(variants)}
+    strict = "them" if skipped == variants.skipped else "the rows that are no substitution"
+    print(format_skipped(skipped) + ("" if not variants.skipped else f" (--strict refuses {strict} instead)"))
+    if duplicates["variants"]:
+        print(f"duplicates: {duplicates['rows']} repeated rows averaged into {duplicates['variants']} variants "
+              f"(--average-duplicates)")
+    where = ({"training-split": f"the training split's residue frequencies, {run_dir_of(args.model)}/unigram.json",
+              "eval-data": "the wild type's own residue frequencies; the model has no run with unigram.json"}
+             [unigram_source])
+    print(f"site-independent baseline ({where}): Spearman rho = {u_rho:.4f}; model - baseline = "
+          f"{u_diff['diff']:+.4f}, 95% CI [{u_diff['ci95'][0]:+.4f}, {u_diff['ci95'][1]:+.4f}]")
     if control:
         d = control["model_minus_random_init"]
         print(f"random init (same architecture, torch seed 0): Spearman rho = {control['spearman']:.4f}; "
@@ -551,7 +627,9 @@ def _run(args) -> int:
               f"(paired bootstrap over the {n} variants, {d['resamples']} resamples)")
     if args.json:
         summary = {"dms": str(args.dms), "model": args.model, "spearman": rho, "n_variants": n,
-                   "n_rows_scored": len(variants), "n_sites": n_sites, "skipped": variants.skipped,
+                   "n_rows_scored": len(variants), "n_sites": n_sites, "skipped": skipped,
+                   "duplicates": {**duplicates, "policy": "averaged" if args.average_duplicates else "refused"},
+                   "unigram_spearman": u_rho, "unigram_source": unigram_source, "model_minus_unigram": u_diff,
                    "position_map": args.position_map, "offset": None if args.position_map else args.offset}
         if control:
             summary["random_init"] = control
