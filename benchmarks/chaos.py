@@ -42,10 +42,6 @@ from throughput import RESULTS, write_report  # noqa: E402
 KINDS = ("step", "in-save", "killsave", "startup", "step", "in-save")   # cycled, then shuffled; `final` is last
 POLL_S = 0.0005
 TIMING_KEYS = ("tok_per_s", "mfu")   # and every key ending in _s: wall-clock, not part of the series
-# Logged diagnostics that are not part of the loss series; compared and reported apart. The loader's
-# packing efficiency is averaged over the micro-batches of the current process only (plmrun/data/loader.py
-# packing_efficiency: real_tokens / budget_tokens are not in its state_dict), so it restarts on resume.
-DIAGNOSTIC_KEYS = ("packing_efficiency",)
 
 
 def train_args(steps: int, checkpoint_every: int) -> list[str]:
@@ -67,10 +63,6 @@ def series(run: Path) -> list[dict]:
     lines = text.split("\n")[:-1]   # the part after the last newline is unfinished (or empty)
     return [{k: v for k, v in json.loads(line).items() if not k.endswith("_s") and k not in TIMING_KEYS}
             for line in lines if line.strip()]
-
-
-def loss_series(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in DIAGNOSTIC_KEYS} for r in records]
 
 
 def differing_keys(a: list[dict], b: list[dict]) -> dict:
@@ -229,7 +221,7 @@ def chaos_run(chaos: Chaos, kills: int, seed: int, ref: dict) -> tuple[list[Kill
         k.killed = rc == -signal.SIGKILL
         got = series(run)
         k.reached_step = got[-1]["step"] if got else 0
-        k.prefix_ok = loss_series(got) == loss_series(want[:len(got)])
+        k.prefix_ok = got == want[:len(got)]
         if done:   # this attempt is the restart after the previous kill
             done[-1].restart_ok = k.killed or rc == 0
         if not k.killed:
@@ -255,8 +247,8 @@ def chaos_run(chaos: Chaos, kills: int, seed: int, ref: dict) -> tuple[list[Kill
     final = {"returncode": rc, "seconds": round(time.time() - t0, 3),
              "weights_equal": weights_equal(chaos.workdir / "runs" / "reference" / "model" / "model.safetensors",
                                             run / "model" / "model.safetensors"),
-             "series_equal": loss_series(series(run)) == loss_series(want), "series_lines": len(want),
-             "diagnostics_differ": differing_keys(series(run), want),
+             "series_equal": series(run) == want, "series_lines": len(want),
+             "keys_differ": differing_keys(series(run), want),
              "stderr_tail": stderr[-1500:] if rc != 0 else ""}
     return done, final
 
@@ -270,10 +262,8 @@ def format_table(report: dict) -> str:
              f"torch {report['hardware']['torch']}, {report['date']}; {report['steps']} steps, a checkpoint "
              f"every {report['checkpoint_every']}; reference run {report['reference']['total_s']:.1f} s, "
              f"chaos {report['total_s']:.0f} s.", "",
-             "Compared: every metrics.jsonl field but wall-clock ones; logged diagnostics apart"
-             + (": " + ", ".join(f"{k} differs on {n} lines" for k, n in report["final"]["diagnostics_differ"].items())
-                + " (not restored on resume, see DIAGNOSTIC_KEYS)" if report["final"]["diagnostics_differ"] else
-                ": equal too") + ".", "",
+             "Compared: every metrics.jsonl field but wall-clock ones"
+             + "".join(f"; {k} differs on {n} lines" for k, n in report["final"]["keys_differ"].items()) + ".", "",
              "| # | kind | killed at | from ckpt | last step logged | SIGKILL | prefix equal | restart ok | note |",
              "|---|---|---|---|---|---|---|---|---|"]
     for k in report["kills"]:

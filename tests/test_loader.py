@@ -225,3 +225,17 @@ def _targets(b):
     for k, (i, s) in enumerate(zip(b.packed.seq_index.tolist(), b.packed.crop_start.tolist())):
         for p in (b.targets[cu[k]:cu[k + 1]] != IGNORE).nonzero().flatten().tolist():
             yield i, s, p - 1
+
+
+def test_packing_efficiency_survives_a_resume():
+    with loader() as ld:
+        for s in range(3):
+            ld.next_step(s)
+        state, eff = ld.state_dict(), ld.packing_efficiency
+    with loader() as again:
+        again.load_state_dict(state)
+        assert again.packing_efficiency == eff
+    old = {k: v for k, v in state.items() if k not in ("real_tokens", "budget_tokens")}   # an older checkpoint
+    with loader() as again:
+        again.load_state_dict(old)
+        assert again.packing_efficiency != again.packing_efficiency   # nan: nothing counted yet

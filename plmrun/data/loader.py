@@ -175,7 +175,8 @@ class TrainLoader:
         p = self._pos
         state = {"epoch": p.epoch, "chunk": p.chunk, "bin": p.bin, "microbatch": p.microbatch, "seed": self.seed,
                  "token_budget": self.token_budget, "max_length": self.schedule[0][1],
-                 "num_sequences": len(self.plan.lengths)}
+                 "num_sequences": len(self.plan.lengths),
+                 "real_tokens": self.real_tokens, "budget_tokens": self.budget_tokens}
         if len(self.schedule) > 1:
             state.update(phase=p.phase, max_length_schedule=self._schedule_state())
         return state
@@ -195,6 +196,9 @@ class TrainLoader:
         self._drop_queue()
         self._pos = _Cursor(int(state["epoch"]), int(state["chunk"]), int(state["bin"]), int(state["microbatch"]),
                             phase)
+        # packing-efficiency counters (absent from older checkpoints: counted from this resume on)
+        self.real_tokens = int(state.get("real_tokens", 0))
+        self.budget_tokens = int(state.get("budget_tokens", 0))
 
     def close(self) -> None:
         self._drop_queue()
