@@ -24,6 +24,7 @@ import yaml
 from plmrun.config import ESMC_OFF, ConfigError, ModelConfig, config_from_dict
 from plmrun.errors import ModelLoadError
 from plmrun.manifest import ManifestError, follow_umask, verify_manifest, write_manifest
+from plmrun.safe_pickle import UnsafePickleError, torch_load_weights
 
 FORMAT = 1
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -122,7 +123,9 @@ def _read_weight_file(path: Path) -> dict:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
             return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch_load_weights(path, path)
+    except UnsafePickleError as e:  # objects that could run code: refused, not "damaged"
+        raise ModelLoadError(str(e)) from None
     except Exception as e:  # SafetensorError, zip/pickle errors: the bytes are not a whole weight file
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelLoadError(f"{path}: unreadable weights ({why[:200]}); the file is truncated or damaged, "
