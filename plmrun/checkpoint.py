@@ -336,12 +336,12 @@ def load_checkpoint(path: Path, parts: dict) -> dict:
 def load_model_weights(path: Path, model) -> None:
     """Only the model part of a checkpoint, into a plain model (eval, export, embed, --init-from-hf).
 
-    The same checks as a resume, for that part: the manifest (when there is one: weights may be read
-    from checkpoints written before checksums), then the DCP metadata's keys and shapes.
+    The same checks as a resume, for that part: the manifest (required: a checkpoint without one was not
+    completely written or was altered), then the DCP metadata's keys and shapes.
     """
     path = Path(path)
     try:
-        verify_manifest(path)
+        verify_manifest(path, required=True)
     except ManifestError as e:
         raise CheckpointError(f"{e}; {_fallback(path)}") from None
     meta_file = path / _METADATA

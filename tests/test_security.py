@@ -181,3 +181,36 @@ def test_allow_list_refuses_any_other_global_even_a_harmless_one():
     from plmrun import safe_pickle
     with pytest.raises(UnsafePickleError, match="builtins.print"):
         safe_pickle.MetadataUnpickler(p, "x").load()
+
+
+# ---------------------------------------------------------------- a run's own folders need their manifest
+def _flip(path, at=-5):
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("where", ["model", "export", "checkpoint", "model as hf"])
+def test_own_folder_without_manifest_and_a_flipped_byte_is_refused(run, tmp_path, capsys, where):
+    """Issue 25's repro: MANIFEST.json deleted and one byte flipped used to load silently."""
+    _, victim = run
+    bad_run = tmp_path / "runs" / "bad"
+    shutil.copytree(victim, bad_run)
+    if where == "export":
+        from plmrun.eval.export import export
+        folder = export(bad_run, tmp_path / "exported")
+    elif where == "checkpoint":
+        folder = sorted((bad_run / "checkpoints").glob("step_*"))[-1]
+    else:
+        folder = bad_run / "model"
+    (folder / MANIFEST).unlink()
+    weights = next(folder.glob("*.distcp")) if where == "checkpoint" else folder / "model.safetensors"
+    _flip(weights)
+    if where == "model as hf":  # config.json dressed up as a foreign ESM folder: still the run's own model/
+        import json
+        (folder / "config.json").write_text(json.dumps({"model_type": "esm"}))
+    with pytest.raises(Exception, match=f"{folder}: no {MANIFEST}"):
+        load_model(folder)
+    code = main(["eval", str(bad_run if where == "model" else folder), "--subset", "4", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and f"no {MANIFEST}" in err, err
