@@ -32,6 +32,7 @@ from plmrun.data.packing import length_batches, pack_tokens
 from plmrun.device import resolve_device
 from plmrun.eval.errors import EvalError
 from plmrun.eval.inference import EvalModel, load_eval_model, window_plan
+from plmrun.outputs import check_output_file, model_inputs
 
 AMINO_ACIDS = frozenset(tok.VOCAB[i] for i in tok.AMINO_ACID_IDS)
 NONSTANDARD = frozenset("XBZUO")   # X is an unknown residue in IUPAC, not a stop: counted apart
@@ -537,9 +538,12 @@ def _check_args(args) -> None:
         raise ValueError(f"--token-budget {args.token_budget}: must be >= 1 (batches hold at least one window)")
     if args.position_map and args.offset != 1:
         raise ValueError("give --offset or --position-map, not both (the map gives every site's residue)")
+    reads = [args.dms, args.wildtype, args.position_map, *model_inputs(args.model)]
     for flag, path in (("--out", args.out), ("--json", args.json)):
         if path and Path(path).is_dir():
             raise ValueError(f"{flag} {path}: is a folder; give a file path in it")
+        if path:
+            check_output_file(path, reads, flag=flag, error=ValueError)
         if path and not Path(path).resolve().parent.is_dir():
             raise ValueError(f"{flag} {path}: folder {Path(path).parent} does not exist; create it or choose another path")
 
