@@ -214,3 +214,23 @@ def test_own_folder_without_manifest_and_a_flipped_byte_is_refused(run, tmp_path
     code = main(["eval", str(bad_run if where == "model" else folder), "--subset", "4", "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and f"no {MANIFEST}" in err, err
+
+
+# ---------------------------------------------------------------- docs/reliability.md counts truthfully
+def test_reliability_counts_match_the_rows():
+    """The count line of docs/reliability.md is the rows' count: tried = rows, open = rows without a test,
+    and each row's last column says whether its fault was real, a real signal, or injected."""
+    import re
+    from pathlib import Path
+    text = (Path(__file__).parent.parent / "docs" / "reliability.md").read_text()
+    rows = [ln for ln in text.splitlines() if ln.startswith("| ") and not ln.startswith("| case |")]
+    cells = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in rows]
+    faults = [c[-1] for c in cells]
+    assert set(faults) <= {"real", "real signal", "injected"}, [r for r, f in zip(rows, faults) if f not in
+                                                                 {"real", "real signal", "injected"}][:3]
+    n_open = sum(c[-2] == "—" for c in cells)
+    want = (f"**Tried: {len(rows)}. Handled: {len(rows) - n_open}. Open: {n_open}.** Faults: "
+            f"{faults.count('real')} real, {faults.count('real signal')} real signal, {faults.count('injected')} injected.")
+    line = next(ln for ln in text.splitlines() if ln.startswith("**Tried:"))
+    assert line == want, f"docs/reliability.md: the count line should read\n{want}"
+    assert re.search(r"only for\s+injected", text)  # the limit of the injected rows stays stated
