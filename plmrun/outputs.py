@@ -95,8 +95,9 @@ def check_output_dir(path: PathLike, inputs: Iterable[PathLike] = (), *, overwri
     listed = read_marker(out)
     if listed is None:
         names = sorted(p.name for p in out.iterdir())
-        raise error(f"{flag} {path}: not a folder plmrun created (no {MARKER}), so --overwrite will not replace it; "
-                    f"it holds {names_line(names)}: move them away or choose another {flag}")
+        raise error(f"{flag} {path}: not a folder plmrun created (no {MARKER}; folders written before plmrun marked "
+                    f"its outputs have none either), so --overwrite will not replace it; it holds {names_line(names)}: "
+                    f"move them away or choose another {flag}")
     foreign = foreign_entries(out, listed)
     if foreign:
         raise error(f"{flag} {path}: holds files plmrun did not write there ({names_line(foreign)}), so --overwrite "
