@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional, Union
 
 from plmrun.errors import PlmrunError
 
@@ -23,7 +23,7 @@ MARKER = ".plmrun-output.json"
 "Written into every output folder plmrun creates: the command and the top-level entries it wrote."
 _SHOWN = 5
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 class OutputError(PlmrunError):
@@ -38,7 +38,7 @@ def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
-def model_inputs(spec: Optional[PathLike]) -> list[Path]:
+def model_inputs(spec: PathLike | None) -> list[Path]:
     """What a model argument reads: a run directory's config, model/ and checkpoints/, else the path itself
     (a model, export, Hugging Face or ESM C folder, or a checkpoint); nothing for a Hub name."""
     if not spec or not Path(spec).exists():
@@ -49,7 +49,7 @@ def model_inputs(spec: Optional[PathLike]) -> list[Path]:
     return [p]
 
 
-def _clash(out: Path, inputs: Iterable[PathLike]) -> Optional[Path]:
+def _clash(out: Path, inputs: Iterable[PathLike]) -> Path | None:
     """The first input `out` would write over: the same file, or `out` inside an input folder."""
     for spec in inputs:
         if not spec or not Path(spec).exists():
@@ -117,7 +117,7 @@ def names_line(names: list) -> str:
     return ", ".join(names[:_SHOWN]) + more
 
 
-def read_marker(folder: PathLike) -> Optional[set]:
+def read_marker(folder: PathLike) -> set | None:
     """The top-level names plmrun wrote into `folder` (from its marker), None when it has no valid marker."""
     try:
         data = json.loads((Path(folder) / MARKER).read_text())

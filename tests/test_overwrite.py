@@ -4,8 +4,6 @@ The repro: `plmrun data prepare inp/small.fa --out inp --overwrite` emptied inp/
 unrelated precious.txt). Every command with an output goes through plmrun/outputs.py; each case here
 runs the real command and checks both the one-line refusal and that the files are still there.
 """
-import json
-import shutil
 
 import pytest
 import torch
@@ -16,7 +14,13 @@ from plmrun.data.errors import DataError
 from plmrun.data.prepare import prepare
 from plmrun.model.loading import save_model_dir
 from plmrun.model.registry import build_model
-from plmrun.outputs import MARKER, OutputError, check_output_dir, check_output_file, read_marker
+from plmrun.outputs import (
+    MARKER,
+    OutputError,
+    check_output_dir,
+    check_output_file,
+    read_marker,
+)
 
 FASTA = ">a\nMKTAYIAKQRQISFVKSHFSRQ\n>b\nMSTNPKPQRKTKRNTNRRPQDVKFPGG\n>c\nMKVLAAGIVGLLLAQ\n"
 

@@ -15,13 +15,13 @@ import sys
 
 import pytest
 import torch
+from test_train import TINY, _plmrun
 
 from plmrun.cli import main
+from plmrun.errors import ModelLoadError
 from plmrun.manifest import MANIFEST, write_manifest
 from plmrun.model.loading import load_model
-from plmrun.errors import ModelLoadError
 from plmrun.safe_pickle import UnsafePickleError, read_dcp_metadata
-from test_train import TINY, _plmrun
 
 WT = "MKTAYIAKQRQISFVKSHFSRQ"
 
@@ -71,7 +71,7 @@ def _poison_bytes_entry(ckpt, marker, fqn="optimizers.param_group_names"):
     torch.save(Payload(marker), buf)
     blob = buf.getvalue()
     _proves_payload_runs(blob, marker, lambda b: torch.load(io.BytesIO(b), weights_only=False))
-    (index, info), = [(k, v) for k, v in meta.storage_data.items() if k.fqn == fqn]
+    (info,) = [v for k, v in meta.storage_data.items() if k.fqn == fqn]
     shard = ckpt / info.relative_path
     info.offset, info.length = shard.stat().st_size, len(blob)
     with open(shard, "ab") as f:
@@ -98,11 +98,11 @@ def test_dcp_metadata_allow_list_admits_real_checkpoints(run):
 
 
 def test_malicious_checkpoint_metadata_runs_nothing_in_any_command(run, tmp_path, capsys):
-    root, victim = run
+    _, victim = run
     marker = tmp_path / "PWNED"
     bad_run = tmp_path / "runs" / "bad"
     shutil.copytree(victim, bad_run)
-    ckpt = sorted((bad_run / "checkpoints").glob("step_*"))[-1]
+    ckpt = max((bad_run / "checkpoints").glob("step_*"))
     _poison_metadata(ckpt, marker)
     with pytest.raises(UnsafePickleError, match=r"names posix\.system|names nt\.system"):
         read_dcp_metadata(ckpt)
@@ -118,7 +118,7 @@ def test_malicious_checkpoint_metadata_runs_nothing_in_any_command(run, tmp_path
                      "--device", "cpu"],
         "finetune": ["finetune", c, "--device", "cpu", "--run-root", str(tmp_path / "ft"), "--max-steps", "2"],
     }
-    for name, argv in in_process.items():
+    for argv in in_process.values():
         code = main(argv)
         _one_line_refusal(code, capsys.readouterr().err, marker, str(ckpt / ".metadata"))
     # training commands, as the user runs them (a fresh process each)
@@ -135,7 +135,7 @@ def test_malicious_non_tensor_entry_in_a_shard_runs_nothing_on_resume(run, tmp_p
     bad_run = tmp_path / "runs" / "bad"
     shutil.copytree(victim, bad_run)
     (bad_run / "summary.json").unlink()
-    ckpt = sorted((bad_run / "checkpoints").glob("step_*"))[-1]
+    ckpt = max((bad_run / "checkpoints").glob("step_*"))
     _poison_bytes_entry(ckpt, marker)
     read_dcp_metadata(ckpt)  # the metadata is clean: the payload is in the shard
     proc = _plmrun(["train", "--resume", str(bad_run)], tmp_path, check=False)
@@ -145,7 +145,7 @@ def test_malicious_non_tensor_entry_in_a_shard_runs_nothing_on_resume(run, tmp_p
 def test_shard_path_outside_the_checkpoint_is_refused(run, tmp_path):
     _, victim = run
     ckpt = tmp_path / "step_00000006"
-    shutil.copytree(sorted((victim / "checkpoints").glob("step_*"))[-1], ckpt)
+    shutil.copytree(max((victim / "checkpoints").glob("step_*")), ckpt)
     from torch.distributed.checkpoint.filesystem import FileSystemReader
     meta = FileSystemReader(str(ckpt)).read_metadata()
     next(iter(meta.storage_data.values())).relative_path = "../../etc/passwd"
@@ -200,7 +200,7 @@ def test_own_folder_without_manifest_and_a_flipped_byte_is_refused(run, tmp_path
         from plmrun.eval.export import export
         folder = export(bad_run, tmp_path / "exported")
     elif where == "checkpoint":
-        folder = sorted((bad_run / "checkpoints").glob("step_*"))[-1]
+        folder = max((bad_run / "checkpoints").glob("step_*"))
     else:
         folder = bad_run / "model"
     (folder / MANIFEST).unlink()
