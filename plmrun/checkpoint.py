@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_mo
 from plmrun.errors import PlmrunError
 from plmrun.manifest import MANIFEST, ManifestError, file_sha256, read_manifest, verify_manifest, write_manifest
 from plmrun.optim.build import OptimizerStateError
+from plmrun.safe_pickle import SafeLoadPlanner, SafeReader, UnsafePickleError, read_dcp_metadata
 
 STATE_FILE = "train_state.json"
 FORMAT = 2  # 1: {model, optim} in DCP, grad_norm_history and flat counters in train_state.json, no manifest
@@ -310,10 +311,7 @@ def load_checkpoint(path: Path, parts: dict) -> dict:
     if message is not None:
         raise CheckpointError(message)
     meta_file = path / _METADATA
-    try:
-        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    except Exception as e:  # noqa: BLE001 - DCP's unpickling raises many types on a damaged file
-        raise CheckpointError(f"{meta_file}: unreadable DCP metadata ({type(e).__name__}); {_fallback(path)}") from None
+    saved = _read_metadata(path)
     tensors = {name: parts[name].state_dict() for name in TENSOR_PARTS if name in parts}
     if "optimizers" in parts:
         _check_optimizer_groups(path, parts["optimizers"], saved)
@@ -338,19 +336,16 @@ def load_checkpoint(path: Path, parts: dict) -> dict:
 def load_model_weights(path: Path, model) -> None:
     """Only the model part of a checkpoint, into a plain model (eval, export, embed, --init-from-hf).
 
-    The same checks as a resume, for that part: the manifest (when there is one: weights may be read
-    from checkpoints written before checksums), then the DCP metadata's keys and shapes.
+    The same checks as a resume, for that part: the manifest (required: a checkpoint without one was not
+    completely written or was altered), then the DCP metadata's keys and shapes.
     """
     path = Path(path)
     try:
-        verify_manifest(path)
+        verify_manifest(path, required=True)
     except ManifestError as e:
         raise CheckpointError(f"{e}; {_fallback(path)}") from None
     meta_file = path / _METADATA
-    try:
-        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    except Exception as e:  # noqa: BLE001 - DCP's unpickling raises many types on a damaged file
-        raise CheckpointError(f"{meta_file}: unreadable DCP metadata ({type(e).__name__}); {_fallback(path)}") from None
+    saved = _read_metadata(path)
     part = ModelState(model)
     tensors = {"model": part.state_dict()}
     _check_layout(meta_file, tensors, saved)
@@ -358,12 +353,28 @@ def load_model_weights(path: Path, model) -> None:
     part.load_state_dict(tensors["model"])
 
 
+def _read_metadata(path: Path) -> dict:
+    """The DCP metadata's state_dict_metadata, unpickled through plmrun.safe_pickle's allow-list (no code runs)."""
+    try:
+        return read_dcp_metadata(path).state_dict_metadata
+    except UnsafePickleError as e:
+        raise CheckpointError(f"{e}; {_fallback(path)}") from None
+    except OSError as e:
+        raise CheckpointError(f"{path / _METADATA}: unreadable DCP metadata ({e.strerror or e}); {_fallback(path)}") from None
+
+
 def _dcp_load(state: dict, path: Path) -> None:
+    """dcp.load with the metadata and every non-tensor entry unpickled through plmrun.safe_pickle."""
     try:
         with _quiet_single_process():
-            dcp.load(state, checkpoint_id=str(path), no_dist=not _is_dist())
+            dcp.load(state, checkpoint_id=str(path), storage_reader=SafeReader(str(path)),
+                     planner=SafeLoadPlanner(path), no_dist=not _is_dist())
+    except UnsafePickleError as e:
+        raise CheckpointError(f"{e}; {_fallback(path)}") from None
     except CheckpointException as e:
         exc = next(iter(e.failures.values()))[0] if e.failures else e
+        if isinstance(exc, UnsafePickleError):
+            raise CheckpointError(f"{exc}; {_fallback(path)}") from None
         raise CheckpointError(f"{path}: reading the checkpoint failed ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}); {_fallback(path)}") from None
 

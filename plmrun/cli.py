@@ -98,6 +98,9 @@ def _cmd_eval(args) -> int:
     from plmrun.device import resolve_device
     if bool(args.model) == bool(args.hf):
         raise ConfigError("give exactly one of MODEL or --hf")
+    if args.out:
+        from plmrun.outputs import check_output_file, model_inputs
+        check_output_file(args.out, [*model_inputs(args.model or args.hf), args.dataset, args.hf])
     device = resolve_device(args.device)
     run_cfg = None if args.hf else _run_config_file(args.model)
     run = validate(load_yaml(run_cfg)) if run_cfg else None

@@ -4,6 +4,10 @@
 a folder with a manifest was complete when it was written, and `verify_manifest` finds a truncated,
 byte-flipped, missing or hand-edited file before anything is loaded from it. The manifest carries a
 checksum of its own body, so editing a fingerprint in it by hand is detected too.
+
+The limit: a checksum proves the files are as written, not who wrote them. Anyone who can change the
+files can rewrite MANIFEST.json with `write_manifest`, and it verifies. So the manifest finds damage,
+not tampering; that no file plmrun reads can run code is plmrun.safe_pickle's job (docs/security.md).
 """
 from __future__ import annotations
 

@@ -120,7 +120,13 @@ def test_export_refuses_non_empty_output(tmp_path):
     (tmp_path / "hf" / "keep.txt").write_text("x")
     with pytest.raises(ExportError, match="not empty"):
         export(tmp_path / "model", tmp_path / "hf")
+    # --overwrite replaces only a folder plmrun made (issue 25): this one holds a user's file, named in the refusal
+    with pytest.raises(ExportError, match="keep.txt"):
+        export(tmp_path / "model", tmp_path / "hf", overwrite=True)
+    assert (tmp_path / "hf" / "keep.txt").read_text() == "x"
+    (tmp_path / "hf" / "keep.txt").unlink()
     export(tmp_path / "model", tmp_path / "hf", overwrite=True)
+    export(tmp_path / "model", tmp_path / "hf", overwrite=True)  # its own export: replaced
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "plmrun"
 
 

@@ -161,6 +161,10 @@ def cmd_cat(args) -> int:
     from plmrun.data.shards import open_dataset
     from plmrun.tokenizer import decode
     src = open_dataset(_dataset(args.dataset), args.split)
+    if args.out != "-":
+        from plmrun.data.errors import DataError
+        from plmrun.outputs import check_output_file
+        check_output_file(args.out, [_dataset(args.dataset)], error=DataError)
     n = len(src) if args.limit is None else min(args.limit, len(src))
     out = sys.stdout if args.out == "-" else open(args.out, "w")
     try:

@@ -21,6 +21,7 @@ from typing import Iterable, Optional, Sequence
 from tqdm import tqdm
 
 import plmrun
+from plmrun import outputs
 from plmrun import tokenizer as tok
 from plmrun.data.errors import DataError
 from plmrun.data.readers import chunks, encode_chunk, file_fingerprint, input_kind
@@ -47,12 +48,9 @@ def _ordered_map(fn, items: Iterable, pool, window: int):
         yield pending.popleft().get()
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise DataError(f"{out}: output directory already exists and is not empty "
-                        "(pass --overwrite to replace it)")
+def check_output_dir(out: Path, overwrite: bool, inputs: Iterable = ()) -> None:
+    """plmrun.outputs' rule (not an input, --overwrite only over a folder plmrun made), as a DataError."""
+    outputs.check_output_dir(out, inputs, overwrite=overwrite, error=DataError)
 
 
 def prepare(inputs, out_dir, *, valid=None, test=None, column: Optional[str] = None,
@@ -69,7 +67,7 @@ def prepare(inputs, out_dir, *, valid=None, test=None, column: Optional[str] = N
     for spec in (s for specs in splits.values() for s in specs):
         input_kind(spec)                       # missing files fail before any work starts
     out = Path(out_dir)
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, [s for specs in splits.values() for s in specs])
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_siblings(out)                 # what a killed earlier run left behind
     tmp = temp_sibling(out)
@@ -85,6 +83,7 @@ def prepare(inputs, out_dir, *, valid=None, test=None, column: Optional[str] = N
         if pool is not None:
             pool.terminate()
             pool = None
+        outputs.mark_output(tmp, "data prepare")
         _swap_into_place(tmp, out, overwrite)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)

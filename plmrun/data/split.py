@@ -28,6 +28,7 @@ from typing import Optional
 
 from plmrun.data.errors import DataError
 from plmrun.data.prepare import _as_list, _swap_into_place, check_output_dir
+from plmrun.outputs import mark_output
 from plmrun.data.readers import read_records
 from plmrun.data.shards import remove_stale_siblings, temp_sibling
 
@@ -70,7 +71,7 @@ def split(inputs, out_dir, *, valid_frac: float = 0.02, test_frac: float = 0.02,
         raise DataError(f"--cluster-mode {cluster_mode!r}: must be one of {', '.join(CLUSTER_MODES)}")
     inputs = _as_list(inputs)
     out = Path(out_dir)
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_siblings(out)
     tmp = temp_sibling(out)
@@ -118,6 +119,7 @@ def split(inputs, out_dir, *, valid_frac: float = 0.02, test_frac: float = 0.02,
         (tmp / "leakage_report.json").write_text(json.dumps(report, indent=1) + "\n")
         (tmp / "leakage_report.txt").write_text(_report_text(report))
         shutil.rmtree(work)
+        mark_output(tmp, "data split")
         _swap_into_place(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -26,6 +26,7 @@ from plmrun.device import resolve_device
 from plmrun.eval.errors import EvalError
 from plmrun.eval.flags import add_device_flag, add_window_flags, check_window_flags
 from plmrun.manifest import follow_umask
+from plmrun.outputs import check_output_file, model_inputs
 from plmrun.eval.inference import EvalModel, load_eval_model, window_plan, windows
 
 POOLS = ("mean", "cls", "per-residue")
@@ -169,6 +170,9 @@ def embed_fasta(model: EvalModel, fasta: str | Path, out: str | Path, *, pool: s
             raise EvalError(f"{partial}: unfinished run with different {diff}; rerun with the same "
                              f"options or delete that folder")
     else:
+        if partial.is_dir() and any(partial.iterdir()):  # removed when done: it must be ours
+            raise EvalError(f"{partial}: exists and is not an unfinished embed of plmrun (no state.json); move it "
+                            "away or choose another --out")
         partial.mkdir(parents=True, exist_ok=True)
         state_file.write_text(json.dumps(state, indent=1))
     chunks = range(0, len(records), chunk_size)
@@ -225,6 +229,9 @@ def _run(args) -> int:
     if not Path(args.out).resolve().parent.is_dir():
         raise EvalError(f"embed: --out {args.out}: folder {Path(args.out).parent} does not exist; create it "
                         f"or choose another path")
+    reads = [args.fasta, *model_inputs(args.model)]
+    for out in [args.out, *([control_path(args.out)] if args.random_init_control else [])]:
+        check_output_file(out, reads, error=EvalError)
     model = load_eval_model(args.model, device=resolve_device(args.device), max_length=args.max_length)
     n = num_hidden_states(model)
     if args.layer is not None and not -n <= args.layer < n:

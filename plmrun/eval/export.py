@@ -22,6 +22,7 @@ from plmrun.config import POSITION_LIMIT, ModelConfig
 from plmrun.errors import PlmrunError
 from plmrun.manifest import follow_umask, write_manifest
 from plmrun.model.loading import load_model
+from plmrun.outputs import check_output_dir, mark_output, model_inputs
 
 _PKG = Path(__file__).resolve().parents[1]
 MODEL_MODULES = ("registry.py", "speedrun.py", "esm2.py", "esmc.py", "layers.py", "attention.py")
@@ -126,8 +127,7 @@ def _model_card(cfg: ModelConfig, n_params: int, summary: dict | None, source: P
 def export(source: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
     """Write the Hugging Face folder for `source`; returns it. Files are written to a temp folder, then renamed."""
     source, out = Path(source), Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"{out}: exists and is not empty (use --overwrite)")
+    check_output_dir(out, model_inputs(source), overwrite=overwrite, error=ExportError)
     model, cfg = load_model(source)
     summary = None
     for cand in (source / "summary.json", source.parent / "summary.json", source.parent.parent / "summary.json"):
@@ -161,6 +161,7 @@ def export(source: str | Path, out: str | Path, *, overwrite: bool = False) -> P
     (tmp / "README.md").write_text(_model_card(cfg, n_params, summary, source))
     # checksums last, of everything but the model card (made to be edited before a Hub upload)
     write_manifest(tmp, sorted(f.name for f in tmp.iterdir() if f.is_file() and f.name != "README.md"))
+    mark_output(tmp, "export")  # what --overwrite may replace later
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

@@ -33,6 +33,7 @@ from plmrun.eval.flags import add_device_flag, add_window_flags, check_window_fl
 from plmrun.eval.embed import embed_sequences, num_hidden_states
 from plmrun.eval.inference import EvalModel, load_eval_model
 from plmrun.eval.metrics import BOOTSTRAP_RESAMPLES, paired_bootstrap
+from plmrun.outputs import check_output_file, model_inputs
 
 PROBE_DIR = Path(__file__).resolve().parent.parent / "probes"
 HEADS = ("logistic", "ridge", "mlp")
@@ -371,6 +372,8 @@ def _run(args) -> int:
             check_at_least(value, least, flag)
     check_window_flags(args)
     caps = {k: v for k, v in (("max_train", args.max_train), ("max_test", args.max_test)) if v is not None}
+    if args.out:
+        check_output_file(args.out, model_inputs(args.model), error=EvalError)
     model = load_eval_model(args.model, device=resolve_device(args.device), max_length=args.max_length)
     try:
         results = run_probes(model, args.tasks, seeds=range(args.seeds), head=args.head, caps=caps,

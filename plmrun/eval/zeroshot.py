@@ -40,6 +40,7 @@ from plmrun.eval.errors import EvalError
 from plmrun.eval.flags import add_device_flag, add_window_flags, check_window_flags
 from plmrun.eval.inference import EvalModel, load_eval_model, window_plan
 from plmrun.eval.mlm_command import run_dir_of, unigram_baseline
+from plmrun.outputs import check_output_file, model_inputs
 
 AMINO_ACIDS = frozenset(tok.VOCAB[i] for i in tok.AMINO_ACID_IDS)
 NONSTANDARD = frozenset("XBZUO")   # X is an unknown residue in IUPAC, not a stop: counted apart
@@ -566,9 +567,12 @@ def _check_args(args) -> None:
     check_window_flags(args)
     if args.position_map and args.offset != 1:
         raise ValueError("give --offset or --position-map, not both (the map gives every site's residue)")
+    reads = [args.dms, args.wildtype, args.position_map, *model_inputs(args.model)]
     for flag, path in (("--out", args.out), ("--json", args.json)):
         if path and Path(path).is_dir():
             raise ValueError(f"{flag} {path}: is a folder; give a file path in it")
+        if path:
+            check_output_file(path, reads, flag=flag, error=ValueError)
         if path and not Path(path).resolve().parent.is_dir():
             raise ValueError(f"{flag} {path}: folder {Path(path).parent} does not exist; create it or choose another path")
 

@@ -30,6 +30,9 @@ def _run(args, overrides) -> int:
     from plmrun.eval.probe import format_table
     from .config import build
     from .run import finetune
+    if args.out:
+        from plmrun.outputs import check_output_file, model_inputs
+        check_output_file(args.out, [*model_inputs(args.model), args.config])
     cfg = build(args.model, args.config, overrides)
     result = finetune(cfg, device=resolve_device(args.device))
     if result["exit_code"]:

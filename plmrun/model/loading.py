@@ -23,7 +23,8 @@ import yaml
 
 from plmrun.config import ESMC_OFF, ConfigError, ModelConfig, config_from_dict
 from plmrun.errors import ModelLoadError
-from plmrun.manifest import ManifestError, follow_umask, verify_manifest, write_manifest
+from plmrun.manifest import MANIFEST, ManifestError, follow_umask, verify_manifest, write_manifest
+from plmrun.safe_pickle import UnsafePickleError, torch_load_weights
 
 FORMAT = 1
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -91,7 +92,7 @@ def resolve_source(spec: str | Path) -> Path:
         raise ModelLoadError(f"{spec}: no such file or directory")
     from huggingface_hub import snapshot_download
     try:  # safetensors when the repo has them, else the pickled weights: never both
-        folder = Path(snapshot_download(str(spec), allow_patterns=["config.json", "*.safetensors",
+        folder = Path(snapshot_download(str(spec), allow_patterns=["config.json", "*.safetensors", MANIFEST,
                                                                    "*.safetensors.index.json", ESMC_WEIGHTS]))
         if not any(folder.glob("*.safetensors")) and not any(folder.glob(ESMC_WEIGHTS)):
             folder = Path(snapshot_download(str(spec), allow_patterns=["config.json", "pytorch_model*.bin",
@@ -122,7 +123,9 @@ def _read_weight_file(path: Path) -> dict:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
             return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch_load_weights(path, path)
+    except UnsafePickleError as e:  # objects that could run code: refused, not "damaged"
+        raise ModelLoadError(str(e)) from None
     except Exception as e:  # SafetensorError, zip/pickle errors: the bytes are not a whole weight file
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelLoadError(f"{path}: unreadable weights ({why[:200]}); the file is truncated or damaged, "
@@ -155,11 +158,23 @@ def read_weights(folder: Path) -> tuple[dict, Path]:
     raise ModelLoadError(f"{folder}: no model.safetensors or pytorch_model.bin")
 
 
-def _verify(folder: Path) -> None:
+def _verify(folder: Path) -> bool:
+    """True if the folder's manifest checks out, False if it has none; damage is a one-line error."""
     try:
-        verify_manifest(folder)
+        return verify_manifest(folder)
     except ManifestError as e:
         raise ModelLoadError(f"{e}; re-save or re-export the model") from None
+
+
+def _require_own_manifest(folder: Path, meta: dict) -> None:
+    """A folder plmrun wrote (saved model, export, or a run's model/ or hf/) must carry its manifest: without
+    one a damaged or altered file would load silently. Only foreign Hugging Face folders load without one."""
+    in_run = folder.name in ("model", "hf") and (folder.parent / "config.yaml").is_file()
+    if "plmrun_format" in meta or "plmrun_model" in meta or in_run:
+        raise ModelLoadError(f"{folder}: no {MANIFEST}, which plmrun writes last into every model folder it saves "
+                             "or exports: the folder was not completely written or was altered since, so its files "
+                             "cannot be verified; re-save or re-export the model (only foreign Hugging Face and ESM C "
+                             "folders load without one)")
 
 
 def esmc_weights_file(folder: Path) -> Path | None:
@@ -203,8 +218,10 @@ def read_model_folder(folder: Path) -> tuple[ModelConfig, dict, str, Path]:
             raise ModelLoadError(f"{folder}: the run has no saved model yet (no model/config.json); "
                                  f"pass one of its checkpoints, e.g. {folder / 'checkpoints'}/step_N")
         raise ModelLoadError(f"{folder}: not a run directory, checkpoint or model folder (no config.json)")
-    _verify(folder)
+    verified = _verify(folder)
     meta = _read_json(cfg_file)
+    if not verified:
+        _require_own_manifest(folder, meta)
     if "plmrun_format" in meta:
         cfg = model_config_from_dict(meta.get("model"), str(cfg_file))
         sd, where = read_weights(folder)

@@ -20,6 +20,8 @@ import yaml
 
 from plmrun.config import Config
 from plmrun.errors import PlmrunError
+from plmrun.eval.mlm import UNIGRAM_FILE
+from plmrun.outputs import foreign_entries, names_line
 
 
 class RunDirError(PlmrunError, RuntimeError):
@@ -38,6 +40,9 @@ def config_yaml(cfg: Config) -> str:
 
 INIT_FILE = "init_from.txt"
 "The --init-from-hf source a run started from (absent: random init); part of the run's identity."
+RUN_ENTRIES = ("config.yaml", INIT_FILE, ".lock", "environment.json", "metrics.jsonl", "summary.json", "model",
+               "checkpoints", "plots", "tb", "wandb", "hf", UNIGRAM_FILE)
+"What a run directory holds (docs/run-directory.md): anything else is the user's, and never removed."
 
 
 def prepare_run_dir(cfg: Config, name: str, *, resume: bool, init_from: Optional[str] = None) -> tuple[Path, bool]:
@@ -168,10 +173,16 @@ def _replaceable(path: Path, cfg: Config, init_from: Optional[str] = None) -> bo
         return False
     _refuse_if_running(path)
     try:
-        return (_normalised(saved.read_text()) != _normalised(config_yaml(cfg))
-                or _init_source(path) != _source(init_from))
+        other = (_normalised(saved.read_text()) != _normalised(config_yaml(cfg))
+                 or _init_source(path) != _source(init_from))
     except (yaml.YAMLError, AttributeError):
         return False
+    foreign = foreign_entries(path, RUN_ENTRIES)
+    if other and foreign:  # replacing it would delete what plmrun did not write
+        raise RunDirError(f"{path}: has another config and stopped before its first checkpoint, but holds files "
+                          f"plmrun did not write ({names_line(foreign)}); move them away or choose another "
+                          "--logging.name")
+    return other
 
 
 def _refuse_if_running(path: Path) -> None:
