@@ -243,6 +243,25 @@ def test_an_esm_package_folder_of_the_wrong_size_is_one_line(tmp_path, capsys):
     assert "esmc_600m_2024_12_v0.pth: not an ESM C state dict" in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("sd, expect", [
+    ({"embed.weight": torch.zeros(64, 128)}, "no 'transformer.blocks.<i>.' weights"),
+    ({"embed.weight": torch.zeros(64), "transformer.blocks.0.ffn.1.weight": torch.zeros(8, 4)},
+     "'embed.weight' has shape (64,), not a matrix"),
+    ({"embed.weight": torch.zeros(64, 128), "transformer.blocks.0.ffn.0.weight": torch.zeros(128)},
+     "'transformer.blocks.0.ffn.1.weight' is missing"),
+    (torch.zeros(3), "the file holds a Tensor, not a mapping of weights"),
+])
+def test_an_esm_c_pth_of_wrong_shapes_names_the_problem(tmp_path, capsys, sd, expect):
+    """A .pth of wrong shapes names the weight and its shape, not a Python internal (issue 25)."""
+    from plmrun.cli import main
+    (tmp_path / "bad" / "data" / "weights").mkdir(parents=True)
+    torch.save(sd, tmp_path / "bad" / "data" / "weights" / "esmc_300m_2024_12_v0.pth")
+    assert main(["eval", str(tmp_path / "bad"), "--subset", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert f"esmc_300m_2024_12_v0.pth: not an ESM C state dict: {expect}" in err, err
+
+
 def test_train_init_from_an_esm_package_folder(tmp_path):
     from plmrun.config import build_config
     from plmrun.train.trainer import train

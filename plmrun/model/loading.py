@@ -173,13 +173,23 @@ def esmc_weights_file(folder: Path) -> Path | None:
 
 def esmc_config_from_state_dict(sd: dict, where: Path) -> ModelConfig:
     """The esmc preset with the shapes of an ESM C state dict (heads: hidden_size / ESMC_HEAD_DIM)."""
-    try:
-        D = int(sd["embed.weight"].shape[1])
-        layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer.blocks."))
-        F = int(sd["transformer.blocks.0.ffn.1.weight"].shape[0]) // 2
-    except (KeyError, ValueError, AttributeError, IndexError, TypeError) as e:
-        raise ModelLoadError(f"{where}: not an ESM C state dict (no valid {e} entry); pass the esm package's "
-                             "esmc_300m/esmc_600m weights") from None
+    def matrix(key: str) -> torch.Tensor:
+        t = sd.get(key)
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            what = "is missing" if t is None else f"has shape {tuple(getattr(t, 'shape', ()))}, not a matrix"
+            raise ModelLoadError(f"{where}: not an ESM C state dict: {key!r} {what}; pass the esm package's "
+                                 "esmc_300m/esmc_600m weights")
+        return t
+    if not isinstance(sd, dict):
+        raise ModelLoadError(f"{where}: not an ESM C state dict: the file holds a {type(sd).__name__}, not a mapping "
+                             "of weights; pass the esm package's esmc_300m/esmc_600m weights")
+    D = int(matrix("embed.weight").shape[1])
+    blocks = {k.split(".")[2] for k in sd if k.startswith("transformer.blocks.")}
+    if not blocks or not all(b.isdigit() for b in blocks):
+        raise ModelLoadError(f"{where}: not an ESM C state dict: no 'transformer.blocks.<i>.' weights; pass the "
+                             "esm package's esmc_300m/esmc_600m weights")
+    layers = 1 + max(int(b) for b in blocks)
+    F = int(matrix("transformer.blocks.0.ffn.1.weight").shape[0]) // 2
     if D % ESMC_HEAD_DIM:
         raise ModelLoadError(f"{where}: width {D} is not a multiple of ESM C's head width {ESMC_HEAD_DIM}")
     off = {k: False if isinstance(getattr(ModelConfig, k), bool) else 0 for k in ESMC_OFF}
