@@ -199,9 +199,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-def token_dropout(x: torch.Tensor, tokens: torch.Tensor, layout) -> torch.Tensor:
-    """ESM-2 token dropout: zero <mask> embeddings, then rescale each sequence by
-    (1 - 0.15*0.8) / (1 - its observed <mask> fraction), as if masks were input dropout."""
+def token_dropout(x: torch.Tensor, tokens: torch.Tensor, layout, dropped: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """ESM-2 token dropout: <mask> rows become `dropped` (ESM-2: zero), the other rows are rescaled per
+    sequence by (1 - 0.15*0.8) / (1 - its observed <mask> fraction), as if masks were input dropout."""
     is_mask = tokens == MASK_ID
     doc = layout.doc_ids.long()
     cu = layout.cu_seqlens.long()
@@ -209,7 +209,9 @@ def token_dropout(x: torch.Tensor, tokens: torch.Tensor, layout) -> torch.Tensor
     n_mask = torch.zeros(len(lengths), dtype=lengths.dtype, device=x.device).index_add_(0, doc, is_mask.to(lengths.dtype))
     observed = n_mask / lengths.clamp_min(1)
     scale = (1 - ESM_MASK_RATIO_TRAIN) / (1 - observed).clamp_min(1e-6)
-    return x.masked_fill(is_mask[:, None], 0.0) * scale[doc][:, None].to(x.dtype)
+    if dropped is None:
+        return x.masked_fill(is_mask[:, None], 0.0) * scale[doc][:, None].to(x.dtype)
+    return torch.where(is_mask[:, None], dropped.to(x.dtype), x * scale[doc][:, None].to(x.dtype))
 
 
 def window_at(cfg: ModelConfig, step: Optional[int]) -> int:
