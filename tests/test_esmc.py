@@ -14,8 +14,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from plmrun.config import ConfigError, ModelConfig, build_config
-from plmrun.model.esmc import ESMC_VOCAB_ROWS, EsmcPLM, to_esmc_state_dict
+from plmrun.config import ConfigError, build_config
+from plmrun.model.config import ModelConfig
+from plmrun.model.esmc import ESMC_VOCAB_ROWS, EsmcPLM
 from plmrun.model.loading import ModelLoadError, load_esmc_state_dict
 from plmrun.model.registry import build_model
 
@@ -107,11 +108,11 @@ def test_without_qk_norm_matches_esmc():
 
 
 def test_our_weights_load_into_esmc():
-    """to_esmc_state_dict loads strictly into ESMC; its 64-way softmax is then our 33-way one."""
+    """The adapter's export loads strictly into ESMC; its 64-way softmax is then our 33-way one."""
     ref_model = reference()
     torch.manual_seed(3)
     ours = build_model(our_config()).eval()
-    ref_model.load_state_dict(to_esmc_state_dict(ours), strict=True)
+    ref_model.load_state_dict(EsmcPLM.adapter.export(ours), strict=True)
     seqs, tokens, positions, cu, max_len = packed_batch()
     with torch.no_grad():
         out = ours(tokens, positions, cu, max_len)
@@ -126,7 +127,7 @@ def test_esmc_state_dict_round_trip_and_bad_checkpoints():
     """Ours -> ESM C layout -> ours is exact; a checkpoint of another shape is refused in one line."""
     torch.manual_seed(0)
     ours = build_model(our_config())
-    sd = to_esmc_state_dict(ours)
+    sd = EsmcPLM.adapter.export(ours)
     assert sd["embed.weight"].shape == (ESMC_VOCAB_ROWS, D)
     assert sd["transformer.blocks.0.attn.layernorm_qkv.1.weight"].shape == (3 * D, D)
     assert sd["transformer.blocks.0.ffn.1.weight"].shape == (2 * 256, D)  # 8/3 * 64 rounded up to 256
@@ -144,7 +145,7 @@ def test_esmc_state_dict_round_trip_and_bad_checkpoints():
             load_esmc_state_dict(build_model(cfg), sd)
         assert "\n" not in str(e.value)
     with pytest.raises(ModelLoadError, match="lacks 'transformer.blocks.0.attn.q_ln.weight'"):
-        load_esmc_state_dict(ours, to_esmc_state_dict(build_model(our_config(qk_norm=False))))
+        load_esmc_state_dict(ours, EsmcPLM.adapter.export(build_model(our_config(qk_norm=False))))
     with pytest.raises(ModelLoadError, match="needs an esmc-preset model"):
         load_esmc_state_dict(build_model(ModelConfig(hidden_size=D, num_heads=HEADS)), sd)
 
@@ -196,7 +197,7 @@ def esm_package_folder(root, width=128, layers=2, seed=0):
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     (root / "data" / "weights").mkdir(parents=True)
-    torch.save(to_esmc_state_dict(model), root / "data" / "weights" / "esmc_300m_2024_12_v0.pth")
+    torch.save(EsmcPLM.adapter.export(model), root / "data" / "weights" / "esmc_300m_2024_12_v0.pth")
     return model
 
 

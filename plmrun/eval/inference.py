@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from plmrun.config import POSITION_LIMIT, ModelConfig
+from plmrun.model.config import POSITION_LIMIT, ModelConfig
 from plmrun.eval.errors import EvalError
 
 DEFAULT_MAX_LENGTH = 1024
