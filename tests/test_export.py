@@ -88,8 +88,10 @@ def test_esm2_exports_as_native_esm_for_masked_lm(tmp_path):
     torch.testing.assert_close(_ours_padded(again, ids, lens)[0].logits, ours.logits)
 
 
-def test_speedrun_loads_with_remote_code_in_a_clean_process_without_plmrun(tmp_path):
-    model, cfg = _saved_model(tmp_path, SPEEDRUN)
+@pytest.mark.parametrize("kw", [SPEEDRUN, dict(SPEEDRUN, norm="layer", position_encoding="none", mlp_activation="gelu",
+                                               token_dropout=True)])
+def test_speedrun_loads_with_remote_code_in_a_clean_process_without_plmrun(tmp_path, kw):
+    model, cfg = _saved_model(tmp_path, kw)
     out_dir = export(tmp_path / "model", tmp_path / "hf")
     from plmrun.eval.export import MODEL_PACKAGE
     shipped = sorted(p.name for p in out_dir.glob("*.py"))
