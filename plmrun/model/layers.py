@@ -33,10 +33,10 @@ class StateDictAdapter:
     source = ""
     "The other library's model, for messages."
 
-    def load(self, model: "PLM", sd: dict[str, torch.Tensor]) -> None:
+    def load(self, model: PLM, sd: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
 
-    def export(self, model: "PLM") -> dict[str, torch.Tensor]:
+    def export(self, model: PLM) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
 

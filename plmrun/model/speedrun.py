@@ -155,8 +155,8 @@ def dropped_row(x: torch.Tensor) -> torch.Tensor:
     Not ESM-2's zero row: a weightless norm has no direction for a zero row and its gradient there is
     1/sqrt(eps) (~2900 in fp32). With the output projections starting at zero, a zero row stays zero
     up to the head, so every masked position's loss gradient passed several such norms on its way into
-    the attention output projections (step-1 gradient norm ~2000x the run without token dropout). This
-    row carries no token identity either, and every norm maps it to itself.
+    the attention output projections, and the first steps' gradients exploded. This row carries no token
+    identity either, and every norm maps it to itself.
     """
     row = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
     row[1::2] = -1
