@@ -4,7 +4,7 @@ import torch
 
 from plmrun import tokenizer as tok
 from plmrun.cli import main
-from plmrun.config import ModelConfig
+from plmrun.model.config import ModelConfig
 from plmrun.eval import embed
 from plmrun.eval.embed import embed_sequences, read_embeddings
 from plmrun.eval.inference import EvalModel, windows
