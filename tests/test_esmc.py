@@ -170,6 +170,8 @@ def test_esmc_state_dict_round_trip_and_bad_checkpoints():
         assert "\n" not in str(e.value)
     with pytest.raises(ModelLoadError, match="lacks 'transformer.blocks.0.attn.q_ln.weight'"):
         load_esmc_state_dict(ours, EsmcPLM.adapter.export(build_model(our_config(qk_norm=False))))
+    with pytest.raises(ModelLoadError, match=r"checkpoint's 'transformer.norm.weight' is a str, not a tensor"):
+        load_esmc_state_dict(ours, {**sd, "transformer.norm.weight": "x"})
     with pytest.raises(ModelLoadError, match="needs an esmc-preset model"):
         load_esmc_state_dict(build_model(ModelConfig(hidden_size=D, num_heads=HEADS)), sd)
 

@@ -128,6 +128,8 @@ class EsmcAdapter(StateDictAdapter):
             if key not in sd:
                 raise ValueError(f"checkpoint lacks {key!r} (model has {len(model.blocks)} layers, "
                                  f"model.qk_norm={model.cfg.qk_norm})")
+            if not isinstance(sd[key], torch.Tensor):
+                raise ValueError(f"checkpoint's {key!r} is a {type(sd[key]).__name__}, not a tensor")
             used.add(key)
             return sd[key]
 

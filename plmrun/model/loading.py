@@ -174,6 +174,10 @@ def esmc_weights_file(folder: Path) -> Path | None:
 
 def esmc_config_from_state_dict(sd: dict, where: Path) -> ModelConfig:
     """The esmc preset with the shapes of an ESM C state dict (heads: hidden_size / ESMC_HEAD_DIM)."""
+    if not isinstance(sd, dict):
+        raise ModelLoadError(f"{where}: not an ESM C state dict: the file holds a {type(sd).__name__}, not a mapping "
+                             "of weights; pass the esm package's esmc_300m/esmc_600m weights")
+
     def matrix(key: str) -> torch.Tensor:
         t = sd.get(key)
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
@@ -181,9 +185,6 @@ def esmc_config_from_state_dict(sd: dict, where: Path) -> ModelConfig:
             raise ModelLoadError(f"{where}: not an ESM C state dict: {key!r} {what}; pass the esm package's "
                                  "esmc_300m/esmc_600m weights")
         return t
-    if not isinstance(sd, dict):
-        raise ModelLoadError(f"{where}: not an ESM C state dict: the file holds a {type(sd).__name__}, not a mapping "
-                             "of weights; pass the esm package's esmc_300m/esmc_600m weights")
     D = int(matrix("embed.weight").shape[1])
     blocks = {k.split(".")[2] for k in sd if k.startswith("transformer.blocks.")}
     if not blocks or not all(b.isdigit() for b in blocks):
