@@ -17,68 +17,17 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 
-from .errors import PlmrunError  # relative: config.py is copied into exported model folders with errors.py
+from .errors import PlmrunError
+from .model.config import POSITION_LIMIT, ModelConfig, model_config_problems
 
 
 class ConfigError(PlmrunError, ValueError):
     """A configuration problem the user can fix; the message names the key."""
 
 
-POSITION_LIMIT = {"esm2": 1026}
-"Most tokens per sequence (incl. <cls>/<eos>) of presets with a position limit (ESM-2's max_position_embeddings); rotary-only presets have none."
-
-
 def max_length_phases(d: "DataConfig") -> list[tuple[int, int]]:
     """[(first step, crop length in tokens), ...]: data.max_length_schedule, or data.max_length from step 0."""
     return [(int(s), int(n)) for s, n in d.max_length_schedule] or [(0, d.max_length)]
-
-
-@dataclass
-class ModelConfig:
-    arch: Literal["speedrun", "esm2", "esmc"] = "speedrun"
-    "Architecture: the speedrun encoder, the Hugging Face EsmForMaskedLM-equivalent preset, or ESM C (EvolutionaryScale)."
-    hidden_size: int = 256
-    "Width of the residual stream."
-    num_layers: int = 4
-    "Number of transformer blocks (default 4: as good per token as 6 in a CPU-sized run, 1.4× faster)."
-    num_heads: int = 4
-    "Attention heads (head dim = hidden_size / num_heads)."
-    expansion_ratio: float = 4.0
-    "MLP width / hidden_size (ESM-2 uses 4.0; the seed's speedrun 8/3; esmc: SwiGLU width, rounded up to a multiple of 256, ESM C 8/3)."
-    rope_base: float = 10000.0
-    "Rotary embedding base."
-    unet: bool = True
-    "speedrun: UNet skip connections (first half pushes, second half pops, learned weights)."
-    x0_lambdas: bool = True
-    "speedrun: every block mixes in the embedding output x0 with learned lambdas."
-    value_embeddings: bool = True
-    "speedrun: extra embedding tables mixed into attention values (mirrored over depth)."
-    qk_norm: bool = True
-    "speedrun: RMS-normalise queries and keys per head; esmc: ESM C's bias-free LayerNorm of queries and keys."
-    soft_logit_cap: float = 32.0
-    "tanh cap on output logits (0 = off)."
-    attention_soft_cap: float = 0.0
-    "tanh cap on attention scores (0 = off; the seed used 64)."
-    p_attention: bool = False
-    "speedrun: Pattention MLP replacement (learned key/value parameter tokens)."
-    num_att_tokens: int = 512
-    "Number of parameter tokens per Pattention layer (read only when p_attention)."
-    tie_embeddings: bool = False
-    "Tie the LM-head decoder to the input embedding."
-    token_dropout: bool = False
-    "ESM-2 token dropout: zero <mask> embeddings and rescale by the masked fraction."
-    sliding_window: int = 0
-    "Final sliding-window size in tokens (0 = full attention within each sequence)."
-    sliding_window_start: int = 0
-    "Window at step 0, grown linearly to sliding_window over window_warmup_steps (0 = fixed)."
-    window_warmup_steps: int = 0
-    "Steps over which the sliding window grows from sliding_window_start."
-    attention_backend: Literal["auto", "cpu", "flex", "flash", "sdpa_dense", "naive"] = "auto"
-    "Packed-attention kernel: auto picks flash/flex on CUDA and the bucketed cpu path elsewhere."
-    layer_norm_eps: float = 1e-5
-    "esm2, esmc: LayerNorm epsilon."
-    init_std: float = 0.02
-    "Standard deviation of normal weight initialisation."
 
 
 @dataclass
@@ -477,15 +426,6 @@ def config_from_dict(data: dict, where: str = "config") -> Config:
 
 
 # ---------------------------------------------------------------- cross-field validation
-ESMC_OFF = ("unet", "x0_lambdas", "value_embeddings", "p_attention", "token_dropout", "tie_embeddings",
-            "soft_logit_cap", "attention_soft_cap", "sliding_window", "sliding_window_start")
-
-
-def esmc_conflicts(m: ModelConfig) -> list[str]:
-    """The switches that are on but are not part of ESM C (config validation and the model both refuse them)."""
-    return [k for k in ESMC_OFF if getattr(m, k)]
-
-
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
@@ -563,25 +503,8 @@ def _validate_schedule(d: DataConfig, m: ModelConfig) -> None:
 
 def validate(cfg: Config) -> Config:
     m, d, k, o, t, e = cfg.model, cfg.data, cfg.masking, cfg.optim, cfg.train, cfg.eval
-    _check(m.hidden_size > 0 and m.num_layers > 0 and m.num_heads > 0, "model: sizes must be positive")
-    _check(m.hidden_size % m.num_heads == 0,
-           f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads})")
-    _check((m.hidden_size // m.num_heads) % 2 == 0, "model: head dim (hidden_size / num_heads) must be even for RoPE")
-    _check(m.expansion_ratio > 0, "model.expansion_ratio must be > 0")
-    _check(m.soft_logit_cap >= 0 and m.attention_soft_cap >= 0, "model: soft caps must be >= 0 (0 = off)")
-    _check(m.sliding_window >= 0 and m.sliding_window_start >= 0, "model: sliding windows must be >= 0")
-    _check(m.window_warmup_steps >= 0, "model.window_warmup_steps must be >= 0")
-    _check(not (m.window_warmup_steps and not (m.sliding_window and m.sliding_window_start)),
-           "model.window_warmup_steps needs model.sliding_window > 0 and model.sliding_window_start > 0")
-    _check(m.num_att_tokens > 0, "model.num_att_tokens must be > 0")
-    if m.arch == "esm2":
-        # The esm2 preset is exactly Hugging Face's EsmForMaskedLM: speedrun-only switches must be off.
-        for flag in ("unet", "x0_lambdas", "value_embeddings", "p_attention", "qk_norm"):
-            _check(not getattr(m, flag), f"model.{flag} is a speedrun option; set it to false with model.arch=esm2")
-        for key in ("soft_logit_cap", "attention_soft_cap", "sliding_window", "sliding_window_start"):
-            _check(getattr(m, key) == 0, f"model.{key} is a speedrun option; set it to 0 with model.arch=esm2")
-    if m.arch == "esmc" and esmc_conflicts(m):
-        raise ConfigError(f"model.{esmc_conflicts(m)[0]} is not part of ESM C; turn it off (false or 0) with model.arch=esmc")
+    problems = model_config_problems(m)
+    _check(not problems, problems[0] if problems else "")
     check_window(d.max_length, "data.max_length")
     _check(d.token_budget >= d.max_length,
            f"data.token_budget ({d.token_budget}) must be >= data.max_length ({d.max_length})")

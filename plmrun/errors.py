@@ -12,6 +12,6 @@ class PlmrunError(Exception):
 class ModelLoadError(PlmrunError, RuntimeError):
     """A path a model cannot be loaded from (missing, damaged, foreign or of another shape).
 
-    Here rather than in model/loading.py because model/esm2.py raises it and export copies the
-    model modules with errors.py, not loading.py; `plmrun.model.loading` is where callers import it.
+    `plmrun.model.loading` raises it (and is where callers import it); the model modules themselves raise
+    ValueError, because export ships them without the rest of plmrun.
     """

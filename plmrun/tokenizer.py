@@ -1,4 +1,4 @@
-"""The ESM-2 33-token vocabulary, with vectorised encode/decode.
+"""Vectorised encode/decode of the ESM-2 33-token vocabulary (defined in plmrun.model.vocab).
 
 Ids equal `transformers.EsmTokenizer`'s for every valid input (tests check it), so exported models
 work with the Hugging Face tokenizer. Encoding is one 256-entry lookup table applied to the raw
@@ -16,13 +16,8 @@ import hashlib
 import numpy as np
 
 from plmrun.errors import PlmrunError
+from plmrun.model.vocab import CLS, EOS, MASK, PAD, UNK, VOCAB, VOCAB_SIZE  # noqa: F401 (the one vocabulary)
 
-VOCAB = ["<cls>", "<pad>", "<eos>", "<unk>",
-         "L", "A", "G", "V", "S", "E", "R", "T", "I", "D", "P", "K", "Q", "N", "F", "Y", "M",
-         "H", "W", "C", "X", "B", "U", "Z", "O", ".", "-", "<null_1>", "<mask>"]
-VOCAB_SIZE = len(VOCAB)
-CLS, PAD, EOS, UNK = 0, 1, 2, 3
-MASK = VOCAB.index("<mask>")
 X_ID = VOCAB.index("X")
 AMINO_ACID_IDS = np.arange(4, 24, dtype=np.int64)   # the 20 standard residues (MLM replacement pool)
 RESIDUE_IDS = np.arange(4, 31, dtype=np.int64)      # every residue letter, incl. X B U Z O . -

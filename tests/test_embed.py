@@ -4,7 +4,7 @@ import torch
 
 from plmrun import tokenizer as tok
 from plmrun.cli import main
-from plmrun.config import ModelConfig
+from plmrun.model.config import ModelConfig
 from plmrun.eval import embed
 from plmrun.eval.embed import embed_sequences, read_embeddings
 from plmrun.eval.inference import EvalModel, windows
@@ -27,7 +27,7 @@ def tiny_plmrun(max_length=64):
 def tiny_hf(max_length=64):
     """A random EsmForMaskedLM (transformers, the reference) and its weights in our esm2 preset."""
     from transformers import EsmConfig, EsmForMaskedLM
-    from plmrun.model.esm2 import load_hf_state_dict
+    from plmrun.model.loading import load_hf_state_dict
     from plmrun.model.loading import esm_config_to_model_config
     torch.manual_seed(1)  # not the control's seed
     hf_cfg = EsmConfig(vocab_size=33, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

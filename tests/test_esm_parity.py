@@ -5,9 +5,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import EsmConfig, EsmForMaskedLM  # noqa: E402
 
-from plmrun.config import ModelConfig  # noqa: E402
-from plmrun.model.esm2 import load_hf_state_dict, to_hf_state_dict  # noqa: E402
-from plmrun.model.loading import ModelLoadError  # noqa: E402
+from plmrun.model.config import ModelConfig  # noqa: E402
+from plmrun.model.esm2 import Esm2PLM  # noqa: E402
+from plmrun.model.loading import ModelLoadError, load_hf_state_dict  # noqa: E402
 from plmrun.model.registry import build_model  # noqa: E402
 
 D, LAYERS, HEADS = 64, 3, 4
@@ -92,7 +92,7 @@ def test_untied_roundtrip_and_export():
     hf = hf_model(False, tie=False)
     ours = build_model(our_config(False, tie=False)).eval()
     load_hf_state_dict(ours, hf.state_dict())
-    exported = to_hf_state_dict(ours)
+    exported = Esm2PLM.adapter.export(ours)
     hf2 = EsmForMaskedLM(hf.config).eval()
     missing, unexpected = hf2.load_state_dict(exported, strict=False)
     assert not unexpected and all("position_ids" in k for k in missing)

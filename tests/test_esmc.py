@@ -1,46 +1,61 @@
 """The esmc preset is numerically EvolutionaryScale's ESM C (`esm.models.esmc.ESMC`), on packed input.
 
-The parity tests need the `esm` package, which cannot be a plmrun extra: its pins (transformers<4.48.2,
-torchvision, torchtext) replace torch and transformers (`pip install --dry-run esm`). They run with
-    pip install --no-deps --target /tmp/esm-ref esm==3.2.1.post1 einops cloudpathlib tenacity brotli \\
-        msgpack msgpack_numpy biopython "biotite>=1" zstd
-    PYTHONPATH=$PWD:/tmp/esm-ref python -m pytest tests/test_esmc.py
-and skip without it (esm 3.1.x imports biotite 0.41, built for numpy<2: its ESMC does not import
-beside numpy 2). Loading errors, config, init and training run everywhere.
+The parity tests compare against tests/assets/esmc_goldens.safetensors, a small random ESM C and its
+outputs written by scripts/make_esmc_goldens.py from the real `esm` package (its docstring has the
+install recipe: the package cannot be a plmrun extra). With the package installed they also run
+against it live, which checks that the goldens are current. Loading errors, config, init and training
+need neither.
 """
-import inspect
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
+from safetensors.torch import load_file
 
-from plmrun.config import ConfigError, ModelConfig, build_config
-from plmrun.model.esmc import ESMC_VOCAB_ROWS, EsmcPLM, to_esmc_state_dict
+from plmrun.config import ConfigError, build_config
+from plmrun.model.config import ModelConfig
+from plmrun.model.esmc import ESMC_VOCAB_ROWS, EsmcPLM
 from plmrun.model.loading import ModelLoadError, load_esmc_state_dict
 from plmrun.model.registry import build_model
 
-D, LAYERS, HEADS = 64, 3, 2
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import make_esmc_goldens as goldens  # noqa: E402
+
+D, LAYERS, HEADS = goldens.D, goldens.LAYERS, goldens.HEADS
 OFF = dict(unet=False, x0_lambdas=False, value_embeddings=False, soft_logit_cap=0.0)
 ESMC_FLAGS = ["--model.arch=esmc", "--model.unet=false", "--model.x0_lambdas=false",
               "--model.value_embeddings=false", "--model.soft_logit_cap=0"]
+SOURCES = ["goldens", pytest.param("live", marks=pytest.mark.external)]
 
 
-def reference(qk_norm: bool = True, layers: int = LAYERS, seed: int = 0):
-    """A random-init ESMC from the esm package (biases and norms perturbed so every weight matters)."""
-    esmc = pytest.importorskip("esm.models.esmc", reason="the esm package (see the module docstring)",
+def esm_package():
+    return pytest.importorskip("esm.models.esmc", reason="the esm package (see scripts/make_esmc_goldens.py)",
                                exc_type=ImportError)
-    from esm.tokenization import EsmSequenceTokenizer
-    torch.manual_seed(seed)
-    kw = {"use_flash_attn": False} if "use_flash_attn" in inspect.signature(esmc.ESMC).parameters else {}
-    model = esmc.ESMC(d_model=D, n_heads=HEADS, n_layers=layers, tokenizer=EsmSequenceTokenizer(), **kw).eval()
-    if not qk_norm:  # what TransformerStack(qk_layernorm=False) builds
-        for block in model.transformer.blocks:
-            block.attn.q_ln = block.attn.k_ln = nn.Identity()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
+
+
+def esmc_case(source: str, qk_norm: bool = True) -> tuple[dict, ...]:
+    """(ESM C state dict, its outputs on goldens.packed_batch()[, each sequence's outputs on its own: with
+    qk_norm]), from the goldens file or computed live by the esm package."""
+    seqs, *_ = goldens.packed_batch()
+    if source == "live":
+        esm_package()
+        ref = goldens.reference(qk_norm)
+        return (ref.state_dict(), goldens.outputs(ref, seqs)) + ((goldens.outputs_alone(ref, seqs),) if qk_norm else ())
+    g = load_file(goldens.GOLDENS)
+    part = lambda prefix: {k.removeprefix(prefix): v for k, v in g.items() if k.startswith(prefix)}  # noqa: E731
+    sd = {k: v.float() for k, v in part("weights.").items()}
+    if not qk_norm:
+        sd = {k: v for k, v in sd.items() if ".q_ln." not in k and ".k_ln." not in k}
+        return sd, part("no_qk_norm.")
+    return sd, {k: v for k, v in part("qk_norm.").items() if not k.startswith("alone.")}, part("qk_norm.alone.")
+
+
+def test_goldens_are_the_batch_and_small():
+    seqs, tokens, cu = goldens.packed_batch()
+    g = load_file(goldens.GOLDENS)
+    assert torch.equal(g["tokens"], tokens) and torch.equal(g["cu_seqlens"], cu)
+    assert goldens.GOLDENS.stat().st_size < 1_000_000
 
 
 def our_config(backend: str = "cpu", qk_norm: bool = True, layers: int = LAYERS, width: int = D) -> ModelConfig:
@@ -49,72 +64,80 @@ def our_config(backend: str = "cpu", qk_norm: bool = True, layers: int = LAYERS,
 
 
 def packed_batch(seed: int = 1):
-    """Three sequences of different lengths (every residue id, some <mask>) and a <pad> tail segment."""
-    g = torch.Generator().manual_seed(seed)
-    seqs = []
-    for n in (12, 40, 25):
-        s = torch.cat([torch.tensor([0]), torch.randint(4, 31, (n,), generator=g), torch.tensor([2])])
-        masked = (torch.rand(len(s), generator=g) < 0.2) & (s > 3)
-        seqs.append(torch.where(masked, torch.full_like(s, 32), s))
+    """The goldens' three sequences, then a <pad> tail segment: (seqs, tokens, positions, cu_seqlens, max_len)."""
+    seqs, tokens, cu = goldens.packed_batch(seed)
     lens = [len(s) for s in seqs] + [5]
-    tokens = torch.cat(seqs + [torch.ones(5, dtype=torch.long)])
+    tokens = torch.cat([tokens, torch.ones(5, dtype=torch.long)])
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
     positions = torch.cat([torch.arange(n) for n in lens])
     return seqs, tokens, positions, cu, max(lens)
 
 
-def assert_matches(out, ref, sl, row=0, rows=slice(None)):
-    """Our packed output on token slice `sl` == ESM C's batch row `row` (positions `rows`)."""
-    close = lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
-    close(out.logits[sl], ref.sequence_logits[row, rows, :33])
+def assert_matches(out, ref: dict, n: int):
+    """Our packed output on the first n tokens == ESM C's (packed valid rows)."""
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=1e-5)  # noqa: E731
+    close(out.logits[:n], ref["logits"][:, :33])
     hs = out.hidden_states
-    assert len(hs) == LAYERS + 2 and len(ref.hidden_states) == LAYERS
-    for ours, theirs in zip(hs[1:-1], ref.hidden_states):  # each block's output
-        close(ours[sl], theirs[row, rows])
-    close(hs[-1][sl], ref.embeddings[row, rows])  # after the final norm
+    assert len(hs) == LAYERS + 2 and sum(k.startswith("hidden.") for k in ref) == LAYERS
+    for i, ours in enumerate(hs[1:-1]):  # each block's output
+        close(ours[:n], ref[f"hidden.{i}"])
+    close(hs[-1][:n], ref["embeddings"])  # after the final norm
 
 
-@pytest.mark.external
+@pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("backend", ["cpu", "naive", "sdpa_dense"])
-def test_logits_and_hidden_states_match_esmc(backend):
-    """fp32, 1e-5: our packed forward vs ESM C on each sequence alone and on the right-padded batch."""
-    ref_model = reference()
+def test_logits_and_hidden_states_match_esmc(backend, source):
+    """fp32, 1e-5: our packed forward vs ESM C on the right-padded batch and on each sequence alone."""
+    sd, batch, alone = esmc_case(source)
     ours = build_model(our_config(backend)).eval()
-    load_esmc_state_dict(ours, ref_model.state_dict())
+    load_esmc_state_dict(ours, sd)
     seqs, tokens, positions, cu, max_len = packed_batch()
-    padded = torch.ones(len(seqs), max(len(s) for s in seqs), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        padded[i, :len(s)] = s
+    n = sum(len(s) for s in seqs)
     with torch.no_grad():
         out = ours(tokens, positions, cu, max_len, output_hidden_states=True)
-        batch = ref_model(sequence_tokens=padded)
-        start = 0
-        for i, s in enumerate(seqs):
-            sl = slice(start, start + len(s))
-            torch.testing.assert_close(out.hidden_states[0][sl], ref_model.embed(s), rtol=0, atol=0)
-            assert_matches(out, ref_model(sequence_tokens=s[None]), sl)
-            assert_matches(out, batch, sl, row=i, rows=slice(0, len(s)))
-            start += len(s)
+    torch.testing.assert_close(out.hidden_states[0][:n], sd["embed.weight"][tokens[:n]], rtol=0, atol=0)
+    assert_matches(out, batch, n)
+    assert_matches(out, alone, n)
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_without_qk_norm_matches_esmc(source):
+    sd, batch = esmc_case(source, qk_norm=False)
+    ours = build_model(our_config(qk_norm=False)).eval()
+    load_esmc_state_dict(ours, sd)
+    seqs, tokens, positions, cu, max_len = packed_batch()
+    with torch.no_grad():
+        out = ours(tokens, positions, cu, max_len, output_hidden_states=True)
+    assert_matches(out, batch, sum(len(s) for s in seqs))
 
 
 @pytest.mark.external
-def test_without_qk_norm_matches_esmc():
-    ref_model = reference(qk_norm=False)
-    ours = build_model(our_config(qk_norm=False)).eval()
-    load_esmc_state_dict(ours, ref_model.state_dict())
-    seqs, tokens, positions, cu, max_len = packed_batch(seed=2)
-    with torch.no_grad():
-        out = ours(tokens, positions, cu, max_len, output_hidden_states=True)
-        assert_matches(out, ref_model(sequence_tokens=seqs[1][None]), slice(len(seqs[0]), len(seqs[0]) + len(seqs[1])))
+def test_goldens_equal_the_live_package():
+    """With the esm package installed: the stored goldens are what it computes now."""
+    esm_package()
+    for qk in (True, False):
+        for stored, live in zip(esmc_case("goldens", qk), esmc_case("live", qk)):
+            assert stored.keys() == live.keys()
+            for k in stored:
+                torch.testing.assert_close(stored[k], live[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_our_weights_have_esmc_names_and_shapes():
+    """The adapter's export has exactly the names and shapes of ESMC's state dict (the goldens' weights)."""
+    golden_sd, *_ = esmc_case("goldens")
+    torch.manual_seed(3)
+    exported = EsmcPLM.adapter.export(build_model(our_config()))
+    assert {k: tuple(v.shape) for k, v in exported.items()} == {k: tuple(v.shape) for k, v in golden_sd.items()}
 
 
 @pytest.mark.external
 def test_our_weights_load_into_esmc():
-    """to_esmc_state_dict loads strictly into ESMC; its 64-way softmax is then our 33-way one."""
-    ref_model = reference()
+    """The adapter's export loads strictly into the esm package's ESMC; its 64-way softmax is then our 33-way one."""
+    esm_package()
     torch.manual_seed(3)
     ours = build_model(our_config()).eval()
-    ref_model.load_state_dict(to_esmc_state_dict(ours), strict=True)
+    ref_model = goldens.reference()
+    ref_model.load_state_dict(EsmcPLM.adapter.export(ours), strict=True)
     seqs, tokens, positions, cu, max_len = packed_batch()
     with torch.no_grad():
         out = ours(tokens, positions, cu, max_len)
@@ -129,7 +152,7 @@ def test_esmc_state_dict_round_trip_and_bad_checkpoints():
     """Ours -> ESM C layout -> ours is exact; a checkpoint of another shape is refused in one line."""
     torch.manual_seed(0)
     ours = build_model(our_config())
-    sd = to_esmc_state_dict(ours)
+    sd = EsmcPLM.adapter.export(ours)
     assert sd["embed.weight"].shape == (ESMC_VOCAB_ROWS, D)
     assert sd["transformer.blocks.0.attn.layernorm_qkv.1.weight"].shape == (3 * D, D)
     assert sd["transformer.blocks.0.ffn.1.weight"].shape == (2 * 256, D)  # 8/3 * 64 rounded up to 256
@@ -138,8 +161,9 @@ def test_esmc_state_dict_round_trip_and_bad_checkpoints():
     load_esmc_state_dict(other, sd)
     for name, p in ours.state_dict().items():
         assert torch.equal(p, other.state_dict()[name]), name
-    cases = [(our_config(layers=LAYERS + 1), r"lacks 'transformer\.blocks\.3\."),
-             (our_config(layers=LAYERS - 1), r"weights the esmc preset does not know, e\.g\. 'transformer\.blocks\.2\."),
+    cases = [(our_config(layers=LAYERS + 1), rf"lacks 'transformer\.blocks\.{LAYERS}\."),
+             (our_config(layers=LAYERS - 1),
+              rf"weights the esmc preset does not know, e\.g\. 'transformer\.blocks\.{LAYERS - 1}\."),
              (our_config(width=2 * D), r"shape mismatch"),
              (our_config(qk_norm=False), r"does not know, e\.g\. 'transformer\.blocks\.0\.attn\.q_ln\.weight'")]
     for cfg, msg in cases:
@@ -147,7 +171,9 @@ def test_esmc_state_dict_round_trip_and_bad_checkpoints():
             load_esmc_state_dict(build_model(cfg), sd)
         assert "\n" not in str(e.value)
     with pytest.raises(ModelLoadError, match="lacks 'transformer.blocks.0.attn.q_ln.weight'"):
-        load_esmc_state_dict(ours, to_esmc_state_dict(build_model(our_config(qk_norm=False))))
+        load_esmc_state_dict(ours, EsmcPLM.adapter.export(build_model(our_config(qk_norm=False))))
+    with pytest.raises(ModelLoadError, match=r"checkpoint's 'transformer.norm.weight' is a str, not a tensor"):
+        load_esmc_state_dict(ours, {**sd, "transformer.norm.weight": "x"})
     with pytest.raises(ModelLoadError, match="needs an esmc-preset model"):
         load_esmc_state_dict(build_model(ModelConfig(hidden_size=D, num_heads=HEADS)), sd)
 
@@ -200,7 +226,7 @@ def esm_package_folder(root, width=128, layers=2, seed=0):
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     (root / "data" / "weights").mkdir(parents=True)
-    torch.save(to_esmc_state_dict(model), root / "data" / "weights" / "esmc_300m_2024_12_v0.pth")
+    torch.save(EsmcPLM.adapter.export(model), root / "data" / "weights" / "esmc_300m_2024_12_v0.pth")
     return model
 
 
@@ -245,6 +271,25 @@ def test_an_esm_package_folder_of_the_wrong_size_is_one_line(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "junk"), "--subset", "2"]) == 2
     err = capsys.readouterr().err
     assert "esmc_600m_2024_12_v0.pth: not an ESM C state dict" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("sd, expect", [
+    ({"embed.weight": torch.zeros(64, 128)}, "no 'transformer.blocks.<i>.' weights"),
+    ({"embed.weight": torch.zeros(64), "transformer.blocks.0.ffn.1.weight": torch.zeros(8, 4)},
+     "'embed.weight' has shape (64,), not a matrix"),
+    ({"embed.weight": torch.zeros(64, 128), "transformer.blocks.0.ffn.0.weight": torch.zeros(128)},
+     "'transformer.blocks.0.ffn.1.weight' is missing"),
+    (torch.zeros(3), "the file holds a Tensor, not a mapping of weights"),
+])
+def test_an_esm_c_pth_of_wrong_shapes_names_the_problem(tmp_path, capsys, sd, expect):
+    """A .pth of wrong shapes names the weight and its shape, not a Python internal (issue 25)."""
+    from plmrun.cli import main
+    (tmp_path / "bad" / "data" / "weights").mkdir(parents=True)
+    torch.save(sd, tmp_path / "bad" / "data" / "weights" / "esmc_300m_2024_12_v0.pth")
+    assert main(["eval", str(tmp_path / "bad"), "--subset", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert f"esmc_300m_2024_12_v0.pth: not an ESM C state dict: {expect}" in err, err
 
 
 @pytest.mark.slow

@@ -71,7 +71,7 @@ def test_eval_invariant_to_batch_size_and_world_size():
 def test_hf_esm_and_esm2_preset_score_identically(tmp_path):
     transformers = pytest.importorskip("transformers")
     from plmrun.eval.inference import load_eval_model
-    from plmrun.model.esm2 import load_hf_state_dict
+    from plmrun.model.loading import load_hf_state_dict
     hf_cfg = transformers.EsmConfig(vocab_size=33, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                     intermediate_size=64, position_embedding_type="rotary", token_dropout=True,
                                     mask_token_id=32, pad_token_id=1, max_position_embeddings=1026,

@@ -88,10 +88,18 @@ def test_esm2_exports_as_native_esm_for_masked_lm(tmp_path):
     torch.testing.assert_close(_ours_padded(again, ids, lens)[0].logits, ours.logits)
 
 
-def test_speedrun_loads_with_remote_code_in_a_clean_process_without_plmrun(tmp_path):
-    model, cfg = _saved_model(tmp_path, SPEEDRUN)
+@pytest.mark.parametrize("kw", [SPEEDRUN, dict(SPEEDRUN, norm="layer", position_encoding="none", mlp_activation="gelu",
+                                               token_dropout=True)])
+def test_speedrun_loads_with_remote_code_in_a_clean_process_without_plmrun(tmp_path, kw):
+    model, cfg = _saved_model(tmp_path, kw)
     out_dir = export(tmp_path / "model", tmp_path / "hf")
-    assert (out_dir / "speedrun.py").read_text() .count("from .plmrun_config import") == 1
+    from plmrun.eval.export import MODEL_PACKAGE
+    shipped = sorted(p.name for p in out_dir.glob("*.py"))
+    assert shipped == sorted(["configuration_plmrun.py", "modeling_plmrun.py", "attention.py", "config.py", "esm2.py",
+                              "esmc.py", "layers.py", "registry.py", "speedrun.py", "vocab.py"])
+    for name in shipped[:]:  # the model package's files as they are, no rewriting
+        if (MODEL_PACKAGE / name).is_file():
+            assert (out_dir / name).read_bytes() == (MODEL_PACKAGE / name).read_bytes(), name
     ids, mask, lens = _batch()
     torch.save({"ids": ids, "mask": mask}, tmp_path / "batch.pt")
     script = textwrap.dedent(f"""

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from plmrun.cli import main
-from plmrun.config import ModelConfig
+from plmrun.model.config import ModelConfig
 from plmrun.model.loading import load_model, save_model_dir
 from plmrun.model.registry import build_model
 

@@ -5,7 +5,7 @@ import torch
 
 from plmrun import tokenizer as tok
 from plmrun.cli import main
-from plmrun.config import ModelConfig
+from plmrun.model.config import ModelConfig
 from plmrun.eval.embed import embed_sequences
 from plmrun.eval.errors import EvalError
 from plmrun.eval.inference import DEFAULT_MAX_LENGTH, load_eval_model

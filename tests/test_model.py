@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from plmrun.config import ModelConfig, load_yaml, resolve_config_path
+from plmrun.config import load_yaml, resolve_config_path
+from plmrun.model.config import ModelConfig
 from plmrun.model.layers import window_at
 from plmrun.model.registry import attention_pairs, build_model, flops_per_step
 
@@ -34,6 +35,9 @@ SWITCHES = {
     "p_attention": dict(p_attention=True),
     "tied": dict(tie_embeddings=True),
     "token_dropout": dict(token_dropout=True),
+    "layer_norm": dict(norm="layer"),
+    "no_positions": dict(position_encoding="none"),
+    "gelu_mlp": dict(mlp_activation="gelu"),
     "window": dict(sliding_window=4),
     "window_schedule": dict(sliding_window=8, sliding_window_start=2, window_warmup_steps=10),
     "odd_layers": dict(num_layers=5, expansion_ratio=8 / 3),
@@ -202,3 +206,63 @@ def test_meta_init_is_bitwise_the_constructor(overrides):
         assert torch.equal(p, got[name]), name
     assert torch.equal(ref.rotary.inv_freq, meta.rotary.inv_freq)
     assert (meta.head.decoder.weight is meta.embed.weight) == cfg.tie_embeddings
+
+
+def test_token_dropout_keeps_the_step_one_gradient(tmp_path):
+    """Speedrun with token dropout: step-1 grad norm within 2x of the same run without it (a zero <mask>
+    row under the weightless norms made it ~2000x)."""
+    from plmrun.config import build_config
+    from plmrun.train.trainer import train
+    import json
+    norms = {}
+    for td in (False, True):
+        cfg = build_config("debug", [f"--model.token_dropout={td}", "--train.max_steps=1", "--train.log_every=1",
+                                     "--train.eval_every=0", "--eval.subset=2", "--eval.final_full=false",
+                                     "--logging.progress=false", "--train.threads=1", "--train.precision=fp32",
+                                     f"--logging.run_root={tmp_path}", f"--logging.name=td_{td}"])
+        train(cfg)
+        records = [json.loads(line) for line in (tmp_path / f"td_{td}" / "metrics.jsonl").read_text().splitlines()]
+        norms[td] = next(r["grad_norm"] for r in records if r["kind"] == "train" and r["step"] == 1)
+    assert norms[True] < 2 * norms[False] and norms[False] < 2 * norms[True], norms
+
+
+@pytest.mark.parametrize("switch", [dict(norm="layer"), dict(position_encoding="none"), dict(mlp_activation="gelu")])
+def test_seed_choices_change_the_output(switch):
+    """The seed's fixed choices (RMSNorm, RoPE, ReLU^2) are switches: the same weights give other logits."""
+    def logits(**kw):
+        torch.manual_seed(0)
+        model = build_model(cfg_with(**kw)).eval()
+        with torch.no_grad():  # zero-initialised output projections would hide the blocks: randomise everything
+            for p in model.parameters():
+                p.normal_(0, 0.2)
+            return model(*batch()).logits
+    base, other = logits(), logits(**switch)
+    assert torch.isfinite(other).all() and not torch.allclose(base, other, atol=1e-3)
+    if "position_encoding" in switch:  # without positions, a sequence's residues are an unordered set
+        torch.manual_seed(0)
+        model = build_model(cfg_with(**switch, soft_logit_cap=0.0)).eval()
+        tokens = torch.tensor([0, 5, 9, 12, 7, 2])
+        perm = torch.tensor([0, 3, 1, 4, 2, 5])
+        cu, pos = torch.tensor([0, 6], dtype=torch.int32), torch.arange(6)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.2)
+            a, b = model(tokens, pos, cu, 6).logits, model(tokens[perm], pos, cu, 6).logits
+        torch.testing.assert_close(a[perm], b, rtol=1e-5, atol=1e-5)
+
+
+def test_seed_choices_are_validated():
+    from plmrun.config import ConfigError, build_config
+    esm2 = ["--model.arch=esm2", "--model.unet=false", "--model.x0_lambdas=false", "--model.value_embeddings=false",
+            "--model.qk_norm=false", "--model.soft_logit_cap=0"]
+    with pytest.raises(ConfigError, match=r"^model.norm is a speedrun option; leave it at 'rms' with model.arch=esm2"):
+        build_config(None, [*esm2, "--model.norm=layer"])
+    with pytest.raises(ConfigError, match=r"model.position_encoding: 'alibi' is not one of 'rope', 'none'"):
+        build_config(None, ["--model.position_encoding=alibi"])
+    with pytest.raises(ConfigError, match=r"^model.mlp_activation applies to the MLP, which model.p_attention replaces"):
+        build_config(None, ["--model.p_attention=true", "--model.mlp_activation=gelu"])
+    with pytest.raises(ValueError, match="turn off mlp_activation"):
+        build_model(cfg_with(arch="esm2", unet=False, x0_lambdas=False, value_embeddings=False, qk_norm=False,
+                             soft_logit_cap=0.0, mlp_activation="gelu"))
+    assert build_config(None, ["--model.norm=layer", "--model.position_encoding=none",
+                               "--model.mlp_activation=gelu"]).model.norm == "layer"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from plmrun.cli import main
-from plmrun.config import ModelConfig
+from plmrun.model.config import ModelConfig
 from plmrun.eval import probe
 from plmrun.eval.embed import embed_sequences
 from plmrun.eval.inference import load_eval_model

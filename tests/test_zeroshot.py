@@ -8,7 +8,7 @@ from torch import nn
 
 from plmrun import tokenizer as tok
 from plmrun.cli import main
-from plmrun.config import ModelConfig
+from plmrun.model.config import ModelConfig
 from plmrun.eval import zeroshot as zs
 from plmrun.eval.inference import EvalModel
 from plmrun.model.layers import ModelOutput

@@ -3,13 +3,15 @@
 - esm2 preset -> a native `EsmForMaskedLM` folder (config.json, model.safetensors): loads with plain
   `transformers`, no remote code.
 - speedrun architecture -> `AutoModelForMaskedLM.from_pretrained(DIR, trust_remote_code=True)`: the
-  folder gets copies of plmrun's own model modules (one source, copied at export time, imports
-  rewritten to be relative) and a small wrapper from `hf_remote/`.
+  folder gets plmrun's own model modules, copied as they are (`plmrun.model` imports nothing else from
+  plmrun, and only its own modules relatively, which is what remote code can load), and the small
+  wrapper from `hf_remote/`.
 Both get the ESM tokenizer files, a model card with the training summary and a MANIFEST.json
 (checksums of every file but the card, written last) that `load_model` verifies.
 """
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -18,26 +20,25 @@ from dataclasses import asdict
 from pathlib import Path
 
 from plmrun import tokenizer as tok
-from plmrun.config import POSITION_LIMIT, ModelConfig
 from plmrun.errors import PlmrunError
 from plmrun.manifest import follow_umask, write_manifest
+from plmrun.model.config import ESM2_POSITION_LIMIT, POSITION_LIMIT, ModelConfig
 from plmrun.model.loading import load_model
 from plmrun.outputs import check_output_dir, mark_output, model_inputs
 
-_PKG = Path(__file__).resolve().parents[1]
-MODEL_MODULES = ("registry.py", "speedrun.py", "esm2.py", "esmc.py", "layers.py", "attention.py")
+MODEL_PACKAGE = Path(__file__).resolve().parents[1] / "model"
+HF_REMOTE = Path(__file__).parent / "hf_remote"
 
 
 class ExportError(PlmrunError, RuntimeError):
     """Export cannot proceed (the message says why)."""
 
 
-ESM2_MAX_LENGTH = POSITION_LIMIT["esm2"]
 ROTARY_MAX_LENGTH = 1_000_000_000
 "Tokenizer limit for rotary-only models: no position table, so no length warning on long proteins."
 
 
-def write_tokenizer_files(out: Path, model_max_length: int = ESM2_MAX_LENGTH) -> None:
+def write_tokenizer_files(out: Path, model_max_length: int = ESM2_POSITION_LIMIT) -> None:
     (out / "vocab.txt").write_text("\n".join(tok.VOCAB) + "\n")
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "EsmTokenizer", "model_max_length": model_max_length, "cls_token": "<cls>", "eos_token": "<eos>",
@@ -52,7 +53,7 @@ def esm_hf_config(cfg: ModelConfig) -> dict:
         "architectures": ["EsmForMaskedLM"], "model_type": "esm", "vocab_size": tok.VOCAB_SIZE,
         "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
         "intermediate_size": round(cfg.hidden_size * cfg.expansion_ratio), "hidden_act": "gelu",
-        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "max_position_embeddings": ESM2_MAX_LENGTH,
+        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "max_position_embeddings": ESM2_POSITION_LIMIT,
         "position_embedding_type": "rotary", "layer_norm_eps": cfg.layer_norm_eps, "emb_layer_norm_before": False,
         "token_dropout": cfg.token_dropout, "mask_token_id": tok.MASK, "pad_token_id": tok.PAD,
         "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std,
@@ -60,19 +61,34 @@ def esm_hf_config(cfg: ModelConfig) -> dict:
     }
 
 
+def shipped_model_modules() -> list[str]:
+    """The model package's modules an export carries: those the `hf_remote/` wrapper imports, and theirs.
+
+    Remote code loads only modules that sit beside it and are imported relatively (`from .layers import`),
+    so each must import nothing from plmrun outside the model package; an ExportError names one that does.
+    """
+    todo = [f for f in HF_REMOTE.glob("*.py")]
+    shipped: set[str] = set()
+    while todo:
+        path = todo.pop()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                name = node.module + ".py"
+                if name not in shipped and (MODEL_PACKAGE / name).is_file():
+                    shipped.add(name)
+                    todo.append(MODEL_PACKAGE / name)
+            elif isinstance(node, ast.ImportFrom) and (node.level > 1 or (node.module or "").startswith("plmrun")):
+                raise ExportError(f"{path.name} imports {'.' * node.level}{node.module or ''} from outside the model "
+                                  "package; exported models carry only plmrun/model/")
+    return sorted(shipped)
+
+
 def _copy_model_code(out: Path) -> None:
-    """Copy plmrun's model modules and config dataclasses, imports made relative to the folder."""
-    for name in MODEL_MODULES:
-        src = (_PKG / "model" / name).read_text()
-        src = re.sub(r"from \.\.config import", "from .plmrun_config import", src)
-        src = re.sub(r"from \.\.errors import", "from .errors import", src)
-        if re.search(r"^\s*(from|import) plmrun", src, re.M):
-            raise ExportError(f"model/{name} imports plmrun absolutely; export needs relative imports only")
-        (out / name).write_text(src)
-    shutil.copyfile(_PKG / "config.py", out / "plmrun_config.py")
-    shutil.copyfile(_PKG / "errors.py", out / "errors.py")  # config.py's one import
-    for name in ("configuration_plmrun.py", "modeling_plmrun.py"):
-        shutil.copyfile(Path(__file__).parent / "hf_remote" / name, out / name)
+    """Copy the remote-code wrapper and the model modules it needs, each file as it is."""
+    for path in HF_REMOTE.glob("*.py"):
+        shutil.copyfile(path, out / path.name)
+    for name in shipped_model_modules():
+        shutil.copyfile(MODEL_PACKAGE / name, out / name)
 
 
 def dataset_name(dataset) -> str:
@@ -139,10 +155,9 @@ def export(source: str | Path, out: str | Path, *, overwrite: bool = False) -> P
     tmp.mkdir(parents=True)
     from safetensors.torch import save_file
     if cfg.arch == "esm2":
-        from plmrun.model.esm2 import to_hf_state_dict
         hf_cfg = esm_hf_config(cfg)
         hf_cfg["plmrun_model"] = asdict(cfg)
-        sd = to_hf_state_dict(model)
+        sd = model.adapter.export(model)
     else:
         hf_cfg = {"architectures": ["PlmrunForMaskedLM"], "model_type": "plmrun", "plmrun_model": asdict(cfg),
                   "vocab_size": tok.VOCAB_SIZE, "pad_token_id": tok.PAD, "mask_token_id": tok.MASK,

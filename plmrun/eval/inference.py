@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from plmrun.config import POSITION_LIMIT, ModelConfig
 from plmrun.config import check_window
+from plmrun.model.config import POSITION_LIMIT, ModelConfig
 from plmrun.eval.errors import EvalError
 
 DEFAULT_MAX_LENGTH = 1024

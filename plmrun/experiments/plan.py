@@ -55,7 +55,7 @@ def parameter_counts(cfg: Config) -> dict[str, int]:
 
 @functools.lru_cache(maxsize=16)
 def _counts(model_items: tuple) -> dict[str, int]:
-    from plmrun.config import ModelConfig
+    from plmrun.model.config import ModelConfig
     from plmrun.model.registry import build_model
     with torch.device("meta"):
         model = build_model(ModelConfig(**dict(model_items)))

@@ -11,9 +11,6 @@ import yaml
 
 from plmrun.config import ConfigError, _coerce
 
-ESM2_POSITION_LIMIT = 1026
-"Tokens (incl. <cls>/<eos>) an esm2-preset model covers: EsmForMaskedLM's max_position_embeddings."
-
 
 @dataclass
 class FinetuneConfig:

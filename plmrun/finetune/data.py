@@ -235,7 +235,7 @@ def _check_lengths(data: FinetuneData, cfg: FinetuneConfig) -> None:
 
 def check_position_limit(data: FinetuneData, cfg: FinetuneConfig, arch: str) -> None:
     """An esm2-preset model covers ESM2_POSITION_LIMIT tokens: longer windows are refused, one line."""
-    from .config import ESM2_POSITION_LIMIT
+    from plmrun.model.config import ESM2_POSITION_LIMIT
     if arch != "esm2":
         return
     if cfg.max_length > ESM2_POSITION_LIMIT:

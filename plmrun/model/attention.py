@@ -35,9 +35,8 @@ except ImportError:  # pragma: no cover - depends on the installation
 BACKENDS = ("auto", "cpu", "flex", "flash", "sdpa_dense", "naive")
 
 # Fixed cost of one bucket (gathers, masks, kernel calls, Python) in units of padded score
-# elements (Lmax^2 per sequence). benchmarks/attention_cpu.py sweeps it: on this 2-core CPU
-# (T=4096, protein lengths, bf16) 256^2 (~4 buckets) beat both one bucket per distinct length
-# and a single padded bucket.
+# elements (Lmax^2 per sequence): it trades one bucket per distinct length against one padded
+# bucket. benchmarks/attention_cpu.py sweeps it.
 BUCKET_CALL_COST = 256 * 256
 
 

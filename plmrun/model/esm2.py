@@ -4,9 +4,9 @@ Embedding (ESM token dropout when enabled; no embedding LayerNorm, as in ESM-2),
 with biased LayerNorm/Q/K/V/O/MLP, queries scaled by Dh^-0.5 *before* rotary (ESM's order),
 erf-GELU MLP, `emb_layer_norm_after`, head dense -> GELU -> LayerNorm -> decoder + bias.
 It matches EsmForMaskedLM to fp32 rounding (tested); speedrun-only switches (qk_norm, caps,
-windows, ...) are refused, as in config validation. `hf_key_map` names each weight as
-EsmForMaskedLM does (loading.py reads every Hugging Face layout through it); `to_hf_state_dict`
-writes the EsmForMaskedLM state dict for export. Starting values: `init_weights` only.
+windows, ...) are refused, as in config validation. `EsmFamilyPLM` is the part ESM-2 and ESM C share
+(embedding, blocks, final norm, head, HF's init, the forward). Its adapter `HfEsm2Adapter` reads every
+Hugging Face layout of EsmForMaskedLM and writes the current one for export.
 """
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ModelConfig
-from ..errors import ModelLoadError
 from .attention import PackedLayout, packed_attention
-from .layers import PLM, VOCAB_SIZE, ModelOutput, Rotary, apply_rotary, compute_dtype, fp32_linear, token_dropout, window_at
+from .config import ModelConfig, arch_conflicts
+from .layers import (PLM, ModelOutput, Rotary, StateDictAdapter, apply_rotary, compute_dtype, fp32_linear, token_dropout,
+                     window_at)
+from .vocab import VOCAB_SIZE
 
 
 class EsmLayer(nn.Module):
@@ -59,22 +60,26 @@ class EsmLMHead(nn.Module):
         return fp32_linear(self.norm(F.gelu(self.dense(h))), self.decoder.weight, self.bias)
 
 
-class Esm2PLM(PLM):
+class EsmFamilyPLM(PLM):
+    """ESM-2 and ESM C: embedding [token dropout] -> blocks -> final LayerNorm -> LM head, with Hugging Face's
+    init. Subclasses give the block, the final norm's bias and the words for their refusal of switches their
+    fixed architecture does not have (model.config.arch_conflicts)."""
     embed_prefixes = ("embed.",)
     head_prefixes = ("head.",)
+    block_class: type[nn.Module]
+    final_norm_bias = True
+    described_as = ""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
-        off = ("unet", "x0_lambdas", "value_embeddings", "p_attention", "qk_norm", "soft_logit_cap",
-               "attention_soft_cap", "sliding_window")
-        on = [k for k in off if getattr(cfg, k)]
+        on = arch_conflicts(cfg)
         if on:
-            raise ValueError(f"model.arch=esm2 is the exact Hugging Face architecture: turn off {', '.join(on)}")
+            raise ValueError(f"model.arch={cfg.arch} is {self.described_as}: turn off {', '.join(on)}")
         D = cfg.hidden_size
         with self.built_on_meta():  # structure only: init_weights gives every starting value
             self.embed = nn.Embedding(VOCAB_SIZE, D)
-            self.blocks = nn.ModuleList(EsmLayer(cfg) for _ in range(cfg.num_layers))
-            self.final_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
+            self.blocks = nn.ModuleList(self.block_class(cfg) for _ in range(cfg.num_layers))
+            self.final_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps, bias=self.final_norm_bias)
             self.rotary = Rotary(D // cfg.num_heads, cfg.rope_base)
             self.head = EsmLMHead(cfg)
             if cfg.tie_embeddings:
@@ -140,107 +145,104 @@ _TOP_MAP = {
     "head.decoder.weight": "lm_head.decoder.weight", "head.bias": "lm_head.bias",
 }
 HF_INV_FREQ = "esm.rotary_embeddings.inv_freq"
-
-
-def hf_key_map(num_layers: int) -> dict[str, str]:
-    """Our parameter name -> EsmForMaskedLM's (current transformers naming) for a model of num_layers."""
-    m = dict(_TOP_MAP)
-    for i in range(num_layers):
-        for ours, hf in _LAYER_MAP.items():
-            for p in ("weight", "bias"):
-                m[f"blocks.{i}.{ours}.{p}"] = f"esm.encoder.layer.{i}.{hf}.{p}"
-    return m
-
-
-def to_hf_state_dict(model: Esm2PLM) -> dict[str, torch.Tensor]:
-    """The EsmForMaskedLM state dict of `model` (for export; load it with strict=False: HF's
-    position_ids buffer is not a weight)."""
-    cfg = model.cfg
-    if not isinstance(model, Esm2PLM):
-        raise TypeError(f"to_hf_state_dict needs an esm2-preset model, got {type(model).__name__}")
-    ours = model.state_dict()
-    out = {hf: ours[name].detach().clone() for name, hf in hf_key_map(len(model.blocks)).items()}
-    out[HF_INV_FREQ] = model.rotary.inv_freq.detach().clone()
-    n = cfg.num_layers * cfg.num_heads  # contact head: not trained here, zeros keep strict loading happy
-    out["esm.contact_head.regression.weight"] = torch.zeros(1, n)
-    out["esm.contact_head.regression.bias"] = torch.zeros(1)
-    return out
-
-
 # HF buffers and heads that are not part of the masked-LM computation
 _HF_IGNORED = ("esm.embeddings.position_ids", "esm.contact_head.", "esm.pooler.")
 # older names transformers still reads (and 5.x writes back): LayerNorm.gamma/beta
 _HF_LEGACY = ((".LayerNorm.gamma", ".LayerNorm.weight"), (".LayerNorm.beta", ".LayerNorm.bias"))
 
 
-def canonical_hf_state_dict(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Any EsmForMaskedLM layout under the current names (the ones `hf_key_map` uses).
+class HfEsm2Adapter(StateDictAdapter):
+    """Hugging Face `EsmForMaskedLM` (rotary ESM-2) <-> the esm2 preset."""
+    source = "EsmForMaskedLM"
 
-    Handles the names the Hub's facebook/esm2_* files and transformers 4.x/5.x `save_pretrained`
-    use: an `EsmModel` without the `esm.` prefix, LayerNorm `.gamma/.beta`, rotary `inv_freq` stored
-    once, per layer or under a `layer.*` pattern; drops position_ids and the contact head.
-    """
-    out: dict[str, torch.Tensor] = {}
-    for k, v in dict(hf_state).items():
-        if not k.startswith(("esm.", "lm_head.")):
-            k = f"esm.{k}"
-        for old, new in _HF_LEGACY:
-            if k.endswith(old):
-                k = k[: -len(old)] + new
-        if k.endswith("rotary_embeddings.inv_freq"):
-            out.setdefault(HF_INV_FREQ, v)
-        elif not k.startswith(_HF_IGNORED):
-            out[k] = v
-    return out
+    @staticmethod
+    def key_map(num_layers: int) -> dict[str, str]:
+        """Our parameter name -> EsmForMaskedLM's (current transformers naming) for a model of num_layers."""
+        m = dict(_TOP_MAP)
+        for i in range(num_layers):
+            for ours, hf in _LAYER_MAP.items():
+                for p in ("weight", "bias"):
+                    m[f"blocks.{i}.{ours}.{p}"] = f"esm.encoder.layer.{i}.{hf}.{p}"
+        return m
 
+    @staticmethod
+    def canonical(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Any EsmForMaskedLM layout under the current names (the ones `key_map` uses).
 
-def hf_num_layers(hf_state: dict[str, torch.Tensor]) -> int:
-    """Number of encoder layers in a canonical EsmForMaskedLM state dict."""
-    prefix = "esm.encoder.layer."
-    ids = {int(k[len(prefix):].split(".", 1)[0]) for k in hf_state if k.startswith(prefix)}
-    return max(ids) + 1 if ids else 0
+        Handles the names the Hub's facebook/esm2_* files and transformers 4.x/5.x `save_pretrained`
+        use: an `EsmModel` without the `esm.` prefix, LayerNorm `.gamma/.beta`, rotary `inv_freq` stored
+        once, per layer or under a `layer.*` pattern; drops position_ids and the contact head.
+        """
+        out: dict[str, torch.Tensor] = {}
+        for k, v in dict(hf_state).items():
+            if not k.startswith(("esm.", "lm_head.")):
+                k = f"esm.{k}"
+            for old, new in _HF_LEGACY:
+                if k.endswith(old):
+                    k = k[: -len(old)] + new
+            if k.endswith("rotary_embeddings.inv_freq"):
+                out.setdefault(HF_INV_FREQ, v)
+            elif not k.startswith(_HF_IGNORED):
+                out[k] = v
+        return out
 
+    def export(self, model: PLM) -> dict[str, torch.Tensor]:
+        """The EsmForMaskedLM state dict of `model` (load it with strict=False: HF's position_ids buffer
+        is not a weight)."""
+        if not isinstance(model, Esm2PLM):
+            raise ValueError(f"EsmForMaskedLM weights need an esm2-preset model, got {type(model).__name__}")
+        cfg = model.cfg
+        ours = model.state_dict()
+        out = {hf: ours[name].detach().clone() for name, hf in self.key_map(len(model.blocks)).items()}
+        out[HF_INV_FREQ] = model.rotary.inv_freq.detach().clone()
+        n = cfg.num_layers * cfg.num_heads  # contact head: not trained here, zeros keep strict loading happy
+        out["esm.contact_head.regression.weight"] = torch.zeros(1, n)
+        out["esm.contact_head.regression.bias"] = torch.zeros(1)
+        return out
 
-def load_hf_state_dict(model: Esm2PLM, hf_state: dict[str, torch.Tensor], where: str = "checkpoint") -> None:
-    """Copy an EsmForMaskedLM state dict (rotary ESM-2, any layout) into `model`.
-
-    Every mismatch is a one-line ModelLoadError starting with `where` (the file), naming the first
-    mismatching key and both shapes.
-    """
-    if not isinstance(model, Esm2PLM):
-        raise ModelLoadError(f"{where}: ESM-2 weights need an esm2-preset model (model.arch=esm2), "
-                             f"not {type(model).__name__}")
-    hf_state = canonical_hf_state_dict(hf_state)
-    if "esm.embeddings.position_embeddings.weight" in hf_state:
-        raise ModelLoadError(f"{where}: absolute position embeddings (ESM-1b style); the esm2 preset is rotary only")
-    n = hf_num_layers(hf_state)
-    if n != len(model.blocks):
-        raise ModelLoadError(f"{where}: {n} encoder layers, the model has {len(model.blocks)} "
+    def load(self, model: PLM, hf_state: dict[str, torch.Tensor]) -> None:
+        """Copy an EsmForMaskedLM state dict (rotary ESM-2, any layout) into `model`."""
+        if not isinstance(model, Esm2PLM):
+            raise ValueError(f"ESM-2 weights need an esm2-preset model (model.arch=esm2), not {type(model).__name__}")
+        hf_state = self.canonical(hf_state)
+        if "esm.embeddings.position_embeddings.weight" in hf_state:
+            raise ValueError("absolute position embeddings (ESM-1b style); the esm2 preset is rotary only")
+        prefix = "esm.encoder.layer."
+        ids = {int(k[len(prefix):].split(".", 1)[0]) for k in hf_state if k.startswith(prefix)}
+        n = max(ids) + 1 if ids else 0
+        if n != len(model.blocks):
+            raise ValueError(f"{n} encoder layers, the model has {len(model.blocks)} "
                              f"(set model.num_layers={n} or pick the matching config)")
-    # tied checkpoints may omit the decoder: it is the word embedding
-    hf_state.setdefault("lm_head.decoder.weight", hf_state.get("esm.embeddings.word_embeddings.weight"))
-    ours = model.state_dict()
-    mapping = hf_key_map(len(model.blocks))
-    missing = [hf for hf in mapping.values() if hf_state.get(hf) is None]
-    if missing:
-        raise ModelLoadError(f"{where}: lacks {len(missing)} esm2 weights, e.g. {missing[0]!r} "
+        # tied checkpoints may omit the decoder: it is the word embedding
+        hf_state.setdefault("lm_head.decoder.weight", hf_state.get("esm.embeddings.word_embeddings.weight"))
+        ours = model.state_dict()
+        mapping = self.key_map(len(model.blocks))
+        missing = [hf for hf in mapping.values() if hf_state.get(hf) is None]
+        if missing:
+            raise ValueError(f"lacks {len(missing)} esm2 weights, e.g. {missing[0]!r} "
                              "(an EsmModel without the masked-LM head?)")
-    known = set(mapping.values()) | {HF_INV_FREQ}
-    extra = [k for k in hf_state if k not in known]
-    if extra:
-        raise ModelLoadError(f"{where}: {len(extra)} weights the esm2 preset does not know, e.g. {extra[0]!r}")
-    new = {}
-    for name, hf in mapping.items():
-        if tuple(ours[name].shape) != tuple(hf_state[hf].shape):
-            raise ModelLoadError(f"{where}: shape mismatch for {hf}: weights {tuple(hf_state[hf].shape)}, "
+        known = set(mapping.values()) | {HF_INV_FREQ}
+        extra = [k for k in hf_state if k not in known]
+        if extra:
+            raise ValueError(f"{len(extra)} weights the esm2 preset does not know, e.g. {extra[0]!r}")
+        new = {}
+        for name, hf in mapping.items():
+            if tuple(ours[name].shape) != tuple(hf_state[hf].shape):
+                raise ValueError(f"shape mismatch for {hf}: weights {tuple(hf_state[hf].shape)}, "
                                  f"model {tuple(ours[name].shape)} (check hidden_size/num_heads/expansion_ratio)")
-        new[name] = hf_state[hf]
-    if model.cfg.tie_embeddings and not torch.equal(new["head.decoder.weight"], new["embed.weight"]):
-        raise ModelLoadError(f"{where}: untied LM decoder but model.tie_embeddings=true; set it to false")
-    model.load_state_dict(new, strict=True)
-    inv = hf_state.get(HF_INV_FREQ)
-    if inv is not None:  # keep the checkpoint's (possibly fp16-rounded) frequencies for exact parity
-        if inv.shape != model.rotary.inv_freq.shape:
-            raise ModelLoadError(f"{where}: rotary inv_freq has shape {tuple(inv.shape)}, model expects "
+            new[name] = hf_state[hf]
+        if model.cfg.tie_embeddings and not torch.equal(new["head.decoder.weight"], new["embed.weight"]):
+            raise ValueError("untied LM decoder but model.tie_embeddings=true; set it to false")
+        model.load_state_dict(new, strict=True)
+        inv = hf_state.get(HF_INV_FREQ)
+        if inv is not None:  # keep the checkpoint's (possibly fp16-rounded) frequencies for exact parity
+            if inv.shape != model.rotary.inv_freq.shape:
+                raise ValueError(f"rotary inv_freq has shape {tuple(inv.shape)}, model expects "
                                  f"{tuple(model.rotary.inv_freq.shape)} (check hidden_size/num_heads)")
-        model.rotary.inv_freq.copy_(inv)
+            model.rotary.inv_freq.copy_(inv)
+
+
+class Esm2PLM(EsmFamilyPLM):
+    block_class = EsmLayer
+    described_as = "the exact Hugging Face architecture"
+    adapter = HfEsm2Adapter()

@@ -7,8 +7,8 @@ rotary, rotate-half RoPE base 10000, scale Dh^-0.5) and a pre-LN SwiGLU MLP (bia
 silu(gate) * up, bias-free, inner width = expansion_ratio * D rounded up to a multiple of 256); both
 residual branches divided by sqrt(num_layers / 36); a bias-free final LayerNorm; sequence head
 dense -> erf-GELU -> LayerNorm -> decoder, all biased. ESM C fuses Q/K/V into one [3D, D] matrix and
-gate/up into one [2F, D] matrix; here they are separate matrices (Muon orthogonalises each),
-`esmc_state_dict_to_ours` splits them. hidden_states: (embedding, each block's output, final norm),
+gate/up into one [2F, D] matrix; here they are separate matrices (Muon orthogonalises each): the
+adapter `EsmcAdapter` splits them on load and joins them on export. hidden_states: (embedding, each block's output, final norm),
 i.e. ESM C's `hidden_states` between our first and last entry and its `embeddings` last.
 
 Vocabulary: ESM C's ids 0..32 are ESM-2's (ours) with one exception, id 31, which is ESM C's chain
@@ -16,7 +16,8 @@ break `|` and our unused `<null_1>`; ESM C pads its embedding and head to 64 row
 never produced by its tokenizer. The preset keeps our 33 ids: loading takes the first 33 rows of
 the embedding and of the decoder, so logits equal ESM C's logits[..., :33] exactly, and the softmax
 runs over the 33 real tokens (ESM C's over 64; the 31 placeholder logits of a trained ESM C are
-never targets). Starting values for training from scratch: the esm2 preset's `init_weights`.
+never targets). Embedding, final norm, head, init (the esm package ships no training init) and forward
+are the esm2 preset's (`EsmFamilyPLM`), whose token dropout, tie and sliding window are off here.
 """
 from __future__ import annotations
 
@@ -26,10 +27,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ModelConfig, esmc_conflicts
 from .attention import PackedLayout, packed_attention
-from .esm2 import Esm2PLM, EsmLMHead
-from .layers import PLM, VOCAB_SIZE, Rotary, apply_rotary
+from .config import ModelConfig
+from .esm2 import EsmFamilyPLM
+from .layers import PLM, StateDictAdapter, apply_rotary
+from .vocab import VOCAB_SIZE
 
 
 def swiglu_width(cfg: ModelConfig) -> int:
@@ -73,30 +75,6 @@ class EsmcBlock(nn.Module):
         return x + self.down(F.silu(self.gate(h)) * self.up(h)) / self.scale
 
 
-class EsmcPLM(PLM):
-    embed_prefixes = ("embed.",)
-    head_prefixes = ("head.",)
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg)
-        on = esmc_conflicts(cfg)
-        if on:
-            raise ValueError(f"model.arch=esmc is the ESM C architecture: turn off {', '.join(on)}")
-        D = cfg.hidden_size
-        with self.built_on_meta():  # structure only: init_weights gives every starting value
-            self.embed = nn.Embedding(VOCAB_SIZE, D)
-            self.blocks = nn.ModuleList(EsmcBlock(cfg) for _ in range(cfg.num_layers))
-            self.final_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps, bias=False)
-            self.rotary = Rotary(D // cfg.num_heads, cfg.rope_base)
-            self.head = EsmLMHead(cfg)  # ESM C's sequence head is ESM-2's LM head, untied
-
-    # the esm2 preset's init (N(0, init_std) matrices and embedding, zero biases, unit LayerNorms; the esm
-    # package ships no training init) and forward (embed -> blocks -> final norm -> head; hidden states:
-    # embedding, each block, final norm), whose token dropout, tie and sliding window are off here
-    init_weights = Esm2PLM.init_weights
-    forward = Esm2PLM.forward
-
-
 # ------------------------------------------------------------------ ESM C weights
 _LAYER_MAP = {  # ours (under blocks.{i}.) -> ESM C (under transformer.blocks.{i}.), plain copies
     "attn_norm.weight": "attn.layernorm_qkv.0.weight", "attn_norm.bias": "attn.layernorm_qkv.0.bias",
@@ -117,60 +95,71 @@ _VOCAB_ROWS = {"embed.weight": "embed.weight", "head.decoder.weight": "sequence_
 ESMC_VOCAB_ROWS = 64  # ESM C's embedding and head rows (33 tokens, padded)
 
 
-def to_esmc_state_dict(model: EsmcPLM) -> dict[str, torch.Tensor]:
-    """`model` in ESM C's names and shapes (loads into `ESMC` strictly): fused matrices concatenated,
-    the 31 placeholder vocabulary rows zero with decoder bias -1e4, so ESM C's 64-way softmax is our 33-way."""
-    ours = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    out = {key: ours[name] for name, key in _TOP_MAP.items()}
-    for name, key in _VOCAB_ROWS.items():
-        t = ours[name]
-        pad = t.new_full((ESMC_VOCAB_ROWS - VOCAB_SIZE, *t.shape[1:]), -1e4 if name == "head.bias" else 0.0)
-        out[key] = torch.cat([t, pad])
-    for i in range(len(model.blocks)):
-        for name, key in _LAYER_MAP.items():
-            if f"blocks.{i}.{name}" in ours:
-                out[f"transformer.blocks.{i}.{key}"] = ours[f"blocks.{i}.{name}"]
-        for key, names in _FUSED.items():
-            out[f"transformer.blocks.{i}.{key}"] = torch.cat([ours[f"blocks.{i}.{n}"] for n in names])
-    return out
+class EsmcAdapter(StateDictAdapter):
+    """The esm package's `ESMC.state_dict()` (its .pth files) <-> the esmc preset."""
+    source = "ESMC"
+
+    def export(self, model: PLM) -> dict[str, torch.Tensor]:
+        """`model` in ESM C's names and shapes (loads into `ESMC` strictly): fused matrices concatenated, the
+        31 placeholder vocabulary rows zero with decoder bias -1e4, so ESM C's 64-way softmax is our 33-way."""
+        if not isinstance(model, EsmcPLM):
+            raise ValueError(f"ESM C weights need an esmc-preset model, got {type(model).__name__}")
+        ours = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        out = {key: ours[name] for name, key in _TOP_MAP.items()}
+        for name, key in _VOCAB_ROWS.items():
+            t = ours[name]
+            pad = t.new_full((ESMC_VOCAB_ROWS - VOCAB_SIZE, *t.shape[1:]), -1e4 if name == "head.bias" else 0.0)
+            out[key] = torch.cat([t, pad])
+        for i in range(len(model.blocks)):
+            for name, key in _LAYER_MAP.items():
+                if f"blocks.{i}.{name}" in ours:
+                    out[f"transformer.blocks.{i}.{key}"] = ours[f"blocks.{i}.{name}"]
+            for key, names in _FUSED.items():
+                out[f"transformer.blocks.{i}.{key}"] = torch.cat([ours[f"blocks.{i}.{n}"] for n in names])
+        return out
+
+    def load(self, model: PLM, sd: dict[str, torch.Tensor]) -> None:
+        """Copy ESM C's state dict into `model`: fused matrices split, vocabulary rows cut to our 33."""
+        if not isinstance(model, EsmcPLM):
+            raise ValueError(f"needs an esmc-preset model, got {type(model).__name__}")
+        ours, new, used = model.state_dict(), {}, set()
+
+        def get(key: str) -> torch.Tensor:
+            if key not in sd:
+                raise ValueError(f"checkpoint lacks {key!r} (model has {len(model.blocks)} layers, "
+                                 f"model.qk_norm={model.cfg.qk_norm})")
+            if not isinstance(sd[key], torch.Tensor):
+                raise ValueError(f"checkpoint's {key!r} is a {type(sd[key]).__name__}, not a tensor")
+            used.add(key)
+            return sd[key]
+
+        for name, key in _TOP_MAP.items():
+            new[name] = get(key)
+        for name, key in _VOCAB_ROWS.items():
+            new[name] = get(key)[:VOCAB_SIZE]
+        for i in range(len(model.blocks)):
+            for name, key in _LAYER_MAP.items():
+                if f"blocks.{i}.{name}" in ours:  # q_norm/k_norm only with model.qk_norm
+                    new[f"blocks.{i}.{name}"] = get(f"transformer.blocks.{i}.{key}")
+            for key, names in _FUSED.items():
+                fused, rows = get(f"transformer.blocks.{i}.{key}"), ours[f"blocks.{i}.{names[0]}"].shape[0]
+                if fused.shape[0] == rows * len(names):
+                    new.update(zip((f"blocks.{i}.{n}" for n in names), fused.split(rows, dim=0)))
+                else:  # the shape check below names it
+                    new[f"blocks.{i}.{names[0]}"] = fused
+        extra = [k for k in sd if k not in used]
+        if extra:
+            raise ValueError(f"checkpoint has {len(extra)} weights the esmc preset does not know, e.g. {extra[0]!r} "
+                             f"(different number of layers or model.qk_norm? model has {len(model.blocks)} layers)")
+        for name, t in new.items():
+            if tuple(t.shape) != tuple(ours[name].shape):
+                raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(t.shape)}, model "
+                                 f"{tuple(ours[name].shape)} (check hidden_size/num_heads/expansion_ratio)")
+        model.load_state_dict(new, strict=True)
 
 
-def esmc_state_dict_to_ours(model: EsmcPLM, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """ESM C's state dict (`ESMC.state_dict()`, the esm package's .pth) in our names and shapes: fused
-    matrices split, vocabulary rows cut to our 33. ValueError naming the first missing, unknown or
-    mis-shaped weight (loading.load_esmc_state_dict turns it into a ModelLoadError; no import of
-    loading.py here: exported model folders do not carry it)."""
-    if not isinstance(model, EsmcPLM):
-        raise ValueError(f"needs an esmc-preset model, got {type(model).__name__}")
-    ours, new, used = model.state_dict(), {}, set()
-
-    def get(key: str) -> torch.Tensor:
-        if key not in sd:
-            raise ValueError(f"checkpoint lacks {key!r} (model has {len(model.blocks)} layers, "
-                             f"model.qk_norm={model.cfg.qk_norm})")
-        used.add(key)
-        return sd[key]
-
-    for name, key in _TOP_MAP.items():
-        new[name] = get(key)
-    for name, key in _VOCAB_ROWS.items():
-        new[name] = get(key)[:VOCAB_SIZE]
-    for i in range(len(model.blocks)):
-        for name, key in _LAYER_MAP.items():
-            if f"blocks.{i}.{name}" in ours:  # q_norm/k_norm only with model.qk_norm
-                new[f"blocks.{i}.{name}"] = get(f"transformer.blocks.{i}.{key}")
-        for key, names in _FUSED.items():
-            fused, rows = get(f"transformer.blocks.{i}.{key}"), ours[f"blocks.{i}.{names[0]}"].shape[0]
-            if fused.shape[0] == rows * len(names):
-                new.update(zip((f"blocks.{i}.{n}" for n in names), fused.split(rows, dim=0)))
-            else:  # the shape check below names it
-                new[f"blocks.{i}.{names[0]}"] = fused
-    extra = [k for k in sd if k not in used]
-    if extra:
-        raise ValueError(f"checkpoint has {len(extra)} weights the esmc preset does not know, e.g. {extra[0]!r} "
-                         f"(different number of layers or model.qk_norm? model has {len(model.blocks)} layers)")
-    for name, t in new.items():
-        if tuple(t.shape) != tuple(ours[name].shape):
-            raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(t.shape)}, model "
-                             f"{tuple(ours[name].shape)} (check hidden_size/num_heads/expansion_ratio)")
-    return new
+class EsmcPLM(EsmFamilyPLM):
+    block_class = EsmcBlock
+    final_norm_bias = False  # ESM C's final norm has no bias; its sequence head is ESM-2's LM head, untied
+    described_as = "the ESM C architecture"
+    adapter = EsmcAdapter()

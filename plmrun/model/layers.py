@@ -1,5 +1,5 @@
-"""Pieces both architectures share: the PLM base (outputs, parameter kinds, build-then-initialise),
-norms, rotary, soft-caps and ESM token dropout on packed input."""
+"""Pieces every architecture shares: the PLM base (outputs, parameter kinds, build-then-initialise, its
+state-dict adapter), norms, rotary, soft-caps and ESM token dropout on packed input."""
 from __future__ import annotations
 
 import contextlib
@@ -12,10 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ModelConfig
+from .config import ModelConfig
+from .vocab import MASK, VOCAB_SIZE
 
-MASK_ID = 32
-VOCAB_SIZE = 33
 ESM_MASK_RATIO_TRAIN = 0.15 * 0.8  # hard-coded in ESM-2 (and HF EsmEmbeddings) token dropout
 
 
@@ -23,6 +22,22 @@ ESM_MASK_RATIO_TRAIN = 0.15 * 0.8  # hard-coded in ESM-2 (and HF EsmEmbeddings) 
 class ModelOutput:
     logits: torch.Tensor                          # [T or len(logits_index), 33] fp32
     hidden_states: Optional[tuple[torch.Tensor, ...]] = None
+
+
+class StateDictAdapter:
+    """One architecture's bridge to another library's weights of the same network (`PLM.adapter`).
+
+    `load` copies that library's state dict into our model, raising ValueError (one line) that names the
+    first missing, unknown or mis-shaped weight; `export` gives our weights in its names and shapes.
+    """
+    source = ""
+    "The other library's model, for messages."
+
+    def load(self, model: PLM, sd: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def export(self, model: PLM) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
 
 
 class PLM(nn.Module):
@@ -34,6 +49,8 @@ class PLM(nn.Module):
     embed_prefixes: tuple[str, ...] = ()
     head_prefixes: tuple[str, ...] = ()
     blocks: nn.ModuleList  # the repeated transformer blocks: the FSDP2 / activation-checkpointing unit
+    adapter: Optional[StateDictAdapter] = None
+    "Reads and writes another library's weights of this architecture (None: only ours)."
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -156,6 +173,15 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],))
 
 
+def layer_norm(x: torch.Tensor) -> torch.Tensor:
+    """Weightless LayerNorm over the last dim (RMSNorm of the centred vector)."""
+    return F.layer_norm(x, (x.shape[-1],))
+
+
+NORMS = {"rms": rms_norm, "layer": layer_norm}
+"model.norm -> the weightless norm it names."
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype matmuls produce here: the autocast dtype when autocast is on, else x's."""
     dev = x.device.type
@@ -199,17 +225,19 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-def token_dropout(x: torch.Tensor, tokens: torch.Tensor, layout) -> torch.Tensor:
-    """ESM-2 token dropout: zero <mask> embeddings, then rescale each sequence by
-    (1 - 0.15*0.8) / (1 - its observed <mask> fraction), as if masks were input dropout."""
-    is_mask = tokens == MASK_ID
+def token_dropout(x: torch.Tensor, tokens: torch.Tensor, layout, dropped: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """ESM-2 token dropout: <mask> rows become `dropped` (ESM-2: zero), the other rows are rescaled per
+    sequence by (1 - 0.15*0.8) / (1 - its observed <mask> fraction), as if masks were input dropout."""
+    is_mask = tokens == MASK
     doc = layout.doc_ids.long()
     cu = layout.cu_seqlens.long()
     lengths = (cu[1:] - cu[:-1]).to(x.dtype if x.is_floating_point() else torch.float)
     n_mask = torch.zeros(len(lengths), dtype=lengths.dtype, device=x.device).index_add_(0, doc, is_mask.to(lengths.dtype))
     observed = n_mask / lengths.clamp_min(1)
     scale = (1 - ESM_MASK_RATIO_TRAIN) / (1 - observed).clamp_min(1e-6)
-    return x.masked_fill(is_mask[:, None], 0.0) * scale[doc][:, None].to(x.dtype)
+    if dropped is None:
+        return x.masked_fill(is_mask[:, None], 0.0) * scale[doc][:, None].to(x.dtype)
+    return torch.where(is_mask[:, None], dropped.to(x.dtype), x * scale[doc][:, None].to(x.dtype))
 
 
 def window_at(cfg: ModelConfig, step: Optional[int]) -> int:

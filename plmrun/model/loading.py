@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from plmrun.config import ESMC_OFF, ConfigError, ModelConfig, config_from_dict
+from plmrun.config import ConfigError, config_from_dict
 from plmrun.errors import ModelLoadError
 from plmrun.manifest import MANIFEST, ManifestError, follow_umask, verify_manifest, write_manifest
+from plmrun.model.config import ESMC_OFF, ModelConfig
 from plmrun.safe_pickle import UnsafePickleError, torch_load_weights
 
 FORMAT = 1
@@ -188,13 +189,24 @@ def esmc_weights_file(folder: Path) -> Path | None:
 
 def esmc_config_from_state_dict(sd: dict, where: Path) -> ModelConfig:
     """The esmc preset with the shapes of an ESM C state dict (heads: hidden_size / ESMC_HEAD_DIM)."""
-    try:
-        D = int(sd["embed.weight"].shape[1])
-        layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer.blocks."))
-        F = int(sd["transformer.blocks.0.ffn.1.weight"].shape[0]) // 2
-    except (KeyError, ValueError, AttributeError, IndexError, TypeError) as e:
-        raise ModelLoadError(f"{where}: not an ESM C state dict (no valid {e} entry); pass the esm package's "
-                             "esmc_300m/esmc_600m weights") from None
+    if not isinstance(sd, dict):
+        raise ModelLoadError(f"{where}: not an ESM C state dict: the file holds a {type(sd).__name__}, not a mapping "
+                             "of weights; pass the esm package's esmc_300m/esmc_600m weights")
+
+    def matrix(key: str) -> torch.Tensor:
+        t = sd.get(key)
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            what = "is missing" if t is None else f"has shape {tuple(getattr(t, 'shape', ()))}, not a matrix"
+            raise ModelLoadError(f"{where}: not an ESM C state dict: {key!r} {what}; pass the esm package's "
+                                 "esmc_300m/esmc_600m weights")
+        return t
+    D = int(matrix("embed.weight").shape[1])
+    blocks = {k.split(".")[2] for k in sd if k.startswith("transformer.blocks.")}
+    if not blocks or not all(b.isdigit() for b in blocks):
+        raise ModelLoadError(f"{where}: not an ESM C state dict: no 'transformer.blocks.<i>.' weights; pass the "
+                             "esm package's esmc_300m/esmc_600m weights")
+    layers = 1 + max(int(b) for b in blocks)
+    F = int(matrix("transformer.blocks.0.ffn.1.weight").shape[0]) // 2
     if D % ESMC_HEAD_DIM:
         raise ModelLoadError(f"{where}: width {D} is not a multiple of ESM C's head width {ESMC_HEAD_DIM}")
     off = {k: False if isinstance(getattr(ModelConfig, k), bool) else 0 for k in ESMC_OFF}
@@ -203,15 +215,15 @@ def esmc_config_from_state_dict(sd: dict, where: Path) -> ModelConfig:
                                    "qk_norm": "transformer.blocks.0.attn.q_ln.weight" in sd}, str(where))
 
 
-def read_model_folder(folder: Path) -> tuple[ModelConfig, dict, str, Path]:
-    """(config, weights, naming, weights file) of a saved model, export, Hugging Face or ESM C folder.
+def read_model_folder(folder: Path) -> tuple[ModelConfig, dict, bool, Path]:
+    """(config, weights, foreign, weights file) of a saved model, export, Hugging Face or ESM C folder.
 
-    naming is "plmrun" (our parameter names), "hf" (EsmForMaskedLM names, any layout) or "esmc"
-    (`ESMC.state_dict()` names).
+    foreign: the weights are in another library's layout, the one the architecture's adapter reads
+    (EsmForMaskedLM for esm2, `ESMC.state_dict()` for esmc); else in our parameter names.
     """
     if (pth := esmc_weights_file(folder)) is not None:
         sd = _read_weight_file(pth)
-        return esmc_config_from_state_dict(sd, pth), sd, "esmc", pth
+        return esmc_config_from_state_dict(sd, pth), sd, True, pth
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
         if (folder / "checkpoints").is_dir():
@@ -225,28 +237,43 @@ def read_model_folder(folder: Path) -> tuple[ModelConfig, dict, str, Path]:
     if "plmrun_format" in meta:
         cfg = model_config_from_dict(meta.get("model"), str(cfg_file))
         sd, where = read_weights(folder)
-        return cfg, sd, "plmrun", where
+        return cfg, sd, False, where
     if "plmrun_model" in meta:  # folder written by plmrun export
         cfg = model_config_from_dict(meta["plmrun_model"], str(cfg_file))
         sd, where = read_weights(folder)
         if cfg.arch == "esm2":
-            return cfg, sd, "hf", where
-        return cfg, {k.removeprefix("plm."): v for k, v in sd.items()}, "plmrun", where
+            return cfg, sd, True, where
+        return cfg, {k.removeprefix("plm."): v for k, v in sd.items()}, False, where
     if meta.get("model_type") == "esm":
         cfg = esm_config_to_model_config(meta, str(cfg_file))
         sd, where = read_weights(folder)
-        return cfg, sd, "hf", where
+        return cfg, sd, True, where
     raise ModelLoadError(f"{cfg_file}: neither a plmrun model nor an ESM (model_type 'esm') config")
 
 
-def _load_into(model, sd: dict, naming: str, where: Path, built_from: str) -> None:
-    if naming == "hf":
-        from plmrun.model.esm2 import load_hf_state_dict
-        load_hf_state_dict(model, sd, where=str(where))
-    elif naming == "esmc":
-        load_esmc_state_dict(model, sd, where)
+def _load_into(model, sd: dict, foreign: bool, where: Path, built_from: str) -> None:
+    if foreign:
+        _load_foreign(model, sd, where, model.cfg.arch)
     else:
         load_state_dict_checked(model, sd, where, built_from)
+
+
+def _load_foreign(model, sd: dict, where: str | Path, arch: str) -> None:
+    """Weights of the `arch` architecture in another library's layout, through its adapter."""
+    from plmrun.model.registry import ARCHITECTURES
+    if model.cfg.arch != arch:
+        raise ModelLoadError(f"{where}: {ARCHITECTURES[arch].adapter.source} weights: needs an {arch}-preset model "
+                             f"(model.arch={arch}), not {type(model).__name__}")
+    try:
+        type(model).adapter.load(model, sd)
+    except ValueError as e:
+        raise ModelLoadError(f"{where}: {e}") from None
+
+
+def load_hf_state_dict(model, hf_state: dict, where: str | Path = "checkpoint") -> None:
+    """Copy an EsmForMaskedLM state dict (rotary ESM-2, any layout) into an esm2-preset model; every mismatch
+    is a one-line ModelLoadError starting with `where` and naming the first mismatching key and both shapes."""
+    _load_foreign(model, hf_state, where, "esm2")
 
 
 def _locate(spec: str | Path) -> tuple[Path, ModelConfig | None]:
@@ -274,9 +301,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
         model = build_model(cfg)
         load_checkpoint_weights(path, model)
         return model.to(device).eval(), cfg
-    cfg, sd, naming, where = read_model_folder(path)
+    cfg, sd, foreign, where = read_model_folder(path)
     model = build_model(cfg)
-    _load_into(model, sd, naming, where, f"{path / 'config.json'}")
+    _load_into(model, sd, foreign, where, f"{path / 'config.json'}")
     return model.to(device).eval(), cfg
 
 
@@ -285,31 +312,26 @@ def load_hf_weights_into(model, path: str | Path) -> None:
     checkpoint into `model` (train --init-from-hf), which must have the same architecture and shapes."""
     path, cfg = _locate(path)
     from plmrun.model.esmc import swiglu_width
-    checkpoint, naming = cfg is not None, None
+    checkpoint, foreign = cfg is not None, False
     if not checkpoint:
-        cfg, sd, naming, where = read_model_folder(path)
+        cfg, sd, foreign, where = read_model_folder(path)
     if cfg.arch != model.cfg.arch:
         raise ModelLoadError(f"{path}: a model.arch={cfg.arch} model, but the training config has "
                              f"model.arch={model.cfg.arch}; pick a config of the same architecture")
     shape = lambda c: (c.hidden_size, c.num_layers, swiglu_width(c))
-    if naming == "esmc" and shape(cfg) != shape(model.cfg):  # ESM C shapes in words, before the first key
+    if foreign and cfg.arch == "esmc" and shape(cfg) != shape(model.cfg):  # ESM C shapes in words, before the first key
         words = lambda c: "width {}, {} layers, MLP width {}".format(*shape(c))
         raise ModelLoadError(f"{where}: an ESM C of {words(cfg)}, the training config has {words(model.cfg)}; use "
                              "the matching --config (esmc_300m: width 960, 30 layers; esmc_600m: 1152, 36)")
     if checkpoint:
         load_checkpoint_weights(path, model)
     else:
-        _load_into(model, sd, naming, where, "the training config")
+        _load_into(model, sd, foreign, where, "the training config")
 
 
 def load_esmc_state_dict(model, sd: dict, where: str | Path = "ESM C weights") -> None:
     """Copy an ESM C state dict (the esm package's `ESMC.state_dict()`) into an esmc-preset model."""
-    from plmrun.model.esmc import esmc_state_dict_to_ours
-    try:
-        new = esmc_state_dict_to_ours(model, sd)
-    except ValueError as e:
-        raise ModelLoadError(f"{where}: {e}") from None
-    model.load_state_dict(new, strict=True)
+    _load_foreign(model, sd, where, "esmc")
 
 
 def load_checkpoint_weights(path: Path, model) -> None:

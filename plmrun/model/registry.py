@@ -5,7 +5,7 @@ import functools
 
 import torch
 
-from ..config import ModelConfig
+from .config import ModelConfig
 from .esm2 import Esm2PLM
 from .esmc import EsmcPLM
 from .layers import PLM, window_at

@@ -5,7 +5,9 @@ x0 = norm(embed(tokens)) [token dropout]. Each block: x = a*x + b*x0 (x0 lambdas
 sliding window), then a ReLU^2 MLP or a Pattention layer; both sublayers pre-norm with a
 weightless RMSNorm and zero-initialised output projections. UNet: the first L//2 blocks push
 their outputs, the last L//2 pop them (x += w_i * skip) before running. Head: dense -> GELU ->
-norm -> decoder (+bias), tanh soft-capped logits. Every feature is a ModelConfig switch.
+norm -> decoder (+bias), tanh soft-capped logits. Every feature is a ModelConfig switch, and so are the
+seed's fixed choices: the norm (weightless RMSNorm or LayerNorm), the position encoding (RoPE or none)
+and the MLP nonlinearity (ReLU^2 or GELU).
 
 Starting values live in the `init_weights` methods only (N(0, init_std) matrices and embeddings,
 zero output projections / value tokens / biases, lambdas 0.5/0.5 and 1/0, unit skip weights); the
@@ -20,10 +22,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ModelConfig
 from .attention import PackedLayout, packed_attention
-from .layers import (PLM, VOCAB_SIZE, ModelOutput, Rotary, apply_rotary, compute_dtype, fill_, fp32_linear, init_linear_,
-                     rms_norm, soft_cap, token_dropout, window_at)
+from .config import ModelConfig
+from .layers import (NORMS, PLM, ModelOutput, Rotary, apply_rotary, compute_dtype, fill_, fp32_linear, init_linear_,
+                     soft_cap, token_dropout, window_at)
+from .vocab import VOCAB_SIZE
 
 
 def _linear(d_in: int, d_out: int) -> nn.Linear:
@@ -36,6 +39,7 @@ class SelfAttention(nn.Module):
         D, self.H = cfg.hidden_size, cfg.num_heads
         self.cfg = cfg
         self.compiled_cpu_kernel = False  # set by PLM.use_compiled_cpu_attention
+        self.norm = NORMS[cfg.norm]
         self.q, self.k, self.v, self.o = (_linear(D, D) for _ in range(4))
         # v <- l0 * v + l1 * value_embedding, as in modded-nanogpt
         self.value_lambdas = nn.Parameter(torch.empty(2)) if has_value_embedding else None
@@ -51,8 +55,9 @@ class SelfAttention(nn.Module):
         T, D = x.shape
         q, k, v = (f(x).view(T, self.H, D // self.H) for f in (self.q, self.k, self.v))
         if self.cfg.qk_norm:
-            q, k = rms_norm(q), rms_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k = self.norm(q), self.norm(k)
+        if cos is not None:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if ve is not None:
             v = self.value_lambdas[0] * v + self.value_lambdas[1] * ve.view_as(v).to(v.dtype)
         o = packed_attention(q, k, v, backend=self.cfg.attention_backend, compiled_cpu_kernel=self.compiled_cpu_kernel,
@@ -66,13 +71,15 @@ class MLP(nn.Module):
         hidden = round(cfg.hidden_size * cfg.expansion_ratio)
         self.up = _linear(cfg.hidden_size, hidden)
         self.down = _linear(hidden, cfg.hidden_size)
+        self.relu2 = cfg.mlp_activation == "relu2"
 
     def init_weights(self, std: float) -> None:
         init_linear_(self.up, std)
         init_linear_(self.down, std, zero=True)
 
     def forward(self, x):
-        return self.down(F.relu(self.up(x)).square())
+        h = self.up(x)
+        return self.down(F.relu(h).square() if self.relu2 else F.gelu(h))
 
 
 class Pattention(nn.Module):
@@ -105,6 +112,7 @@ class Block(nn.Module):
         self.attn = SelfAttention(cfg, has_value_embedding)
         self.mlp = Pattention(cfg) if cfg.p_attention else MLP(cfg)
         self.x0_lambdas = nn.Parameter(torch.empty(2)) if cfg.x0_lambdas else None
+        self.norm = NORMS[cfg.norm]
 
     def init_weights(self, std: float) -> None:
         self.attn.init_weights(std)
@@ -115,8 +123,8 @@ class Block(nn.Module):
     def forward(self, x, x0, cos, sin, ve, layout, window):
         if self.x0_lambdas is not None:
             x = self.x0_lambdas[0] * x + self.x0_lambdas[1] * x0
-        x = x + self.attn(rms_norm(x), cos, sin, ve, layout, window)
-        return x + self.mlp(rms_norm(x))
+        x = x + self.attn(self.norm(x), cos, sin, ve, layout, window)
+        return x + self.mlp(self.norm(x))
 
 
 class LMHead(nn.Module):
@@ -129,6 +137,7 @@ class LMHead(nn.Module):
             self.decoder.weight = tied
         self.bias = nn.Parameter(torch.empty(VOCAB_SIZE))
         self.cap = cfg.soft_logit_cap
+        self.norm = NORMS[cfg.norm]
 
     def init_weights(self, std: float, *, tied: bool) -> None:
         init_linear_(self.dense, std)
@@ -136,8 +145,22 @@ class LMHead(nn.Module):
         self.bias.zero_()
 
     def forward(self, h):
-        x = rms_norm(F.gelu(self.dense(h)))
+        x = self.norm(F.gelu(self.dense(h)))
         return soft_cap(fp32_linear(x, self.decoder.weight, self.bias), self.cap)
+
+
+def dropped_row(x: torch.Tensor) -> torch.Tensor:
+    """What token dropout makes of a <mask> row here: +1, -1, +1, ... (fixed, unit RMS, zero mean).
+
+    Not ESM-2's zero row: a weightless norm has no direction for a zero row and its gradient there is
+    1/sqrt(eps) (~2900 in fp32). With the output projections starting at zero, a zero row stays zero
+    up to the head, so every masked position's loss gradient passed several such norms on its way into
+    the attention output projections, and the first steps' gradients exploded. This row carries no token
+    identity either, and every norm maps it to itself.
+    """
+    row = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
+    row[1::2] = -1
+    return row
 
 
 def value_embedding_table(layer: int, num_layers: int) -> Optional[int]:
@@ -160,8 +183,9 @@ class SpeedrunPLM(PLM):
             self.blocks = nn.ModuleList(
                 Block(cfg, cfg.value_embeddings and value_embedding_table(i, L) is not None) for i in range(L))
             self.skip_weights = nn.Parameter(torch.empty(L // 2)) if cfg.unet else None
-            self.rotary = Rotary(D // cfg.num_heads, cfg.rope_base)
+            self.rotary = Rotary(D // cfg.num_heads, cfg.rope_base) if cfg.position_encoding == "rope" else None
             self.head = LMHead(cfg, self.embed.weight if cfg.tie_embeddings else None)
+        self.norm = NORMS[cfg.norm]
 
     def init_weights(self) -> None:
         """Every starting value, drawn in the order the constructors of earlier versions drew them
@@ -178,18 +202,19 @@ class SpeedrunPLM(PLM):
         if self.skip_weights is not None:
             self.skip_weights.fill_(1.0)
         self.head.init_weights(std, tied=self.cfg.tie_embeddings)
-        self.rotary.reset_buffers()
+        if self.rotary is not None:
+            self.rotary.reset_buffers()
 
     def forward(self, tokens, positions, cu_seqlens, max_seqlen, *, logits_index=None,
                 output_hidden_states=False, step=None) -> ModelOutput:
         cfg, L = self.cfg, self.cfg.num_layers
         layout = PackedLayout(cu_seqlens, max_seqlen)
         window = window_at(cfg, step)
-        x = rms_norm(self.embed(tokens))
+        x = self.norm(self.embed(tokens))
         if cfg.token_dropout:  # after the norm: a weightless RMSNorm would undo the rescaling
-            x = token_dropout(x, tokens, layout)
+            x = token_dropout(x, tokens, layout, dropped=dropped_row(x))
         x0 = x
-        cos, sin = self.rotary(positions, compute_dtype(x))
+        cos, sin = self.rotary(positions, compute_dtype(x)) if self.rotary is not None else (None, None)
         ves = [e(tokens) for e in self.value_embeds]
         hidden = [x] if output_hidden_states else None
         skips = []
@@ -202,7 +227,7 @@ class SpeedrunPLM(PLM):
                 skips.append(x)
             if hidden is not None:
                 hidden.append(x)
-        h = rms_norm(x)
+        h = self.norm(x)
         if hidden is not None:
             hidden.append(h)
         logits = self.head(self._head_rows(h, logits_index))

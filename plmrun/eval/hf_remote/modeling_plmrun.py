@@ -1,8 +1,7 @@
 """Hugging Face wrapper of an exported plmrun model.
 
-`plmrun export` copies this file next to exact copies of plmrun's own model modules (registry,
-speedrun, esm2, layers, attention, and the config dataclasses as plmrun_config), so the
-architecture has one source. The wrapper turns a padded [B, L] batch into plmrun's packed input
+`plmrun export` copies this file next to plmrun's own model modules as they are (`plmrun/model/`:
+registry, config, the architectures and what they import), so the architecture has one source. The wrapper turns a padded [B, L] batch into plmrun's packed input
 (one token stream + cu_seqlens) and scatters the outputs back to [B, L, ...].
 """
 import torch
@@ -10,8 +9,8 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import MaskedLMOutput
 
+from .config import ModelConfig
 from .configuration_plmrun import PlmrunConfig
-from .plmrun_config import ModelConfig
 from .registry import build_model
 
 
