@@ -34,6 +34,7 @@ from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
+from plmrun.atomic import os_error, replace_dir, write_text
 from plmrun.dist import agree, barrier, get_rank, is_distributed
 from plmrun.errors import PlmrunError
 from plmrun.manifest import MANIFEST, ManifestError, file_sha256, read_manifest, verify_manifest, write_manifest
@@ -182,13 +183,9 @@ def save_checkpoint(root: Path, step: int, parts: dict, keep_latest_k: int) -> P
     if failure is None and get_rank() == 0:
         try:
             state = {"format": FORMAT, **{n: p.state_dict() for n, p in parts.items() if n not in TENSOR_PARTS}}
-            state_tmp = tmp / (STATE_FILE + ".tmp")
-            state_tmp.write_text(json.dumps(state, indent=1))
-            os.replace(state_tmp, tmp / STATE_FILE)
+            write_text(tmp / STATE_FILE, json.dumps(state, indent=1))
             write_manifest(tmp)  # last: a folder with a manifest was completely written
-            if final.exists():  # the same step saved again (only now: a failed save must not cost it)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            replace_dir(tmp, final)  # the same step saved again replaces it only now: a failed save must not cost it
         except OSError as e:
             failure = e
     message = agree(_save_failure(failure, tmp, step, tensors, root) if failure is not None else None)
@@ -207,11 +204,9 @@ def save_checkpoint(root: Path, step: int, parts: dict, keep_latest_k: int) -> P
 
 def _os_error(e: BaseException) -> Optional[OSError]:
     """The OSError behind a save failure (DCP wraps each rank's exception in a CheckpointException)."""
-    if isinstance(e, OSError):
-        return e
     if isinstance(e, CheckpointException):
-        return next((exc for exc, _ in e.failures.values() if isinstance(exc, OSError)), None)
-    return None
+        return next((err for err in (os_error(exc) for exc, _ in e.failures.values()) if err is not None), None)
+    return os_error(e)
 
 
 def _save_failure(e: BaseException, tmp: Path, step: int, tensors: dict, root: Path) -> str:

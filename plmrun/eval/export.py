@@ -18,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from plmrun import tokenizer as tok
+from plmrun.atomic import atomic_dir
 from plmrun.config import POSITION_LIMIT, ModelConfig
 from plmrun.errors import PlmrunError
 from plmrun.manifest import follow_umask, write_manifest
@@ -134,9 +135,13 @@ def export(source: str | Path, out: str | Path, *, overwrite: bool = False) -> P
         if cand.is_file():
             summary = json.loads(cand.read_text())
             break
-    tmp = out.parent / f".{out.name}.tmp-export"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with atomic_dir(out) as tmp:
+        _write_export(tmp, model, cfg, summary, source)
+    return out
+
+
+def _write_export(tmp: Path, model, cfg: ModelConfig, summary, source: Path) -> None:
+    """The export folder's files, written into the temporary folder `tmp`."""
     from safetensors.torch import save_file
     if cfg.arch == "esm2":
         from plmrun.model.esm2 import to_hf_state_dict
@@ -161,10 +166,6 @@ def export(source: str | Path, out: str | Path, *, overwrite: bool = False) -> P
     (tmp / "README.md").write_text(_model_card(cfg, n_params, summary, source))
     # checksums last, of everything but the model card (made to be edited before a Hub upload)
     write_manifest(tmp, sorted(f.name for f in tmp.iterdir() if f.is_file() and f.name != "README.md"))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
 
 
 def hub_token() -> str:

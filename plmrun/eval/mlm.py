@@ -102,14 +102,11 @@ UNIGRAM_FILE = "unigram.json"
 
 def write_unigram(run_dir, counts, source: str) -> None:
     """Record `counts` [V] (residue occurrences) and what they were counted on in RUN/unigram.json."""
-    import json
     from pathlib import Path
+    from plmrun.atomic import write_json
     from plmrun.eval.metrics import counts_to_letters
-    path = Path(run_dir) / UNIGRAM_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"source": source, "smoothing": "add-one over residue letters",
-                               "counts": counts_to_letters(counts)}, indent=1) + "\n")
-    tmp.replace(path)
+    write_json(Path(run_dir) / UNIGRAM_FILE, {"source": source, "smoothing": "add-one over residue letters",
+                                              "counts": counts_to_letters(counts)}, indent=1)
 
 
 def read_unigram(run_dir):

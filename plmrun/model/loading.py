@@ -14,16 +14,16 @@ ModelLoadError naming the file (and the first mismatching key and shapes).
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 import torch
 import yaml
 
+from plmrun.atomic import atomic_path, write_text
 from plmrun.config import ESMC_OFF, ConfigError, ModelConfig, config_from_dict
 from plmrun.errors import ModelLoadError
-from plmrun.manifest import ManifestError, follow_umask, verify_manifest, write_manifest
+from plmrun.manifest import ManifestError, verify_manifest, write_manifest
 
 FORMAT = 1
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -42,13 +42,9 @@ def save_model_dir(out: Path, state_dict: dict, cfg: ModelConfig) -> None:
     out.mkdir(parents=True, exist_ok=True)
     # clone: safetensors refuses tensors sharing memory (tied embedding and decoder)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
-    tmp = out / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"plmrun_format": str(FORMAT)})
-    follow_umask(tmp)
-    os.replace(tmp, out / "model.safetensors")
-    tmp = out / "config.json.tmp"
-    tmp.write_text(json.dumps({"plmrun_format": FORMAT, "model": asdict(cfg)}, indent=2))
-    os.replace(tmp, out / "config.json")
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"plmrun_format": str(FORMAT)})
+    write_text(out / "config.json", json.dumps({"plmrun_format": FORMAT, "model": asdict(cfg)}, indent=2))
     write_manifest(out, ["model.safetensors", "config.json"])
 
 
