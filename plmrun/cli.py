@@ -80,11 +80,9 @@ def _add_eval(sub) -> None:
 def _run_config_file(spec: str) -> Path | None:
     """config.yaml of the run a model path belongs to (the run directory, its model/ folder or one of
     its checkpoints), or None for a model from elsewhere (HF folder, export, hub name)."""
-    path = Path(spec)
-    if path.name == "model" or path.parent.name == "checkpoints":    # run/model, run/checkpoints/step_N
-        path = path.parent if path.name == "model" else path.parent.parent
-    run_cfg = path / "config.yaml"           # the run layout of plmrun.train.rundir
-    return run_cfg if run_cfg.is_file() and (path / "metrics.jsonl").is_file() else None
+    from plmrun.model.loading import run_config_file
+    run_cfg = run_config_file(spec)
+    return run_cfg if run_cfg.is_file() and (run_cfg.parent / "metrics.jsonl").is_file() else None
 
 
 def _cmd_eval(args) -> int:

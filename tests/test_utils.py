@@ -1,5 +1,7 @@
-"""The low-level helpers: collectives (plmrun.dist) and atomic writes (plmrun.atomic)."""
+"""The low-level helpers: collectives (plmrun.dist), atomic writes (plmrun.atomic), the string hash
+(plmrun.hashing) and a run's config.yaml from a model path (plmrun.model.loading.run_config_file)."""
 import errno
+import hashlib
 import json
 import os
 import socket
@@ -9,6 +11,8 @@ import torch
 import torch.multiprocessing as mp
 
 from plmrun import atomic, dist
+from plmrun.hashing import unit_hash
+from plmrun.model.loading import run_config_file
 
 
 # ------------------------------------------------------------------ plmrun.dist
@@ -110,3 +114,33 @@ def test_torch_write_errors_become_enospc():
     assert atomic.os_error(ValueError("x")) is None
     e = OSError(errno.EROFS, "Read-only file system")
     assert atomic.os_error(e) is e
+
+
+# ------------------------------------------------------------------ plmrun.hashing
+def test_unit_hash_keeps_both_digests_values():
+    """Pinned to the formulas it replaced: `data split` (sha256) and probe/finetune splits (blake2b)."""
+    for text in ("", "0:UniRef50_A0A000", "superfamily:a.1.1", "valid:MKV" * 50):
+        assert unit_hash(text, digest="sha256") == int.from_bytes(
+            hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
+        assert unit_hash(text) == int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") / 2**64
+        assert 0.0 <= unit_hash(text) < 1.0
+    assert unit_hash("0:rep1", digest="sha256") != unit_hash("0:rep1")
+    with pytest.raises(ValueError, match="unknown digest"):
+        unit_hash("x", digest="md5")
+
+
+# ------------------------------------------------------------------ run_config_file
+def test_run_config_file_from_run_model_and_checkpoint(tmp_path):
+    run = tmp_path / "runs" / "r"
+    step = run / "checkpoints" / "step_00000004"
+    step.mkdir(parents=True)
+    (run / "model").mkdir()
+    want = run / "config.yaml"
+    assert run_config_file(run) == want
+    assert run_config_file(run / "model") == want
+    assert run_config_file(step) == want
+    copied = tmp_path / "elsewhere" / "step_00000004"    # a checkpoint moved out of its checkpoints/ folder
+    copied.mkdir(parents=True)
+    (copied / "train_state.json").write_text("{}")
+    assert run_config_file(copied) == tmp_path / "config.yaml"
+    assert run_config_file(tmp_path / "hf_folder") == tmp_path / "hf_folder" / "config.yaml"

@@ -228,6 +228,17 @@ def _load_into(model, sd: dict, naming: str, where: Path, built_from: str) -> No
         load_state_dict_checked(model, sd, where, built_from)
 
 
+def run_config_file(path: str | Path) -> Path:
+    """Where the config.yaml of the run that `path` belongs to lies (it may not exist): `path` is the run
+    directory (runs/<name>), its model/ folder or one of its checkpoints (runs/<name>/checkpoints/step_N)."""
+    path = Path(path)
+    if path.name == "model":
+        path = path.parent
+    elif path.parent.name == "checkpoints" or (path / "train_state.json").is_file():
+        path = path.parent.parent
+    return path / "config.yaml"
+
+
 def _locate(spec: str | Path) -> tuple[Path, ModelConfig | None]:
     """The folder to read (a run directory means its model/), and the run's config for a checkpoint."""
     path = resolve_source(spec)
@@ -235,7 +246,7 @@ def _locate(spec: str | Path) -> tuple[Path, ModelConfig | None]:
         path = path / "model"
     if not (path.name.startswith("step_") and (path / "train_state.json").is_file()):
         return path, None
-    run_cfg = path.parent.parent / "config.yaml"  # a checkpoint: runs/<name>/checkpoints/step_N
+    run_cfg = run_config_file(path)  # a checkpoint: runs/<name>/checkpoints/step_N
     if not run_cfg.is_file():
         raise ModelLoadError(f"{path}: checkpoint without its run's config.yaml at {run_cfg}")
     try:
