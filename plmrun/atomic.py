@@ -154,7 +154,8 @@ def write_json(path, data: Any, *, indent: Optional[int] = 2, default=None) -> N
 
 def replace_dir(src: Path, dst: Path) -> None:
     """Rename the finished folder `src` to `dst`; an existing `dst` is moved aside first and removed
-    only once `src` is in place, so a failure at any point leaves one whole folder under `dst`."""
+    only once `src` is in place, so a failed rename leaves the old folder under `dst` (a kill between
+    the two renames leaves it under its hidden `.NAME.old-*` sibling)."""
     src, dst = Path(src), Path(dst)
     old = None
     if dst.exists():
