@@ -46,7 +46,8 @@ def write_manifest(folder: Path, files: Optional[Iterable[str]] = None) -> Path:
     for name in files:
         p = folder / name
         entries[name] = {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-    write_text(folder / MANIFEST, json.dumps({"format": 1, "files": entries, "digest": _body_digest(entries)}, indent=1) + "\n")
+    body = {"format": 1, "files": entries, "digest": _body_digest(entries)}
+    write_text(folder / MANIFEST, json.dumps(body, indent=1) + "\n")
     return folder / MANIFEST
 
 

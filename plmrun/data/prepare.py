@@ -89,7 +89,7 @@ def prepare(inputs, out_dir, *, valid=None, test=None, column: Optional[str] = N
         _swap_into_place(tmp, out, overwrite)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.filename is None or str(tmp) in str(e.filename):  # a failed write names no file, or our temp one: name --out
+        if e.filename is None or str(tmp) in str(e.filename):  # no file named, or our temp one: name --out
             raise OSError(e.errno, e.strerror, str(out)) from e
         raise
     except BaseException:
