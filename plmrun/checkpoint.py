@@ -28,13 +28,14 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
+from plmrun.atomic import os_error, replace_dir, write_text
+from plmrun.dist import agree, barrier, get_rank, is_distributed
 from plmrun.errors import PlmrunError
 from plmrun.manifest import MANIFEST, ManifestError, file_sha256, read_manifest, verify_manifest, write_manifest
 from plmrun.optim.build import OptimizerStateError
@@ -48,28 +49,6 @@ _METADATA = ".metadata"  # DCP's metadata file
 
 class CheckpointError(PlmrunError):
     """A checkpoint that cannot be saved or resumed (damaged, foreign, out of disk); names the file."""
-
-
-def _is_dist() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _barrier() -> None:
-    if _is_dist():
-        dist.barrier()
-
-
-def _rank() -> int:
-    return dist.get_rank() if _is_dist() else 0
-
-
-def _agree(message: Optional[str]) -> Optional[str]:
-    """The first rank's error message, on every rank (collective), so all ranks raise the same line together."""
-    if not _is_dist():
-        return message
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, message)
-    return next((m for m in out if m), None)
 
 
 @contextmanager
@@ -188,53 +167,47 @@ def save_checkpoint(root: Path, step: int, parts: dict, keep_latest_k: int) -> P
     root = Path(root)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}"
-    if _rank() == 0:
+    if get_rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".tmp-step_*"):  # left by a save that was killed
             shutil.rmtree(stale, ignore_errors=True)
-    _barrier()
+    barrier()
     tensors = {name: parts[name].state_dict() for name in TENSOR_PARTS if name in parts}
     failure: Optional[BaseException] = None
     try:
         with _quiet_single_process():
-            dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not _is_dist())
+            dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not is_distributed())
     except (CheckpointException, OSError) as e:
         failure = e
-    if injected_fault(step, _rank(), ("killsave",)):  # the shards are written, the rename is not
+    if injected_fault(step, get_rank(), ("killsave",)):  # the shards are written, the rename is not
         os.kill(os.getpid(), signal.SIGKILL)
-    if failure is None and _rank() == 0:
+    if failure is None and get_rank() == 0:
         try:
             state = {"format": FORMAT, **{n: p.state_dict() for n, p in parts.items() if n not in TENSOR_PARTS}}
-            state_tmp = tmp / (STATE_FILE + ".tmp")
-            state_tmp.write_text(json.dumps(state, indent=1))
-            os.replace(state_tmp, tmp / STATE_FILE)
+            write_text(tmp / STATE_FILE, json.dumps(state, indent=1))
             write_manifest(tmp)  # last: a folder with a manifest was completely written
-            if final.exists():  # the same step saved again (only now: a failed save must not cost it)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            replace_dir(tmp, final)  # the same step saved again replaces it only now: a failed save must not cost it
         except OSError as e:
             failure = e
-    message = _agree(_save_failure(failure, tmp, step, tensors, root) if failure is not None else None)
+    message = agree(_save_failure(failure, tmp, step, tensors, root) if failure is not None else None)
     if message is not None:
-        if _rank() == 0:
+        if get_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(failure, CheckpointException) and _os_error(failure) is None:
             raise failure  # not an OS problem: a bug, keep DCP's own report
         raise CheckpointError(message)
-    if _rank() == 0:
+    if get_rank() == 0:
         for old in checkpoint_dirs(root)[:-keep_latest_k]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return final
 
 
 def _os_error(e: BaseException) -> Optional[OSError]:
     """The OSError behind a save failure (DCP wraps each rank's exception in a CheckpointException)."""
-    if isinstance(e, OSError):
-        return e
     if isinstance(e, CheckpointException):
-        return next((exc for exc, _ in e.failures.values() if isinstance(exc, OSError)), None)
-    return None
+        return next((err for err in (os_error(exc) for exc, _ in e.failures.values()) if err is not None), None)
+    return os_error(e)
 
 
 def _save_failure(e: BaseException, tmp: Path, step: int, tensors: dict, root: Path) -> str:
@@ -302,12 +275,12 @@ def load_checkpoint(path: Path, parts: dict) -> dict:
     path = Path(path)
     state = _read_state(path)  # every rank: the manifest exists and the (small) state file matches it
     message = None
-    if _rank() == 0:  # hashing is I/O-bound: one rank reads the files, every rank gets the verdict
+    if get_rank() == 0:  # hashing is I/O-bound: one rank reads the files, every rank gets the verdict
         try:
             verify_manifest(path, required=True)
         except ManifestError as e:
             message = f"{e}; {_fallback(path)}"
-    message = _agree(message)
+    message = agree(message)
     if message is not None:
         raise CheckpointError(message)
     meta_file = path / _METADATA
@@ -368,7 +341,7 @@ def _dcp_load(state: dict, path: Path) -> None:
     try:
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=str(path), storage_reader=SafeReader(str(path)),
-                     planner=SafeLoadPlanner(path), no_dist=not _is_dist())
+                     planner=SafeLoadPlanner(path), no_dist=not is_distributed())
     except UnsafePickleError as e:
         raise CheckpointError(f"{e}; {_fallback(path)}") from None
     except CheckpointException as e:

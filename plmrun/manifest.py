@@ -13,22 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Iterable, Optional
 
+from plmrun.atomic import follow_umask as follow_umask  # re-exported: finetune/run.py imports it here
+from plmrun.atomic import write_text
 from plmrun.errors import PlmrunError
 
 MANIFEST = "MANIFEST.json"
 _CHUNK = 1 << 20
-
-
-def follow_umask(path) -> None:
-    """Give a written file the ordinary mode (0666 less the umask): safetensors' `save_file` and
-    temp-file writers create 0600 files, which other users of a shared model folder cannot read."""
-    old = os.umask(0)
-    os.umask(old)
-    os.chmod(path, 0o666 & ~old)
 
 
 class ManifestError(PlmrunError):
@@ -57,9 +50,8 @@ def write_manifest(folder: Path, files: Optional[Iterable[str]] = None) -> Path:
     for name in files:
         p = folder / name
         entries[name] = {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"format": 1, "files": entries, "digest": _body_digest(entries)}, indent=1) + "\n")
-    os.replace(tmp, folder / MANIFEST)
+    body = {"format": 1, "files": entries, "digest": _body_digest(entries)}
+    write_text(folder / MANIFEST, json.dumps(body, indent=1) + "\n")
     return folder / MANIFEST
 
 

@@ -7,6 +7,7 @@ the first rename wins; the loser discards its copy and uses the winner's.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from importlib import resources
@@ -59,11 +60,14 @@ def _prepared_once(final: Path, splits, build) -> Path:
         return final
     try:
         build()
-    except (DataError, OSError):               # another process won the rename, or a real failure
+    except (DataError, OSError) as e:          # another process won the rename, or a real failure
         if not set(splits) <= set(dataset_splits(final)):
             if final.is_dir() and any(final.iterdir()):
                 raise DataError(f"{final}: exists but is not a complete prepared corpus; "
                                 "delete it and retry") from None
+            if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+                raise DataError(f"{final}: no space left on the device holding the plmrun cache (PLMRUN_CACHE); "
+                                "free space there or set PLMRUN_CACHE to a folder on another disk") from None
             raise
     return final
 

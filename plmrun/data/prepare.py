@@ -23,9 +23,10 @@ from tqdm import tqdm
 import plmrun
 from plmrun import outputs
 from plmrun import tokenizer as tok
+from plmrun.atomic import remove_stale_siblings, replace_dir, temp_sibling
 from plmrun.data.errors import DataError
 from plmrun.data.readers import chunks, encode_chunk, file_fingerprint, input_kind
-from plmrun.data.shards import SHARD_RESIDUES, SplitWriter, remove_stale_siblings, temp_sibling
+from plmrun.data.shards import SHARD_RESIDUES, SplitWriter
 
 
 def _as_list(x) -> list:
@@ -87,7 +88,7 @@ def prepare(inputs, out_dir, *, valid=None, test=None, column: Optional[str] = N
         _swap_into_place(tmp, out, overwrite)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.filename is None:                 # a failed write (e.g. disk full) names no file: name --out
+        if e.filename is None or str(tmp) in str(e.filename):  # no file named, or our temp one: name --out
             raise OSError(e.errno, e.strerror, str(out)) from e
         raise
     except BaseException:
@@ -131,12 +132,6 @@ def _prepare_split(specs, split_dir, column, id_column, invalid, pool, window, s
 
 def _swap_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     """Rename the finished dataset into place; an old one is removed only afterwards."""
-    old = None
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:                       # appeared while we worked
-            raise DataError(f"{out}: output directory appeared while preparing (not replaced)")
-        old = temp_sibling(out, "old")
-        os.rename(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    if out.exists() and any(out.iterdir()) and not overwrite:  # appeared while we worked
+        raise DataError(f"{out}: output directory appeared while preparing (not replaced)")
+    replace_dir(tmp, out)

@@ -4,24 +4,22 @@ A prepared dataset is a directory with one sub-directory per split; a split is a
 files plus `manifest.json`. Every file is written under a temporary name and renamed when
 complete, and the manifest is written last, so a split without a manifest is never read. Shards
 are memory-mapped: sequence i is a zero-copy view, which is what random-access packing, cropping
-and shuffling need. Checksums are verified on open (sha256, ~1 GB/s).
+and shuffling need. Checksums are verified on open (sha256, so opening reads every byte once).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import re
-import shutil
-import socket
 import struct
-import uuid
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from plmrun import tokenizer as tok
+from plmrun.atomic import commit, temp_sibling, write_text
+from plmrun.atomic import remove_stale_siblings as remove_stale_siblings  # re-exported: data/split.py imports both here
 from plmrun.data.errors import DataError
 from plmrun.data.readers import Encoded
 
@@ -49,49 +47,6 @@ def content_fingerprint(lengths: np.ndarray, residue_hash: bytes) -> str:
     h.update(hashlib.sha256(np.ascontiguousarray(lengths, dtype="<i8").tobytes()).digest())
     h.update(residue_hash)
     return h.hexdigest()[:32]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def temp_sibling(path: Path, kind: str = "tmp") -> Path:
-    """A hidden sibling `.NAME.KIND-PID@HOST-RAND` of `path` to build it in: the pid and host let a later
-    run tell a killed run's leftover (removed by `remove_stale_siblings`) from a live run's."""
-    path = Path(path)
-    return path.parent / f".{path.name}.{kind}-{os.getpid()}@{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:              # alive, another user's
-        return True
-    return True
-
-
-def remove_stale_siblings(path: Path) -> list:
-    """Remove the `temp_sibling`s of `path` whose process is dead (a killed or crashed run on this host);
-    those of live processes and of other hosts are kept. Returns the removed paths."""
-    path = Path(path)
-    pattern = re.compile(rf"^\.{re.escape(path.name)}\.[a-z]+-(\d+)@(.+)-[0-9a-f]{{8}}$")
-    removed = []
-    if not path.parent.is_dir():
-        return removed
-    host = socket.gethostname()
-    for p in path.parent.iterdir():
-        m = pattern.match(p.name)
-        if m and m.group(2) == host and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
 
 
 # ---------------------------------------------------------------- writing
@@ -135,7 +90,7 @@ class SplitWriter:
 
     def _start_shard(self) -> None:
         name = f"shard-{len(self.shards):05d}.bin"
-        f = open(self.dir / f".{name}.tmp-{os.getpid()}", "wb")
+        f = open(temp_sibling(self.dir / name), "wb")
         f.write(b"\0" * HEADER_SIZE)
         self._open = (f, hashlib.sha256(), [], [], 0)
 
@@ -156,11 +111,9 @@ class SplitWriter:
         f.seek(0)
         f.write(HEADER.pack(MAGIC, VERSION, HEADER_SIZE, len(lengths), residues,
                             int(name_lens.sum()), tok.VOCAB_HASH.encode(), digest))
-        f.flush()
-        os.fsync(f.fileno())
         f.close()
         final = self.dir / f"shard-{len(self.shards):05d}.bin"
-        os.replace(f.name, final)
+        commit(f.name, final)
         self.shards.append({"file": final.name, "num_sequences": len(lengths),
                             "num_tokens": residues, "names_bytes": int(name_lens.sum()),
                             "bytes": final.stat().st_size, "sha256": digest.hex()})
@@ -185,14 +138,16 @@ class SplitWriter:
             **extra,
             "shards": self.shards,
         }
-        atomic_write_text(self.dir / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+        write_text(self.dir / "manifest.json", json.dumps(manifest, indent=1) + "\n")
         return manifest
 
     def abort(self) -> None:
         if self._open is not None:
-            self._open[0].close()
-            os.unlink(self._open[0].name)
-            self._open = None
+            f, self._open = self._open[0], None
+            try:
+                f.close()
+            finally:
+                os.unlink(f.name)
 
 
 # ---------------------------------------------------------------- reading

@@ -31,6 +31,7 @@ from plmrun.data.prepare import _as_list, _swap_into_place, check_output_dir
 from plmrun.outputs import mark_output
 from plmrun.data.readers import read_records
 from plmrun.data.shards import remove_stale_siblings, temp_sibling
+from plmrun.hashing import unit_hash
 
 SPLITS = ("train", "valid", "test")
 CLUSTER_MODES = ("auto", "cluster", "linclust")
@@ -48,7 +49,7 @@ def _mmseqs(mmseqs: str, args: list, log: Path) -> None:
 
 def assign(rep_name: str, seed: int, valid_frac: float, test_frac: float) -> str:
     """Split of a whole cluster: a pure function of its representative's name and the seed."""
-    u = int.from_bytes(hashlib.sha256(f"{seed}:{rep_name}".encode()).digest()[:8], "big") / 2**64
+    u = unit_hash(f"{seed}:{rep_name}", digest="sha256")
     return "test" if u < test_frac else "valid" if u < test_frac + valid_frac else "train"
 
 

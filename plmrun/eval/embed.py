@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -20,12 +19,12 @@ import numpy as np
 import torch
 
 from plmrun import tokenizer as tok
+from plmrun.atomic import atomic_path
 from plmrun.data.packing import length_batches, pack_tokens
 from plmrun.data.readers import file_fingerprint
 from plmrun.device import resolve_device
 from plmrun.eval.errors import EvalError
 from plmrun.eval.flags import add_device_flag, add_window_flags, check_window_flags
-from plmrun.manifest import follow_umask
 from plmrun.outputs import check_output_file, model_inputs
 from plmrun.eval.inference import EvalModel, load_eval_model, window_plan, windows
 
@@ -141,10 +140,8 @@ def read_embeddings(path: str | Path) -> dict[str, np.ndarray]:
 
 def _save_atomic(arrays: dict, order: list[str], meta: dict, path: Path) -> None:
     from safetensors.numpy import save_file
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: arrays[k] for k in order}, str(tmp), metadata={**meta, "ids": json.dumps(order)})
-    follow_umask(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: arrays[k] for k in order}, str(tmp), metadata={**meta, "ids": json.dumps(order)})
 
 
 def embed_fasta(model: EvalModel, fasta: str | Path, out: str | Path, *, pool: str = "mean",

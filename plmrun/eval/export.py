@@ -20,6 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from plmrun import tokenizer as tok
+from plmrun.atomic import atomic_dir
 from plmrun.errors import PlmrunError
 from plmrun.manifest import follow_umask, write_manifest
 from plmrun.model.config import ESM2_POSITION_LIMIT, POSITION_LIMIT, ModelConfig
@@ -150,9 +151,14 @@ def export(source: str | Path, out: str | Path, *, overwrite: bool = False) -> P
         if cand.is_file():
             summary = json.loads(cand.read_text())
             break
-    tmp = out.parent / f".{out.name}.tmp-export"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with atomic_dir(out) as tmp:
+        _write_export(tmp, model, cfg, summary, source)
+        mark_output(tmp, "export")  # what --overwrite may replace later
+    return out
+
+
+def _write_export(tmp: Path, model, cfg: ModelConfig, summary, source: Path) -> None:
+    """The export folder's files, written into the temporary folder `tmp`."""
     from safetensors.torch import save_file
     if cfg.arch == "esm2":
         hf_cfg = esm_hf_config(cfg)
@@ -176,11 +182,6 @@ def export(source: str | Path, out: str | Path, *, overwrite: bool = False) -> P
     (tmp / "README.md").write_text(_model_card(cfg, n_params, summary, source))
     # checksums last, of everything but the model card (made to be edited before a Hub upload)
     write_manifest(tmp, sorted(f.name for f in tmp.iterdir() if f.is_file() and f.name != "README.md"))
-    mark_output(tmp, "export")  # what --overwrite may replace later
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
 
 
 def hub_token() -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from plmrun.dist import all_reduce_sum
 from plmrun.tokenizer import RESIDUE_IDS, VOCAB, VOCAB_SIZE
 
 BOOTSTRAP_RESAMPLES = 2000   # paired bootstrap over sequences for "model minus control" (probe, eval)
@@ -56,12 +57,9 @@ class MetricSums:
             self.seq_weight.index_add_(0, seq, weights.double())
 
     def all_reduce(self) -> None:
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            for t in (self.loss_sum, self.normalizer, self.confusion, self.unigram_sum, self.seq_loss,
-                      self.seq_weight):
-                if t is not None:
-                    dist.all_reduce(t)
+        for t in (self.loss_sum, self.normalizer, self.confusion, self.unigram_sum, self.seq_loss, self.seq_weight):
+            if t is not None:
+                all_reduce_sum(t)
 
     def compute(self) -> dict:
         m = compute_metrics(self.loss_sum.item(), self.normalizer.item(), self.confusion.cpu())

@@ -14,21 +14,15 @@ import torch
 
 from plmrun.config import EvalConfig
 from plmrun.data.loader import EvalBatches
+from plmrun.dist import get_rank, get_world_size, max_over_ranks
 from plmrun.eval.metrics import MetricSums
 from plmrun.tokenizer import PAD
-
-
-def _dist_info() -> tuple[int, int]:
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
 
 
 def eval_batches(source, cfg: EvalConfig, *, subset: int = 0, token_budget: int | None = None,
                  world_size: int | None = None, rank: int | None = None) -> EvalBatches:
     """The fixed-mask batches of `source` for this rank (all of them when world_size == 1)."""
-    ws, rk = _dist_info()
+    ws, rk = get_world_size(), get_rank()
     return EvalBatches(source, token_budget=token_budget or cfg.token_budget, max_length=cfg.max_length,
                        eval_seed=cfg.seed, mask_rate=cfg.mask_rate, subset=subset, windows=cfg.windows,
                        world_size=ws if world_size is None else world_size, rank=rk if rank is None else rank)
@@ -55,7 +49,7 @@ def evaluate(model, source, cfg: EvalConfig, *, subset: int = 0, device: torch.d
     amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
     n_seq = (len(source) if subset <= 0 else min(subset, len(source))) if per_sequence else None
-    sums = accumulate(model, batches, device, amp, _max_over_ranks(len(batches), device),
+    sums = accumulate(model, batches, device, amp, max_over_ranks(len(batches), device),
                       unigram=unigram, num_sequences=n_seq)
     sums.all_reduce()
     if was_training:
@@ -102,29 +96,17 @@ def _idle_batch(device) -> tuple:
             torch.tensor([0, n], dtype=torch.int32, device=device), n)
 
 
-def _max_over_ranks(n: int, device) -> int:
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return n
-    t = torch.tensor([n], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
-
-
 UNIGRAM_FILE = "unigram.json"
 "Residue counts of a run's training split, written by the trainer at setup (the unigram baseline)."
 
 
 def write_unigram(run_dir, counts, source: str) -> None:
     """Record `counts` [V] (residue occurrences) and what they were counted on in RUN/unigram.json."""
-    import json
     from pathlib import Path
+    from plmrun.atomic import write_json
     from plmrun.eval.metrics import counts_to_letters
-    path = Path(run_dir) / UNIGRAM_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"source": source, "smoothing": "add-one over residue letters",
-                               "counts": counts_to_letters(counts)}, indent=1) + "\n")
-    tmp.replace(path)
+    write_json(Path(run_dir) / UNIGRAM_FILE, {"source": source, "smoothing": "add-one over residue letters",
+                                              "counts": counts_to_letters(counts)}, indent=1)
 
 
 def read_unigram(run_dir):

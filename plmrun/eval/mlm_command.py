@@ -9,6 +9,7 @@ from pathlib import Path
 
 from plmrun.data.errors import DataError
 from plmrun.eval.errors import EvalError
+from plmrun.model.loading import run_config_file
 
 DEFAULT_SPLIT = "valid"
 _INPUTS = "a FASTA/parquet/CSV file, a prepared dataset directory (`plmrun data prepare FILE --out DIR`) or 'bundled'"
@@ -69,11 +70,9 @@ def check_subset(subset: int, source, split: str, dataset: str) -> None:
 def run_dir_of(spec: str) -> Path | None:
     """The run directory a model path belongs to (the run directory itself, its model/ folder or one of
     its checkpoints), or None for a model from elsewhere (HF folder, export, hub name)."""
-    path = Path(spec)
-    if path.name == "model" or path.parent.name == "checkpoints":    # run/model, run/checkpoints/step_N
-        path = path.parent if path.name == "model" else path.parent.parent
+    run_cfg = run_config_file(spec)
     # the run layout of plmrun.train.rundir
-    return path if (path / "config.yaml").is_file() and (path / "metrics.jsonl").is_file() else None
+    return run_cfg.parent if run_cfg.is_file() and (run_cfg.parent / "metrics.jsonl").is_file() else None
 
 
 def unigram_baseline(run_dir: Path | None, source):

@@ -16,7 +16,6 @@ over test sequences: the seed std says how much the probe moves, not whether the
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -34,6 +33,7 @@ from plmrun.eval.embed import embed_sequences, num_hidden_states
 from plmrun.eval.inference import EvalModel, load_eval_model
 from plmrun.eval.metrics import BOOTSTRAP_RESAMPLES, paired_bootstrap
 from plmrun.outputs import check_output_file, model_inputs
+from plmrun.hashing import unit_hash
 
 PROBE_DIR = Path(__file__).resolve().parent.parent / "probes"
 HEADS = ("logistic", "ridge", "mlp")
@@ -73,17 +73,12 @@ class TaskData:
     classes: int
 
 
-def _unit_hash(text: str) -> float:
-    """A stable number in [0, 1) for a string (splits and caps must not depend on file order)."""
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") / 2.0 ** 64
-
-
 def _read_table(name: str) -> list[dict]:
     return read_table(PROBE_DIR / name, what="bundled probe").records()
 
 
 def _cap(rows: list, key, n: int) -> list:
-    return sorted(rows, key=lambda r: _unit_hash(key(r)))[:n]
+    return sorted(rows, key=lambda r: unit_hash(key(r)))[:n]
 
 
 def load_task(task: Task) -> TaskData:
@@ -98,7 +93,7 @@ def load_task(task: Task) -> TaskData:
                         [r["sequence"] for r in test], [lab(r) for r in test], 13)
     if task.name == "secondary_structure":
         rows = _read_table("scope207_domains_dssp8.tsv.xz")
-        is_test = lambda r: _unit_hash("superfamily:" + r["sccs"].rsplit(".", 1)[0]) < 0.2
+        is_test = lambda r: unit_hash("superfamily:" + r["sccs"].rsplit(".", 1)[0]) < 0.2
         ident = lambda r: r["id"]
         train = _cap([r for r in rows if not is_test(r)], ident, task.max_train)
         test = _cap([r for r in rows if is_test(r)], ident, task.max_test)
@@ -107,7 +102,7 @@ def load_task(task: Task) -> TaskData:
                         [r["sequence"] for r in test], [ss3(r) for r in test], 3)
     if task.name == "solubility":
         rows = _read_table("solvnet_solubility.csv.xz")
-        is_test = lambda r: _unit_hash("solubility:" + r["aa_seq"]) < 0.2
+        is_test = lambda r: unit_hash("solubility:" + r["aa_seq"]) < 0.2
         seq = lambda r: r["aa_seq"]
         train = _cap([r for r in rows if not is_test(r)], seq, task.max_train)
         test = _cap([r for r in rows if is_test(r)], seq, task.max_test)

@@ -17,7 +17,8 @@ import numpy as np
 from plmrun import tokenizer as tok
 from plmrun.data.errors import DataError
 from plmrun.data.tables import is_missing, read_table
-from plmrun.eval.probe import TASKS, _unit_hash, load_task
+from plmrun.eval.probe import TASKS, load_task
+from plmrun.hashing import unit_hash
 
 from .config import FinetuneConfig
 
@@ -53,8 +54,8 @@ class FinetuneData:
 
 def _carve_valid(seqs: list[str], labels: list, n_valid: int, n_train: int) -> tuple[Split, Split]:
     """Hash-pick n_valid rows for validation; the first n_train of the rest (by another hash) train."""
-    order = sorted(range(len(seqs)), key=lambda i: _unit_hash("valid:" + seqs[i]))
-    valid, rest = order[:n_valid], sorted(order[n_valid:], key=lambda i: _unit_hash("train:" + seqs[i]))[:n_train]
+    order = sorted(range(len(seqs)), key=lambda i: unit_hash("valid:" + seqs[i]))
+    valid, rest = order[:n_valid], sorted(order[n_valid:], key=lambda i: unit_hash("train:" + seqs[i]))[:n_train]
     pick = lambda idx: Split([seqs[i] for i in idx], [labels[i] for i in idx])
     return pick(sorted(rest)), pick(sorted(valid))
 
@@ -108,7 +109,7 @@ def _table(cfg: FinetuneConfig) -> FinetuneData:
                                 f"train, valid or test")
             split = SPLITS[value]
         else:
-            u = _unit_hash("finetune-split:" + seq)
+            u = unit_hash("finetune-split:" + seq)
             split = "test" if u < 0.1 else "valid" if u < 0.2 else "train"
         by_split[split].append((n, r))
     _unlabelled(by_split, table, lab_col, cfg.drop_bad_labels)
@@ -156,7 +157,7 @@ def _table(cfg: FinetuneConfig) -> FinetuneData:
     splits = {}
     caps = {"train": cfg.max_train, "valid": cfg.max_valid, "test": cfg.max_test}
     for split, items in by_split.items():
-        items = sorted(items, key=lambda it: _unit_hash(f"{split}:{it[1][seq_col]}:{it[0]}"))[:caps[split]]
+        items = sorted(items, key=lambda it: unit_hash(f"{split}:{it[1][seq_col]}:{it[0]}"))[:caps[split]]
         items.sort(key=lambda it: it[0])
         splits[split] = Split([r[seq_col] for _, r in items], [label(n, r, split) for n, r in items])
     data = FinetuneData(path.stem, kind, classes, splits["train"], splits["valid"], splits["test"], str(path))

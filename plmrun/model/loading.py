@@ -14,16 +14,16 @@ ModelLoadError naming the file (and the first mismatching key and shapes).
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 import torch
 import yaml
 
+from plmrun.atomic import atomic_path, write_text
 from plmrun.config import ConfigError, config_from_dict
 from plmrun.errors import ModelLoadError
-from plmrun.manifest import MANIFEST, ManifestError, follow_umask, verify_manifest, write_manifest
+from plmrun.manifest import MANIFEST, ManifestError, verify_manifest, write_manifest
 from plmrun.model.config import ESMC_OFF, ModelConfig
 from plmrun.safe_pickle import UnsafePickleError, torch_load_weights
 
@@ -44,13 +44,9 @@ def save_model_dir(out: Path, state_dict: dict, cfg: ModelConfig) -> None:
     out.mkdir(parents=True, exist_ok=True)
     # clone: safetensors refuses tensors sharing memory (tied embedding and decoder)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
-    tmp = out / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"plmrun_format": str(FORMAT)})
-    follow_umask(tmp)
-    os.replace(tmp, out / "model.safetensors")
-    tmp = out / "config.json.tmp"
-    tmp.write_text(json.dumps({"plmrun_format": FORMAT, "model": asdict(cfg)}, indent=2))
-    os.replace(tmp, out / "config.json")
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"plmrun_format": str(FORMAT)})
+    write_text(out / "config.json", json.dumps({"plmrun_format": FORMAT, "model": asdict(cfg)}, indent=2))
     write_manifest(out, ["model.safetensors", "config.json"])
 
 
@@ -276,6 +272,17 @@ def load_hf_state_dict(model, hf_state: dict, where: str | Path = "checkpoint") 
     _load_foreign(model, hf_state, where, "esm2")
 
 
+def run_config_file(path: str | Path) -> Path:
+    """Where the config.yaml of the run that `path` belongs to lies (it may not exist): `path` is the run
+    directory (runs/<name>), its model/ folder or one of its checkpoints (runs/<name>/checkpoints/step_N)."""
+    path = Path(path)
+    if path.name == "model":
+        path = path.parent
+    elif path.parent.name == "checkpoints" or (path / "train_state.json").is_file():
+        path = path.parent.parent
+    return path / "config.yaml"
+
+
 def _locate(spec: str | Path) -> tuple[Path, ModelConfig | None]:
     """The folder to read (a run directory means its model/), and the run's config for a checkpoint."""
     path = resolve_source(spec)
@@ -283,7 +290,7 @@ def _locate(spec: str | Path) -> tuple[Path, ModelConfig | None]:
         path = path / "model"
     if not (path.name.startswith("step_") and (path / "train_state.json").is_file()):
         return path, None
-    run_cfg = path.parent.parent / "config.yaml"  # a checkpoint: runs/<name>/checkpoints/step_N
+    run_cfg = run_config_file(path)  # a checkpoint: runs/<name>/checkpoints/step_N
     if not run_cfg.is_file():
         raise ModelLoadError(f"{path}: checkpoint without its run's config.yaml at {run_cfg}")
     try:

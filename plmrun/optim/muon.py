@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from plmrun.dist import get_rank, get_world_size
+
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 # Polar Express (Amsel et al. 2025, arXiv 2505.16932; modded-nanogpt's 5-step schedule with its 2%
 # safety factor): one (a, b, c) per iteration. Only the whole schedule ends near 1: cut after 4 or 3
@@ -102,9 +104,7 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        rank, world = 0, 1
-        if dist.is_available() and dist.is_initialized():
-            rank, world = dist.get_rank(), dist.get_world_size()
+        rank, world = get_rank(), get_world_size()
         work = [(p, g) for g in self.param_groups for p in g["params"] if p.grad is not None]
         work.sort(key=lambda pg: -pg[0].numel())  # stable: equal sizes keep group order on every rank
         for start in range(0, len(work), world):

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from plmrun.config import Config
 from plmrun.device import resolve_device
+from plmrun.dist import all_reduce_sum as all_reduce_sum  # re-exported: the trainer and benchmarks import it here
 
 
 @dataclass
@@ -126,15 +127,3 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """In-place sum over ranks. NCCL only reduces CUDA tensors: CPU bookkeeping tensors make a round trip."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        if t.device.type == "cpu" and dist.get_backend() == "nccl":
-            on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
-            dist.all_reduce(on_gpu)
-            t.copy_(on_gpu)
-        else:
-            dist.all_reduce(t)
-    return t

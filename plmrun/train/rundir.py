@@ -18,6 +18,7 @@ from typing import Optional
 
 import yaml
 
+from plmrun.atomic import write_json
 from plmrun.config import Config
 from plmrun.errors import PlmrunError
 from plmrun.eval.mlm import UNIGRAM_FILE
@@ -348,6 +349,4 @@ def plot_curves(path: Path) -> list[Path]:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_json(path, data, indent=2, default=str)
