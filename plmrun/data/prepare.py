@@ -29,7 +29,8 @@ from plmrun.data.readers import chunks, encode_chunk, file_fingerprint, input_ki
 from plmrun.data.shards import SHARD_RESIDUES, SplitWriter
 
 
-def _as_list(x) -> list:
+def path_list(x) -> list:
+    """One input path or several, as a list of strings (None: none)."""
     if x is None:
         return []
     return [str(x)] if isinstance(x, (str, os.PathLike)) else [str(v) for v in x]
@@ -61,7 +62,7 @@ def prepare(inputs, out_dir, *, valid=None, test=None, column: Optional[str] = N
     """Prepare `inputs` (train) and optional valid/test inputs into `out_dir`; returns manifests."""
     if invalid not in tok.POLICIES:
         raise DataError(f"--invalid must be one of {', '.join(tok.POLICIES)}, got {invalid!r}")
-    splits = {"train": _as_list(inputs), "valid": _as_list(valid), "test": _as_list(test)}
+    splits = {"train": path_list(inputs), "valid": path_list(valid), "test": path_list(test)}
     splits = {k: v for k, v in splits.items() if v}
     if "train" not in splits:
         raise DataError("no input given")
@@ -85,7 +86,7 @@ def prepare(inputs, out_dir, *, valid=None, test=None, column: Optional[str] = N
             pool.terminate()
             pool = None
         outputs.mark_output(tmp, "data prepare")
-        _swap_into_place(tmp, out, overwrite)
+        swap_into_place(tmp, out, overwrite)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.filename is None or str(tmp) in str(e.filename):  # no file named, or our temp one: name --out
@@ -130,7 +131,7 @@ def _prepare_split(specs, split_dir, column, id_column, invalid, pool, window, s
         seconds=round(time.perf_counter() - t0, 3))
 
 
-def _swap_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+def swap_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     """Rename the finished dataset into place; an old one is removed only afterwards."""
     if out.exists() and any(out.iterdir()) and not overwrite:  # appeared while we worked
         raise DataError(f"{out}: output directory appeared while preparing (not replaced)")

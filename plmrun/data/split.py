@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from plmrun.data.errors import DataError
-from plmrun.data.prepare import _as_list, _swap_into_place, check_output_dir
+from plmrun.data.prepare import path_list, swap_into_place, check_output_dir
 from plmrun.outputs import mark_output
 from plmrun.data.readers import read_records
 from plmrun.data.shards import remove_stale_siblings, temp_sibling
@@ -70,7 +70,7 @@ def split(inputs, out_dir, *, valid_frac: float = 0.02, test_frac: float = 0.02,
                         "5.7 is its search default, lower is faster and finds fewer remote leaks)")
     if cluster_mode not in CLUSTER_MODES:
         raise DataError(f"--cluster-mode {cluster_mode!r}: must be one of {', '.join(CLUSTER_MODES)}")
-    inputs = _as_list(inputs)
+    inputs = path_list(inputs)
     out = Path(out_dir)
     check_output_dir(out, overwrite, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -121,7 +121,7 @@ def split(inputs, out_dir, *, valid_frac: float = 0.02, test_frac: float = 0.02,
         (tmp / "leakage_report.txt").write_text(_report_text(report))
         shutil.rmtree(work)
         mark_output(tmp, "data split")
-        _swap_into_place(tmp, out, overwrite)
+        swap_into_place(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
