@@ -9,7 +9,9 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 TORCH_INDEX=${TORCH_INDEX-https://download.pytorch.org/whl/cpu}
 if ! $PY -c "import torch" 2>/dev/null; then
-    $PY -m pip install --quiet "torch==2.13.0" ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"}
+    # torch alone from that index, then its dependencies from pip's usual sources
+    $PY -m pip install --quiet --no-deps "torch==2.13.0" ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"}
+    $PY -m pip install --quiet "torch==2.13.0"
 fi
 if [[ "${1:-}" == "--dev" ]]; then
     $PY -m pip install --quiet -e ".[dev]"
