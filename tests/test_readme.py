@@ -135,14 +135,22 @@ def test_readme_is_a_short_guide():
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
+def anchors(md: str) -> set[str]:
+    """GitHub's anchors of a markdown file's headings: lower case, punctuation dropped, spaces to hyphens."""
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.*)$", md, flags=re.M)}
+
+
 @pytest.mark.parametrize("doc", [README, *sorted((ROOT / "docs").rglob("*.md")), ROOT / "benchmarks" / "README.md",
                                  ROOT / "records" / "README.md"], ids=lambda p: str(p.relative_to(ROOT)))
 def test_relative_links_resolve(doc):
     for target in LINK.findall(doc.read_text()):
-        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+        if re.match(r"[a-z]+:", target):
             continue
-        path = (doc.parent / target.split("#")[0]).resolve()
+        file, _, anchor = target.partition("#")
+        path = (doc.parent / file).resolve() if file else doc
         assert path.exists(), f"{doc.relative_to(ROOT)}: link to {target} leads nowhere"
+        if anchor:
+            assert anchor in anchors(path.read_text()), f"{doc.relative_to(ROOT)}: link to {target}: no such heading"
 
 
 @pytest.mark.slow
