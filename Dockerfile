@@ -2,12 +2,12 @@
 #   docker build -t plmrun .
 #   docker run --gpus all --ipc=host -v $PWD/runs:/work/runs plmrun \
 #       torchrun --standalone --nproc_per_node=gpu -m plmrun.cli train --config speedrun_133m
-# Not built in CI (no image registry or GPU there); see docs/distributed.md.
+# Not built in CI (no image registry or GPU there); see docs/reference/distributed.md.
 #
 # The base image brings CUDA, cuDNN, NCCL and Python but not torch: torch comes from the PyTorch wheel
-# index for the matching CUDA, whose aarch64 wheels bundle a Triton that works on GH200. (The seed's
-# image installed torch on top of NGC's own build on ARM64 and torch.compile failed there with a
-# Triton/ptxas mismatch: never mix two torch/triton builds in one image.)
+# index for the matching CUDA, whose aarch64 wheels bundle a Triton that works on GH200. Never mix two
+# torch/triton builds in one image (torch on top of NGC's own build fails in torch.compile on ARM64 with
+# a Triton/ptxas mismatch).
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04
 FROM ${CUDA_IMAGE}
 
@@ -27,8 +27,8 @@ WORKDIR /opt/plmrun
 # Dependencies first (cached layer), then the source.
 COPY pyproject.toml README.md ./
 COPY plmrun ./plmrun
-RUN pip install ".[hf,probe,track]" \
-    && python -c "import torch, plmrun; print('plmrun', plmrun.__version__, 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+RUN pip install ".[hf,probe,track,finetune]" \
+    && python -c "import torch, peft, plmrun; print('plmrun', plmrun.__version__, 'torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 # Secrets (WANDB_API_KEY, HF_TOKEN) are passed at run time with -e, never baked into the image.
 WORKDIR /work

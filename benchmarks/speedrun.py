@@ -36,8 +36,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import RESULTS, plmrun_config, recipe_at_shape, write_report  # noqa: E402
 
-# The peer, measured once on this 2-core CPU (2026-11-22) with the reference script
-# ../shared/reference/hf_esm_baseline.py (log: hf_baseline_2026-11-22.log), quoted, not re-run:
+# The Hugging Face reference run, quoted, not re-run (it takes 30 minutes): one run on a 2-core CPU
+# with a plain PyTorch training loop:
 # HF EsmForMaskedLM at the ESM-2 8M shape, AdamW 4e-4 (0.9, 0.98), wd 0.01, 200-step warm-up,
 # DataCollatorForLanguageModeling batches of 8 (15%, 80/10/10), crop 512, fp32.
 # Points: (train seconds, real tokens, val loss on the first 100 valid sequences, collator masks).

@@ -152,7 +152,7 @@ def _check_eval_flags(cfg, subset: int) -> None:
 def _add_config(sub) -> None:
     p = sub.add_parser("config", help="print the resolved config (YAML) or the option table")
     p.add_argument("--config", help="YAML config file or shipped config name")
-    p.add_argument("--markdown", action="store_true", help="print the option table (README) instead")
+    p.add_argument("--markdown", action="store_true", help="print the option table (docs/reference/config.md) instead")
     p.add_argument("--list", action="store_true", help="list the shipped configs")
     p.set_defaults(func=_cmd_config, takes_overrides=True)
 

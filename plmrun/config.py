@@ -1,7 +1,7 @@
 """Typed run configuration: dataclasses, YAML loading, CLI overrides, validation in one place.
 
 A run is a pure function of (config, seed, data). Every key below is read by something; the
-README option table is generated from these dataclasses (`plmrun config --markdown`) and a
+option table in docs/reference/config.md is generated from these dataclasses (`plmrun config --markdown`) and a
 test checks it has not drifted. Unknown keys, wrong types and impossible combinations are
 rejected with one message naming the key.
 """
@@ -63,7 +63,7 @@ class MaskingConfig:
     ramp_steps: int = 0
     "Steps over which mask_rate ramps to mask_rate_end, or MLM turns into diffusion."
     mask_token_frac: float = 0.8
-    "MLM: fraction of targets replaced by <mask> (ESM-2: 0.8; 1.0 = all, which hurts embeddings: docs/recipe.md)."
+    "MLM: fraction of targets replaced by <mask> (ESM-2: 0.8; 1.0 = all, which hurts embeddings: docs/results/recipe.md)."
     random_token_frac: float = 0.1
     "MLM: fraction of targets replaced by a random amino acid, the rest stay unchanged (ESM-2: 0.1)."
     diffusion_eps: float = 1e-3

@@ -5,7 +5,7 @@ work with the Hugging Face tokenizer. Encoding is one 256-entry lookup table app
 bytes: no per-character Python loop, because data preparation runs at tens of millions of
 residues per second.
 
-Normalisation (documented in docs/shard-format.md): lowercase letters are upper-cased, one
+Normalisation (documented in docs/reference/shard-format.md): lowercase letters are upper-cased, one
 trailing `*` (stop codon in `.faa` files) is dropped; anything else outside the vocabulary letters
 is an error, or with `policy="x"` becomes `X`, or with `policy="skip"` makes `encode` return None.
 """

@@ -100,9 +100,10 @@ def test_every_shipped_config_validates():
         build_config(name)
 
 
-def test_readme_option_table_matches_dataclasses():
-    readme = (ROOT / "README.md").read_text()
-    assert C.options_markdown() in readme, "README option table drifted: regenerate with `plmrun config --markdown`"
+def test_docs_option_table_matches_dataclasses():
+    doc = (ROOT / "docs" / "reference" / "config.md").read_text()
+    assert C.options_markdown() in doc, \
+        "docs/reference/config.md option table drifted: regenerate with `plmrun config --markdown`"
 
 
 def _section_reads(tree, sections) -> set:

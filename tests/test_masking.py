@@ -60,7 +60,7 @@ def test_mlm_fractions_are_configurable(big):
 
 def test_default_masking_keeps_visible_residues_as_targets(big):
     """The default is 30% targets with ESM-2's 80/10/10: with every target <mask>, nothing in the loss
-    reads the last block's output at a visible residue and embeddings degrade (docs/recipe.md, round 4)."""
+    reads the last block's output at a visible residue and embeddings degrade (docs/results/recipe.md, round 4)."""
     b = Masker.from_config(MaskingConfig())(big, seed=0, index=0, step=0)
     sel = b.targets != IGNORE
     residues = torch.isin(big.tokens, torch.from_numpy(RESIDUE_IDS))

@@ -56,7 +56,7 @@ def test_round_trip_multi_shard(dataset):
 
 
 def test_documented_layout(dataset):
-    """Parse shard 0 by hand, following docs/shard-format.md."""
+    """Parse shard 0 by hand, following docs/reference/shard-format.md."""
     root, seqs, names, manifest = dataset
     raw = (root / "train" / "shard-00000.bin").read_bytes()
     magic, version, hsize, n, residues, nbytes, vocab, digest = struct.unpack_from(

@@ -19,7 +19,7 @@ def _workers_default() -> int:
 
 def add_data_commands(sub) -> None:
     p = sub.add_parser("prepare", help="FASTA/parquet/CSV/HF datasets -> token shards",
-                       description="Prepare inputs into a sharded dataset (docs/shard-format.md). "
+                       description="Prepare inputs into a sharded dataset (docs/reference/shard-format.md). "
                        "Positional inputs form the train split.")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="FASTA (plain/.gz/.xz/.bz2), .parquet, .csv/.tsv, a datasets.save_to_disk "

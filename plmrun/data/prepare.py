@@ -1,4 +1,4 @@
-"""`plmrun data prepare`: inputs -> validated, checksummed token shards (docs/shard-format.md).
+"""`plmrun data prepare`: inputs -> validated, checksummed token shards (docs/reference/shard-format.md).
 
 The main process reads (and decompresses) inputs into chunks of whole records; workers encode
 them; the main process appends results in input order, so the output does not depend on the

@@ -1,4 +1,4 @@
-"""The on-disk dataset format (docs/shard-format.md) and the SequenceSource implementations.
+"""The on-disk dataset format (docs/reference/shard-format.md) and the SequenceSource implementations.
 
 A prepared dataset is a directory with one sub-directory per split; a split is a list of shard
 files plus `manifest.json`. Every file is written under a temporary name and renamed when

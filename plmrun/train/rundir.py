@@ -1,6 +1,6 @@
 """Run directories: naming, provenance (config, commit, versions, hardware, data) and metric sinks.
 
-Layout (docs/run-directory.md): config.yaml, environment.json, metrics.jsonl, summary.json,
+Layout (docs/reference/run-directory.md): config.yaml, environment.json, metrics.jsonl, summary.json,
 model/{model.safetensors,config.json}, checkpoints/step_XXXXXXXX/, plots/*.png, tb/ (optional), .lock (flocked
 by rank 0 while it trains).
 """
