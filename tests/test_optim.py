@@ -575,3 +575,28 @@ def test_ns_every_below_one_is_refused_by_validate():
     cfg.optim.ns_every = 0
     with pytest.raises(ConfigError, match="optim.ns_every must be >= 1"):
         validate(cfg)
+
+
+def test_polar_express_3_matches_svd_and_beats_three_quintic_steps():
+    """The fitted 3-step schedule: the SVD-space reference to fp32 rounding; on [1e-2, 1] of s/‖G‖_F it lands in
+    [0.72, 1.28] (its design bound), where three quintic steps leave s = 1e-2 at 0.40."""
+    s = torch.tensor([0.015, 0.03, 0.1, 0.3, 0.6, 1.0], dtype=torch.float64)  # s/‖G‖_F from 0.0124 to 0.83
+    g = torch.linalg.qr(torch.randn(12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(8)))[0][:, :6]
+    g = (g * s) @ torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(9)))[0]
+    out = newton_schulz(g.float(), 3, torch.float32, coefficients="polar_express_3").double()
+
+    def pe3(x):
+        for a, b, c in ns_schedule("polar_express_3", 3):
+            x = a * x + b * x ** 3 + c * x ** 5
+        return x
+    torch.testing.assert_close(out, _svd_map(g, pe3), atol=2e-5, rtol=0)
+    sv = torch.linalg.svdvals(out)
+    assert sv.min() > 0.72 and sv.max() < 1.28
+    quintic3 = torch.linalg.svdvals(newton_schulz(g.float(), 3, torch.float32))
+    assert quintic3.min() < 0.5 and (sv - 1).abs().max() < (quintic3 - 1).abs().max()
+    with pytest.raises(ValueError, match="polar_express_3 with exactly 3"):
+        ns_schedule("polar_express_3", 5)
+    cfg = copy.deepcopy(_full_config())
+    cfg.optim.ns_coefficients = "polar_express_3"
+    with pytest.raises(ConfigError, match="optim.ns_steps=3"):
+        validate(cfg)
