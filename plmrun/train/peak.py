@@ -121,8 +121,8 @@ def read_cache(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
         if not isinstance(data, dict) or not all(isinstance(v, dict) and _positive(v.get("flops"))
-                                                 for v in data.values()):
-            raise ValueError("not a {key: {flops: number}} table")
+                                                 and _positive(v.get("runs", 1)) for v in data.values()):
+            raise ValueError("not a {key: {flops: number, runs: count}} table")
         return data
     except FileNotFoundError:
         return {}
