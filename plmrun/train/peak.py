@@ -124,7 +124,7 @@ def read_cache(path: Path) -> dict:
                                                  and _positive(v.get("runs", 1)) for v in data.values()):
             raise ValueError("not a {key: {flops: number, runs: count}} table")
         return data
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no cache yet (the write says why if it cannot make one)
         return {}
     except (OSError, ValueError) as e:
         print(f"warning: {path}: unreadable matmul peak cache ({str(e).splitlines()[0]}); measuring again",
