@@ -3,11 +3,11 @@
 on the same packed batches; then the step's operator time by kind (matrix multiplies, attention
 kernels, everything else) from torch.profiler; then Muon's Newton–Schulz alone at several
 iteration counts. With --variants, instead: Muon Newton–Schulz variants side by side (see
-profile_variants and ns_errors).
+profile_variants and ns_errors), including the opt-in optim.ns_gram / ns_per_head / ns_every (parse_variant).
 
     python benchmarks/step_profile.py [--config default] [--set section.key=value ...] [--steps 12]
         [--ns-steps 5 4 3] [--threads 0] [--precision auto|fp32|bf16]
-        [--variants quintic:5 polar_express:4 polar_express:3 quintic:5:bf16 ...]
+        [--variants quintic:5 polar_express:5 quintic:3 quintic:5:bf16 quintic:5:gram:heads:every2 ...]
 
 --config works as in throughput.py ('default': the default run's model; none: the ESM-2 8M shape).
 --precision is the training precision (auto: what the trainer picks on this device, i.e. bf16 where
@@ -108,20 +108,51 @@ def profile_newton_schulz(cfg, ns_steps: list[int], dtype: torch.dtype, repeats:
     return {"matrices": len(grads), "seconds": {str(n): statistics.median(t) for n, t in times.items()}}
 
 
-def parse_variant(text: str) -> tuple[str, int, str]:
-    """'coefficients:steps[:fp32|bf16]' -> (coefficients, steps, Newton–Schulz dtype name or '' = the run's)."""
+VARIANT_FLAGS = "fp32|bf16, gram (optim.ns_gram), heads (optim.ns_per_head), everyK (optim.ns_every=K)"
+
+
+def parse_variant(text: str) -> dict:
+    """'coefficients:steps[:flag...]' -> {coefficients, steps, dtype ('' = the run's), gram, heads, every}; flags:
+    fp32|bf16 (Newton–Schulz dtype), gram, heads, everyK (the opt-in optim.ns_* keys), e.g. quintic:5:gram:every2."""
     parts = text.split(":")
-    if len(parts) not in (2, 3) or not parts[1].isdigit() or (len(parts) == 3 and parts[2] not in ("fp32", "bf16")):
-        raise ValueError(f"--variants {text!r}: expected coefficients:steps[:fp32|bf16], e.g. polar_express:4")
-    return parts[0], int(parts[1]), parts[2] if len(parts) == 3 else ""
+    v = {"coefficients": parts[0], "steps": 0, "dtype": "", "gram": False, "heads": False, "every": 1}
+    ok = len(parts) >= 2 and parts[1].isdigit()
+    if ok:
+        v["steps"] = int(parts[1])
+    for flag in parts[2:]:
+        if flag in ("fp32", "bf16"):
+            v["dtype"] = flag
+        elif flag in ("gram", "heads"):
+            v[flag] = True
+        elif flag.startswith("every") and flag[5:].isdigit() and int(flag[5:]) >= 1:
+            v["every"] = int(flag[5:])
+        else:
+            ok = False
+    if not ok:
+        raise ValueError(f"--variants {text!r}: expected coefficients:steps[:fp32|bf16][:gram][:heads][:everyK], "
+                         "e.g. polar_express:5 or quintic:5:gram:heads:every2")
+    return v
+
+
+def variant_optim(optim, v: dict):
+    """The OptimConfig of variant `v` (parse_variant) on top of `optim`."""
+    import dataclasses
+    return dataclasses.replace(optim, ns_coefficients=v["coefficients"], ns_steps=v["steps"], ns_gram=v["gram"],
+                               ns_per_head=v["heads"], ns_every=v["every"])
+
+
+def per_cycle_median(times: list[float], every: int) -> float:
+    """Median over consecutive cycles of `every` steps of the cycle's mean: with optim.ns_every=k one step in k
+    orthogonalises, so a plain median would report the cheap steps only."""
+    cycles = [sum(times[i:i + every]) / every for i in range(0, len(times) - every + 1, every)]
+    return statistics.median(cycles or times)
 
 
 def profile_variants(cfg, variants: list[str], steps: int, amp_dtype: torch.dtype | None) -> dict:
     """Whole training steps per Newton–Schulz variant, interleaved: one model + optimizer per variant
     (same seed), every step's batch run by each variant in turn, so a busy shared machine slows all of
-    them alike. Medians of forward + backward and of clipping + optimizer step; NS dtype: the variant's,
-    else what the trainer picks (bf16 only where bf16 matmuls are native)."""
-    import dataclasses
+    them alike. Medians of forward + backward and of clipping + optimizer step (per ns_every cycle); NS
+    dtype: the variant's, else what the trainer picks (bf16 only where bf16 matmuls are native)."""
     from plmrun.model.registry import build_model
     from plmrun.optim.build import build_optimizer
     from plmrun.train.parallelize import init_distributed, native_bf16
@@ -131,22 +162,22 @@ def profile_variants(cfg, variants: list[str], steps: int, amp_dtype: torch.dtyp
     loader = build_train_loader(cfg, env, train_src)
     run_ns = torch.bfloat16 if amp_dtype is not None and native_bf16(env.device) else torch.float32
     runs = {}
-    for v in variants:
-        coefficients, ns_steps, dt = parse_variant(v)
-        optim = dataclasses.replace(cfg.optim, ns_coefficients=coefficients, ns_steps=ns_steps)
+    for text in variants:
+        v = parse_variant(text)
         model = build_model(cfg.model)
-        ns_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(dt, run_ns)
-        runs[v] = (model, build_optimizer(model, optim, cfg.train.max_steps, ns_dtype=ns_dtype), [])
+        ns_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(v["dtype"], run_ns)
+        runs[text] = (model, build_optimizer(model, variant_optim(cfg.optim, v), cfg.train.max_steps,
+                                             ns_dtype=ns_dtype), [], v["every"])
     for step in range(WARMUP + steps):
         micro = loader.next_step(step)
-        for model, opt, times in runs.values():
+        for model, opt, times, _ in runs.values():
             t = timed_step(model, opt, micro, env, amp_dtype, step)
             if step >= WARMUP:
                 times.append(t)
     out = {}
-    for v, (_, _, times) in runs.items():
-        fb, o = statistics.median(t for t, _ in times), statistics.median(o for _, o in times)
-        out[v] = {"fwd_bwd_s": fb, "optimizer_s": o, "optimizer_share": o / (fb + o)}
+    for text, (_, _, times, every) in runs.items():
+        fb, o = statistics.median(t for t, _ in times), per_cycle_median([o for _, o in times], every)
+        out[text] = {"fwd_bwd_s": fb, "optimizer_s": o, "optimizer_share": o / (fb + o)}
     return out
 
 
@@ -175,23 +206,35 @@ def ns_errors(cfg, variants: list[str], amp_dtype: torch.dtype | None) -> dict:
             opt.clip_gradients()
             opt.step()
             opt.zero_grad()
-    kinds = model.parameter_kinds()
-    grads = [p.grad.float() for n, p in model.named_parameters() if kinds[n] == "hidden" and p.grad is not None]
-    polar = []
-    for g in grads:
-        u, sig, vh = torch.linalg.svd(g.double(), full_matrices=False)
-        k = int((sig > 1e-3 * sig[0]).sum())
-        polar.append((u[:, :k], vh[:k]))
+    from plmrun.optim.build import attention_heads
+    kinds, heads = model.parameter_kinds(), attention_heads(model)
+    named = [(n, p.grad.float()) for n, p in model.named_parameters() if kinds[n] == "hidden" and p.grad is not None]
+
+    def matrices(per_head: bool) -> list[torch.Tensor]:
+        """What gets orthogonalised: whole matrices, or (heads) each head's row block of Q/K/V."""
+        out = []
+        for n, g in named:
+            blocks = heads.get(n, 1) if per_head else 1
+            out.extend(g.view(blocks, -1, g.shape[1]).unbind(0))
+        return out
+
+    polar = {}
+    for per_head in (False, True):
+        polar[per_head] = []
+        for g in matrices(per_head):
+            u, sig, vh = torch.linalg.svd(g.double(), full_matrices=False)
+            k = int((sig > 1e-3 * sig[0]).sum())
+            polar[per_head].append((g, u[:, :k], vh[:k]))
     out = {}
-    for v in variants:
-        coefficients, steps, dt = parse_variant(v)
-        dtype = torch.bfloat16 if dt == "bf16" else torch.float32
+    for text in variants:
+        v = parse_variant(text)
+        dtype = torch.bfloat16 if v["dtype"] == "bf16" else torch.float32
         sv, dist = 0.0, 0.0
-        for g, (u, vh) in zip(grads, polar):
-            o = newton_schulz(g, steps, dtype, coefficients=coefficients).double()
+        for g, u, vh in polar[v["heads"]]:
+            o = newton_schulz(g, v["steps"], dtype, coefficients=v["coefficients"], gram=v["gram"]).double()
             sv = max(sv, (torch.linalg.svdvals(o)[:u.shape[1]] - 1).abs().max().item())
             dist = max(dist, ((o - u @ vh).norm() / u.shape[1] ** 0.5).item())
-        out[v] = {"max_abs_sv_minus_1": sv, "rms_from_polar": dist}
+        out[text] = {"max_abs_sv_minus_1": sv, "rms_from_polar": dist}
     return out
 
 
@@ -234,8 +277,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = the config's)")
     ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                     help="training precision (auto: bf16 where this device multiplies bf16 natively, else fp32)")
-    ap.add_argument("--variants", nargs="+", metavar="COEFFICIENTS:STEPS[:DTYPE]",
-                    help="compare Muon Newton–Schulz variants instead (first = baseline), e.g. quintic:5 polar_express:3")
+    ap.add_argument("--variants", nargs="+", metavar="COEFFICIENTS:STEPS[:FLAG...]",
+                    help="compare Muon Newton–Schulz variants instead (first = baseline); flags: " + VARIANT_FLAGS
+                    + "; e.g. quintic:5 quintic:3 quintic:5:gram:heads:every2")
     ap.add_argument("--out", default=None, help="JSON report (default benchmarks/results/step_profile[_variants].json)")
     a = ap.parse_args(argv)
     a.out = a.out or str(RESULTS / ("step_profile_variants.json" if a.variants else "step_profile.json"))

@@ -98,8 +98,14 @@ class OptimConfig:
     "Steps over which Muon momentum rises to muon_momentum."
     ns_steps: int = 5
     "Newton-Schulz iterations."
-    ns_coefficients: Literal["quintic", "polar_express"] = "quintic"
-    "Newton-Schulz coefficients: quintic (Keller Jordan's, the same each step) or polar_express (per step, ns_steps=5)."
+    ns_coefficients: Literal["quintic", "polar_express", "polar_express_3"] = "quintic"
+    "Newton-Schulz coefficients: quintic (Keller Jordan's, the same each step), polar_express (per step, ns_steps=5) or polar_express_3 (fitted for this model's spectrum, ns_steps=3)."
+    ns_gram: bool = False
+    "Newton-Schulz on the small-side Gram matrix for matrices >= 2x wider than tall (MLP): same iteration, fewer FLOPs (fp32-exact; bf16 rounds more)."
+    ns_per_head: bool = False
+    "Orthogonalise each attention head's rows of Q/K/V on its own (H small matrices instead of one square one)."
+    ns_every: int = 1
+    "Recompute Muon's orthogonalised update every k steps and reuse it in between (1 = every step; 2 cost +0.057 val loss on the default run, benchmarks/results/optimizer_share.md)."
     schedule: Literal["cosine", "wsd", "linear", "constant"] = "wsd"
     "LR schedule after warm-up: cosine, warmup-stable-decay, linear decay, or constant."
     warmup: float = 0.0
@@ -527,6 +533,9 @@ def validate(cfg: Config) -> Config:
     _check(o.ns_steps >= 1, "optim.ns_steps must be >= 1")
     _check(o.ns_coefficients != "polar_express" or o.ns_steps == 5,
            "optim.ns_coefficients=polar_express is a 5-step schedule: set optim.ns_steps=5 (or use quintic)")
+    _check(o.ns_coefficients != "polar_express_3" or o.ns_steps == 3,
+           "optim.ns_coefficients=polar_express_3 is a 3-step schedule: set optim.ns_steps=3 (or use quintic)")
+    _check(o.ns_every >= 1, "optim.ns_every must be >= 1 (1 = orthogonalise every step)")
     _check(o.muon_momentum_warmup_steps >= 0, "optim.muon_momentum_warmup_steps must be >= 0")
     _check(o.warmup >= 0 and o.cooldown >= 0, "optim.warmup and optim.cooldown must be >= 0")
     _check(0 <= o.final_lr_ratio <= 1, "optim.final_lr_ratio must be in [0, 1]")

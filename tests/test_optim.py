@@ -422,3 +422,181 @@ def test_dcp_optimizer_state_dict_round_trip():
     set_optimizer_state_dict(resumed, resumed_opt.optimizers, saved)
     resumed_opt.grad_norm_history = history
     assert _train(resumed, resumed_opt, 4, 4, data) == straight
+
+
+# ---------------------------------------------------------------- cheaper orthogonalisation (opt-in)
+def _svd_map(g, f):
+    """U·diag(f(s))·Vᵀ of g's SVD in float64, with s the singular values of g/‖g‖_F."""
+    u, s, vh = torch.linalg.svd(g.double(), full_matrices=False)
+    return u @ torch.diag(f(s / torch.linalg.matrix_norm(g.double()))) @ vh
+
+
+def _quintic5(s):
+    for a, b, c in ns_schedule("quintic", 5):
+        s = a * s + b * s ** 3 + c * s ** 5
+    return s
+
+
+@pytest.mark.parametrize("shape", [(16, 64), (64, 16), (2, 12, 40)])
+def test_gram_newton_schulz_matches_svd_and_bounds_distance_to_polar(shape):
+    """ns_gram: the same polynomial of the singular values as the direct iteration (fp32 to 2e-5 of the
+    SVD reference), so its spectral distance from the exact polar factor U·Vᵀ is the quintic's
+    max |p(s) − 1| over the spectrum (< 0.35 on a Gaussian matrix)."""
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    out = newton_schulz(g, 5, torch.float32, gram=True)
+    assert out.shape == g.shape and out.dtype == torch.float32
+    for gi, oi in zip(g.reshape(-1, *shape[-2:]), out.reshape(-1, *shape[-2:])):
+        torch.testing.assert_close(oi.double(), _svd_map(gi, _quintic5), atol=2e-5, rtol=0)
+        polar = _svd_map(gi, torch.ones_like)
+        assert torch.linalg.matrix_norm(oi.double() - polar, 2) < 0.35
+    assert not torch.equal(out, newton_schulz(g, 5, torch.float32))  # a different computation
+    bf = newton_schulz(g, 5, torch.bfloat16, gram=True)
+    torch.testing.assert_close(bf.float(), out, atol=0.06, rtol=0)
+
+
+def test_gram_newton_schulz_leaves_near_square_matrices_to_the_direct_iteration():
+    g = torch.randn(16, 24, generator=torch.Generator().manual_seed(5))  # aspect 1.5 < GRAM_MIN_ASPECT
+    assert torch.equal(newton_schulz(g, 5, torch.float32, gram=True), newton_schulz(g, 5, torch.float32))
+
+
+def test_per_head_blocks_are_orthogonalised_on_their_own():
+    """ns_blocks=H: each head's row block is NS of that block (SVD reference per block), so each block's
+    rows are near-orthonormal (distance to its own polar factor < 0.35), and the update differs from
+    the whole-matrix one."""
+    g = torch.randn(16, 16, generator=torch.Generator().manual_seed(6))
+    p = nn.Parameter(torch.zeros(16, 16))
+    opt = Muon([dict(params=[p], ns_blocks=4)], lr=1.0, momentum=0.0, nesterov=False, ns_dtype=torch.float32)
+    p.grad = g.clone()
+    opt.step()
+    o = -p.detach().double()
+    for i in range(4):
+        block = g[4 * i:4 * i + 4]
+        torch.testing.assert_close(o[4 * i:4 * i + 4], _svd_map(block, _quintic5), atol=2e-5, rtol=0)
+        assert torch.linalg.matrix_norm(o[4 * i:4 * i + 4] - _svd_map(block, torch.ones_like), 2) < 0.35
+    assert not torch.allclose(o, _svd_map(g, _quintic5), atol=1e-2)
+    with pytest.raises(ValueError, match="does not divide"):
+        Muon([dict(params=[nn.Parameter(torch.zeros(6, 4))], ns_blocks=4)], lr=0.1)
+
+
+class TinyAttention(nn.Module):
+    """A block with an attention module like plmrun's (q/k/v/o Linears, head count H) and an MLP."""
+
+    def __init__(self, d=8, heads=2):
+        super().__init__()
+        self.embed = nn.Embedding(11, d)
+        self.attn = nn.Module()
+        self.attn.H = heads
+        self.attn.q, self.attn.k, self.attn.v, self.attn.o = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.up = nn.Linear(d, 4 * d, bias=False)
+        self.head = nn.Linear(d, 11)
+
+    def parameter_kinds(self):
+        kinds = {n: "hidden" for n, _ in self.named_parameters()}
+        kinds.update({"embed.weight": "embed", "head.weight": "head", "head.bias": "head"})
+        return kinds
+
+    def loss(self, x):
+        h = self.embed(x)
+        h = h + self.attn.o(self.attn.v(h) * torch.sigmoid(self.attn.q(h) * self.attn.k(h)))
+        h = h + self.up(h).view(*h.shape[:-1], 4, -1).relu().mean(-2)
+        return F.cross_entropy(self.head(h), x)
+
+
+def test_build_optimizer_ns_per_head_groups_qkv_by_head():
+    torch.manual_seed(0)
+    model = TinyAttention()
+    opt = build_optimizer(model, _cfg(ns_per_head=True), max_steps=4)
+    muon = opt.optimizers[0]
+    assert [g["name"] for g in muon.param_groups] == ["hidden", "hidden"]
+    assert muon.param_groups[1]["ns_blocks"] == 2
+    assert {id(p) for p in muon.param_groups[1]["params"]} == {id(model.attn.q.weight), id(model.attn.k.weight),
+                                                               id(model.attn.v.weight)}
+    with pytest.raises(ValueError, match="no attention module"):
+        build_optimizer(_model(), _cfg(ns_per_head=True), max_steps=4)
+
+
+@pytest.mark.parametrize("option", [dict(ns_gram=True), dict(ns_per_head=True), dict(ns_every=2)])
+def test_each_cheaper_option_changes_the_update_and_default_is_unchanged(option):
+    data = torch.randint(0, 11, (4, 32), generator=torch.Generator().manual_seed(0))
+
+    def weights(**kw):
+        torch.manual_seed(0)
+        model = TinyAttention()
+        opt = build_optimizer(model, _cfg(**kw), max_steps=4)
+        opt.optimizers[0].ns_dtype = torch.float32
+        _train(model, opt, 3, 0, data)
+        return [p.detach().clone() for p in model.parameters()]
+
+    base = weights()
+    assert all(torch.equal(a, b) for a, b in zip(base, weights()))
+    assert not all(torch.equal(a, b) for a, b in zip(base, weights(**option)))
+
+
+def test_ns_every_reuses_the_polar_factor_between_recomputations():
+    """ns_every=3: steps 0 and 3 orthogonalise the momentum; steps 1 and 2 apply step 0's factor again."""
+    gen = torch.Generator().manual_seed(7)
+    grads = [torch.randn(8, 24, generator=gen) for _ in range(4)]
+    p = nn.Parameter(torch.zeros(8, 24))
+    opt = Muon([p], lr=1.0, momentum=0.5, nesterov=False, ns_dtype=torch.float32, ns_every=3)
+    buf, prev, deltas = torch.zeros(8, 24, dtype=torch.float64), p.detach().clone(), []
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+        deltas.append((p.detach() - prev).double())
+        prev = p.detach().clone()
+    for step, g in enumerate(grads):
+        buf = 0.5 * buf + 0.5 * g.double()
+        if step % 3 == 0:
+            polar = _svd_map(buf, _quintic5)
+        torch.testing.assert_close(deltas[step], -polar, atol=2e-5, rtol=0)
+    with pytest.raises(ValueError, match="ns_every must be >= 1"):
+        Muon([p], lr=0.1, ns_every=0)
+
+
+def test_ns_every_state_round_trip_gives_identical_steps():
+    cfg = _cfg(ns_every=3, ns_gram=True)
+    data = torch.randint(0, 11, (8, 32), generator=torch.Generator().manual_seed(0))
+    model = _model()
+    opt = build_optimizer(model, cfg, max_steps=8)
+    _train(model, opt, 4, 0, data)  # stops between two recomputations
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    straight = _train(model, opt, 4, 4, data)
+    resumed_model = _model(seed=1)
+    resumed_model.load_state_dict(saved_model)
+    resumed_opt = build_optimizer(resumed_model, cfg, max_steps=8)
+    resumed_opt.load_state_dict(saved_opt)
+    assert _train(resumed_model, resumed_opt, 4, 4, data) == straight
+    for a, b in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_ns_every_below_one_is_refused_by_validate():
+    cfg = copy.deepcopy(_full_config())
+    cfg.optim.ns_every = 0
+    with pytest.raises(ConfigError, match="optim.ns_every must be >= 1"):
+        validate(cfg)
+
+
+def test_polar_express_3_matches_svd_and_beats_three_quintic_steps():
+    """The fitted 3-step schedule: the SVD-space reference to fp32 rounding; on [1e-2, 1] of s/‖G‖_F it lands in
+    [0.72, 1.28] (its design bound), where three quintic steps leave s = 1e-2 at 0.40."""
+    s = torch.tensor([0.015, 0.03, 0.1, 0.3, 0.6, 1.0], dtype=torch.float64)  # s/‖G‖_F from 0.0124 to 0.83
+    g = torch.linalg.qr(torch.randn(12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(8)))[0][:, :6]
+    g = (g * s) @ torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(9)))[0]
+    out = newton_schulz(g.float(), 3, torch.float32, coefficients="polar_express_3").double()
+
+    def pe3(x):
+        for a, b, c in ns_schedule("polar_express_3", 3):
+            x = a * x + b * x ** 3 + c * x ** 5
+        return x
+    torch.testing.assert_close(out, _svd_map(g, pe3), atol=2e-5, rtol=0)
+    sv = torch.linalg.svdvals(out)
+    assert sv.min() > 0.72 and sv.max() < 1.28
+    quintic3 = torch.linalg.svdvals(newton_schulz(g.float(), 3, torch.float32))
+    assert quintic3.min() < 0.5 and (sv - 1).abs().max() < (quintic3 - 1).abs().max()
+    with pytest.raises(ValueError, match="polar_express_3 with exactly 3"):
+        ns_schedule("polar_express_3", 5)
+    cfg = copy.deepcopy(_full_config())
+    cfg.optim.ns_coefficients = "polar_express_3"
+    with pytest.raises(ConfigError, match="optim.ns_steps=3"):
+        validate(cfg)

@@ -131,12 +131,36 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, max_steps: int,
             + groups(by_kind["scalar"], "scalar", cfg.lr_scalar))
     opts: list[torch.optim.Optimizer] = []
     if by_kind["hidden"]:
-        hidden = [dict(params=[named[n][0] for n in by_kind["hidden"]], name="hidden", base_lr=cfg.lr_hidden)]
+        heads = attention_heads(model) if cfg.ns_per_head else {}
+        if cfg.ns_per_head and not heads:
+            raise ValueError(f"optim.ns_per_head: {type(model).__name__} has no attention module with q/k/v "
+                             "Linear layers and a head count H")
+        whole = [n for n in by_kind["hidden"] if n not in heads]
+        hidden = [dict(params=[named[n][0] for n in whole], name="hidden", base_lr=cfg.lr_hidden)] if whole else []
+        for h in sorted(set(heads.values())):  # one group per head count, named "hidden" too (same schedule)
+            hidden.append(dict(params=[named[n][0] for n in by_kind["hidden"] if heads.get(n) == h], name="hidden",
+                               base_lr=cfg.lr_hidden, ns_blocks=h))
         opts.append(Muon(hidden, lr=cfg.lr_hidden, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay,
-                         ns_steps=cfg.ns_steps, ns_dtype=ns_dtype, ns_coefficients=cfg.ns_coefficients))
+                         ns_steps=cfg.ns_steps, ns_dtype=ns_dtype, ns_coefficients=cfg.ns_coefficients,
+                         ns_gram=cfg.ns_gram, ns_every=cfg.ns_every))
     if adam:
         opts.append(torch.optim.AdamW(adam, betas=betas, eps=eps))
     return Optimizers(opts, cfg, max_steps, model)
+
+
+def attention_heads(model: torch.nn.Module) -> dict[str, int]:
+    """{parameter name: head count} of the Q, K and V weights of every attention module: one with an
+    int head count `H` and q/k/v nn.Linear children (every plmrun architecture); their rows are the
+    heads' blocks, so optim.ns_per_head orthogonalises each head's block on its own."""
+    out = {}
+    for prefix, mod in model.named_modules():
+        if not isinstance(getattr(mod, "H", None), int):
+            continue
+        for child in ("q", "k", "v"):
+            lin = getattr(mod, child, None)
+            if isinstance(lin, torch.nn.Linear) and lin.weight.requires_grad:
+                out[f"{prefix}.{child}.weight" if prefix else f"{child}.weight"] = mod.H
+    return out
 
 
 def _named_kinds(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, str]]:
