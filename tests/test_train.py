@@ -258,9 +258,9 @@ def test_max_time_stops_evaluates_checkpoints_and_tests(tmp_path, monkeypatch):
     """train.max_time=3.5 on a clock that ticks 1 s per step: the run stops after step 4 of 6, evaluates
     that step, checkpoints it, runs the final full-valid and test-split evals and says stopped=max_time."""
     import itertools
-    from plmrun.train import trainer
+    from plmrun.train import stopping, trainer
     ticks = itertools.count()
-    monkeypatch.setattr(trainer, "_clock", lambda: float(next(ticks)))
+    monkeypatch.setattr(stopping, "clock", lambda: float(next(ticks)))
     monkeypatch.setenv("PLMRUN_CACHE", str(tmp_path.parent / "plmrun-cache"))
     cfg = build_config(None, [*TINY, "--train.max_time=3.5", "--eval.final_full=true", "--eval.final_test=true",
                               f"--logging.run_root={tmp_path / 'runs'}", "--logging.name=timed"])
@@ -277,14 +277,14 @@ def test_max_time_stops_evaluates_checkpoints_and_tests(tmp_path, monkeypatch):
 
 
 def test_dense_eval_due_only_near_an_unreached_target():
-    from plmrun.train.trainer import _dense_eval_due
+    from plmrun.train.evaluator import dense_eval_due
     cfg = build_config(None, ["--train.eval_every=40", "--train.dense_eval_every=10", "--train.dense_eval_margin=0.01",
                               "--train.report_at_val_losses=[2.85]", "--train.stop_at_val_loss=2.84"])
-    due = lambda step, best: _dense_eval_due(cfg, {"step": step, "best_val_loss": best})
+    due = lambda step, best: dense_eval_due(cfg, step, best)
     assert [due(s, 2.855) for s in (10, 15, 20)] == [True, False, True]       # within 0.01 above 2.85
     assert [due(10, b) for b in (None, 2.861, 2.8495, 2.845, 2.8395)] == [False, False, True, True, False]
     off = build_config(None, ["--train.report_at_val_losses=[2.85]"])
-    assert not _dense_eval_due(off, {"step": 10, "best_val_loss": 2.851})
+    assert not dense_eval_due(off, 10, 2.851)
 
 
 def test_dense_evals_near_a_target_and_resume_keeps_them(tmp_path):

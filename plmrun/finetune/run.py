@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import sys
 import time
 from dataclasses import replace
@@ -30,8 +29,8 @@ from torch import nn
 from plmrun import checkpoint as ckpt
 from plmrun import tokenizer as tok
 from plmrun.config import OptimConfig
-from plmrun.data.packing import PackingPlan, length_batches, pack, pack_tokens
-from plmrun.eval.inference import EvalModel, load_eval_model, windows
+from plmrun.data.packing import PackingPlan, pack, pack_tokens
+from plmrun.eval.inference import EvalModel, WindowAverage, load_eval_model, window_batches
 from plmrun.eval.probe import TASKS, Task, fit_and_score, model_features, paired_difference, score_row
 from plmrun.optim.build import Optimizers
 from plmrun.errors import PlmrunError
@@ -139,31 +138,23 @@ def window_tokens(cfg: FinetuneConfig, data: FinetuneData) -> int:
 def predict(model: nn.Module, seqs: list[str], per_residue: bool, width: int, token_budget: int, device) -> list:
     """Head outputs per sequence ([C]) or per residue ([L, C]), averaged over the windows covering them."""
     ids = [tok.encode(s) for s in seqs]
-    pieces = [(i, s) for i, x in enumerate(ids) for s in windows(len(x), width - 2)]
-    arrays = [tok.with_specials(ids[i][s:s + width - 2]) for i, s in pieces]
-    sums: list = [None] * len(ids)
-    counts: list = [None] * len(ids)
-    for batch in length_batches(np.array([len(a) for a in arrays]), token_budget):
-        tokens, positions, cu, max_seqlen = pack_tokens([arrays[j] for j in batch], device)
-        bounds = cu.tolist()
-        rows, seg = residue_rows(bounds, len(batch))
+    average = WindowAverage([len(x) for x in ids], width - 2, per_residue)
+    results: list = [None] * len(ids)
+    for batch in window_batches(ids, width - 2, token_budget):
+        tokens, positions, cu, max_seqlen = pack_tokens([w.tokens for w in batch], device)
+        rows, seg = residue_rows(cu.tolist(), len(batch))
         out = model(tokens, positions, cu, max_seqlen, rows.to(device), seg.to(device), len(batch))
         out = out.double().cpu().numpy()
         offset = 0
-        for k, j in enumerate(batch):
-            i, start = pieces[j]
-            n = bounds[k + 1] - bounds[k] - 2
-            if sums[i] is None:
-                shape = (len(ids[i]), out.shape[1]) if per_residue else (out.shape[1],)
-                sums[i], counts[i] = np.zeros(shape), np.zeros(shape[:1] + (1,) if per_residue else 1)
+        for k, w in enumerate(batch):
             if per_residue:
-                sums[i][start:start + n] += out[offset:offset + n]
-                counts[i][start:start + n] += 1
-                offset += n
+                r = average.add(w, out[offset:offset + w.residues])
+                offset += w.residues
             else:
-                sums[i] += out[k]
-                counts[i] += 1
-    return [s / c for s, c in zip(sums, counts)]
+                r = average.add(w, out[k])
+            if r is not None:
+                results[w.seq] = r
+    return results
 
 
 def score(data: FinetuneData, outputs: list, labels: list, norm: tuple[float, float]) -> tuple[float, np.ndarray]:
@@ -180,18 +171,15 @@ def score(data: FinetuneData, outputs: list, labels: list, norm: tuple[float, fl
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rank correlation (average ranks for ties); 0 when either side is constant."""
-    def ranks(x):
-        order = np.argsort(x, kind="stable")
-        r = np.empty(len(x))
-        r[order] = np.arange(len(x))
-        for v in np.unique(x):   # average ranks of ties
-            r[x == v] = r[x == v].mean()
-        return r
-    ra, rb = ranks(a), ranks(b)
-    if ra.std() == 0 or rb.std() == 0:
+    """Spearman's rank correlation (scipy; average ranks for ties); 0 when either side is constant."""
+    try:
+        from scipy.stats import spearmanr
+    except ImportError:
+        raise FinetuneError("finetune: a regression task is scored by Spearman's rho, which needs scipy "
+                            "(pip install 'plmrun[probe]')") from None
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
         return 0.0
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return float(spearmanr(a, b).statistic)
 
 
 def metric_name(data: FinetuneData) -> str:
@@ -250,7 +238,9 @@ def finetune(cfg: FinetuneConfig, *, device="cpu", log=None) -> dict:
 
 
 def _train(cfg, data, model, loaded, opt, run, device, log) -> dict:
-    from plmrun.train.trainer import _StopFlag
+    from plmrun.train.checkpointer import Checkpointer
+    from plmrun.train.rundir import truncate_metrics
+    from plmrun.train.stopping import StopFlag, inject_fault
     width = window_tokens(cfg, data)
     train_y = data.train.labels
     norm = (0.0, 1.0)
@@ -261,75 +251,67 @@ def _train(cfg, data, model, loaded, opt, run, device, log) -> dict:
     plan = PackingPlan(np.array([len(s) for s in source.ids]), token_budget=cfg.token_budget, max_length=width,
                        seed=cfg.seed, chunk_bins=16)
     state = {"step": 0, "epoch": 0, "chunk": 0, "bin": 0, "best_metric": None, "best_step": 0, "bad_evals": 0}
-    parts = {"model": ckpt.ModelState(model), "optimizers": opt, "trainer": ckpt.DictState(state),
-             "rng": ckpt.RNGState()}
-    root = run / "checkpoints"
-    latest = ckpt.latest_checkpoint(root)
+    checkpointer = Checkpointer(run, cfg.eval_every, cfg.keep_latest_k,
+                                {"model": ckpt.ModelState(model), "optimizers": opt, "trainer": ckpt.DictState(state),
+                                 "rng": ckpt.RNGState()})
+    latest = checkpointer.latest()
     metrics_file = run / "metrics.jsonl"
     if latest is not None:
-        ckpt.load_checkpoint(latest, parts)
-        kept = [line for line in (metrics_file.read_text().splitlines() if metrics_file.is_file() else [])
-                if line.strip() and json.loads(line)["step"] <= state["step"]]
-        metrics_file.write_text("".join(line + "\n" for line in kept))
+        checkpointer.load(latest)
+        truncate_metrics(run, state["step"])
         log(f"continuing {run} from step {state['step']}")
     else:
         metrics_file.write_text("")
     best_file = run / "best.safetensors"
-    stop = _StopFlag().install()
     t0, tokens_seen, exit_code = time.perf_counter(), 0, 0
     model.train()
-    try:
-        with open(metrics_file, "a") as metrics:
-            while state["step"] < cfg.max_steps:
-                bins = plan.bins(state["epoch"], state["chunk"])
-                if state["bin"] >= len(bins):
-                    state["bin"], state["chunk"] = 0, state["chunk"] + 1
-                    if state["chunk"] >= plan.num_chunks:
-                        state["chunk"], state["epoch"] = 0, state["epoch"] + 1
-                    continue
-                idx = bins[state["bin"]]
-                loss = _step(model, opt, data, source, plan, idx, state, cfg, width, norm, device)
-                state["step"] += 1
-                state["bin"] += 1
-                step = state["step"]
-                tokens_seen += int(sum(min(len(source.ids[i]), width - 2) + 2 for i in idx))
-                record = {"kind": "train", "step": step, "epoch": state["epoch"], "loss": loss}
-                metrics.write(json.dumps(record) + "\n")
-                if step % 10 == 0 or step == 1:
-                    rate = tokens_seen / max(time.perf_counter() - t0, 1e-9)
-                    log(f"step {step}/{cfg.max_steps} epoch {state['epoch']} loss {loss:.4f} {rate:,.0f} tok/s")
-                done = False
-                if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                    outputs = predict(model, data.valid.seqs, data.per_residue, width, cfg.token_budget, device)
-                    value, _ = score(data, outputs, data.valid.labels, norm)
-                    model.train()
-                    better = state["best_metric"] is None or value > state["best_metric"]
-                    if better:
-                        state["best_metric"], state["best_step"], state["bad_evals"] = value, step, 0
-                        _save_weights(model, best_file)
-                    else:
-                        state["bad_evals"] += 1
-                    done = bool(cfg.patience) and state["bad_evals"] >= cfg.patience
-                    metrics.write(json.dumps({"kind": "valid", "step": step, metric_name(data): value,
-                                              "best": state["best_metric"], "best_step": state["best_step"]}) + "\n")
-                    metrics.flush()
-                    log(f"step {step}: valid {metric_name(data)} {value:.4f} (best {state['best_metric']:.4f} at "
-                        f"step {state['best_step']}{', stopping early' if done else ''})")
-                    ckpt.save_checkpoint(root, step, parts, cfg.keep_latest_k)
+    with StopFlag() as stop, open(metrics_file, "a") as metrics:
+        while state["step"] < cfg.max_steps:
+            bins = plan.bins(state["epoch"], state["chunk"])
+            if state["bin"] >= len(bins):
+                state["bin"], state["chunk"] = 0, state["chunk"] + 1
+                if state["chunk"] >= plan.num_chunks:
+                    state["chunk"], state["epoch"] = 0, state["epoch"] + 1
+                continue
+            idx = bins[state["bin"]]
+            loss = _step(model, opt, data, source, plan, idx, state, cfg, width, norm, device)
+            state["step"] += 1
+            state["bin"] += 1
+            step = state["step"]
+            tokens_seen += int(sum(min(len(source.ids[i]), width - 2) + 2 for i in idx))
+            record = {"kind": "train", "step": step, "epoch": state["epoch"], "loss": loss}
+            metrics.write(json.dumps(record) + "\n")
+            if step % 10 == 0 or step == 1:
+                rate = tokens_seen / max(time.perf_counter() - t0, 1e-9)
+                log(f"step {step}/{cfg.max_steps} epoch {state['epoch']} loss {loss:.4f} {rate:,.0f} tok/s")
+            done = False
+            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                outputs = predict(model, data.valid.seqs, data.per_residue, width, cfg.token_budget, device)
+                value, _ = score(data, outputs, data.valid.labels, norm)
+                model.train()
+                better = state["best_metric"] is None or value > state["best_metric"]
+                if better:
+                    state["best_metric"], state["best_step"], state["bad_evals"] = value, step, 0
+                    _save_weights(model, best_file)
+                else:
+                    state["bad_evals"] += 1
+                done = bool(cfg.patience) and state["bad_evals"] >= cfg.patience
+                metrics.write(json.dumps({"kind": "valid", "step": step, metric_name(data): value,
+                                          "best": state["best_metric"], "best_step": state["best_step"]}) + "\n")
                 metrics.flush()
-                if done:
-                    break
-                kind = ckpt.injected_fault(step, 0, ("term",))
-                if kind is not None:
-                    os.kill(os.getpid(), signal.SIGTERM)
-                if stop.signal is not None:
-                    if not (root / f"step_{step:08d}").is_dir():
-                        ckpt.save_checkpoint(root, step, parts, cfg.keep_latest_k)
-                    log(f"stopped by signal {int(stop.signal)} at step {step}: rerun the same command to continue")
-                    exit_code = 128 + int(stop.signal)
-                    return {"stopped": f"signal {int(stop.signal)}", "exit_code": exit_code, "run": str(run)}
-    finally:
-        stop.restore()
+                log(f"step {step}: valid {metric_name(data)} {value:.4f} (best {state['best_metric']:.4f} at "
+                    f"step {state['best_step']}{', stopping early' if done else ''})")
+                checkpointer.save(step)
+            metrics.flush()
+            if done:
+                break
+            inject_fault(step, 0, model)
+            if stop.signal is not None:
+                if checkpointer.last_saved != step:
+                    checkpointer.save(step)
+                log(f"stopped by signal {int(stop.signal)} at step {step}: rerun the same command to continue")
+                exit_code = 128 + int(stop.signal)
+                return {"stopped": f"signal {int(stop.signal)}", "exit_code": exit_code, "run": str(run)}
     return _finish(cfg, data, model, loaded, run, width, norm, state, device, log)
 
 

@@ -307,6 +307,17 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
 
 
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop metric lines written after the checkpoint of `step` by an attempt that stopped (and final evals)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return
+    keep = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step and not r.get("final")]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    os.replace(tmp, path)
+
+
 def plot_curves(path: Path) -> list[Path]:
     """loss vs tokens and vs training time (train and val) as PNGs under plots/."""
     import matplotlib
