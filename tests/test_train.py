@@ -110,6 +110,7 @@ def test_training_learns_more_than_residue_frequencies(tmp_path):
     cfg = build_config(None, args)
     unigram = _unigram_cross_entropy(tmp_path / "ds", "valid", cfg.eval, cfg.eval.subset)
     assert summary["final_val"]["loss"] < unigram, (summary["final_val"]["loss"], unigram)
+    assert summary["worse_than_unigram"] is False and summary["gain_over_unigram"] > 0
 
 
 def test_train_cli_end_to_end(tmp_path):
@@ -131,6 +132,9 @@ def test_train_cli_end_to_end(tmp_path):
     assert [r["step"] for r in records if r["kind"] == "eval"] == [3, 6]
     assert set(summary["time_to_target"]) == {"10.0"} and summary["time_to_target"]["10.0"]["step"] == 3
     assert "time-to-target 10.0:" in proc.stdout and "time-to-target 0.1" not in proc.stdout
+    # 6 steps of a tiny model do not beat residue frequencies: the summary says so (line and summary.json)
+    assert summary["worse_than_unigram"] is True and summary["gain_over_unigram"] < 0
+    assert "warning: the final val loss" in proc.stdout and "worse than the unigram baseline" in proc.stdout
     # the run directory is never silently reused with another config
     bad = _plmrun(["train", *TINY, "--logging.name=e2e", "--train.seed=1"], tmp_path, check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "already finished" in bad.stderr

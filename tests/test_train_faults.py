@@ -67,6 +67,28 @@ def test_diverging_run_stops_with_step_loss_and_learning_rates(here, capsys):
     assert summary["steps"] == 6 and summary["final_val"]["loss"] > 7
 
 
+def test_eval_loss_above_unigram_stops_the_run_naming_the_learning_rates(here, capsys):
+    """Muon at lr_hidden=1e6: the train loss stays near ln 33, below the divergence_factor threshold, and the val
+    loss ~0.58 nats above the unigram baseline. Old code: exit 0 with a finished-looking summary."""
+    muon = [*TINY, "--optim.lr_hidden=1e6", "--train.max_steps=12", "--train.eval_every=4", "--logging.run_root=muon"]
+    code = main(["train", *muon, "--logging.name=stopped"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and re.match(
+        r"error: step 12: training diverged: val loss 3\.\d+ is 0\.\d\d nats above the unigram baseline 2\.\d+ "
+        r"\(train.divergence_margin=0.5\); the learning rate is likely too high \(optim.lr_hidden=1e\+06, lr_embed=",
+        err), err
+    assert "train.divergence_margin=0 turns this check off" in err
+    run = here / "muon" / "stopped"
+    assert not (run / "summary.json").exists()
+    assert [r[1] for r in _series(run) if r[0] == "eval"] == [4, 8, 12]   # evals before step 10 are not judged
+    # margin 0: the run finishes, and its summary says it is worse than the unigram baseline
+    summary = train(build_config(None, [*muon, "--train.divergence_margin=0", "--logging.name=finished"]))
+    assert summary["steps"] == 12 and summary["worse_than_unigram"] is True and summary["gain_over_unigram"] < -0.5
+    saved = json.loads((here / "muon" / "finished" / "summary.json").read_text())
+    assert saved["worse_than_unigram"] is True
+    assert "warning: the final val loss" in capsys.readouterr().out
+
+
 def test_a_spike_that_comes_back_down_does_not_stop_the_run(here):
     """lr 10 (one process, no accumulation): the loss jumps to ~36 at step 2 and is back below 7 by step 5."""
     lr = ["--optim.lr_embed=10", "--optim.lr_head=10", "--optim.lr_scalar=10", "--train.max_steps=12",
@@ -89,7 +111,8 @@ def test_skip_stops_after_max_skips_in_a_row(here):
 
 def test_new_keys_are_validated():
     for key, bad, msg in (("loss_spike_max_skips", "0", "must be >= 1"), ("divergence_steps", "0", "must be >= 1"),
-                          ("divergence_factor", "0.5", "must be 0 (off) or > 1")):
+                          ("divergence_factor", "0.5", "must be 0 (off) or > 1"),
+                          ("divergence_margin", "-0.1", "must be >= 0 nats (0 = off)")):
         with pytest.raises(ConfigError, match=re.escape(f"train.{key} {msg}")):
             build_config(None, [f"--train.{key}={bad}"])
 

@@ -1,11 +1,12 @@
-"""Checks that stop (or flag) a run going wrong: loss spikes and a train loss stuck above uniform guessing.
-Each stop is one TrainingError line naming the cause."""
+"""Checks that stop (or flag) a run going wrong: loss spikes, a train loss stuck above uniform guessing,
+and an eval loss above the unigram baseline. Each stop is one TrainingError line naming the cause."""
 from __future__ import annotations
 
 import math
 from typing import Callable
 
 from plmrun.config import Config, OptimConfig, TrainConfig
+from plmrun.optim.schedule import steps_of
 from plmrun.tokenizer import VOCAB_SIZE
 from plmrun.train.state import TrainingError, TrainState
 
@@ -76,3 +77,26 @@ def check_divergence(cfg: Config, state: TrainState, step: int, loss: float, pre
                         f"{state.diverging_steps} steps in a row; {_cause(cfg, precision)}; {hint()} "
                         "(train.divergence_factor=0 turns this check off)")
 
+
+def divergence_check_from(cfg: Config) -> int:
+    """First step whose eval `check_eval_divergence` judges: after the LR warm-up and train.divergence_steps."""
+    return max(steps_of(cfg.optim.warmup, cfg.train.max_steps), cfg.train.divergence_steps)
+
+
+def check_eval_divergence(cfg: Config, state: TrainState, val: dict, precision: str, hint: Callable[[], str]) -> None:
+    """Stop a run whose eval loss is above the unigram baseline's by more than train.divergence_margin.
+
+    The unigram baseline (predicting the training split's residue frequencies) is what any model
+    reaches within a few steps; a run far above it after warm-up has diverged, even when its train
+    loss looks bounded (Muon's normalised update keeps it near uniform guessing, below the
+    divergence_factor threshold). A train loss already above that threshold is left to
+    `check_divergence`, whose message names it.
+    """
+    margin, step = cfg.train.divergence_margin, state.step
+    if not margin or "unigram_loss" not in val or step < divergence_check_from(cfg) or state.diverging_steps:
+        return
+    if val["loss"] <= val["unigram_loss"] + margin:
+        return
+    raise TrainingError(f"step {step}: training diverged: val loss {val['loss']:.4f} is {-val['gain']:.2f} nats above "
+                        f"the unigram baseline {val['unigram_loss']:.4f} (train.divergence_margin={margin:g}); "
+                        f"{_cause(cfg, precision)}; {hint()} (train.divergence_margin=0 turns this check off)")

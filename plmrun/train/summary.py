@@ -41,7 +41,24 @@ def summarize(cfg: Config, *, name: str, run_dir, state: TrainState, n_params: i
         "cost_usd": cfg.train.cost_per_hour * world_size * total / 3600.0,
         "data": state.data,
     }
+    last = final_full or final_val or {}
+    if "gain" in last:
+        summary["gain_over_unigram"] = last["gain"]
+        summary["worse_than_unigram"] = last["gain"] < 0
     return summary
+
+
+def unigram_warning(s: dict) -> Optional[str]:
+    """A line for a run whose final val loss is above the unigram baseline's (it learned less than residue
+    frequencies), else None."""
+    if not s.get("worse_than_unigram"):
+        return None
+    last = s["final_full_val"] or s["final_val"]
+    which = "full valid split" if s["final_full_val"] else "eval subset"
+    return (f"warning: the final val loss {last['loss']:.4f} ({which}) is worse than the unigram baseline "
+            f"{last['unigram_loss']:.4f} (gain {last['gain']:.4f} nats): the model predicts masked residues worse "
+            "than the training split's residue frequencies; train longer or check the learning rates")
+
 
 def summary_lines(s: dict) -> str:
     lines = [f"run {s['run_dir']}: {s['steps']} steps, {s['tokens']:,} tokens in {s['train_time_s']:.1f} s of training"
@@ -57,4 +74,7 @@ def summary_lines(s: dict) -> str:
     for thr, r in sorted(s["time_to_target"].items(), key=lambda kv: -float(kv[0])):
         lines.append(f"time-to-target {thr}: {r['train_time_s']:.1f} s training ({r['wall_time_s_incl_eval']:.1f} s incl."
                      f" eval), {r['tokens']:,} tokens, step {r['step']}")
+    warning = unigram_warning(s)
+    if warning:
+        lines.append(warning)
     return "\n".join(lines)

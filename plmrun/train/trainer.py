@@ -29,7 +29,7 @@ from plmrun.config import Config
 from plmrun.errors import PlmrunError
 from plmrun.train.checkpointer import Checkpointer
 from plmrun.train.evaluator import Evaluator
-from plmrun.train.guards import SpikePolicy, check_divergence
+from plmrun.train.guards import SpikePolicy, check_divergence, check_eval_divergence
 from plmrun.train.inputs import (build_train_loader, grad_accum_for, open_test_split, open_training_data,
                                  require_splits, resume_grad_accum)
 from plmrun.train.parallelize import (DistEnv, all_reduce_sum, autocast_dtype, init_distributed, native_bf16,
@@ -171,6 +171,7 @@ class Trainer:
                 reason = StopReason.MAX_TIME  # evaluated and checkpointed like the last step
             if self.evaluator.due(st.step, last=reason is not None):
                 val = self.evaluator.evaluate(st.step, result["loss"])
+                check_eval_divergence(cfg, st, val, self.precision, self.checkpointer.hint)
                 if self.evaluator.reached_target(val):
                     reason = StopReason.TARGET
             if any_rank(stop.signal is not None):
