@@ -203,6 +203,43 @@ def test_resume_refuses_a_finished_run_and_one_without_checkpoint(here, capsys):
     assert not (fresh / "metrics.jsonl").exists()
 
 
+def test_a_finished_run_is_extended_to_more_steps(here, capsys):
+    """--resume RUN --train.max_steps=9 continues a finished 6-step run from its step-6 checkpoint, records the
+    change, and follows the LR schedule over the new max_steps. With a constant schedule the extended run is
+    the 9-step run, bit for bit. Old code: every override of --resume refused."""
+    flat = [*TINY, "--optim.schedule=constant", "--logging.run_root=ext"]
+    train(build_config(None, [*flat, "--train.max_steps=9", "--logging.name=nine"]))
+    train(build_config(None, [*flat, "--logging.name=six"]))
+    six = here / "ext" / "six"
+    assert main(["train", "--resume", str(six), "--train.max_steps=9"]) == 0
+    assert _series(six) == _series(here / "ext" / "nine")
+    assert all((a == b).all() for a, b in zip(_weights(six).values(), _weights(here / "ext" / "nine").values()))
+    assert json.loads((six / "summary.json").read_text())["steps"] == 9
+    assert json.loads((six / "summary.step_00000006.json").read_text())["steps"] == 6
+    history = [json.loads(line) for line in (six / "config_history.jsonl").read_text().splitlines()]
+    assert [(h["step"], h["changes"]) for h in history] == [(6, {"train.max_steps": [6, 9]})]
+    assert build_config(str(six / "config.yaml")).train.max_steps == 9
+    # wsd: the extension's LR follows the schedule of a 9-step run from step 6 on (so it rises again)
+    from plmrun.optim.schedule import lr_multiplier
+    wsd = here / "ext" / "wsd"
+    train(build_config(None, [*TINY, "--logging.run_root=ext", "--logging.name=wsd"]))
+    assert main(["train", "--resume", str(wsd), "--train.max_steps=9"]) == 0
+    lr = [r["lr_mult"] for r in map(json.loads, (wsd / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    optim = build_config(None, TINY).optim
+    assert lr[:6] == [lr_multiplier(s, optim, 6) for s in range(6)] and lr[5] < 1
+    assert lr[6:] == [lr_multiplier(s, optim, 9) for s in range(6, 9)] and lr[6] > lr[5]
+    capsys.readouterr()
+    # anything but the keys an extension may change is refused, and so is lowering max_steps
+    before = (six / "config.yaml").read_text()
+    assert main(["train", "--resume", str(six), "--train.max_steps=12", "--train.seed=3"]) == 2
+    assert capsys.readouterr().err == ("error: --resume: --train.seed would change what the run computes; a resume may "
+                                       "change only train.max_steps, train.max_time, logging.progress (start a new "
+                                       "run for other settings)\n")
+    assert main(["train", "--resume", str(six), "--train.max_steps=8"]) == 2
+    assert "train.max_steps 8 is below the run's 9; an extension may only raise it" in capsys.readouterr().err
+    assert (six / "config.yaml").read_text() == before and len((six / "config_history.jsonl").read_text().splitlines()) == 1
+
+
 def test_a_run_that_is_still_training_is_neither_continued_nor_reused(here):
     """The lock rank 0 holds while training: a same-config rerun starts its own run; the same name is refused."""
     live, _ = prepare_run_dir(_cfg(here / "live"), "live", resume=False)
