@@ -217,7 +217,7 @@ class TrainConfig:
     divergence_steps: int = 10
     "Consecutive steps above the divergence threshold that stop the run."
     divergence_margin: float = 0.5
-    "Stop (exit 2) at an eval whose loss is more than this many nats above the unigram baseline (the training split's residue frequencies; guessing uniformly over the vocabulary is about 0.6 above it on proteins), once the run is past its LR warm-up and train.divergence_steps steps (0 = never)."
+    "Stop (exit 2) at an eval whose loss is more than this many nats above the unigram baseline (the training split's residue frequencies; guessing uniformly over the vocabulary is about 0.6 above it on proteins), once the run is past its LR warm-up and train.divergence_steps steps, before its last step (0 = never)."
 
 
 @dataclass

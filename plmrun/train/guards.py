@@ -31,7 +31,8 @@ class SpikePolicy:
 
     def check(self, step: int, loss: float, warn: Callable[[str], None]) -> bool:
         """True when this step's update must be skipped."""
-        c, st = self.cfg, self.state
+        c: TrainConfig = self.cfg
+        st = self.state
         recent = st.recent_losses
         if c.loss_spike == "ignore" or not recent or loss <= c.loss_spike_factor * sum(recent) / len(recent):
             st.recent_losses = (recent + [loss])[-c.loss_spike_window:]

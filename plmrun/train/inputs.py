@@ -60,7 +60,8 @@ def build_train_loader(cfg: Config, env: DistEnv, train_src):
 def grad_accum_for(cfg: Config, world_size: int) -> int:
     """train.grad_accum on this world size: derived from train.global_batch_tokens when set, so one YAML
     gives the same global batches on 1, 4 or 8 ranks (validate() already checked token_budget divides it)."""
-    t, budget = cfg.train, cfg.data.token_budget
+    t = cfg.train
+    budget = cfg.data.token_budget
     if not t.global_batch_tokens:
         return t.grad_accum
     micro = t.global_batch_tokens // budget

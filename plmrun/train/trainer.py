@@ -171,7 +171,8 @@ class Trainer:
                 reason = StopReason.MAX_TIME  # evaluated and checkpointed like the last step
             if self.evaluator.due(st.step, last=reason is not None):
                 val = self.evaluator.evaluate(st.step, result["loss"])
-                check_eval_divergence(cfg, st, val, self.precision, self.checkpointer.hint)
+                if reason is None:  # a run that ends here is not stopped: its summary says if it is worse than unigram
+                    check_eval_divergence(cfg, st, val, self.precision, self.checkpointer.hint)
                 if self.evaluator.reached_target(val):
                     reason = StopReason.TARGET
             if any_rank(stop.signal is not None):
