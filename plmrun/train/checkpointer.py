@@ -14,8 +14,10 @@ from plmrun import checkpoint as ckpt
 class Checkpointer:
     """The checkpoints of one run directory: RUN/checkpoints/step_XXXXXXXX over the run's Stateful parts."""
 
-    def __init__(self, run_dir: Path, every: int, keep_latest_k: int, parts: Optional[dict] = None):
+    def __init__(self, run_dir: Path, every: int, keep_latest_k: int, parts: Optional[dict] = None,
+                 resume: Optional[str] = None):
         self.run_dir, self.every, self.keep = Path(run_dir), every, keep_latest_k
+        self.resume = resume or f"resume with `plmrun train --resume {self.run_dir}`"   # how to continue the run
         self.root = self.run_dir / "checkpoints"
         self.parts = parts or {}
         self.last_saved: Optional[int] = None
@@ -45,4 +47,4 @@ class Checkpointer:
         if latest is None:
             return (f"no checkpoint was saved yet (train.checkpoint_every={self.every}), "
                     "so a rerun starts from step 0")
-        return f"the last good checkpoint is {latest} (resume with `plmrun train --resume {self.run_dir}`)"
+        return f"the last good checkpoint is {latest} ({self.resume})"

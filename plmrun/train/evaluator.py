@@ -17,6 +17,7 @@ from plmrun.eval.mlm import evaluate
 from plmrun.train.parallelize import DistEnv
 from plmrun.train.rundir import MetricsLog
 from plmrun.train.state import TrainState
+from plmrun.train.stopping import StopReason
 
 
 def dense_eval_due(cfg: Config, step: int, best_val_loss: Optional[float]) -> bool:
@@ -77,10 +78,10 @@ class Evaluator:
                                       refresh=True)
         return val
 
-    def reached_target(self, val: dict) -> bool:
-        """train.stop_at_val_loss reached by this eval."""
+    def stop_reason(self, val: dict) -> Optional[StopReason]:
+        """TARGET when this eval reached train.stop_at_val_loss."""
         target = self.cfg.train.stop_at_val_loss
-        return target is not None and val["loss"] <= target
+        return StopReason.TARGET if target is not None and val["loss"] <= target else None
 
     def final(self) -> tuple[Optional[dict], Optional[dict]]:
         """(the whole valid split, the whole test split) as eval.final_full / eval.final_test ask, logged."""

@@ -49,20 +49,29 @@ def train(cfg: Config, *, resume: Optional[str] = None, init_from_hf: Optional[s
     """
     held = []  # rank 0's lock on the run directory, released however train() ends
     try:
-        trainer = Trainer(cfg, resume=resume, init_from_hf=init_from_hf, launch=time.perf_counter(), held=held)
-        with StopFlag() as stop:
-            try:
-                reason = trainer.train(stop)
-            finally:
-                trainer.close_stream()
-        return trainer.finish(reason, stop)
+        return run_to_end(Trainer(cfg, resume=resume, init_from_hf=init_from_hf, launch=time.perf_counter(),
+                                  held=held))
     finally:
         for lock in held:
             lock.release()
 
 
+def run_to_end(trainer: "Trainer") -> dict:
+    """The loop under a SIGTERM/SIGINT flag, then the trainer's ending (final evals and summary, or where to resume)."""
+    with StopFlag() as stop:
+        try:
+            reason = trainer.train(stop)
+        finally:
+            trainer.close_stream()
+    return trainer.finish(reason, stop)
+
+
 class Trainer:
-    """One run: its directory, data, model, optimizers, loader, checkpointer and evaluator, and the loop."""
+    """One run: its directory, data, model, optimizers, loader, checkpointer and evaluator, and the loop.
+
+    The loop (`train`, `train_step`) needs only those parts; a task other than pretraining (plmrun
+    finetune) builds its own in its constructor and overrides `loss_sum`, `train_record` and `finish`.
+    """
 
     def __init__(self, cfg: Config, *, resume: Optional[str], init_from_hf: Optional[str], launch: float,
                  held: list):
@@ -83,7 +92,7 @@ class Trainer:
             run_dir, continuing, note, lock = choose_run_dir(cfg, resume, init_from_hf)
             held.append(lock)
             return run_dir, continuing, note, (ckpt.latest_checkpoint(run_dir / "checkpoints") if continuing else None)
-        self.run_dir, is_resume, note, latest = _from_rank0(env, decide)
+        self.run_dir, is_resume, note, latest = from_rank0(env, decide)
         if note and env.is_main:
             print(note, flush=True)
         self.name = self.run_dir.name
@@ -173,8 +182,7 @@ class Trainer:
                 val = self.evaluator.evaluate(st.step, result["loss"])
                 if reason is None:  # a run that ends here is not stopped: its summary says if it is worse than unigram
                     check_eval_divergence(cfg, st, val, self.precision, self.checkpointer.hint)
-                if self.evaluator.reached_target(val):
-                    reason = StopReason.TARGET
+                reason = self.evaluator.stop_reason(val) or reason
             if any_rank(stop.signal is not None):
                 reason = StopReason.SIGNAL
             if self.checkpointer.due(st.step, stopping=reason is not None):
@@ -204,7 +212,7 @@ class Trainer:
         if global_norm <= 0:
             raise TrainingError(f"step {step}: no loss targets in the global batch (check the masking settings)")
         loss_sum = forward_backward(self.model, micro, global_norm=global_norm, world_size=env.world_size,
-                                    device=env.device, amp_dtype=self.amp_dtype, step=step)
+                                    device=env.device, amp_dtype=self.amp_dtype, step=step, loss_sum=self.loss_sum)
         grad_norm, clip_to = optimizers.clip_gradients()
         # one collective: the global loss sum and which ranks saw a non-finite local loss
         red = torch.zeros(1 + env.world_size, dtype=torch.float64)
@@ -254,16 +262,25 @@ class Trainer:
             return
         tok_s = iv["tokens"] / max(iv["t"], 1e-9)
         mfu = iv["flops"] / max(iv["t"], 1e-9) / (self.peak * self.env.world_size)
+        self.log.write(self.train_record(r, tok_s, mfu))
+        if self.progress is not None:
+            self.progress.set_postfix(loss=f"{r['loss']:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}", refresh=False)
+        self._interval = {"t": 0.0, "tokens": 0, "flops": 0.0}
+
+    def train_record(self, r: dict, tok_s: float, mfu: float) -> dict:
+        """The metrics.jsonl line of a logged step."""
+        st = self.state
         rec = {"kind": "train", "step": st.step, "tokens": st.tokens, "train_time_s": round(st.train_time_s, 3),
                "loss": r["loss"], "grad_norm": r["grad_norm"], "clip": r["clip"], "tok_per_s": tok_s, "mfu": mfu,
                "lr_mult": self.optimizers.lr_multiplier(st.step - 1),
                "packing_efficiency": self.loader.packing_efficiency}
         if r["spike"]:
             rec["spike"] = r["spike"]
-        self.log.write(rec)
-        if self.progress is not None:
-            self.progress.set_postfix(loss=f"{r['loss']:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}", refresh=False)
-        self._interval = {"t": 0.0, "tokens": 0, "flops": 0.0}
+        return rec
+
+    def loss_sum(self, model, mb, device: torch.device, step: int, forward_context) -> torch.Tensor:
+        """A micro-batch's summed loss (forward_backward's `loss_sum`): the masked-LM objective."""
+        return mlm_loss_sum(model, mb, device, step, forward_context)
 
     def close_stream(self) -> None:
         if self.progress is not None:
@@ -320,29 +337,43 @@ class Trainer:
 
 
 # ------------------------------------------------------------------ the step's math
-def forward_backward(model, micro: list, *, global_norm: float, world_size: int, device: torch.device,
-                     amp_dtype=None, step: Optional[int] = None) -> torch.Tensor:
-    """Accumulate the gradient of Σ(w·CE) / global_norm over this rank's micro-batches.
+def mlm_loss_sum(model, mb, device: torch.device, step: int, forward_context) -> torch.Tensor:
+    """Σ weight·CE over the masked targets of micro-batch `mb` (the forward runs inside `forward_context`)."""
+    p = mb.packed
+    tokens = mb.inputs.to(device, non_blocking=True)
+    targets = mb.targets.to(device, non_blocking=True)
+    index = (targets != -100).nonzero().squeeze(1)
+    with forward_context:
+        out = model(tokens, p.positions.to(device, non_blocking=True), p.cu_seqlens.to(device, non_blocking=True),
+                    p.max_seqlen, logits_index=index, step=step)
+    ce = F.cross_entropy(out.logits.float(), targets[index], reduction="none")
+    return (ce * mb.loss_weights.to(device, non_blocking=True)[index]).sum()
 
-    Returns this rank's Σ(w·CE) (float64). Gradient sync happens on the last micro-batch only.
-    DDP/FSDP average gradients over ranks, so each rank scales by world_size / global_norm:
-    the result is the gradient of the global-sum loss, whatever the split into ranks and
+
+def forward_backward(model, micro: list, *, global_norm: float, world_size: int, device: torch.device,
+                     amp_dtype=None, step: Optional[int] = None, loss_sum=None) -> torch.Tensor:
+    """Accumulate the gradient of Σ loss / global_norm over this rank's micro-batches.
+
+    `loss_sum(model, mb, device, step, forward_context)` gives a micro-batch's summed loss (default: the
+    masked-LM Σ weight·CE). Returns this rank's Σ loss (float64). Gradient sync happens on the last
+    micro-batch only. DDP/FSDP average gradients over ranks, so each rank scales by world_size /
+    global_norm: the result is the gradient of the global-sum loss, whatever the split into ranks and
     micro-batches.
     """
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    loss_sum = loss_sum or mlm_loss_sum
+    total = torch.zeros((), dtype=torch.float64, device=device)
     for j, mb in enumerate(micro):
-        p = mb.packed
-        tokens = mb.inputs.to(device, non_blocking=True)
-        targets = mb.targets.to(device, non_blocking=True)
-        index = (targets != -100).nonzero().squeeze(1)
-        with _no_sync(model, last=j == len(micro) - 1), _autocast(device, amp_dtype):
-            out = model(tokens, p.positions.to(device, non_blocking=True), p.cu_seqlens.to(device, non_blocking=True),
-                        p.max_seqlen, logits_index=index, step=step)
-        ce = F.cross_entropy(out.logits.float(), targets[index], reduction="none")
-        weighted = (ce * mb.loss_weights.to(device, non_blocking=True)[index]).sum()
+        weighted = loss_sum(model, mb, device, step, _forward_context(model, j == len(micro) - 1, device, amp_dtype))
         (weighted * (world_size / global_norm)).backward()
-        loss_sum += weighted.detach().double()
-    return loss_sum
+        total += weighted.detach().double()
+    return total
+
+
+@contextlib.contextmanager
+def _forward_context(model, last: bool, device: torch.device, amp_dtype):
+    """A micro-batch's forward: without gradient sync unless it is the last one, under autocast when asked."""
+    with _no_sync(model, last), _autocast(device, amp_dtype):
+        yield
 
 
 def _autocast(device: torch.device, dtype):
@@ -406,7 +437,7 @@ def _build_model(cfg: Config, env: DistEnv, init_from_hf: Optional[str]) -> torc
     return model.to(env.device)
 
 
-def _from_rank0(env: DistEnv, decide):
+def from_rank0(env: DistEnv, decide):
     """Run `decide()` on rank 0 only and give every rank its result, or raise its error on every rank,
     so the ranks never disagree about what rank 0 saw on disk (and none waits for a rank that failed)."""
     result = error = None
