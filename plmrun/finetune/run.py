@@ -41,7 +41,7 @@ from plmrun.errors import PlmrunError
 from plmrun.manifest import follow_umask
 from plmrun.train.checkpointer import Checkpointer
 from plmrun.train.parallelize import init_distributed
-from plmrun.train.rundir import MetricsLog, RunLock, truncate_metrics, write_json_atomic
+from plmrun.train.rundir import MetricsLog, RunLock, claim_run_dir, truncate_metrics, write_json_atomic
 from plmrun.train.state import TrainState
 from plmrun.train.stopping import StopFlag, StopReason
 from plmrun.train.trainer import Trainer, from_rank0, measure_matmul_peak, run_to_end
@@ -203,22 +203,10 @@ def metric_name(data: FinetuneData) -> str:
 
 # ------------------------------------------------------------------ run directory
 def open_run_dir(cfg: FinetuneConfig) -> tuple[Path, RunLock]:
-    """RUN_ROOT/NAME: created, or reopened when it holds the same config and has not finished."""
-    name = cfg.name or f"{Path(cfg.task).name.split('.')[0]}-{cfg.method}"
-    path = Path(cfg.run_root) / name
-    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-    if path.exists():
-        saved = path / "config.yaml"
-        if not saved.is_file():
-            raise FinetuneError(f"{path}: exists but is not a fine-tuning run directory; choose another --name")
-        if (path / "summary.json").is_file():
-            raise FinetuneError(f"{path}: this fine-tuning run already finished; choose another --name")
-        if yaml.safe_load(saved.read_text()) != yaml.safe_load(text):
-            raise FinetuneError(f"{path}: exists with a different config; rerun with that config to continue it "
-                                "or choose another --name")
-    else:
-        path.mkdir(parents=True)
-        (path / "config.yaml").write_text(text)
+    """RUN_ROOT/NAME: created, or reopened when it holds the same config and has not finished (rundir's rule)."""
+    path = Path(cfg.run_root) / (cfg.name or f"{Path(cfg.task).name.split('.')[0]}-{cfg.method}")
+    claim_run_dir(path, yaml.safe_dump(to_dict(cfg), sort_keys=False), rerun="rerun with that config to continue it",
+                  name_flag="--name")
     return path, RunLock(path)
 
 
@@ -333,7 +321,7 @@ class LabelledStream:
     def load_state_dict(self, state: dict) -> None:
         if state["world_x_accum"] != self.world_x_accum:
             raise ValueError(f"saved with world size × grad_accum {state['world_x_accum']}, now {self.world_x_accum};"
-                             " keep the product so the batches stay the same")
+                             " rerun it on the world size it was started with, so the batches stay the same")
         self.pos = {k: int(state[k]) for k in ("epoch", "chunk", "bin")}
 
     def close(self) -> None:

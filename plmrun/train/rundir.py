@@ -49,20 +49,15 @@ def prepare_run_dir(cfg: Config, name: str, *, resume: bool, init_from: Optional
     """
     root = Path(cfg.logging.run_root)
     path = root / name
-    text = config_yaml(cfg)
-    if path.exists():
-        saved = path / "config.yaml"
-        if resume and saved.is_file():
+    if path.exists() and resume:
+        if (path / "config.yaml").is_file():
             _extend(path, cfg)
         if (path / "summary.json").exists():
-            if resume:
-                raise RunDirError(f"{path} finished at step {finished_step(path)} (summary.json); nothing to resume")
-            raise RunDirError(f"{path}: this run already finished; choose another --logging.name")
-        if not saved.exists():
-            raise RunDirError(f"{path}: exists but is not a plmrun run directory; choose another --logging.name")
-        if _normalised(saved.read_text()) != _normalised(text):
-            raise RunDirError(f"{path}: exists with a different config; resume it with `plmrun train --resume {path}`"
-                              " or choose another --logging.name")
+            raise RunDirError(f"{path} finished at step {finished_step(path)} (summary.json); nothing to resume")
+    elif resume:
+        raise RunDirError(f"{path}: no such run directory to resume")
+    if claim_run_dir(path, config_yaml(cfg), rerun=f"resume it with `plmrun train --resume {path}`",
+                     name_flag="--logging.name"):
         if not resume and _init_source(path) != _source(init_from):
             raise RunDirError(f"{path}: started from {_init_source(path) or 'random init'}, not "
                               f"{_source(init_from) or 'random init'}; resume it with `plmrun train --resume {path}` "
@@ -71,13 +66,27 @@ def prepare_run_dir(cfg: Config, name: str, *, resume: bool, init_from: Optional
             raise RunDirError(f"{path} has no checkpoint yet; rerun the command that started it without --resume"
                               " to continue it (from step 0)")
         return path, True
-    if resume:
-        raise RunDirError(f"{path}: no such run directory to resume")
-    path.mkdir(parents=True)
-    (path / "config.yaml").write_text(text)
     if init_from:
         (path / INIT_FILE).write_text(_source(init_from) + "\n")
     return path, False
+
+
+def claim_run_dir(path: Path, text: str, *, rerun: str, name_flag: str) -> bool:
+    """A run's identity is its config: create `path` holding `text` as config.yaml, or reopen it when it holds
+    the same config and has not finished (True). Anything else is refused, naming `name_flag` and how to
+    continue the run that is there (`rerun`)."""
+    if not path.exists():
+        path.mkdir(parents=True)
+        (path / "config.yaml").write_text(text)
+        return False
+    saved = path / "config.yaml"
+    if (path / "summary.json").exists():
+        raise RunDirError(f"{path}: this run already finished; choose another {name_flag}")
+    if not saved.exists():
+        raise RunDirError(f"{path}: exists but is not a plmrun run directory; choose another {name_flag}")
+    if _normalised(saved.read_text()) != _normalised(text):
+        raise RunDirError(f"{path}: exists with a different config; {rerun} or choose another {name_flag}")
+    return True
 
 
 EXTENDABLE = ("train.max_steps", "train.max_time", "logging.progress")
