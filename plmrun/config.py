@@ -216,7 +216,7 @@ class TrainConfig:
     "Stop (exit 2) when the train loss stays above this multiple of ln(vocab), the loss of uniform guessing, for divergence_steps steps in a row (0 = never)."
     divergence_steps: int = 10
     "Consecutive steps above the divergence threshold that stop the run."
-    divergence_margin: float = 0.5
+    divergence_margin: float = 0.25
     "Stop (exit 2) at an eval whose loss is more than this many nats above the unigram baseline (the training split's residue frequencies; guessing uniformly over the vocabulary is about 0.6 above it on proteins), once the run is past its LR warm-up and train.divergence_steps steps, before its last step (0 = never)."
 
 

@@ -75,7 +75,7 @@ def test_eval_loss_above_unigram_stops_the_run_naming_the_learning_rates(here, c
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and re.match(
         r"error: step 12: training diverged: val loss 3\.\d+ is 0\.\d\d nats above the unigram baseline 2\.\d+ "
-        r"\(train.divergence_margin=0.5\); the learning rate is likely too high \(optim.lr_hidden=1e\+06, lr_embed=",
+        r"\(train.divergence_margin=0.25\); the learning rate is likely too high \(optim.lr_hidden=1e\+06, lr_embed=",
         err), err
     assert "train.divergence_margin=0 turns this check off" in err
     run = here / "muon" / "stopped"
