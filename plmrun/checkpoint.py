@@ -1,7 +1,7 @@
 """Resumable checkpoints: one checkpoint made of Stateful parts, saved and loaded by one function pair.
 
 A part is anything with state_dict()/load_state_dict() (torch.distributed.checkpoint's Stateful
-protocol). `training_parts` names the trainer's: the model and the optimizers (tensor state, which
+protocol). The trainer's (plmrun/train/trainer.py) are the model and the optimizers (tensor state, which
 may be FSDP2-sharded: saved by DCP, FQN-keyed through torch's state_dict API; the optimizers'
 part also carries the LR-schedule step, the clip history and the parameter-group names its guard
 checks), and the JSON-able loader position, trainer counters and RNG (train_state.json).
@@ -25,7 +25,7 @@ import signal
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -120,10 +120,10 @@ class RNGState:
 
 
 class DictState:
-    """A dict of JSON-able counters (the trainer's), updated in place; `check(saved)` may refuse first."""
+    """A dict of JSON-able counters, updated in place; saved counters must have every key, of the same JSON kind."""
 
-    def __init__(self, state: dict, check: Optional[Callable[[dict], None]] = None):
-        self.state, self.check = state, check
+    def __init__(self, state: dict):
+        self.state = state
 
     def state_dict(self) -> dict:
         return dict(self.state)
@@ -134,19 +134,11 @@ class DictState:
                 raise ValueError(f"no {key!r}")
             if mine is not None and saved[key] is not None and _json_kind(mine) != _json_kind(saved[key]):
                 raise ValueError(f"{key!r} is {saved[key]!r}, expected a {_json_kind(mine)}")
-        if self.check is not None:
-            self.check(saved)
         self.state.update({k: saved[k] for k in self.state})
 
 
 def _json_kind(v) -> str:
     return "number" if isinstance(v, (int, float)) and not isinstance(v, bool) else type(v).__name__
-
-
-def training_parts(model, optimizers, loader, state: dict, check: Optional[Callable[[dict], None]] = None) -> dict:
-    """Everything the trainer needs to continue exactly; `check` vets the saved counters before any load."""
-    return {"model": ModelState(model), "optimizers": optimizers, "loader": loader,
-            "trainer": DictState(state, check), "rng": RNGState()}
 
 
 def rng_state() -> dict:

@@ -29,17 +29,14 @@ def _add_train(sub) -> None:
 
 
 def _cmd_train(args, overrides) -> int:
-    from plmrun.config import ConfigError, build_config, load_yaml, validate
+    from plmrun.config import ConfigError, build_config, validate
     from plmrun.train.parallelize import leave_distributed
     from plmrun.train.trainer import train
     if args.resume:
-        run_cfg = Path(args.resume) / "config.yaml"
-        if not run_cfg.is_file():
-            raise ConfigError(f"{args.resume}: not a run directory (no config.yaml)")
-        if args.config or overrides:
-            raise ConfigError("--resume continues a run with its saved config; do not pass --config or overrides")
-        cfg = validate(load_yaml(run_cfg))
-        cfg.logging.run_root = str(Path(args.resume).parent)
+        if args.config:
+            raise ConfigError("--resume continues a run with its saved config; do not pass --config")
+        from plmrun.train.rundir import resume_config
+        cfg = resume_config(Path(args.resume), overrides)   # overrides: only the keys an extension may change
         if args.push_to_hub:
             cfg.logging.push_to_hub = args.push_to_hub
             validate(cfg)

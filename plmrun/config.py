@@ -172,6 +172,8 @@ class TrainConfig:
     "Stop (exit 2) when the train loss stays above this multiple of ln(vocab), the loss of uniform guessing, for divergence_steps steps in a row (0 = never)."
     divergence_steps: int = 10
     "Consecutive steps above the divergence threshold that stop the run."
+    divergence_margin: float = 0.25
+    "Stop (exit 2) at an eval whose loss is more than this many nats above the unigram baseline (the training split's residue frequencies; guessing uniformly over the vocabulary is about 0.6 above it on proteins), once the run is past its LR warm-up and train.divergence_steps steps, before its last step (0 = never)."
 
 
 @dataclass
@@ -570,6 +572,7 @@ def validate(cfg: Config) -> Config:
     _check(t.divergence_factor == 0 or t.divergence_factor > 1,
            f"train.divergence_factor must be 0 (off) or > 1, got {t.divergence_factor}")
     _check(t.divergence_steps >= 1, f"train.divergence_steps must be >= 1, got {t.divergence_steps}")
+    _check(t.divergence_margin >= 0, f"train.divergence_margin must be >= 0 nats (0 = off), got {t.divergence_margin}")
     validate_eval(e)
     limit = POSITION_LIMIT.get(m.arch)
     _check(limit is None or e.max_length <= limit,

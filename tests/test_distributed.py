@@ -158,12 +158,12 @@ def test_two_nodes_on_loopback_fsdp_meta_init(work):
 
 
 def test_check_resume_refuses_other_data(tmp_path):
-    from plmrun.train.trainer import TrainingError, _check_resume
+    from plmrun.train.state import TrainingError, check_resume
     data = {"train_fingerprint": "a", "valid_fingerprint": "b"}
     now = {"data": data, "world_x_accum": 2}
-    _check_resume({"data": dict(data), "world_x_accum": 2}, now, tmp_path)
+    check_resume({"data": dict(data), "world_x_accum": 2}, now, tmp_path)
     with pytest.raises(TrainingError, match="different data"):
-        _check_resume({"data": {**data, "train_fingerprint": "z"}, "world_x_accum": 2}, now, tmp_path)
+        check_resume({"data": {**data, "train_fingerprint": "z"}, "world_x_accum": 2}, now, tmp_path)
     from plmrun.train.trainer import resume_grad_accum
     assert resume_grad_accum({"world_x_accum": 8}, 4, 1, tmp_path) == 2
     assert resume_grad_accum({"world_x_accum": 8}, 8, 1, tmp_path) == 1

@@ -188,3 +188,43 @@ def test_esm2_position_limit(tmp_path, capsys):
             "<cls>/<eos>); set --max-length 1026") in err and err.count("\n") == 1
     assert _ft(tmp_path, model, "--task", long, "--max-length", "2048", "--token-budget", "4096") == 2
     assert "max_length 2048 exceeds the esm2 preset's position limit of 1026 tokens" in capsys.readouterr().err
+
+
+def test_max_time_stops_validates_and_reports(tmp_path, monkeypatch, capsys):
+    """The trainer's train.max_time, for free: on a clock that ticks 1 s per step, --max-time 2.5 ends the run
+    after step 3 of 20 with a validation pass, and the report is written as for a finished run."""
+    import itertools
+    from plmrun.train import stopping
+    ticks = itertools.count()
+    monkeypatch.setattr(stopping, "clock", lambda: float(next(ticks)))
+    assert _ft(tmp_path, _model(tmp_path), "--method", "full", "--max-steps", "20", "--eval-every", "10",
+               "--probe-seeds", "0", "--max-time", "2.5") == 0
+    run = tmp_path / "runs" / "solubility-full"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["stopped"] == "max_time"
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "valid"] == [3]
+
+
+def test_two_gloo_ranks_equal_one_rank_with_two_accumulation_steps(tmp_path):
+    """torchrun, DDP on gloo: 2 processes × grad_accum 1 train on the same global batches as 1 process × 2, so
+    the metrics, the fine-tuned weights and the task head are the same, bit for bit."""
+    import os
+    import subprocess
+    import sys
+    model = _model(tmp_path)
+    flags = [model, "--device", "cpu", *SMALL, "--method", "full", "--lr", "0.01", "--max-steps", "4",
+             "--eval-every", "2", "--probe-seeds", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PLMRUN_DIST_TIMEOUT="120")
+    launch = {"one": [sys.executable, "-m", "plmrun.cli", "finetune", *flags, "--grad-accum", "2"],
+              "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                      "-m", "plmrun.cli", "finetune", *flags]}
+    for root, cmd in launch.items():
+        proc = subprocess.run([*cmd, "--run-root", str(tmp_path / root)], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert proc.stdout.count("fine-tuned full") == 1   # the report, printed by rank 0 only
+    a, b = tmp_path / "one" / "solubility-full", tmp_path / "two" / "solubility-full"
+    for f in ("metrics.jsonl", "model/model.safetensors", "task_head.safetensors"):
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    assert json.loads((b / "summary.json").read_text())["steps"] == 4

@@ -94,6 +94,7 @@ def test_training_learns_more_than_residue_frequencies(tmp_path):
     cfg = build_config(None, args)
     unigram = _unigram_cross_entropy(tmp_path / "ds", "valid", cfg.eval, cfg.eval.subset)
     assert summary["final_val"]["loss"] < unigram, (summary["final_val"]["loss"], unigram)
+    assert summary["worse_than_unigram"] is False and summary["gain_over_unigram"] > 0
 
 
 @pytest.mark.slow
@@ -116,6 +117,9 @@ def test_train_cli_end_to_end(tmp_path):
     assert [r["step"] for r in records if r["kind"] == "eval"] == [3, 6]
     assert set(summary["time_to_target"]) == {"10.0"} and summary["time_to_target"]["10.0"]["step"] == 3
     assert "time-to-target 10.0:" in proc.stdout and "time-to-target 0.1" not in proc.stdout
+    # 6 steps of a tiny model do not beat residue frequencies: the summary says so (line and summary.json)
+    assert summary["worse_than_unigram"] is True and summary["gain_over_unigram"] < 0
+    assert "warning: the final val loss" in proc.stdout and "worse than the unigram baseline" in proc.stdout
     # the run directory is never silently reused with another config
     bad = _plmrun(["train", *TINY, "--logging.name=e2e", "--train.seed=1"], tmp_path, check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "already finished" in bad.stderr
@@ -245,9 +249,9 @@ def test_max_time_stops_evaluates_checkpoints_and_tests(tmp_path, monkeypatch):
     """train.max_time=3.5 on a clock that ticks 1 s per step: the run stops after step 4 of 6, evaluates
     that step, checkpoints it, runs the final full-valid and test-split evals and says stopped=max_time."""
     import itertools
-    from plmrun.train import trainer
+    from plmrun.train import stopping, trainer
     ticks = itertools.count()
-    monkeypatch.setattr(trainer, "_clock", lambda: float(next(ticks)))
+    monkeypatch.setattr(stopping, "clock", lambda: float(next(ticks)))
     monkeypatch.setenv("PLMRUN_CACHE", str(tmp_path.parent / "plmrun-cache"))
     cfg = build_config(None, [*TINY, "--train.max_time=3.5", "--eval.final_full=true", "--eval.final_test=true",
                               f"--logging.run_root={tmp_path / 'runs'}", "--logging.name=timed"])
@@ -264,14 +268,14 @@ def test_max_time_stops_evaluates_checkpoints_and_tests(tmp_path, monkeypatch):
 
 
 def test_dense_eval_due_only_near_an_unreached_target():
-    from plmrun.train.trainer import _dense_eval_due
+    from plmrun.train.evaluator import dense_eval_due
     cfg = build_config(None, ["--train.eval_every=40", "--train.dense_eval_every=10", "--train.dense_eval_margin=0.01",
                               "--train.report_at_val_losses=[2.85]", "--train.stop_at_val_loss=2.84"])
-    due = lambda step, best: _dense_eval_due(cfg, {"step": step, "best_val_loss": best})
+    due = lambda step, best: dense_eval_due(cfg, step, best)
     assert [due(s, 2.855) for s in (10, 15, 20)] == [True, False, True]       # within 0.01 above 2.85
     assert [due(10, b) for b in (None, 2.861, 2.8495, 2.845, 2.8395)] == [False, False, True, True, False]
     off = build_config(None, ["--train.report_at_val_losses=[2.85]"])
-    assert not _dense_eval_due(off, {"step": 10, "best_val_loss": 2.851})
+    assert not dense_eval_due(off, 10, 2.851)
 
 
 @pytest.mark.slow

@@ -71,6 +71,29 @@ def test_diverging_run_stops_with_step_loss_and_learning_rates(here, capsys):
     assert summary["steps"] == 6 and summary["final_val"]["loss"] > 7
 
 
+def test_eval_loss_above_unigram_stops_the_run_naming_the_learning_rates(here, capsys):
+    """Muon at lr_hidden=1e6: the train loss stays near ln 33, below the divergence_factor threshold, and the val
+    loss ~0.58 nats above the unigram baseline. Old code: exit 0 with a finished-looking summary."""
+    muon = [*TINY, "--optim.lr_hidden=1e6", "--train.max_steps=16", "--train.eval_every=4", "--logging.run_root=muon"]
+    code = main(["train", *muon, "--logging.name=stopped"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and re.match(
+        r"error: step 12: training diverged: val loss 3\.\d+ is 0\.\d\d nats above the unigram baseline 2\.\d+ "
+        r"\(train.divergence_margin=0.25\); the learning rate is likely too high \(optim.lr_hidden=1e\+06, lr_embed=",
+        err), err
+    assert "train.divergence_margin=0 turns this check off" in err
+    run = here / "muon" / "stopped"
+    assert not (run / "summary.json").exists()
+    assert [r[1] for r in _series(run) if r[0] == "eval"] == [4, 8, 12]   # evals before step 10 are not judged
+    # nor is the last step's: that run is over (the spike test's run ends 4.8 nats above unigram, with a warning)
+    # margin 0: the run finishes, and its summary says it is worse than the unigram baseline
+    summary = train(build_config(None, [*muon, "--train.divergence_margin=0", "--logging.name=finished"]))
+    assert summary["steps"] == 16 and summary["worse_than_unigram"] is True and summary["gain_over_unigram"] < -0.5
+    saved = json.loads((here / "muon" / "finished" / "summary.json").read_text())
+    assert saved["worse_than_unigram"] is True
+    assert "warning: the final val loss" in capsys.readouterr().out
+
+
 def test_a_spike_that_comes_back_down_does_not_stop_the_run(here):
     """lr 10 (one process, no accumulation): the loss jumps to ~36 at step 2 and is back below 7 by step 5."""
     lr = ["--optim.lr_embed=10", "--optim.lr_head=10", "--optim.lr_scalar=10", "--train.max_steps=12",
@@ -78,6 +101,7 @@ def test_a_spike_that_comes_back_down_does_not_stop_the_run(here):
     summary = train(build_config(None, [*TINY, "--logging.run_root=spike", *lr]))
     losses = [r[3] for r in _series(here / "spike" / "spike") if r[0] == "train"]
     assert summary["steps"] == 12 and max(losses) > 14 and losses[-1] < 4
+    assert summary["worse_than_unigram"] is True   # its one eval, at the last step, is not judged, but flagged
 
 
 def test_skip_stops_after_max_skips_in_a_row(here):
@@ -93,7 +117,8 @@ def test_skip_stops_after_max_skips_in_a_row(here):
 
 def test_new_keys_are_validated():
     for key, bad, msg in (("loss_spike_max_skips", "0", "must be >= 1"), ("divergence_steps", "0", "must be >= 1"),
-                          ("divergence_factor", "0.5", "must be 0 (off) or > 1")):
+                          ("divergence_factor", "0.5", "must be 0 (off) or > 1"),
+                          ("divergence_margin", "-0.1", "must be >= 0 nats (0 = off)")):
         with pytest.raises(ConfigError, match=re.escape(f"train.{key} {msg}")):
             build_config(None, [f"--train.{key}={bad}"])
 
@@ -182,6 +207,43 @@ def test_resume_refuses_a_finished_run_and_one_without_checkpoint(here, capsys):
     assert capsys.readouterr().err == (f"error: {fresh} has no checkpoint yet; rerun the command that started it "
                                        "without --resume to continue it (from step 0)\n")
     assert not (fresh / "metrics.jsonl").exists()
+
+
+def test_a_finished_run_is_extended_to_more_steps(here, capsys):
+    """--resume RUN --train.max_steps=9 continues a finished 6-step run from its step-6 checkpoint, records the
+    change, and follows the LR schedule over the new max_steps. With a constant schedule the extended run is
+    the 9-step run, bit for bit. Old code: every override of --resume refused."""
+    flat = [*TINY, "--optim.schedule=constant", "--logging.run_root=ext"]
+    train(build_config(None, [*flat, "--train.max_steps=9", "--logging.name=nine"]))
+    train(build_config(None, [*flat, "--logging.name=six"]))
+    six = here / "ext" / "six"
+    assert main(["train", "--resume", str(six), "--train.max_steps=9"]) == 0
+    assert _series(six) == _series(here / "ext" / "nine")
+    assert all((a == b).all() for a, b in zip(_weights(six).values(), _weights(here / "ext" / "nine").values()))
+    assert json.loads((six / "summary.json").read_text())["steps"] == 9
+    assert json.loads((six / "summary.step_00000006.json").read_text())["steps"] == 6
+    history = [json.loads(line) for line in (six / "config_history.jsonl").read_text().splitlines()]
+    assert [(h["step"], h["changes"]) for h in history] == [(6, {"train.max_steps": [6, 9]})]
+    assert build_config(str(six / "config.yaml")).train.max_steps == 9
+    # wsd: the extension's LR follows the schedule of a 9-step run from step 6 on (so it rises again)
+    from plmrun.optim.schedule import lr_multiplier
+    wsd = here / "ext" / "wsd"
+    train(build_config(None, [*TINY, "--logging.run_root=ext", "--logging.name=wsd"]))
+    assert main(["train", "--resume", str(wsd), "--train.max_steps=9"]) == 0
+    lr = [r["lr_mult"] for r in map(json.loads, (wsd / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    optim = build_config(None, TINY).optim
+    assert lr[:6] == [lr_multiplier(s, optim, 6) for s in range(6)] and lr[5] < 1
+    assert lr[6:] == [lr_multiplier(s, optim, 9) for s in range(6, 9)] and lr[6] > lr[5]
+    capsys.readouterr()
+    # anything but the keys an extension may change is refused, and so is lowering max_steps
+    before = (six / "config.yaml").read_text()
+    assert main(["train", "--resume", str(six), "--train.max_steps=12", "--train.seed=3"]) == 2
+    assert capsys.readouterr().err == ("error: --resume: --train.seed would change what the run computes; a resume may "
+                                       "change only train.max_steps, train.max_time, logging.progress (start a new "
+                                       "run for other settings)\n")
+    assert main(["train", "--resume", str(six), "--train.max_steps=8"]) == 2
+    assert "train.max_steps 8 is below the run's 9; an extension may only raise it" in capsys.readouterr().err
+    assert (six / "config.yaml").read_text() == before and len((six / "config_history.jsonl").read_text().splitlines()) == 1
 
 
 def test_a_run_that_is_still_training_is_neither_continued_nor_reused(here):

@@ -20,13 +20,13 @@ import torch
 
 from plmrun import tokenizer as tok
 from plmrun.atomic import atomic_path
-from plmrun.data.packing import length_batches, pack_tokens
+from plmrun.data.packing import pack_tokens
 from plmrun.data.readers import file_fingerprint
 from plmrun.device import resolve_device
 from plmrun.eval.errors import EvalError
 from plmrun.eval.flags import add_device_flag, add_window_flags, check_window_flags
+from plmrun.eval.inference import EvalModel, WindowAverage, load_eval_model, window_batches, window_plan
 from plmrun.outputs import check_output_file, model_inputs
-from plmrun.eval.inference import EvalModel, load_eval_model, window_plan, windows
 
 POOLS = ("mean", "cls", "per-residue")
 CONTROL_SUFFIX = ".random-init"   # emb.safetensors -> emb.random-init.safetensors (--random-init-control)
@@ -58,38 +58,23 @@ def embed_sequences(model, sequences, *, pool: str = "mean", layer: int | None =
         if len(s) == 0:
             raise ValueError(f"sequence {i} is empty")
     width, token_budget = window_plan(model, max_length, [len(x) for x in ids], token_budget)
-    pieces = [(i, s) for i, x in enumerate(ids) for s in windows(len(x), width)]
-    piece_tokens = [tok.with_specials(ids[i][s:s + width]) for i, s in pieces]
-    sums: list = [None] * len(ids)   # per-residue sums (or cls sums) of sequences still in flight
-    counts: list = [None] * len(ids)
-    windows_left = np.bincount([i for i, _ in pieces], minlength=len(ids))
+    average = WindowAverage([len(x) for x in ids], width, per_residue=pool != "cls")
     results: list = [None] * len(ids)   # pooled vectors (or per-residue arrays) of finished sequences
     layer_ids = [-1 if layer is None else layer] if not isinstance(layer, (tuple, list)) else list(layer)
-    for batch in length_batches(np.array([len(t) for t in piece_tokens]), token_budget):
-        hs, cu = _hidden_states(net, [piece_tokens[j] for j in batch], device)
+    for batch in window_batches(ids, width, token_budget):
+        hs, cu = _hidden_states(net, [w.tokens for w in batch], device)
         for k in layer_ids:
             if not -len(hs) <= k < len(hs):
                 raise ValueError(f"layer {k} out of range: the model has {len(hs)} hidden states "
                                  f"(0 = embedding output .. {len(hs) - 1} = final)")
         h = torch.cat([hs[k] for k in layer_ids], dim=1).float().cpu().numpy()
         bounds = cu.tolist()
-        for k, j in enumerate(batch):
-            i, start = pieces[j]
+        for k, w in enumerate(batch):
             a, b = bounds[k], bounds[k + 1]
-            if sums[i] is None:
-                n, d = (1, h.shape[1]) if pool == "cls" else (len(ids[i]), h.shape[1])
-                sums[i], counts[i] = np.zeros((n, d), np.float64), np.zeros((n, 1), np.float64)
-            if pool == "cls":
-                sums[i][0] += h[a]
-                counts[i][0] += 1
-            else:
-                sums[i][start:start + (b - a - 2)] += h[a + 1:b - 1]
-                counts[i][start:start + (b - a - 2)] += 1
-            windows_left[i] -= 1
-            if windows_left[i] == 0:   # pool now: only sequences in flight hold per-residue states
-                r = (sums[i] / counts[i]).astype(np.float32)
-                results[i] = r if pool == "per-residue" else r[0] if pool == "cls" else r.mean(0)
-                sums[i] = counts[i] = None
+            r = average.add(w, h[a] if pool == "cls" else h[a + 1:b - 1])
+            if r is not None:   # the sequence's last window: pool now
+                r = r.astype(np.float32)
+                results[w.seq] = r if pool != "mean" else r.mean(0)
     return results if pool == "per-residue" else np.stack(results)
 
 

@@ -8,7 +8,9 @@ run the same code on the same folder. Batching and packing of token arrays: `plm
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -80,3 +82,59 @@ def windows(length: int, width: int) -> list[int]:
     stride = max(1, width // 2)
     starts = list(range(0, length - width, stride))
     return starts + [length - width]
+
+
+@dataclass
+class Window:
+    """One forward window of a sequence: residues [start, start + len(tokens) - 2) with <cls>/<eos> around them."""
+    seq: int
+    start: int
+    tokens: np.ndarray
+
+    @property
+    def residues(self) -> int:
+        return len(self.tokens) - 2
+
+
+def window_batches(ids: list, width: int, token_budget: int) -> Iterator[list[Window]]:
+    """The windows of every sequence (`windows`, at most `width` residues each), packed shortest first into
+    batches of <= token_budget tokens (`length_batches`), so results do not depend on input order."""
+    from plmrun import tokenizer as tok
+    from plmrun.data.packing import length_batches
+    pieces = [Window(i, s, tok.with_specials(x[s:s + width])) for i, x in enumerate(ids) for s in windows(len(x), width)]
+    for batch in length_batches(np.array([len(w.tokens) for w in pieces]), token_budget):
+        yield [pieces[j] for j in batch]
+
+
+class WindowAverage:
+    """Per-residue (or per-sequence) values averaged over the windows that cover each residue (or sequence).
+
+    `add` returns a sequence's average once its last window is in, and forgets its sums, so only the
+    sequences in flight hold per-residue state.
+    """
+
+    def __init__(self, lengths: list[int], width: int, per_residue: bool):
+        self.lengths, self.per_residue = list(lengths), per_residue
+        self.left = [len(windows(n, width)) for n in self.lengths]
+        self.sums: list = [None] * len(self.lengths)
+        self.counts: list = [None] * len(self.lengths)
+
+    def add(self, w: Window, values: np.ndarray) -> Optional[np.ndarray]:
+        """Add one window's values: [residues, D] rows per residue, or one [D] vector per window."""
+        i = w.seq
+        if self.sums[i] is None:
+            rows = self.lengths[i] if self.per_residue else 1
+            self.sums[i] = np.zeros((rows, values.shape[-1]), np.float64)
+            self.counts[i] = np.zeros((rows, 1), np.float64)
+        if self.per_residue:
+            self.sums[i][w.start:w.start + w.residues] += values
+            self.counts[i][w.start:w.start + w.residues] += 1
+        else:
+            self.sums[i][0] += values
+            self.counts[i][0] += 1
+        self.left[i] -= 1
+        if self.left[i]:
+            return None
+        mean = self.sums[i] / self.counts[i]
+        self.sums[i] = self.counts[i] = None
+        return mean if self.per_residue else mean[0]

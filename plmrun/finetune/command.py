@@ -16,7 +16,8 @@ def add_finetune_command(subparsers) -> None:
         description="Fine-tune MODEL on a bundled probe task (" + ", ".join(TASKS) + ") or a CSV/TSV table. "
                     "Settings: --config FILE (YAML) and --key value flags (e.g. --method full --max-steps 100); "
                     "keys: " + ", ".join(f.name.replace("_", "-") for f in fields(FinetuneConfig)) +
-                    " (each explained in plmrun/finetune/config.py). Rerunning the same command continues its run. "
+                    " (each explained in plmrun/finetune/config.py). Rerunning the same command continues its run; "
+                    "under torchrun the ranks train with DDP. "
                     "Exit status: 0 finished, 2 error, 143/130 stopped by SIGTERM/SIGINT with a checkpoint saved.")
     p.add_argument("model", nargs="?", help="run directory, checkpoint, model folder, HF folder or Hub name")
     p.add_argument("--config", help="YAML file of finetune keys")
@@ -26,16 +27,19 @@ def add_finetune_command(subparsers) -> None:
 
 
 def _run(args, overrides) -> int:
-    from plmrun.device import resolve_device
     from plmrun.eval.probe import format_table
+    from plmrun.train.parallelize import leave_distributed
     from .config import build
     from .run import finetune
     if args.out:
         from plmrun.outputs import check_output_file, model_inputs
         check_output_file(args.out, [*model_inputs(args.model), args.config])
     cfg = build(args.model, args.config, overrides)
-    result = finetune(cfg, device=resolve_device(args.device))
-    if result["exit_code"]:
+    try:
+        result = finetune(cfg, device=args.device)
+    finally:
+        leave_distributed()
+    if result["exit_code"] or "tasks" not in result:   # stopped, or a torchrun rank other than 0
         return result["exit_code"]
     print(format_table(result))
     if args.out:

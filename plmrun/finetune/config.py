@@ -60,6 +60,16 @@ class FinetuneConfig:
     "Seeds of the frozen-embedding logistic probe printed beside the result (0 = no probe)."
     seed: int = 0
     "Seed of the task head, adapters, batch order and crops."
+    grad_accum: int = 1
+    "Micro-batches per rank per step (torchrun: world size × grad_accum bins make one step's batch)."
+    max_time: float = 0.0
+    "Wall-clock budget in seconds for training and validation, across resumes (0 = none): when spent, the run validates, checkpoints and finishes."
+    progress: bool = False
+    "Show a progress bar instead of a line every 10 steps."
+    tensorboard: bool = False
+    "Also log metrics to TensorBoard (RUN/tb)."
+    wandb: bool = False
+    "Also log metrics to Weights & Biases."
     keep_latest_k: int = 2
     "Checkpoints kept."
     run_root: str = "runs/finetune"
@@ -150,5 +160,7 @@ def validate(cfg: FinetuneConfig) -> FinetuneConfig:
     check(cfg.max_test >= 1, f"max_test {cfg.max_test}: must be >= 1")
     check(cfg.probe_seeds >= 0, f"probe_seeds {cfg.probe_seeds}: must be >= 0")
     check(cfg.keep_latest_k >= 1, f"keep_latest_k {cfg.keep_latest_k}: must be >= 1")
+    check(cfg.grad_accum >= 1, f"grad_accum {cfg.grad_accum}: must be >= 1")
+    check(cfg.max_time >= 0, f"max_time {cfg.max_time}: must be >= 0 seconds (0 = no limit)")
     check("/" not in cfg.name and cfg.name not in (".", ".."), f"name {cfg.name!r}: a folder name, not a path")
     return cfg

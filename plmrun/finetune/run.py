@@ -1,42 +1,50 @@
-"""`plmrun finetune`: LoRA or full fine-tuning of any loadable model on a labelled table.
+"""`plmrun finetune`: LoRA or full fine-tuning of any loadable model on a labelled table, on the trainer's loop.
 
 A linear task head reads the final hidden state: mean-pooled residues (sequence classification or
-regression) or each residue (per-residue classification). Training batches are packed to a token
-budget by `plmrun.data.packing` (random crops of long sequences); validation and test score every
-residue by averaging the head's outputs over windows, as `plmrun embed` averages embeddings.
-Validation every `eval_every` steps picks the best weights and stops after `patience` passes without
-improvement; each pass also saves a checkpoint (plmrun.checkpoint parts), so a rerun of the same
-command continues exactly where it stopped (SIGTERM/SIGINT save one too). The test report has
-`plmrun probe`'s form, with the frozen model's logistic probe (probe's own code) beside the
-fine-tuned model, paired over the same test items. The LoRA weights are merged and the model is
-written as a saved model (RUN/model) and a Hugging Face folder (RUN/hf, `plmrun export`'s writer).
+regression) or each residue (per-residue classification). `FinetuneTrainer` is the pretraining
+`Trainer` with a task head, a summed task loss, a labelled packed stream (`plmrun.data.packing`, random
+crops of long sequences) and a validation evaluator, so fine-tuning gets what training has: torchrun
+DDP (the same global batches on any world size × grad_accum), max_time, TensorBoard/W&B, a progress
+bar, SIGTERM/SIGINT checkpoints and an exact resume by rerunning the same command. Validation and
+test score every residue by averaging the head's outputs over windows (`eval.inference`, as `plmrun
+embed` does). Validation every `eval_every` steps keeps the best weights, saves a checkpoint, and
+stops after `patience` passes without improvement. The test report has `plmrun probe`'s form, with the
+frozen model's logistic probe (probe's own code) beside the fine-tuned model, paired over the same test
+items. The LoRA weights are merged and the model is written as a saved model (RUN/model) and a
+Hugging Face folder (RUN/hf, `plmrun export`'s writer).
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import signal
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 import yaml
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from plmrun import checkpoint as ckpt
 from plmrun import tokenizer as tok
-from plmrun.config import OptimConfig
-from plmrun.data.packing import PackingPlan, length_batches, pack, pack_tokens
-from plmrun.eval.inference import EvalModel, load_eval_model, windows
+from plmrun.config import Config, LoggingConfig, ModelConfig, OptimConfig, TrainConfig
+from plmrun.data.packing import PackedBatch, PackingPlan, pack, pack_tokens
+from plmrun.eval.inference import EvalModel, WindowAverage, load_eval_model, window_batches
 from plmrun.eval.probe import TASKS, Task, fit_and_score, model_features, paired_difference, score_row
 from plmrun.optim.build import Optimizers
 from plmrun.errors import PlmrunError
 from plmrun.manifest import follow_umask
-from plmrun.train.rundir import RunLock, write_json_atomic
+from plmrun.train.checkpointer import Checkpointer
+from plmrun.train.parallelize import init_distributed
+from plmrun.train.rundir import MetricsLog, RunLock, claim_run_dir, truncate_metrics, write_json_atomic
+from plmrun.train.state import TrainState
+from plmrun.train.stopping import StopFlag, StopReason
+from plmrun.train.trainer import Trainer, from_rank0, measure_matmul_peak, run_to_end
 
 from .config import FinetuneConfig, to_dict
 from .data import FinetuneData, check_position_limit, load_data
@@ -121,10 +129,14 @@ def build_optimizers(model: nn.Module, cfg: FinetuneConfig) -> Optimizers:
     groups = [dict(params=[p for _, p in named if (p.ndim >= 2) == decay], name=name, base_lr=cfg.lr, lr=cfg.lr,
                    weight_decay=cfg.weight_decay if decay else 0.0)
               for decay, name in ((True, "adamw"), (False, "adamw_no_decay"))]
-    ocfg = OptimConfig(optimizer="adamw", lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay,
-                       schedule="constant", warmup=float(cfg.warmup))
-    return Optimizers([torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.98))], ocfg,
+    return Optimizers([torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.98))], _optim_config(cfg),
                       cfg.max_steps, model)
+
+
+def _optim_config(cfg: FinetuneConfig) -> OptimConfig:
+    """AdamW, linear warm-up then a constant LR."""
+    return OptimConfig(optimizer="adamw", lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay,
+                       schedule="constant", warmup=float(cfg.warmup))
 
 
 # ------------------------------------------------------------------ scoring
@@ -139,31 +151,23 @@ def window_tokens(cfg: FinetuneConfig, data: FinetuneData) -> int:
 def predict(model: nn.Module, seqs: list[str], per_residue: bool, width: int, token_budget: int, device) -> list:
     """Head outputs per sequence ([C]) or per residue ([L, C]), averaged over the windows covering them."""
     ids = [tok.encode(s) for s in seqs]
-    pieces = [(i, s) for i, x in enumerate(ids) for s in windows(len(x), width - 2)]
-    arrays = [tok.with_specials(ids[i][s:s + width - 2]) for i, s in pieces]
-    sums: list = [None] * len(ids)
-    counts: list = [None] * len(ids)
-    for batch in length_batches(np.array([len(a) for a in arrays]), token_budget):
-        tokens, positions, cu, max_seqlen = pack_tokens([arrays[j] for j in batch], device)
-        bounds = cu.tolist()
-        rows, seg = residue_rows(bounds, len(batch))
+    average = WindowAverage([len(x) for x in ids], width - 2, per_residue)
+    results: list = [None] * len(ids)
+    for batch in window_batches(ids, width - 2, token_budget):
+        tokens, positions, cu, max_seqlen = pack_tokens([w.tokens for w in batch], device)
+        rows, seg = residue_rows(cu.tolist(), len(batch))
         out = model(tokens, positions, cu, max_seqlen, rows.to(device), seg.to(device), len(batch))
         out = out.double().cpu().numpy()
         offset = 0
-        for k, j in enumerate(batch):
-            i, start = pieces[j]
-            n = bounds[k + 1] - bounds[k] - 2
-            if sums[i] is None:
-                shape = (len(ids[i]), out.shape[1]) if per_residue else (out.shape[1],)
-                sums[i], counts[i] = np.zeros(shape), np.zeros(shape[:1] + (1,) if per_residue else 1)
+        for k, w in enumerate(batch):
             if per_residue:
-                sums[i][start:start + n] += out[offset:offset + n]
-                counts[i][start:start + n] += 1
-                offset += n
+                r = average.add(w, out[offset:offset + w.residues])
+                offset += w.residues
             else:
-                sums[i] += out[k]
-                counts[i] += 1
-    return [s / c for s, c in zip(sums, counts)]
+                r = average.add(w, out[k])
+            if r is not None:
+                results[w.seq] = r
+    return results
 
 
 def score(data: FinetuneData, outputs: list, labels: list, norm: tuple[float, float]) -> tuple[float, np.ndarray]:
@@ -180,18 +184,15 @@ def score(data: FinetuneData, outputs: list, labels: list, norm: tuple[float, fl
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rank correlation (average ranks for ties); 0 when either side is constant."""
-    def ranks(x):
-        order = np.argsort(x, kind="stable")
-        r = np.empty(len(x))
-        r[order] = np.arange(len(x))
-        for v in np.unique(x):   # average ranks of ties
-            r[x == v] = r[x == v].mean()
-        return r
-    ra, rb = ranks(a), ranks(b)
-    if ra.std() == 0 or rb.std() == 0:
+    """Spearman's rank correlation (scipy; average ranks for ties); 0 when either side is constant."""
+    try:
+        from scipy.stats import spearmanr
+    except ImportError:
+        raise FinetuneError("finetune: a regression task is scored by Spearman's rho, which needs scipy "
+                            "(pip install 'plmrun[probe]')") from None
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
         return 0.0
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return float(spearmanr(a, b).statistic)
 
 
 def metric_name(data: FinetuneData) -> str:
@@ -202,22 +203,10 @@ def metric_name(data: FinetuneData) -> str:
 
 # ------------------------------------------------------------------ run directory
 def open_run_dir(cfg: FinetuneConfig) -> tuple[Path, RunLock]:
-    """RUN_ROOT/NAME: created, or reopened when it holds the same config and has not finished."""
-    name = cfg.name or f"{Path(cfg.task).name.split('.')[0]}-{cfg.method}"
-    path = Path(cfg.run_root) / name
-    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-    if path.exists():
-        saved = path / "config.yaml"
-        if not saved.is_file():
-            raise FinetuneError(f"{path}: exists but is not a fine-tuning run directory; choose another --name")
-        if (path / "summary.json").is_file():
-            raise FinetuneError(f"{path}: this fine-tuning run already finished; choose another --name")
-        if yaml.safe_load(saved.read_text()) != yaml.safe_load(text):
-            raise FinetuneError(f"{path}: exists with a different config; rerun with that config to continue it "
-                                "or choose another --name")
-    else:
-        path.mkdir(parents=True)
-        (path / "config.yaml").write_text(text)
+    """RUN_ROOT/NAME: created, or reopened when it holds the same config and has not finished (rundir's rule)."""
+    path = Path(cfg.run_root) / (cfg.name or f"{Path(cfg.task).name.split('.')[0]}-{cfg.method}")
+    claim_run_dir(path, yaml.safe_dump(to_dict(cfg), sort_keys=False), rerun="rerun with that config to continue it",
+                  name_flag="--name")
     return path, RunLock(path)
 
 
@@ -235,128 +224,233 @@ def _load_weights(model: nn.Module, file: Path) -> None:
 
 
 # ------------------------------------------------------------------ training
-def finetune(cfg: FinetuneConfig, *, device="cpu", log=None) -> dict:
-    """Train (or continue) the run of `cfg`; returns the report (probe's results form) plus exit_code."""
+def finetune(cfg: FinetuneConfig, *, device: str = "cpu", log=None) -> dict:
+    """Train (or continue) the run of `cfg` on the trainer's loop (torchrun: DDP over the ranks); returns the
+    report (probe's results form, on rank 0) plus exit_code."""
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
-    data = load_data(cfg)
-    device = torch.device(device)
-    model, loaded = build_task_model(cfg, data, device)
-    opt = build_optimizers(model, cfg)
-    run, lock = open_run_dir(cfg)
+    held = []   # rank 0's lock on the run directory
     try:
-        return _train(cfg, data, model, loaded, opt, run, device, log)
+        return run_to_end(FinetuneTrainer(cfg, device, log, held))
     finally:
-        lock.release()
+        for lock in held:
+            lock.release()
 
 
-def _train(cfg, data, model, loaded, opt, run, device, log) -> dict:
-    from plmrun.train.trainer import _StopFlag
-    width = window_tokens(cfg, data)
-    train_y = data.train.labels
-    norm = (0.0, 1.0)
-    if data.kind == "regression":
-        y = np.asarray(train_y, dtype=np.float64)
-        norm = (float(y.mean()), float(y.std()) or 1.0)
-    source = _Residues(data.train.seqs)
-    plan = PackingPlan(np.array([len(s) for s in source.ids]), token_budget=cfg.token_budget, max_length=width,
-                       seed=cfg.seed, chunk_bins=16)
-    state = {"step": 0, "epoch": 0, "chunk": 0, "bin": 0, "best_metric": None, "best_step": 0, "bad_evals": 0}
-    parts = {"model": ckpt.ModelState(model), "optimizers": opt, "trainer": ckpt.DictState(state),
-             "rng": ckpt.RNGState()}
-    root = run / "checkpoints"
-    latest = ckpt.latest_checkpoint(root)
-    metrics_file = run / "metrics.jsonl"
-    if latest is not None:
-        ckpt.load_checkpoint(latest, parts)
-        kept = [line for line in (metrics_file.read_text().splitlines() if metrics_file.is_file() else [])
-                if line.strip() and json.loads(line)["step"] <= state["step"]]
-        metrics_file.write_text("".join(line + "\n" for line in kept))
-        log(f"continuing {run} from step {state['step']}")
-    else:
-        metrics_file.write_text("")
-    best_file = run / "best.safetensors"
-    stop = _StopFlag().install()
-    t0, tokens_seen, exit_code = time.perf_counter(), 0, 0
-    model.train()
-    try:
-        with open(metrics_file, "a") as metrics:
-            while state["step"] < cfg.max_steps:
-                bins = plan.bins(state["epoch"], state["chunk"])
-                if state["bin"] >= len(bins):
-                    state["bin"], state["chunk"] = 0, state["chunk"] + 1
-                    if state["chunk"] >= plan.num_chunks:
-                        state["chunk"], state["epoch"] = 0, state["epoch"] + 1
-                    continue
-                idx = bins[state["bin"]]
-                loss = _step(model, opt, data, source, plan, idx, state, cfg, width, norm, device)
-                state["step"] += 1
-                state["bin"] += 1
-                step = state["step"]
-                tokens_seen += int(sum(min(len(source.ids[i]), width - 2) + 2 for i in idx))
-                record = {"kind": "train", "step": step, "epoch": state["epoch"], "loss": loss}
-                metrics.write(json.dumps(record) + "\n")
-                if step % 10 == 0 or step == 1:
-                    rate = tokens_seen / max(time.perf_counter() - t0, 1e-9)
-                    log(f"step {step}/{cfg.max_steps} epoch {state['epoch']} loss {loss:.4f} {rate:,.0f} tok/s")
-                done = False
-                if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                    outputs = predict(model, data.valid.seqs, data.per_residue, width, cfg.token_budget, device)
-                    value, _ = score(data, outputs, data.valid.labels, norm)
-                    model.train()
-                    better = state["best_metric"] is None or value > state["best_metric"]
-                    if better:
-                        state["best_metric"], state["best_step"], state["bad_evals"] = value, step, 0
-                        _save_weights(model, best_file)
-                    else:
-                        state["bad_evals"] += 1
-                    done = bool(cfg.patience) and state["bad_evals"] >= cfg.patience
-                    metrics.write(json.dumps({"kind": "valid", "step": step, metric_name(data): value,
-                                              "best": state["best_metric"], "best_step": state["best_step"]}) + "\n")
-                    metrics.flush()
-                    log(f"step {step}: valid {metric_name(data)} {value:.4f} (best {state['best_metric']:.4f} at "
-                        f"step {state['best_step']}{', stopping early' if done else ''})")
-                    ckpt.save_checkpoint(root, step, parts, cfg.keep_latest_k)
-                metrics.flush()
-                if done:
-                    break
-                kind = ckpt.injected_fault(step, 0, ("term",))
-                if kind is not None:
-                    os.kill(os.getpid(), signal.SIGTERM)
-                if stop.signal is not None:
-                    if not (root / f"step_{step:08d}").is_dir():
-                        ckpt.save_checkpoint(root, step, parts, cfg.keep_latest_k)
-                    log(f"stopped by signal {int(stop.signal)} at step {step}: rerun the same command to continue")
-                    exit_code = 128 + int(stop.signal)
-                    return {"stopped": f"signal {int(stop.signal)}", "exit_code": exit_code, "run": str(run)}
-    finally:
-        stop.restore()
-    return _finish(cfg, data, model, loaded, run, width, norm, state, device, log)
+def trainer_config(cfg: FinetuneConfig, model: ModelConfig, device: str) -> Config:
+    """The trainer's settings for a fine-tuning run: its steps, seed, clock, evals, checkpoints and logging
+    (fp32; the pretraining loss guards off: the task loss is not a masked-LM loss)."""
+    c = Config(model=model, optim=_optim_config(cfg))
+    c.train = TrainConfig(max_steps=cfg.max_steps, grad_accum=cfg.grad_accum, max_time=cfg.max_time, seed=cfg.seed,
+                          device=device, precision="fp32", eval_every=cfg.eval_every, report_at_val_losses=[],
+                          log_every=1, checkpoint_every=cfg.eval_every, keep_latest_k=cfg.keep_latest_k,
+                          loss_spike="ignore", divergence_factor=0.0, divergence_margin=0.0)
+    c.logging = LoggingConfig(run_root=cfg.run_root, name=cfg.name or None, progress=cfg.progress,
+                              tensorboard=cfg.tensorboard, wandb=cfg.wandb)
+    c.dist.strategy = "ddp"
+    return c
 
 
-def _step(model, opt, data, source, plan, idx, state, cfg, width, norm, device) -> float:
-    crops = plan.crops(state["epoch"], idx)
-    batch = pack(source, idx, crops, token_budget=cfg.token_budget, max_length=width).to(device)
-    rows, seg = residue_rows(batch.cu_seqlens.tolist(), batch.num_sequences)
-    out = model(batch.tokens, batch.positions, batch.cu_seqlens, batch.max_seqlen, rows.to(device), seg.to(device),
-                batch.num_sequences)
-    labels = data.train.labels
-    if data.per_residue:
-        y = np.concatenate([labels[i][s:s + width - 2] for i, s in zip(idx.tolist(), crops.tolist())])
-        loss = nn.functional.cross_entropy(out, torch.from_numpy(y).to(device))
-    elif data.kind == "regression":
-        y = (np.array([labels[i] for i in idx.tolist()]) - norm[0]) / norm[1]
-        loss = nn.functional.mse_loss(out[:, 0], torch.from_numpy(y).float().to(device))
-    else:
-        y = np.array([labels[i] for i in idx.tolist()], dtype=np.int64)
-        loss = nn.functional.cross_entropy(out, torch.from_numpy(y).to(device))
-    opt.set_step(state["step"])
-    loss.backward()
-    opt.step()
-    opt.zero_grad()
-    return float(loss.detach())
+@dataclass
+class LabelledBatch:
+    """A packed micro-batch of labelled training sequences: the residue rows the head reads, their segment
+    ids, the labels ([residues] per-residue, [sequences] otherwise) and how many loss items they are."""
+    packed: PackedBatch
+    rows: torch.Tensor
+    seg: torch.Tensor
+    labels: torch.Tensor
+    normalizer: int
 
 
-def _finish(cfg, data, model, loaded, run, width, norm, state, device, log) -> dict:
+class LabelledStream:
+    """This rank's micro-batches of the training split, step by step (the trainer's loader interface).
+
+    The global stream is the packing plan's bins in order (epoch, chunk, bin); step s takes the next
+    world_size × grad_accum bins and rank r the grad_accum of them from r × grad_accum on, so one process
+    × 2 accumulation steps and 2 processes × 1 train on the same batches. Its state is the position.
+    """
+
+    def __init__(self, data: FinetuneData, width: int, token_budget: int, seed: int, norm: tuple[float, float],
+                 world_size: int = 1, rank: int = 0, grad_accum: int = 1):
+        self.data, self.width, self.token_budget, self.norm = data, width, token_budget, norm
+        self.rank, self.accum, self.world_x_accum = rank, grad_accum, world_size * grad_accum
+        self.source = _Residues(data.train.seqs)
+        self.plan = PackingPlan(np.array([len(x) for x in self.source.ids]), token_budget=token_budget,
+                                max_length=width, seed=seed, chunk_bins=16)
+        self.pos = {"epoch": 0, "chunk": 0, "bin": 0}
+        self.epoch = 0           # epoch of this rank's latest micro-batch
+        self._real = self._total = 0
+
+    def _next_bin(self) -> tuple[int, np.ndarray]:
+        p = self.pos
+        while p["bin"] >= len(self.plan.bins(p["epoch"], p["chunk"])):
+            p["bin"], p["chunk"] = 0, p["chunk"] + 1
+            if p["chunk"] >= self.plan.num_chunks:
+                p["chunk"], p["epoch"] = 0, p["epoch"] + 1
+        p["bin"] += 1
+        return p["epoch"], self.plan.bins(p["epoch"], p["chunk"])[p["bin"] - 1]
+
+    def next_step(self, step: int) -> list[LabelledBatch]:
+        bins = [self._next_bin() for _ in range(self.world_x_accum)]
+        mine = bins[self.rank * self.accum:(self.rank + 1) * self.accum]
+        self.epoch = mine[-1][0]
+        return [self._build(epoch, idx) for epoch, idx in mine]
+
+    def _build(self, epoch: int, idx: np.ndarray) -> LabelledBatch:
+        crops = self.plan.crops(epoch, idx)
+        batch = pack(self.source, idx, crops, token_budget=self.token_budget, max_length=self.width)
+        rows, seg = residue_rows(batch.cu_seqlens.tolist(), batch.num_sequences)
+        labels, d = self.data.train.labels, self.data
+        if d.per_residue:
+            y = torch.from_numpy(np.concatenate([labels[i][s:s + self.width - 2]
+                                                 for i, s in zip(idx.tolist(), crops.tolist())]))
+        elif d.kind == "regression":
+            y = torch.from_numpy((np.array([labels[i] for i in idx.tolist()]) - self.norm[0]) / self.norm[1]).float()
+        else:
+            y = torch.from_numpy(np.array([labels[i] for i in idx.tolist()], dtype=np.int64))
+        self._real += batch.num_real_tokens
+        self._total += batch.token_budget
+        return LabelledBatch(batch, rows, seg, y, len(y))
+
+    @property
+    def packing_efficiency(self) -> float:
+        return self._real / max(self._total, 1)
+
+    def state_dict(self) -> dict:
+        return {**self.pos, "world_x_accum": self.world_x_accum}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["world_x_accum"] != self.world_x_accum:
+            raise ValueError(f"saved with world size × grad_accum {state['world_x_accum']}, now {self.world_x_accum};"
+                             " rerun it on the world size it was started with, so the batches stay the same")
+        self.pos = {k: int(state[k]) for k in ("epoch", "chunk", "bin")}
+
+    def close(self) -> None:
+        pass
+
+
+class Validation:
+    """The trainer's evaluator for fine-tuning: the validation metric every eval_every steps and at the end,
+    the best weights (RUN/best.safetensors) and early stopping after `patience` passes without improvement."""
+
+    def __init__(self, trainer: "FinetuneTrainer"):
+        self.t = trainer
+        self.best = {"best_metric": None, "best_step": 0, "bad_evals": 0}   # checkpointed (part "validation")
+        self.progress, self.wall_start = None, 0.0
+
+    def due(self, step: int, *, last: bool) -> bool:
+        return step % self.t.ft.eval_every == 0 or last
+
+    def evaluate(self, step: int, train_loss: float) -> dict:
+        t, b = self.t, self.best
+        t0 = time.perf_counter()
+        outputs = predict(t.plain, t.data.valid.seqs, t.data.per_residue, t.width, t.ft.token_budget, t.env.device)
+        value, _ = score(t.data, outputs, t.data.valid.labels, t.norm)
+        t.plain.train()
+        t.state.eval_time_s += time.perf_counter() - t0
+        if b["best_metric"] is None or value > b["best_metric"]:
+            b.update(best_metric=value, best_step=step, bad_evals=0)
+            if t.env.is_main:
+                _save_weights(t.plain, t.run_dir / "best.safetensors")
+        else:
+            b["bad_evals"] += 1
+        stopping = bool(t.ft.patience) and b["bad_evals"] >= t.ft.patience
+        name = metric_name(t.data)
+        t.log.write({"kind": "valid", "step": step, name: value, "best": b["best_metric"], "best_step": b["best_step"]})
+        t.say(f"step {step}: valid {name} {value:.4f} (best {b['best_metric']:.4f} at step {b['best_step']}"
+              f"{', stopping early' if stopping else ''})")
+        return {"metric": value, "stopping": stopping}
+
+    def stop_reason(self, val: dict) -> Optional[StopReason]:
+        return StopReason.EARLY_STOP if val["stopping"] else None
+
+
+class FinetuneTrainer(Trainer):
+    """The trainer's loop on a task head: a labelled packed stream, the task loss, validation with early
+    stopping, and at the end the test report beside the frozen probe."""
+
+    def __init__(self, ft: FinetuneConfig, device: str, log, held: list):
+        self.ft, self.log_line, self.launch, self.progress = ft, log, time.perf_counter(), None
+        self.data = data = load_data(ft)
+        self.env = env = init_distributed(Config(train=TrainConfig(device=device)))
+        if env.device.type == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+        model, self.loaded = build_task_model(ft, data, env.device)
+        self.cfg = cfg = trainer_config(ft, self.loaded.config, device)
+        self.amp_dtype = None
+
+        def decide():   # rank 0 opens the run directory; the lock stays in `held`
+            run_dir, lock = open_run_dir(ft)
+            held.append(lock)
+            return run_dir
+        self.run_dir = from_rank0(env, decide)
+        self.width = window_tokens(ft, data)
+        self.norm = (0.0, 1.0)
+        if data.kind == "regression":
+            y = np.asarray(data.train.labels, dtype=np.float64)
+            self.norm = (float(y.mean()), float(y.std()) or 1.0)
+        self.plain = model
+        self.optimizers = build_optimizers(model, ft)
+        self.model = model if env.world_size == 1 else DistributedDataParallel(
+            model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        self.loader = LabelledStream(data, self.width, ft.token_budget, ft.seed, self.norm, env.world_size, env.rank,
+                                     ft.grad_accum)
+        self.peak = measure_matmul_peak(env.device, torch.float32)
+        self.state = TrainState(world_x_accum=env.world_size * ft.grad_accum,
+                                data={"task": data.where, "train_sequences": len(data.train.seqs)})
+        self.evaluator = Validation(self)
+        self.checkpointer = Checkpointer(self.run_dir, cfg.train.checkpoint_every, ft.keep_latest_k,
+                                         {"model": ckpt.ModelState(model), "optimizers": self.optimizers,
+                                          "loader": self.loader, "trainer": self.state,
+                                          "validation": ckpt.DictState(self.evaluator.best), "rng": ckpt.RNGState()},
+                                         resume="rerun the same `plmrun finetune` command to continue")
+        latest = self.checkpointer.latest()
+        if latest is not None:
+            self.checkpointer.load(latest)
+            self.say(f"continuing {self.run_dir} from step {self.state.step}")
+        if env.is_main:
+            truncate_metrics(self.run_dir, self.state.step)   # what an attempt wrote after its checkpoint
+        self.log = MetricsLog(self.run_dir, cfg, self.run_dir.name, enabled=env.is_main)
+        self.plain.train()
+
+    def say(self, msg: str, err: bool = True) -> None:
+        if self.env.is_main:
+            self.log_line(msg)
+
+    def loss_sum(self, model, mb: LabelledBatch, device: torch.device, step: int, forward_context) -> torch.Tensor:
+        """Σ cross-entropy over the micro-batch's residues or sequences, or Σ squared error (regression)."""
+        b = mb.packed.to(device)
+        with forward_context:
+            out = model(b.tokens, b.positions, b.cu_seqlens, b.max_seqlen, mb.rows.to(device), mb.seg.to(device),
+                        b.num_sequences)
+        y = mb.labels.to(device)
+        if self.data.kind == "regression":
+            return ((out[:, 0] - y) ** 2).sum()
+        return nn.functional.cross_entropy(out, y, reduction="sum")
+
+    def train_record(self, r: dict, tok_s: float, mfu: float) -> dict:
+        step = self.state.step
+        if (step % 10 == 0 or step == 1) and self.progress is None:
+            self.say(f"step {step}/{self.ft.max_steps} epoch {self.loader.epoch} loss {r['loss']:.4f} "
+                     f"{tok_s:,.0f} tok/s")
+        return {"kind": "train", "step": step, "epoch": self.loader.epoch, "loss": r["loss"]}
+
+    def finish(self, reason: StopReason, stop: StopFlag) -> dict:
+        """Signalled: where it stopped. Otherwise (rank 0) the test report, the merged model and summary.json."""
+        st, env = self.state, self.env
+        self.log.close()
+        if reason is StopReason.SIGNAL:
+            self.say(f"stopped by signal {stop.exit_code - 128} at step {st.step}: rerun the same command to continue")
+            return {"stopped": f"signal {stop.exit_code - 128}", "exit_code": stop.exit_code, "run": str(self.run_dir)}
+        result = {"exit_code": 0, "run": str(self.run_dir)}
+        if env.is_main:
+            result = _finish(self.ft, self.data, self.plain, self.loaded, self.run_dir, self.width, self.norm,
+                             {"step": st.step, **self.evaluator.best, "stopped": reason.value}, env.device)
+        if env.world_size > 1:
+            torch.distributed.barrier()
+        return result
+
+
+def _finish(cfg, data, model, loaded, run, width, norm, state, device) -> dict:
     """Best weights -> test report beside the frozen probe; merged model saved and exported; summary.json."""
     _load_weights(model, run / "best.safetensors")
     model.eval()
@@ -396,5 +490,6 @@ def _finish(cfg, data, model, loaded, run, width, norm, state, device, log) -> d
         from plmrun.eval.export import export
         export(run / "model", run / "hf", overwrite=True)
     shutil.rmtree(run / "checkpoints", ignore_errors=True)
-    write_json_atomic(run / "summary.json", {**report, "steps": state["step"], "best_step": state["best_step"]})
+    write_json_atomic(run / "summary.json", {**report, "steps": state["step"], "best_step": state["best_step"],
+                                             "stopped": state["stopped"]})
     return {**report, "exit_code": 0, "run": str(run)}

@@ -55,18 +55,15 @@ def prepare_run_dir(cfg: Config, name: str, *, resume: bool, init_from: Optional
     """
     root = Path(cfg.logging.run_root)
     path = root / name
-    text = config_yaml(cfg)
-    if path.exists():
-        saved = path / "config.yaml"
+    if path.exists() and resume:
+        if (path / "config.yaml").is_file():
+            _extend(path, cfg)
         if (path / "summary.json").exists():
-            if resume:
-                raise RunDirError(f"{path} finished at step {finished_step(path)} (summary.json); nothing to resume")
-            raise RunDirError(f"{path}: this run already finished; choose another --logging.name")
-        if not saved.exists():
-            raise RunDirError(f"{path}: exists but is not a plmrun run directory; choose another --logging.name")
-        if _normalised(saved.read_text()) != _normalised(text):
-            raise RunDirError(f"{path}: exists with a different config; resume it with `plmrun train --resume {path}`"
-                              " or choose another --logging.name")
+            raise RunDirError(f"{path} finished at step {finished_step(path)} (summary.json); nothing to resume")
+    elif resume:
+        raise RunDirError(f"{path}: no such run directory to resume")
+    if claim_run_dir(path, config_yaml(cfg), rerun=f"resume it with `plmrun train --resume {path}`",
+                     name_flag="--logging.name"):
         if not resume and _init_source(path) != _source(init_from):
             raise RunDirError(f"{path}: started from {_init_source(path) or 'random init'}, not "
                               f"{_source(init_from) or 'random init'}; resume it with `plmrun train --resume {path}` "
@@ -75,13 +72,83 @@ def prepare_run_dir(cfg: Config, name: str, *, resume: bool, init_from: Optional
             raise RunDirError(f"{path} has no checkpoint yet; rerun the command that started it without --resume"
                               " to continue it (from step 0)")
         return path, True
-    if resume:
-        raise RunDirError(f"{path}: no such run directory to resume")
-    path.mkdir(parents=True)
-    (path / "config.yaml").write_text(text)
     if init_from:
         (path / INIT_FILE).write_text(_source(init_from) + "\n")
     return path, False
+
+
+def claim_run_dir(path: Path, text: str, *, rerun: str, name_flag: str) -> bool:
+    """A run's identity is its config: create `path` holding `text` as config.yaml, or reopen it when it holds
+    the same config and has not finished (True). Anything else is refused, naming `name_flag` and how to
+    continue the run that is there (`rerun`)."""
+    if not path.exists():
+        path.mkdir(parents=True)
+        (path / "config.yaml").write_text(text)
+        return False
+    saved = path / "config.yaml"
+    if (path / "summary.json").exists():
+        raise RunDirError(f"{path}: this run already finished; choose another {name_flag}")
+    if not saved.exists():
+        raise RunDirError(f"{path}: exists but is not a plmrun run directory; choose another {name_flag}")
+    if _normalised(saved.read_text()) != _normalised(text):
+        raise RunDirError(f"{path}: exists with a different config; {rerun} or choose another {name_flag}")
+    return True
+
+
+EXTENDABLE = ("train.max_steps", "train.max_time", "logging.progress")
+"Keys `plmrun train --resume RUN --key=value` may change: when the run stops and how it prints, not what a step computes."
+HISTORY_FILE = "config_history.jsonl"
+"One line per resume that changed the config: the step it continued from and each changed key's old and new value."
+
+
+def _flat(cfg: Config) -> dict:
+    return {f"{section}.{key}": value for section, values in cfg.to_dict().items() for key, value in values.items()}
+
+
+def extension_changes(saved: Config, cfg: Config) -> dict[str, list]:
+    """{key: [old, new]} of what a resume changes; a ConfigError unless each key is in EXTENDABLE and
+    train.max_steps, if changed, is raised (a run's steps so far stay the steps of its new schedule)."""
+    from plmrun.config import ConfigError
+    old, new = _flat(saved), _flat(cfg)
+    changes = {k: [old[k], new[k]] for k in new if old.get(k) != new[k] and k not in ("logging.run_root", "logging.name")}
+    refused = [k for k in changes if k not in EXTENDABLE]
+    if refused:
+        raise ConfigError(f"--resume: --{refused[0]} would change what the run computes; a resume may change only "
+                          f"{', '.join(EXTENDABLE)} (start a new run for other settings)")
+    if "train.max_steps" in changes and changes["train.max_steps"][1] < changes["train.max_steps"][0]:
+        raise ConfigError(f"--resume: train.max_steps {changes['train.max_steps'][1]} is below the run's "
+                          f"{changes['train.max_steps'][0]}; an extension may only raise it")
+    return changes
+
+
+def _extend(path: Path, cfg: Config) -> None:
+    """A resume with changed EXTENDABLE keys: recorded in config_history.jsonl, then config.yaml rewritten;
+    a finished run whose stop the change lifts is reopened (its summary.json kept as summary.step_N.json)."""
+    from plmrun.config import load_yaml
+    changes = extension_changes(load_yaml(path / "config.yaml"), cfg)
+    if not changes:
+        return
+    step = latest_step(path)
+    if step is None:
+        return   # no checkpoint: refused below with what to do
+    summary = path / "summary.json"
+    if summary.exists() and not {"train.max_steps", "train.max_time"} & changes.keys():
+        return   # still finished: refused below
+    record = {"step": step, "changes": changes, "time": _dt.datetime.now().isoformat(timespec="seconds")}
+    with open(path / HISTORY_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    tmp = path / "config.yaml.tmp"
+    tmp.write_text(config_yaml(cfg))
+    os.replace(tmp, path / "config.yaml")
+    if summary.exists():
+        os.replace(summary, path / f"summary.step_{_summary_steps(summary)}.json")
+
+
+def _summary_steps(summary: Path) -> str:
+    try:
+        return f"{int(json.loads(summary.read_text())['steps']):08d}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unknown"
 
 
 def _source(init_from: Optional[str]) -> Optional[str]:
@@ -158,6 +225,20 @@ def latest_step(run: Path) -> Optional[int]:
     from plmrun.checkpoint import latest_checkpoint
     latest = latest_checkpoint(Path(run) / "checkpoints")
     return None if latest is None else int(latest.name.split("_")[1])
+
+
+def resume_config(run: Path, overrides: list[str]) -> Config:
+    """The config of `plmrun train --resume RUN [overrides]`: RUN's config.yaml with the overrides applied,
+    which may only change EXTENDABLE keys (checked again, and recorded, when the run directory is reopened)."""
+    from plmrun.config import ConfigError, build_config, load_yaml, validate
+    file = Path(run) / "config.yaml"
+    if not file.is_file():
+        raise ConfigError(f"{run}: not a run directory (no config.yaml)")
+    saved = validate(load_yaml(file))
+    cfg = build_config(str(file), overrides) if overrides else saved
+    extension_changes(saved, cfg)
+    cfg.logging.run_root = str(Path(run).parent)
+    return cfg
 
 
 def finished_step(run: Path) -> str:
@@ -317,6 +398,17 @@ class MetricsLog:
 def read_metrics(path: Path) -> list[dict]:
     f = Path(path) / "metrics.jsonl"
     return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop metric lines written after the checkpoint of `step` by an attempt that stopped (and final evals)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return
+    keep = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step and not r.get("final")]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    os.replace(tmp, path)
 
 
 def plot_curves(path: Path) -> list[Path]:
