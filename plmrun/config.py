@@ -322,13 +322,7 @@ def _apply(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
     classes = _section_classes()
     if section not in classes:
         raise ConfigError(f"{where}: unknown section {section!r} (sections: {', '.join(classes)})")
-    sec = getattr(cfg, section)
-    hints = typing.get_type_hints(type(sec))
-    if key not in hints:
-        close = [k for k in hints if k.split("_")[0] == key.split("_")[0]]
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ConfigError(f"{where}: unknown key {section}.{key}{hint}")
-    setattr(sec, key, _coerce(value, hints[key], f"{where}: {section}.{key}"))
+    set_fields(getattr(cfg, section), {key: value}, where, prefix=f"{section}.")
 
 
 def merge_dict(cfg: Config, data: dict, where: str) -> None:
@@ -390,38 +384,54 @@ def list_shipped_configs() -> list[str]:
     return sorted(p.stem for p in config_dir().glob("*.yaml"))
 
 
-def parse_overrides(args: list[str]) -> list[tuple[str, str, str]]:
-    """`--section.key=value` or `--section.key value` -> [(section, key, value)]."""
-    out = []
-    i = 0
+def read_flags(args: list[str], *, dotted: bool = True) -> list[tuple[str, Any]]:
+    """The one flag grammar: `--name=value` or `--name value` -> [(name, value read as YAML)], dashes in
+    names read as underscores. `dotted` names are `section.key` (train and its commands); plain `key` names
+    are a single section's (finetune)."""
+    shape = "--section.key=value" if dotted else "--key=value"
+    out, i = [], 0
     while i < len(args):
         a = args[i]
-        if not a.startswith("--") or "." not in a.split("=")[0]:
-            raise ConfigError(f"unrecognised argument {a!r} (overrides look like --section.key=value)")
+        name = a[2:].split("=", 1)[0]
+        if not a.startswith("--") or not name or (dotted and "." not in name):
+            raise ConfigError(f"unrecognised argument {a!r} (options look like {shape})")
         if "=" in a:
-            name, value = a[2:].split("=", 1)
+            value = a.split("=", 1)[1]
+        elif i + 1 >= len(args) or args[i + 1].startswith("--"):
+            raise ConfigError(f"{a}: missing value (write {a}=VALUE; booleans too: {a}=true)")
         else:
-            if i + 1 >= len(args) or args[i + 1].startswith("--"):
-                raise ConfigError(f"{a}: missing value (write {a}=VALUE; booleans too: {a}=true)")
-            name, value = a[2:], args[i + 1]
-            i += 1
-        section, key = name.split(".", 1)
-        out.append((section.replace("-", "_"), key.replace("-", "_"), value))
+            value, i = args[i + 1], i + 1
+        out.append((name.replace("-", "_"), _yaml_value(value)))
         i += 1
     return out
 
 
 def _yaml_value(value: str) -> Any:
+    if value == "":
+        return ""
     try:
         return yaml.safe_load(value)
     except yaml.YAMLError:
         return value
 
 
+def set_fields(obj, values: dict, where: str, prefix: str = "") -> None:
+    """Set dataclass fields from a mapping, each value coerced to its declared type; an unknown key or a
+    badly typed value is one ConfigError naming `where` and the key."""
+    hints = typing.get_type_hints(type(obj))
+    for key, value in values.items():
+        if key not in hints:
+            close = [k for k in hints if k.split("_")[0] == key.split("_")[0]]
+            hint = f" (did you mean {', '.join(prefix + k for k in close)}?)" if close else ""
+            raise ConfigError(f"{where}: unknown key {prefix}{key}{hint}")
+        setattr(obj, key, _coerce(value, hints[key], f"{where}: {prefix}{key}"))
+
+
 def build_config(config_file: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
     cfg = load_yaml(resolve_config_path(config_file)) if config_file else Config()
-    for section, key, value in parse_overrides(overrides or []):
-        _apply(cfg, section, key, _yaml_value(value), f"--{section}.{key}")
+    for name, value in read_flags(overrides or []):
+        section, key = name.split(".", 1)
+        _apply(cfg, section, key, value, f"--{name}")
     validate(cfg)
     return cfg
 

@@ -2,14 +2,13 @@
 `validate` (the one place), each problem one ConfigError line naming the key."""
 from __future__ import annotations
 
-import typing
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
 
-from plmrun.config import ConfigError, _coerce
+from plmrun.config import ConfigError, read_flags, set_fields
 
 
 @dataclass
@@ -89,34 +88,14 @@ def to_dict(cfg: FinetuneConfig) -> dict:
 
 
 def apply(cfg: FinetuneConfig, values: dict, where: str) -> FinetuneConfig:
-    """Set fields from a mapping; an unknown key or a badly typed value is one ConfigError line."""
-    hints = typing.get_type_hints(FinetuneConfig)
-    for key, value in values.items():
-        if key not in hints:
-            raise ConfigError(f"{where}: unknown finetune key {key!r} (keys: {', '.join(hints)})")
-        setattr(cfg, key, _coerce(value, hints[key], f"{where}: {key}"))
+    """Set fields from a mapping (config.set_fields: the one coercion); an unknown key is one ConfigError
+    listing the keys there are."""
+    keys = [f.name for f in fields(FinetuneConfig)]
+    for key in values:
+        if key not in keys:
+            raise ConfigError(f"{where}: unknown finetune key {key!r} (keys: {', '.join(keys)})")
+    set_fields(cfg, values, where)
     return cfg
-
-
-def parse_flags(args: list[str]) -> dict:
-    """`--max-steps 100` / `--max_steps=100` -> {"max_steps": 100} (values read as YAML scalars)."""
-    out, i = {}, 0
-    while i < len(args):
-        a = args[i]
-        if not a.startswith("--") or a == "--":
-            raise ConfigError(f"finetune: unexpected argument {a!r}; options are --key value "
-                              "(see `plmrun finetune -h`)")
-        key, eq, value = a[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(args):
-                raise ConfigError(f"finetune: --{key} needs a value")
-            value, i = args[i + 1], i + 1
-        try:
-            out[key.replace("-", "_")] = yaml.safe_load(value) if value != "" else ""
-        except yaml.YAMLError:
-            out[key.replace("-", "_")] = value
-        i += 1
-    return out
 
 
 def build(model: Optional[str], config_file: Optional[str], flags: list[str]) -> FinetuneConfig:
@@ -130,7 +109,7 @@ def build(model: Optional[str], config_file: Optional[str], flags: list[str]) ->
         if not isinstance(data, dict):
             raise ConfigError(f"{config_file}: expected a mapping of finetune keys")
         apply(cfg, data, config_file)
-    apply(cfg, parse_flags(flags), "command line")
+    apply(cfg, dict(read_flags(flags, dotted=False)), "command line")
     if model:
         cfg.model = model
     return validate(cfg)
