@@ -24,14 +24,14 @@ def bench(a) -> dict | None:
     from plmrun.config import build_config
     from plmrun.train.parallelize import init_distributed
     from plmrun.experiments.record import hardware_info
-    from plmrun.train.trainer import measure_matmul_peak
+    from plmrun.train.peak import time_matmul
     cfg = build_config(a.config, ["--" + s.removeprefix("--") for s in a.set]
                        + [f"--data.token_budget={a.token_budget}", "--train.device=cuda", "--logging.progress=false"])
     env = init_distributed(cfg)
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
     amp = torch.float32 if cfg.train.precision == "fp32" else torch.bfloat16
-    peak = measure_matmul_peak(env.device, amp, seconds=1.0)
+    peak = time_matmul(env.device, amp, seconds=1.0)
     out = measure_plmrun(cfg, env, warmup=a.warmup, windows=a.windows, steps_per_window=a.steps_per_window)
     mem = torch.tensor([out["peak_memory_mb"]], dtype=torch.float64, device=env.device)
     if env.world_size > 1:

@@ -247,9 +247,9 @@ def run_case(spec: dict) -> dict:
 
 
 def measure_peaks(device: torch.device, precisions: list[str]) -> dict:
-    from plmrun.train.trainer import measure_matmul_peak
+    from plmrun.train.peak import time_matmul
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    return {p: measure_matmul_peak(device, dtypes[p], seconds=1.0) for p in precisions}
+    return {p: time_matmul(device, dtypes[p], seconds=1.0) for p in precisions}
 
 
 def hardware() -> dict:

@@ -44,7 +44,8 @@ from plmrun.train.parallelize import init_distributed
 from plmrun.train.rundir import MetricsLog, RunLock, claim_run_dir, truncate_metrics, write_json_atomic
 from plmrun.train.state import TrainState
 from plmrun.train.stopping import StopFlag, StopReason
-from plmrun.train.trainer import Trainer, from_rank0, measure_matmul_peak, run_to_end
+from plmrun.train.peak import stable_peak
+from plmrun.train.trainer import Trainer, from_rank0, run_to_end
 
 from .config import FinetuneConfig, to_dict
 from .data import FinetuneData, check_position_limit, load_data
@@ -394,7 +395,8 @@ class FinetuneTrainer(Trainer):
             model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
         self.loader = LabelledStream(data, self.width, ft.token_budget, ft.seed, self.norm, env.world_size, env.rank,
                                      ft.grad_accum)
-        self.peak = measure_matmul_peak(env.device, torch.float32)
+        self.peak_info = stable_peak(env.device, torch.float32, update=env.is_main)
+        self.peak = self.peak_info.flops
         self.state = TrainState(world_x_accum=env.world_size * ft.grad_accum,
                                 data={"task": data.where, "train_sequences": len(data.train.seqs)})
         self.evaluator = Validation(self)

@@ -5,15 +5,18 @@ import time
 from typing import Optional
 
 from plmrun.config import Config
+from plmrun.train.peak import Peak
+from plmrun.train.peak import mfu as model_flops_utilisation
 from plmrun.train.state import TrainState
 
 
-def summarize(cfg: Config, *, name: str, run_dir, state: TrainState, n_params: int, n_dense: int, peak: float,
+def summarize(cfg: Config, *, name: str, run_dir, state: TrainState, n_params: int, n_dense: int, peak: Peak,
               device, world_size: int, precision: str, final_full: Optional[dict], reason: str, launch: float,
               records: list[dict]) -> dict:
     evals = [r for r in records if r.get("kind") == "eval" and not r.get("final")]
     final_val = {k[4:]: v for k, v in evals[-1].items() if k.startswith("val_")} if evals else None
     t = state.train_time_s
+    mfu, mfu_capped = model_flops_utilisation(state.flops, t, peak.flops, world_size)
     total = time.perf_counter() - launch
     summary = {
         "name": name,
@@ -27,8 +30,11 @@ def summarize(cfg: Config, *, name: str, run_dir, state: TrainState, n_params: i
         "eval_time_s": state.eval_time_s,
         "total_time_s": total,
         "tok_per_s": state.tokens / max(t, 1e-9),
-        "mfu": state.flops / max(t, 1e-9) / (peak * world_size),
-        "peak_flops_per_device": peak,
+        "mfu": mfu,
+        "mfu_capped": mfu_capped,
+        "peak_flops_per_device": peak.flops,
+        "peak_source": peak.source,
+        "machine_contended": peak.contended,
         "device": str(device),
         "world_size": world_size,
         "precision": precision,
@@ -60,9 +66,17 @@ def unigram_warning(s: dict) -> Optional[str]:
             "than the training split's residue frequencies; train longer or check the learning rates")
 
 
+def mfu_text(s: dict) -> str:
+    """MFU as printed: a rate above the peak is shown as a bound (the peak was underestimated), never > 100%."""
+    if s.get("mfu_capped"):
+        return f"≥{s['mfu']:.0%} (the model FLOP rate exceeded the peak {s['peak_flops_per_device'] / 1e9:.0f} " \
+               "GFLOP/s: set PLMRUN_PEAK_FLOPS to this machine's real peak)"
+    return f"{s['mfu']:.1%}"
+
+
 def summary_lines(s: dict) -> str:
     lines = [f"run {s['run_dir']}: {s['steps']} steps, {s['tokens']:,} tokens in {s['train_time_s']:.1f} s of training"
-             f" ({s['total_time_s']:.1f} s total) — {s['tok_per_s']:,.0f} tok/s, MFU {s['mfu']:.1%}"]
+             f" ({s['total_time_s']:.1f} s total) — {s['tok_per_s']:,.0f} tok/s, MFU {mfu_text(s)}"]
     if s["final_val"]:
         lines.append(f"val loss (first {s['eval_subset'] or 'all'} valid sequences): {s['final_val']['loss']:.4f}"
                      f"  best {s['best_val_loss']:.4f}")
@@ -74,6 +88,9 @@ def summary_lines(s: dict) -> str:
     for thr, r in sorted(s["time_to_target"].items(), key=lambda kv: -float(kv[0])):
         lines.append(f"time-to-target {thr}: {r['train_time_s']:.1f} s training ({r['wall_time_s_incl_eval']:.1f} s incl."
                      f" eval), {r['tokens']:,} tokens, step {r['step']}")
+    if s.get("machine_contended"):
+        lines.append("note: the machine was contended at start-up (other work slowed its matmul): times and tok/s "
+                     "are slower than this machine's")
     warning = unigram_warning(s)
     if warning:
         lines.append(warning)

@@ -32,6 +32,8 @@ from plmrun.train.evaluator import Evaluator
 from plmrun.train.guards import SpikePolicy, check_divergence, check_eval_divergence
 from plmrun.train.inputs import (build_train_loader, grad_accum_for, open_test_split, open_training_data,
                                  require_splits, resume_grad_accum)
+from plmrun.train.peak import mfu as model_flops_utilisation
+from plmrun.train.peak import stable_peak
 from plmrun.train.parallelize import (DistEnv, all_reduce_sum, autocast_dtype, init_distributed, native_bf16,
                                       parallelize, unwrap)
 from plmrun.train.rundir import (MetricsLog, choose_run_dir, environment_info, plot_curves, read_metrics,
@@ -126,7 +128,8 @@ class Trainer:
         ns_dtype = torch.bfloat16 if self.amp_dtype is not None and native_bf16(env.device) else torch.float32
         self.optimizers = build_optimizer(plm, cfg.optim, cfg.train.max_steps, ns_dtype=ns_dtype)
         self.loader = build_train_loader(cfg, env, train_src)
-        self.peak = measure_matmul_peak(env.device, self.amp_dtype or torch.float32)
+        self.peak_info = stable_peak(env.device, self.amp_dtype or torch.float32, update=env.is_main)
+        self.peak = self.peak_info.flops
 
         data_info = {"dataset": str(data_path), "train_fingerprint": train_src.fingerprint,
                      "valid_fingerprint": self.valid_src.fingerprint, "train_sequences": len(train_src),
@@ -149,7 +152,7 @@ class Trainer:
                                    unigram)
         if env.is_main:
             print(f"plmrun: run {self.run_dir}  params {self.n_params/1e6:.2f}M  device {env.device}  world "
-                  f"{env.world_size}  precision {self.precision}  peak {self.peak/1e9:.0f} GFLOP/s"
+                  f"{env.world_size}  precision {self.precision}  {self.peak_info.describe()}"
                   + (f"  resumed at step {self.state.step}" if latest is not None else ""), flush=True)
 
     @property
@@ -261,19 +264,22 @@ class Trainer:
         if not log:
             return
         tok_s = iv["tokens"] / max(iv["t"], 1e-9)
-        mfu = iv["flops"] / max(iv["t"], 1e-9) / (self.peak * self.env.world_size)
-        self.log.write(self.train_record(r, tok_s, mfu))
+        mfu, over = model_flops_utilisation(iv["flops"], iv["t"], self.peak, self.env.world_size)
+        self.log.write(self.train_record(r, tok_s, mfu, over))
         if self.progress is not None:
-            self.progress.set_postfix(loss=f"{r['loss']:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}", refresh=False)
+            shown = f"≥{mfu:.0%}" if over else f"{mfu:.1%}"   # a rate above the peak: the peak is underestimated
+            self.progress.set_postfix(loss=f"{r['loss']:.3f}", tok_s=f"{tok_s:,.0f}", mfu=shown, refresh=False)
         self._interval = {"t": 0.0, "tokens": 0, "flops": 0.0}
 
-    def train_record(self, r: dict, tok_s: float, mfu: float) -> dict:
+    def train_record(self, r: dict, tok_s: float, mfu: float, mfu_capped: bool = False) -> dict:
         """The metrics.jsonl line of a logged step."""
         st = self.state
         rec = {"kind": "train", "step": st.step, "tokens": st.tokens, "train_time_s": round(st.train_time_s, 3),
                "loss": r["loss"], "grad_norm": r["grad_norm"], "clip": r["clip"], "tok_per_s": tok_s, "mfu": mfu,
                "lr_mult": self.optimizers.lr_multiplier(st.step - 1),
                "packing_efficiency": self.loader.packing_efficiency}
+        if mfu_capped:
+            rec["mfu_capped"] = True
         if r["spike"]:
             rec["spike"] = r["spike"]
         return rec
@@ -305,13 +311,13 @@ class Trainer:
             _save_final_model(self.run_dir, self.model, cfg, env)
             if env.is_main:
                 summary = summarize(cfg, name=self.name, run_dir=self.run_dir, state=st, n_params=self.n_params,
-                                    n_dense=self.n_dense, peak=self.peak, device=env.device,
+                                    n_dense=self.n_dense, peak=self.peak_info, device=env.device,
                                     world_size=env.world_size, precision=self.precision, final_full=final_full,
                                     reason=stopped, launch=self.launch, records=read_metrics(self.run_dir))
                 if cfg.eval.final_test:
                     summary["final_test"] = final_test
+                plot_curves(self.run_dir)   # before summary.json, which marks the run finished
                 write_json_atomic(self.run_dir / "summary.json", summary)
-                plot_curves(self.run_dir)
                 print(summary_lines(summary), flush=True)
                 if cfg.logging.push_to_hub:
                     summary["hub"] = self._push()
@@ -399,23 +405,6 @@ def _no_sync(model, last: bool):
 
 
 # ------------------------------------------------------------------ set-up helpers
-def measure_matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.4) -> float:
-    """FLOP/s of a large square matmul on this device and dtype: the MFU denominator."""
-    n = 2048 if device.type == "cpu" else 8192
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds or reps < 2:
-        a @ b
-        reps += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    return 2.0 * n ** 3 * reps / (time.perf_counter() - t0)
-
-
 def _with_grad_accum(cfg: Config, accum: int) -> Config:
     cfg = copy.deepcopy(cfg)
     cfg.train.grad_accum = accum
