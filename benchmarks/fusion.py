@@ -126,8 +126,8 @@ def main(argv=None) -> dict:
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "load_avg": os.getloadavg(), "peak_flops": peak, "steps": a.steps, "warmup": a.warmup, "rows": rows}
     for r in rows:
-        print(f"{a.tag or '-':>8} {r['variant']:>10}  step {r['step_s'] * 1e3:7.1f} ms  fwd+bwd {r['fwd_bwd_s'] * 1e3:7.1f} ms"
-              f"  {r['tok_per_s']:7.0f} tok/s  MFU {r['mfu']:.1%}  ops " +
+        print(f"{a.tag or '-':>8} {r['variant']:>10}  step {r['step_s'] * 1e3:7.1f} ms  "
+              f"fwd+bwd {r['fwd_bwd_s'] * 1e3:7.1f} ms  {r['tok_per_s']:7.0f} tok/s  MFU {r['mfu']:.1%}  ops " +
               " ".join(f"{k} {v:.0%}" for k, v in r["op_share"].items()), flush=True)
     print(f"load {report['load_avg']}, peak {peak / 1e9:.0f} GFLOP/s")
     old = json.loads(a.out.read_text()) if a.out.exists() else []
