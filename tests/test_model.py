@@ -266,3 +266,22 @@ def test_seed_choices_are_validated():
                              soft_logit_cap=0.0, mlp_activation="gelu"))
     assert build_config(None, ["--model.norm=layer", "--model.position_encoding=none",
                                "--model.mlp_activation=gelu"]).model.norm == "layer"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_relu_squared_is_bitwise_autograd(dtype):
+    """The fused squared ReLU gives exactly F.relu(h).square()'s output and gradient (sign of zeros included),
+    so the default run's loss series is unchanged by it."""
+    from plmrun.model.layers import relu_squared
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(64, 96, generator=g).to(dtype)
+    h[::5, ::3] = 0.0
+    grad = torch.randn(64, 96, generator=g).to(dtype)
+    a, b = h.clone().requires_grad_(), h.clone().requires_grad_()
+    ya, yb = torch.nn.functional.relu(a).square(), relu_squared(b)
+    ya.backward(grad)
+    yb.backward(grad)
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    assert torch.equal(ya.view(bits), yb.view(bits))
+    assert torch.equal(a.grad.view(bits), b.grad.view(bits))
+    assert torch.signbit(b.grad[h <= 0]).sum() == 0  # +0 where relu is off, as threshold_backward gives

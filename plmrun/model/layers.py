@@ -182,6 +182,29 @@ NORMS = {"rms": rms_norm, "layer": layer_norm}
 "model.norm -> the weightless norm it names."
 
 
+class _ReLUSquared(torch.autograd.Function):
+    """relu(h)**2 with a one-kernel backward (2 * relu(h) * grad), bitwise what autograd gives for
+    F.relu(h).square(): 2*r is exact, so one rounding of the product either way, and +0 + (-0) = +0
+    matches threshold_backward's zeros. Autograd's version runs five kernels over the MLP width
+    (pow(r, 1) copy, *2, *grad, threshold) and saves both h and r; this saves r only."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor) -> torch.Tensor:
+        r = F.relu(h)
+        ctx.save_for_backward(r)
+        return r * r
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (r,) = ctx.saved_tensors
+        return torch.addcmul(grad.new_zeros(()), grad, r, value=2)
+
+
+def relu_squared(h: torch.Tensor) -> torch.Tensor:
+    """Squared ReLU (the speedrun MLP's nonlinearity), fused backward; see _ReLUSquared."""
+    return _ReLUSquared.apply(h)
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype matmuls produce here: the autocast dtype when autocast is on, else x's."""
     dev = x.device.type

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .attention import PackedLayout, packed_attention
 from .config import ModelConfig
 from .layers import (NORMS, PLM, ModelOutput, Rotary, apply_rotary, compute_dtype, fill_, fp32_linear, init_linear_,
-                     soft_cap, token_dropout, window_at)
+                     relu_squared, soft_cap, token_dropout, window_at)
 from .vocab import VOCAB_SIZE
 
 
@@ -79,7 +79,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         h = self.up(x)
-        return self.down(F.relu(h).square() if self.relu2 else F.gelu(h))
+        return self.down(relu_squared(h) if self.relu2 else F.gelu(h))
 
 
 class Pattention(nn.Module):
