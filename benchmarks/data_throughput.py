@@ -5,6 +5,7 @@ packed loader + masking (tokens/s, real-token fraction), on the bundled Swiss-Pr
 
 Prints a table and writes benchmarks/results/data_throughput.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,6 +27,7 @@ def one_core() -> None:
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     import torch
+
     torch.set_num_threads(1)
 
 
@@ -41,6 +43,7 @@ def best_of(fn, repeats: int) -> float:
 def prepare_section(tmp: Path, repeats: int) -> list[dict]:
     from plmrun.data.corpus import corpus_files
     from plmrun.data.prepare import prepare
+
     xz = corpus_files()["train"]
     plain = tmp / "train.fasta"
     t = time.perf_counter()
@@ -53,10 +56,11 @@ def prepare_section(tmp: Path, repeats: int) -> list[dict]:
             f.write(text)
     residues = prepare(plain, tmp / "probe", progress=False)["train"]["num_tokens"]
     rows = []
-    for label, path in (("plain", plain), ("gz", tmp / "train.fasta.gz"),
-                        ("xz", xz), ("bz2", tmp / "train.fasta.bz2")):
+    for label, path in (("plain", plain), ("gz", tmp / "train.fasta.gz"), ("xz", xz), ("bz2", tmp / "train.fasta.bz2")):
+
         def run(path=path):
             prepare(path, tmp / "out", overwrite=True, workers=1, progress=False)
+
         secs = best_of(run, repeats if label == "plain" else 1)
         opener = {"plain": open, "gz": gzip.open, "xz": lzma.open, "bz2": bz2.open}[label]
 
@@ -64,10 +68,17 @@ def prepare_section(tmp: Path, repeats: int) -> list[dict]:
             with opener(path, "rb") as f:
                 while f.read(1 << 22):
                     pass
+
         dsecs = xz_time if label == "xz" else best_of(read, 1)
-        rows.append({"input": label, "residues": residues, "prepare_seconds": round(secs, 3),
-                     "prepare_residues_per_s": residues / secs,
-                     "decompress_only_residues_per_s": residues / dsecs})
+        rows.append(
+            {
+                "input": label,
+                "residues": residues,
+                "prepare_seconds": round(secs, 3),
+                "prepare_residues_per_s": residues / secs,
+                "decompress_only_residues_per_s": residues / dsecs,
+            }
+        )
     return rows
 
 
@@ -76,21 +87,29 @@ def loader_section(steps: int) -> list[dict]:
     from plmrun.data.loader import TrainLoader
     from plmrun.data.masking import Masker
     from plmrun.data.shards import open_dataset
+
     src = open_dataset(bundled_dataset_dir(), "train")
     rows = []
-    for budget, max_len, objective in ((65536, 1024, "mlm"), (4096, 512, "mlm"),
-                                       (65536, 1024, "diffusion")):
-        loader = TrainLoader(src, token_budget=budget, max_length=max_len, seed=0, prefetch=0,
-                             masker=Masker(objective=objective))
-        loader.next_step(0)                                    # plan the first chunk
+    for budget, max_len, objective in ((65536, 1024, "mlm"), (4096, 512, "mlm"), (65536, 1024, "diffusion")):
+        loader = TrainLoader(
+            src, token_budget=budget, max_length=max_len, seed=0, prefetch=0, masker=Masker(objective=objective)
+        )
+        loader.next_step(0)  # plan the first chunk
         n = max(4, steps * 65536 // budget)
         t = time.perf_counter()
         for s in range(1, n + 1):
             loader.next_step(s)
         secs = time.perf_counter() - t
-        rows.append({"token_budget": budget, "max_length": max_len, "objective": objective,
-                     "microbatches": n, "tokens_per_s": n * budget / secs,
-                     "real_token_fraction": loader.real_tokens / loader.budget_tokens})
+        rows.append(
+            {
+                "token_budget": budget,
+                "max_length": max_len,
+                "objective": objective,
+                "microbatches": n,
+                "tokens_per_s": n * budget / secs,
+                "real_token_fraction": loader.real_tokens / loader.budget_tokens,
+            }
+        )
     return rows
 
 
@@ -104,8 +123,10 @@ def main() -> None:
         result["prepare"] = prepare_section(Path(d), 1 if args.quick else 3)
     print(f"{'FASTA -> shards (1 core)':<26}{'prepare res/s':>16}{'decompress only':>18}")
     for r in result["prepare"]:
-        print(f"{r['input']:<26}{r['prepare_residues_per_s'] / 1e6:>14.1f} M"
-              f"{r['decompress_only_residues_per_s'] / 1e6:>16.1f} M")
+        print(
+            f"{r['input']:<26}{r['prepare_residues_per_s'] / 1e6:>14.1f} M"
+            f"{r['decompress_only_residues_per_s'] / 1e6:>16.1f} M"
+        )
     try:
         result["loader"] = loader_section(10 if args.quick else 40)
     except ImportError as e:

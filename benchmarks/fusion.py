@@ -13,6 +13,7 @@ two versions of the code, run this script under each PYTHONPATH in turn with dif
 rows are appended to --out, each with the command, CPU, date and load average. MFU: useful FLOPs
 (registry.flops_per_step) over the best of 5 matmul-peak measurements taken at start-up.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,6 +45,7 @@ def build_variant(cfg, env, amp):
     from plmrun.model.registry import build_model
     from plmrun.optim.build import build_optimizer
     from plmrun.train.parallelize import parallelize
+
     torch.manual_seed(cfg.train.seed)
     plm = build_model(cfg.model).to(env.device)
     model = parallelize(plm, cfg, env)
@@ -54,10 +56,18 @@ def build_variant(cfg, env, amp):
 def one_step(model, optimizers, micro, env, amp, step: int) -> tuple[float, float]:
     """Seconds of forward + backward and of the whole step (clipping and optimizer included)."""
     from plmrun.train.trainer import forward_backward
+
     optimizers.set_step(step)
     t0 = time.perf_counter()
-    forward_backward(model, micro, global_norm=float(sum(mb.normalizer for mb in micro)), world_size=1,
-                     device=env.device, amp_dtype=amp, step=step)
+    forward_backward(
+        model,
+        micro,
+        global_norm=float(sum(mb.normalizer for mb in micro)),
+        world_size=1,
+        device=env.device,
+        amp_dtype=amp,
+        step=step,
+    )
     t1 = time.perf_counter()
     optimizers.clip_gradients()
     optimizers.step()
@@ -81,6 +91,7 @@ def main(argv=None) -> dict:
     from plmrun.model.registry import flops_per_step
     from plmrun.train.parallelize import autocast_dtype, init_distributed
     from plmrun.train.trainer import build_train_loader, measure_matmul_peak, open_training_data
+
     variants = {}
     for spec in a.variant or ["base"]:
         name, _, sets = spec.partition(":")
@@ -94,8 +105,10 @@ def main(argv=None) -> dict:
     loader = build_train_loader(first, env, src)
     batches = [loader.next_step(s) for s in range(a.warmup + a.steps + PROFILED_STEPS)]
     loader.close()
-    flops = [sum(flops_per_step(first.model, mb.packed.cu_seqlens[: mb.packed.num_sequences + 1]) for mb in m)
-             for m in batches]
+    flops = [
+        sum(flops_per_step(first.model, mb.packed.cu_seqlens[: mb.packed.num_sequences + 1]) for mb in m)
+        for m in batches
+    ]
     tokens = [sum(mb.packed.num_real_tokens for mb in m) for m in batches]
     peak = max(measure_matmul_peak(env.device, amp or torch.float32) for _ in range(5))
     runs = {n: build_variant(c, env, amp) for n, c in cfgs.items()}
@@ -115,20 +128,38 @@ def main(argv=None) -> dict:
             kinds[op_kind(event.key)] += event.self_cpu_time_total / 1e6 / PROFILED_STEPS
         total = sum(kinds.values())
         ts = times[n]
-        rows.append({"tag": a.tag, "variant": n, "sets": variants[n],
-                     "fwd_bwd_s": statistics.median(t[0] for t, _, _ in ts),
-                     "step_s": statistics.median(t[1] for t, _, _ in ts),
-                     "tok_per_s": statistics.median(k / t[1] for t, _, k in ts),
-                     "mfu": statistics.median(f / t[1] for t, f, _ in ts) / peak,
-                     "op_share": {k: v / total for k, v in kinds.items()}})
-    report = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-              "cpu": cpu_name(), "torch": torch.__version__, "threads": a.threads, "precision": a.precision,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "load_avg": os.getloadavg(), "peak_flops": peak, "steps": a.steps, "warmup": a.warmup, "rows": rows}
+        rows.append(
+            {
+                "tag": a.tag,
+                "variant": n,
+                "sets": variants[n],
+                "fwd_bwd_s": statistics.median(t[0] for t, _, _ in ts),
+                "step_s": statistics.median(t[1] for t, _, _ in ts),
+                "tok_per_s": statistics.median(k / t[1] for t, _, k in ts),
+                "mfu": statistics.median(f / t[1] for t, f, _ in ts) / peak,
+                "op_share": {k: v / total for k, v in kinds.items()},
+            }
+        )
+    report = {
+        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "cpu": cpu_name(),
+        "torch": torch.__version__,
+        "threads": a.threads,
+        "precision": a.precision,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "load_avg": os.getloadavg(),
+        "peak_flops": peak,
+        "steps": a.steps,
+        "warmup": a.warmup,
+        "rows": rows,
+    }
     for r in rows:
-        print(f"{a.tag or '-':>8} {r['variant']:>10}  step {r['step_s'] * 1e3:7.1f} ms  "
-              f"fwd+bwd {r['fwd_bwd_s'] * 1e3:7.1f} ms  {r['tok_per_s']:7.0f} tok/s  MFU {r['mfu']:.1%}  ops " +
-              " ".join(f"{k} {v:.0%}" for k, v in r["op_share"].items()), flush=True)
+        print(
+            f"{a.tag or '-':>8} {r['variant']:>10}  step {r['step_s'] * 1e3:7.1f} ms  "
+            f"fwd+bwd {r['fwd_bwd_s'] * 1e3:7.1f} ms  {r['tok_per_s']:7.0f} tok/s  MFU {r['mfu']:.1%}  ops "
+            + " ".join(f"{k} {v:.0%}" for k, v in r["op_share"].items()),
+            flush=True,
+        )
     print(f"load {report['load_avg']}, peak {peak / 1e9:.0f} GFLOP/s")
     old = json.loads(a.out.read_text()) if a.out.exists() else []
     tmp = a.out.with_suffix(".tmp")

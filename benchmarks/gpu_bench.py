@@ -7,6 +7,7 @@ markdown table of earlier results (with 1 -> N GPU scaling efficiency).
         [--warmup 5] [--windows 5] [--steps-per-window 4] --out results.json
     torchrun --standalone --nproc_per_node=8 benchmarks/gpu_bench.py --config speedrun_133m --out ...
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,12 +22,17 @@ from throughput import measure_plmrun  # noqa: E402
 
 def bench(a) -> dict | None:
     import torch
+
     from plmrun.config import build_config
-    from plmrun.train.parallelize import init_distributed
     from plmrun.experiments.record import hardware_info
+    from plmrun.train.parallelize import init_distributed
     from plmrun.train.peak import time_matmul
-    cfg = build_config(a.config, ["--" + s.removeprefix("--") for s in a.set]
-                       + [f"--data.token_budget={a.token_budget}", "--train.device=cuda", "--logging.progress=false"])
+
+    cfg = build_config(
+        a.config,
+        ["--" + s.removeprefix("--") for s in a.set]
+        + [f"--data.token_budget={a.token_budget}", "--train.device=cuda", "--logging.progress=false"],
+    )
     env = init_distributed(cfg)
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
@@ -40,27 +46,42 @@ def bench(a) -> dict | None:
         return None
     w = out["windows"]
     flops = statistics.median(r["flops"] / r["seconds"] for r in w)
-    return {"config": a.config, "overrides": a.set, "arch": cfg.model.arch, "params": out["params"],
-            "gpus": env.world_size, "token_budget_per_gpu": cfg.data.token_budget, "precision": cfg.train.precision,
-            "compile": cfg.train.compile, "hardware": hardware_info(),
-            "real_tok_per_s": statistics.median(r["real_tokens"] / r["seconds"] for r in w),
-            "padded_tok_per_s": statistics.median(r["padded_tokens"] / r["seconds"] for r in w),
-            "mfu": flops / (peak * env.world_size), "peak_flops_per_gpu": peak,
-            "peak_memory_mb_max_gpu": float(mem[0]), "windows": w}
+    return {
+        "config": a.config,
+        "overrides": a.set,
+        "arch": cfg.model.arch,
+        "params": out["params"],
+        "gpus": env.world_size,
+        "token_budget_per_gpu": cfg.data.token_budget,
+        "precision": cfg.train.precision,
+        "compile": cfg.train.compile,
+        "hardware": hardware_info(),
+        "real_tok_per_s": statistics.median(r["real_tokens"] / r["seconds"] for r in w),
+        "padded_tok_per_s": statistics.median(r["padded_tokens"] / r["seconds"] for r in w),
+        "mfu": flops / (peak * env.world_size),
+        "peak_flops_per_gpu": peak,
+        "peak_memory_mb_max_gpu": float(mem[0]),
+        "windows": w,
+    }
 
 
 def table(results: list[dict]) -> str:
     one = {(r["config"], tuple(r["overrides"])): r for r in results if r["gpus"] == 1}
-    lines = [f"GPU: {results[0]['hardware']['gpu']}, torch {results[0]['hardware']['torch']}, measured bf16 matmul "
-             f"peak {results[0]['peak_flops_per_gpu'] / 1e12:,.0f} TFLOP/s per GPU.", "",
-             "| config | params | GPUs | tokens/GPU/step | real tok/s | MFU | peak memory (GB) | scaling |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"GPU: {results[0]['hardware']['gpu']}, torch {results[0]['hardware']['torch']}, measured bf16 matmul "
+        f"peak {results[0]['peak_flops_per_gpu'] / 1e12:,.0f} TFLOP/s per GPU.",
+        "",
+        "| config | params | GPUs | tokens/GPU/step | real tok/s | MFU | peak memory (GB) | scaling |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         base = one.get((r["config"], tuple(r["overrides"])))
         scaling = f"{r['real_tok_per_s'] / (r['gpus'] * base['real_tok_per_s']):.0%}" if base and r["gpus"] > 1 else ""
-        lines.append(f"| {r['config']}{''.join(' `' + o + '`' for o in r['overrides'])} | {r['params'] / 1e6:.1f}M | "
-                     f"{r['gpus']} | {r['token_budget_per_gpu']:,} | {r['real_tok_per_s']:,.0f} | {r['mfu']:.1%} | "
-                     f"{r['peak_memory_mb_max_gpu'] / 1024:.1f} | {scaling} |")
+        lines.append(
+            f"| {r['config']}{''.join(' `' + o + '`' for o in r['overrides'])} | {r['params'] / 1e6:.1f}M | "
+            f"{r['gpus']} | {r['token_budget_per_gpu']:,} | {r['real_tok_per_s']:,.0f} | {r['mfu']:.1%} | "
+            f"{r['peak_memory_mb_max_gpu'] / 1024:.1f} | {scaling} |"
+        )
     return "\n".join(lines)
 
 
@@ -79,14 +100,21 @@ def main(argv=None) -> int:
         print(table([json.loads(Path(p).read_text()) for p in a.table]))
         return 0
     import torch
+
     if not torch.cuda.is_available():
-        print(f"error: no CUDA device visible to torch {torch.__version__} (CUDA build: {torch.version.cuda}); "
-              "gpu_bench.py needs an NVIDIA GPU", file=sys.stderr)
+        print(
+            f"error: no CUDA device visible to torch {torch.__version__} (CUDA build: {torch.version.cuda}); "
+            "gpu_bench.py needs an NVIDIA GPU",
+            file=sys.stderr,
+        )
         return 2
     result = bench(a)
     if result is not None:
-        print(f"{a.config}: {result['gpus']} GPU(s)  {result['real_tok_per_s']:,.0f} real tok/s  "
-              f"MFU {result['mfu']:.1%}  peak memory {result['peak_memory_mb_max_gpu'] / 1024:.1f} GB", flush=True)
+        print(
+            f"{a.config}: {result['gpus']} GPU(s)  {result['real_tok_per_s']:,.0f} real tok/s  "
+            f"MFU {result['mfu']:.1%}  peak memory {result['peak_memory_mb_max_gpu'] / 1024:.1f} GB",
+            flush=True,
+        )
         if a.out:
             Path(a.out).parent.mkdir(parents=True, exist_ok=True)
             Path(a.out).write_text(json.dumps(result, indent=1) + "\n")

@@ -12,6 +12,7 @@ bucketed by residue length, with the one eval protocol (15% masked, all <mask>, 
 table says what the longer crops bought on long proteins, and what they cost on short ones, at equal
 steps and tokens. Writes benchmarks/results/long_context.json and .md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,6 +38,7 @@ def bucket_sources(per_bucket: int, splits=("valid", "test")) -> dict:
     """{bucket: InMemorySequences} of the first `per_bucket` sequences (valid, then test) in each length bucket."""
     from plmrun.data.corpus import resolve_dataset
     from plmrun.data.shards import InMemorySequences, open_dataset
+
     path = resolve_dataset("bundled")
     seqs = [src.residues(i) for src in (open_dataset(path, s) for s in splits) for i in range(len(src))]
     out = {}
@@ -50,8 +52,10 @@ def bucket_sources(per_bucket: int, splits=("valid", "test")) -> dict:
 def whole_sequence_loss(model, sources: dict, token_budget: int = 8192) -> dict:
     """{bucket: (per-token loss, masked tokens)} with every sequence whole (eval.max_length = the longest)."""
     import torch
+
     from plmrun.config import EvalConfig
     from plmrun.eval.mlm import evaluate
+
     out = {}
     for name, src in sources.items():
         longest = int(np.max(src.lengths)) + 2
@@ -64,29 +68,60 @@ def whole_sequence_loss(model, sources: dict, token_budget: int = 8192) -> dict:
 
 def run_configs(a) -> dict:
     from plmrun.config import build_config
-    common = [f"--data.token_budget={a.token_budget}", "--data.max_length=512", f"--train.max_steps={a.steps + a.long_steps}",
-              f"--train.checkpoint_every={a.steps}", "--train.keep_latest_k=2", "--train.eval_every=0",
-              "--eval.subset=16", "--eval.final_full=false", "--logging.progress=false", f"--train.threads={a.threads}",
-              f"--logging.run_root={a.run_root}", "--model.hidden_size=64", "--model.num_layers=2", "--model.num_heads=2",
-              *["--" + s.removeprefix("--") for s in a.set]]
+
+    common = [
+        f"--data.token_budget={a.token_budget}",
+        "--data.max_length=512",
+        f"--train.max_steps={a.steps + a.long_steps}",
+        f"--train.checkpoint_every={a.steps}",
+        "--train.keep_latest_k=2",
+        "--train.eval_every=0",
+        "--eval.subset=16",
+        "--eval.final_full=false",
+        "--logging.progress=false",
+        f"--train.threads={a.threads}",
+        f"--logging.run_root={a.run_root}",
+        "--model.hidden_size=64",
+        "--model.num_layers=2",
+        "--model.num_heads=2",
+        *["--" + s.removeprefix("--") for s in a.set],
+    ]
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return {"crop 512 throughout": build_config(None, common + [f"--logging.name={stamp}-512"]),
-            f"crop 512, then {a.long_max_length - 2}": build_config(None, common + [
+    return {
+        "crop 512 throughout": build_config(None, common + [f"--logging.name={stamp}-512"]),
+        f"crop 512, then {a.long_max_length - 2}": build_config(
+            None,
+            common
+            + [
                 f"--data.max_length_schedule=[[0, 512], [{a.steps}, {a.long_max_length}]]",
-                f"--logging.name={stamp}-long"])}
+                f"--logging.name={stamp}-long",
+            ],
+        ),
+    }
 
 
 def markdown(report: dict) -> str:
     cols = list(report["rows"][0]["buckets"])
-    lines = [f"Per-token loss of whole sequences (bundled valid+test, first {report['per_bucket']} per bucket, "
-             f"15% masked), {report['date']}: {report['steps']} steps at 512-token crops, then {report['long_steps']} "
-             f"more at 512 or {report['long_max_length']} tokens ({report['token_budget']} tokens per step).", "",
-             "| model | step | " + " | ".join(f"{c} residues" for c in cols) + " |",
-             "|---|---|" + "---|" * len(cols)]
+    lines = [
+        f"Per-token loss of whole sequences (bundled valid+test, first {report['per_bucket']} per bucket, "
+        f"15% masked), {report['date']}: {report['steps']} steps at 512-token crops, then {report['long_steps']} "
+        f"more at 512 or {report['long_max_length']} tokens ({report['token_budget']} tokens per step).",
+        "",
+        "| model | step | " + " | ".join(f"{c} residues" for c in cols) + " |",
+        "|---|---|" + "---|" * len(cols),
+    ]
     for r in report["rows"]:
-        lines.append(f"| {r['case']} | {r['step']} | " + " | ".join(f"{r['buckets'][c]['loss']:.4f}" for c in cols) + " |")
-    lines.append("| sequences (longest) | | " + " | ".join(
-        f"{report['rows'][0]['buckets'][c]['sequences']} ({report['rows'][0]['buckets'][c]['longest']})" for c in cols) + " |")
+        lines.append(
+            f"| {r['case']} | {r['step']} | " + " | ".join(f"{r['buckets'][c]['loss']:.4f}" for c in cols) + " |"
+        )
+    lines.append(
+        "| sequences (longest) | | "
+        + " | ".join(
+            f"{report['rows'][0]['buckets'][c]['sequences']} ({report['rows'][0]['buckets'][c]['longest']})"
+            for c in cols
+        )
+        + " |"
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -105,9 +140,11 @@ def main(argv=None) -> int:
     if min(a.steps, a.long_steps, a.per_bucket) < 1:
         ap.error("--steps, --long-steps and --per-bucket must be >= 1")
     import torch
+
     from plmrun.config import ConfigError
     from plmrun.model.loading import load_model
     from plmrun.train.trainer import train
+
     torch.set_num_threads(a.threads)
     try:
         cases = run_configs(a)
@@ -124,11 +161,24 @@ def main(argv=None) -> int:
             model, _ = load_model(run / "checkpoints" / f"step_{a.steps:08d}")
             rows.append({"case": "crop 512 (before)", "step": a.steps, "buckets": whole_sequence_loss(model, sources)})
         model, _ = load_model(run)
-        rows.append({"case": case, "step": summary["steps"], "run_dir": str(run),
-                     "buckets": whole_sequence_loss(model, sources)})
-    report = {"date": datetime.date.today().isoformat(), "steps": a.steps, "long_steps": a.long_steps,
-              "long_max_length": a.long_max_length, "token_budget": a.token_budget, "per_bucket": a.per_bucket,
-              "overrides": a.set, "rows": rows}
+        rows.append(
+            {
+                "case": case,
+                "step": summary["steps"],
+                "run_dir": str(run),
+                "buckets": whole_sequence_loss(model, sources),
+            }
+        )
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "steps": a.steps,
+        "long_steps": a.long_steps,
+        "long_max_length": a.long_max_length,
+        "token_budget": a.token_budget,
+        "per_bucket": a.per_bucket,
+        "overrides": a.set,
+        "rows": rows,
+    }
     write_report(a.out, report, markdown(report))
     return 0
 

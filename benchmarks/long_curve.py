@@ -15,6 +15,7 @@ each crossing interpolated between evals, and the training-time ratio; a level o
 its first eval or never reached gives a bound (≥ / ≤). Where the curves separate, and whether
 plmrun's advantage grows with tokens. Writes benchmarks/results/long_curve.json, .md and .png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,12 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import RESULTS, plmrun_config, recipe_at_shape, write_report  # noqa: E402
 
 ARMS = ("plmrun default", "plmrun esm2 recipe")
-RUN_ORDER = {2: "two runs side by side", 1: "one run after the other"}   # report["jobs"] → label
+RUN_ORDER = {2: "two runs side by side", 1: "one run after the other"}  # report["jobs"] → label
 
 
 def arm_configs(sets: list[str], *, tokens: int, eval_tokens: int, seed: int, threads: int, run_root: str) -> dict:
     """{arm: Config}: the defaults (plus --set) and the ESM-2 recipe at their shape, one schedule over `tokens`."""
     from plmrun.config import validate
+
     speed = plmrun_config("default", sets)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = {}
@@ -54,6 +56,7 @@ def arm_configs(sets: list[str], *, tokens: int, eval_tokens: int, seed: int, th
 
 def _train(cfg) -> str:
     from plmrun.train.trainer import train
+
     return train(cfg)["run_dir"]
 
 
@@ -99,7 +102,7 @@ def ratio_table(curves: dict, step: float = 0.005) -> list[dict]:
 
     def crossing(curve, level):
         i = _first_at_or_below(curve, level)
-        if i is None:   # never: more than the whole run
+        if i is None:  # never: more than the whole run
             return curve[-1], curve[-1]["tokens"], "never"
         return curve[i], _crossing_tokens(curve, i, level), "first" if i == 0 else ""
 
@@ -108,14 +111,22 @@ def ratio_table(curves: dict, step: float = 0.005) -> list[dict]:
     lowest = min(p["val_loss"] for p in ours + theirs)
     while level >= lowest - 1e-9:
         (a, ai, ka), (b, bi, kb) = crossing(ours, level), crossing(theirs, level)
-        up = ka == "first" or kb == "never"          # ours overstated or theirs understated: ratio larger
+        up = ka == "first" or kb == "never"  # ours overstated or theirs understated: ratio larger
         down = ka == "never" or kb == "first"
         if not (up and down):
-            rows.append({"val_loss": round(level, 4), "bound": "≥" if up else "≤" if down else "",
-                         "plmrun_tokens": a["tokens"], "recipe_tokens": b["tokens"],
-                         "plmrun_crossing": ka, "recipe_crossing": kb,
-                         "ratio": b["tokens"] / a["tokens"], "ratio_interpolated": bi / ai,
-                         "time_ratio": b["train_time_s"] / a["train_time_s"]})
+            rows.append(
+                {
+                    "val_loss": round(level, 4),
+                    "bound": "≥" if up else "≤" if down else "",
+                    "plmrun_tokens": a["tokens"],
+                    "recipe_tokens": b["tokens"],
+                    "plmrun_crossing": ka,
+                    "recipe_crossing": kb,
+                    "ratio": b["tokens"] / a["tokens"],
+                    "ratio_interpolated": bi / ai,
+                    "time_ratio": b["train_time_s"] / a["train_time_s"],
+                }
+            )
         level = round(level - step, 6)
     return rows
 
@@ -123,35 +134,53 @@ def ratio_table(curves: dict, step: float = 0.005) -> list[dict]:
 def markdown(report: dict) -> str:
     c = report["curves"]
     side = RUN_ORDER.get(report.get("jobs"), "run order unknown")
-    lines = [f"Long curve, {report['date']}, {report['machine']} ({side}): one run per arm at the default shape, one"
-             f" schedule over {report['tokens']:,} tokens each, eval every {report['eval_every_tokens']:,} tokens"
-             f" (first {report['eval_subset']} valid sequences, 15% all <mask>).", "",
-             "| arm | params | tokens | final val loss | best val loss | training s | tok/s |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Long curve, {report['date']}, {report['machine']} ({side}): one run per arm at the default shape, one"
+        f" schedule over {report['tokens']:,} tokens each, eval every {report['eval_every_tokens']:,} tokens"
+        f" (first {report['eval_subset']} valid sequences, 15% all <mask>).",
+        "",
+        "| arm | params | tokens | final val loss | best val loss | training s | tok/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for arm in ARMS:
         s = report["summaries"][arm]
-        lines.append(f"| {arm} | {s['params'] / 1e6:.2f}M | {s['tokens']:,} | {c[arm][-1]['val_loss']:.4f} | "
-                     f"{s['best_val_loss']:.4f} | {s['train_time_s']:.0f} | {s['tok_per_s']:,.0f} |")
-    def cell(tokens, crossing):   # crossing: "" (between two evals), "first" (by the first eval), "never"
+        lines.append(
+            f"| {arm} | {s['params'] / 1e6:.2f}M | {s['tokens']:,} | {c[arm][-1]['val_loss']:.4f} | "
+            f"{s['best_val_loss']:.4f} | {s['train_time_s']:.0f} | {s['tok_per_s']:,.0f} |"
+        )
+
+    def cell(tokens, crossing):  # crossing: "" (between two evals), "first" (by the first eval), "never"
         return {"never": "not reached", "first": f"≤ {tokens:,}"}.get(crossing, f"{tokens:,}")
 
-    lines += ["", "| val loss | plmrun tokens | ESM-2 recipe tokens | tokens: recipe / plmrun | between evals "
-              "(interpolated) | training time: recipe / plmrun |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| val loss | plmrun tokens | ESM-2 recipe tokens | tokens: recipe / plmrun | between evals "
+        "(interpolated) | training time: recipe / plmrun |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in report["ratios"]:
         b = f"{r['bound']} " if r["bound"] else ""
-        lines.append(f"| {r['val_loss']:.3f} | {cell(r['plmrun_tokens'], r['plmrun_crossing'])} | "
-                     f"{cell(r['recipe_tokens'], r['recipe_crossing'])} | {b}{r['ratio']:.2f}× | "
-                     f"{b}{r['ratio_interpolated']:.2f}× | {b}{r['time_ratio']:.2f}× |")
-    lines += ["", "Tokens and training seconds (evals not counted) are those of the first eval at or below the level;"
-              " the interpolated column puts each crossing linearly between the two evals around it. ≥ / ≤: one"
-              " arm was already below the level at its first eval (≤ its tokens) or never reached it (more than"
-              " its whole run), so the ratio is a bound."]
+        lines.append(
+            f"| {r['val_loss']:.3f} | {cell(r['plmrun_tokens'], r['plmrun_crossing'])} | "
+            f"{cell(r['recipe_tokens'], r['recipe_crossing'])} | {b}{r['ratio']:.2f}× | "
+            f"{b}{r['ratio_interpolated']:.2f}× | {b}{r['time_ratio']:.2f}× |"
+        )
+    lines += [
+        "",
+        "Tokens and training seconds (evals not counted) are those of the first eval at or below the level;"
+        " the interpolated column puts each crossing linearly between the two evals around it. ≥ / ≤: one"
+        " arm was already below the level at its first eval (≤ its tokens) or never reached it (more than"
+        " its whole run), so the ratio is a bound.",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def plot(report: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.6))
     for arm, style in zip(ARMS, ("-o", "-s")):
         pts = report["curves"][arm]
@@ -162,16 +191,28 @@ def plot(report: dict, path: Path) -> None:
     r = report["ratios"]
     exact = [x for x in r if not x["bound"]]
     bx.plot([x["val_loss"] for x in exact], [x["ratio"] for x in exact], "o", ms=3, label="at the evals")
-    bx.plot([x["val_loss"] for x in exact], [x["ratio_interpolated"] for x in exact], "-",
-            label="between evals (interpolated)")
+    bx.plot(
+        [x["val_loss"] for x in exact],
+        [x["ratio_interpolated"] for x in exact],
+        "-",
+        label="between evals (interpolated)",
+    )
     for sign, marker in (("≥", "^"), ("≤", "v")):
         pts = [x for x in r if x["bound"] == sign]
         if pts:
-            bx.plot([x["val_loss"] for x in pts], [x["ratio"] for x in pts], marker, ms=5, color="grey",
-                    label=f"bound ({sign}): one arm at its first eval or never there")
+            bx.plot(
+                [x["val_loss"] for x in pts],
+                [x["ratio"] for x in pts],
+                marker,
+                ms=5,
+                color="grey",
+                label=f"bound ({sign}): one arm at its first eval or never there",
+            )
     bx.axhline(1.0, color="grey", ls=":")
     bx.axhline(2.0, color="grey", ls="--", label="2× (the speed-track goal)")
-    bx.set(xlabel="val loss level", ylabel="ESM-2 recipe tokens / plmrun tokens", title="token ratio to reach each loss")
+    bx.set(
+        xlabel="val loss level", ylabel="ESM-2 recipe tokens / plmrun tokens", title="token ratio to reach each loss"
+    )
     bx.invert_xaxis()
     bx.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     side = f", {RUN_ORDER[report['jobs']]}" if report.get("jobs") in RUN_ORDER else ""
@@ -196,17 +237,19 @@ def main(argv=None) -> int:
         ap.error("--tokens and --eval-tokens must be >= 1")
     from plmrun.config import ConfigError
     from plmrun.experiments.record import cpu_label, hardware_info
+
     if a.from_runs:
         runs = dict(zip(ARMS, a.from_runs))
-        for arm, d in runs.items():
+        for d in runs.values():
             if not (Path(d) / "summary.json").is_file():
                 print(f"error: {d}: no summary.json (not a finished run directory)", file=sys.stderr)
                 return 2
     else:
         threads = 1 if a.jobs == 2 else 0
         try:
-            cfgs = arm_configs(a.set, tokens=a.tokens, eval_tokens=a.eval_tokens, seed=a.seed, threads=threads,
-                               run_root=a.run_root)
+            cfgs = arm_configs(
+                a.set, tokens=a.tokens, eval_tokens=a.eval_tokens, seed=a.seed, threads=threads, run_root=a.run_root
+            )
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -227,28 +270,47 @@ def main(argv=None) -> int:
         rec = json.loads(line) if line.strip() else {}
         if rec.get("kind") == "eval" and "val_unigram_loss" in rec:
             unigram = rec["val_unigram_loss"]
-    envs = {arm: json.loads(f.read_text()) if (f := Path(d) / "environment.json").is_file() else {}
-            for arm, d in runs.items()}
+    envs = {
+        arm: json.loads(f.read_text()) if (f := Path(d) / "environment.json").is_file() else {}
+        for arm, d in runs.items()
+    }
     jobs = a.jobs
-    if a.from_runs:   # how the runs were made, from their own records, not from this call's flags
+    if a.from_runs:  # how the runs were made, from their own records, not from this call's flags
         # [first start, start + training and eval seconds]: environment.json is stamped before the first
         # step and those seconds leave out set-up, so a span never reaches past the run's real end and
         # runs one after the other overlap by at most the 1-s resolution of "started"
-        spans = [(t := datetime.datetime.fromisoformat(envs[arm]["started"]).timestamp(),
-                  t + summaries[arm]["train_time_s"] + summaries[arm]["eval_time_s"])
-                 for arm in ARMS if "started" in envs[arm]]
-        jobs = (2 if min(spans[0][1], spans[1][1]) - max(spans[0][0], spans[1][0]) > 2 else 1) if len(spans) == 2 else None
+        spans = [
+            (
+                t := datetime.datetime.fromisoformat(envs[arm]["started"]).timestamp(),
+                t + summaries[arm]["train_time_s"] + summaries[arm]["eval_time_s"],
+            )
+            for arm in ARMS
+            if "started" in envs[arm]
+        ]
+        jobs = (
+            (2 if min(spans[0][1], spans[1][1]) - max(spans[0][0], spans[1][0]) > 2 else 1) if len(spans) == 2 else None
+        )
     hw = hardware_info()
     hw["threads"] = max(e.get("torch_threads", hw["threads"]) for e in envs.values())
-    report = {"date": min((e["started"] for e in envs.values() if "started" in e),
-                          default=datetime.date.today().isoformat())[:10], "hardware": hw,
-              "machine": hw.get("gpu") or cpu_label(hw), "tokens": max(s["tokens"] for s in summaries.values()),
-              "eval_every_tokens": curves[ARMS[0]][1]["tokens"] - curves[ARMS[0]][0]["tokens"],
-              "unigram_loss": unigram, "jobs": jobs,
-              "eval_subset": summaries[ARMS[0]]["eval_subset"], "runs": {arm: str(d) for arm, d in runs.items()},
-              "summaries": {arm: {k: s[k] for k in ("params", "tokens", "train_time_s", "tok_per_s", "best_val_loss")}
-                            for arm, s in summaries.items()},
-              "curves": curves, "ratios": ratio_table(curves)}
+    report = {
+        "date": min((e["started"] for e in envs.values() if "started" in e), default=datetime.date.today().isoformat())[
+            :10
+        ],
+        "hardware": hw,
+        "machine": hw.get("gpu") or cpu_label(hw),
+        "tokens": max(s["tokens"] for s in summaries.values()),
+        "eval_every_tokens": curves[ARMS[0]][1]["tokens"] - curves[ARMS[0]][0]["tokens"],
+        "unigram_loss": unigram,
+        "jobs": jobs,
+        "eval_subset": summaries[ARMS[0]]["eval_subset"],
+        "runs": {arm: str(d) for arm, d in runs.items()},
+        "summaries": {
+            arm: {k: s[k] for k in ("params", "tokens", "train_time_s", "tok_per_s", "best_val_loss")}
+            for arm, s in summaries.items()
+        },
+        "curves": curves,
+        "ratios": ratio_table(curves),
+    }
     write_report(a.out, report, markdown(report))
     plot(report, Path(a.out).with_suffix(".png"))
     print(f"plot: {Path(a.out).with_suffix('.png')}")

@@ -9,6 +9,7 @@ synthetic mutants of random corpus sequences (2-30% of residues substituted, a d
 RNG), which is how redundancy looks in UniRef-style data: families of near copies. Prints a
 table and writes benchmarks/results/split_scaling.{json,md}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,6 +30,7 @@ AA = "ACDEFGHIKLMNPQRSTVWY"
 
 def corpus_sequences() -> list[tuple[str, str]]:
     from plmrun.data.corpus import corpus_files
+
     records = []
     for split in ("train", "valid", "test"):
         with lzma.open(corpus_files()[split], "rt") as f:
@@ -48,6 +50,7 @@ def corpus_sequences() -> list[tuple[str, str]]:
 def write_input(path: Path, n: int, seed: int = 0) -> None:
     """The first n corpus sequences, then synthetic mutants until there are n."""
     import numpy as np
+
     base = corpus_sequences()
     rng = np.random.default_rng(seed)
     letters = np.frombuffer(AA.encode(), dtype=np.uint8)
@@ -65,24 +68,29 @@ def write_input(path: Path, n: int, seed: int = 0) -> None:
 def one(n: int, mode: str, threads: int, work: Path, sensitivity: float) -> dict:
     """Split n sequences in this process; the peak memory of mmseqs is the children's maxrss."""
     from plmrun.data.split import split
+
     inp = work / f"in_{n}.fasta"
     if not inp.exists():
         write_input(inp, n)
     out = work / f"out_{n}_{mode}"
     t = time.monotonic()
-    report = split(inp, out, threads=threads, cluster_mode=mode, overwrite=True,
-                   leak_sensitivity=sensitivity)
+    report = split(inp, out, threads=threads, cluster_mode=mode, overwrite=True, leak_sensitivity=sensitivity)
     wall = time.monotonic() - t
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return {"sequences": n, "cluster_mode": mode, "leak_sensitivity": sensitivity,
-            "tool": report["cluster"]["tool"], "wall_s": wall,
-            "seconds": report["seconds"],
-            "cpu_s": me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime,
-            "peak_rss_mb": {"python": me.ru_maxrss / 1024, "mmseqs": kids.ru_maxrss / 1024},
-            "splits": {s: c["kept"] for s, c in report["splits"].items()},
-            "clusters": sum(c["clusters"] for c in report["splits"].values()),
-            "dropped_as_leaks": len(report["dropped"]),
-            "input_mb": inp.stat().st_size / 2**20}
+    return {
+        "sequences": n,
+        "cluster_mode": mode,
+        "leak_sensitivity": sensitivity,
+        "tool": report["cluster"]["tool"],
+        "wall_s": wall,
+        "seconds": report["seconds"],
+        "cpu_s": me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime,
+        "peak_rss_mb": {"python": me.ru_maxrss / 1024, "mmseqs": kids.ru_maxrss / 1024},
+        "splits": {s: c["kept"] for s, c in report["splits"].items()},
+        "clusters": sum(c["clusters"] for c in report["splits"].values()),
+        "dropped_as_leaks": len(report["dropped"]),
+        "input_mb": inp.stat().st_size / 2**20,
+    }
 
 
 def main() -> None:
@@ -95,40 +103,64 @@ def main() -> None:
     ap.add_argument("--one", nargs=2, metavar=("N", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one(int(args.one[0]), args.one[1], args.threads, Path(args.work),
-                             args.leak_sensitivity)))
+        print(json.dumps(one(int(args.one[0]), args.one[1], args.threads, Path(args.work), args.leak_sensitivity)))
         return
     rows = []
     out_name = "split_scaling" + ("" if args.leak_sensitivity == 5.7 else f"_s{args.leak_sensitivity:g}")
     with tempfile.TemporaryDirectory(dir=args.work) as work:
         for n in args.sizes:
             for mode in args.cluster_mode:
-                r = subprocess.run([sys.executable, __file__, "--one", str(n), mode, "--work", work,
-                                    "--threads", str(args.threads),
-                                    "--leak-sensitivity", str(args.leak_sensitivity)], capture_output=True, text=True)
+                r = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--one",
+                        str(n),
+                        mode,
+                        "--work",
+                        work,
+                        "--threads",
+                        str(args.threads),
+                        "--leak-sensitivity",
+                        str(args.leak_sensitivity),
+                    ],
+                    capture_output=True,
+                    text=True,
+                )
                 if r.returncode:
                     sys.exit(f"size {n} {mode}: {r.stderr.strip().splitlines()[-1]}")
                 rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
                 row = rows[-1]
-                print(f"{n:>9,} {row['tool']:<20} wall {row['wall_s']:7.1f} s  cpu {row['cpu_s']:7.1f} s  "
-                      f"mmseqs peak {row['peak_rss_mb']['mmseqs']:6.0f} MB", flush=True)
-    head = ("| sequences | tool | leak -s | read s | cluster s | leakage search s | wall s | CPU s | "
-            "peak RSS mmseqs / python (MB) | clusters | valid / test kept | leaks dropped |")
+                print(
+                    f"{n:>9,} {row['tool']:<20} wall {row['wall_s']:7.1f} s  cpu {row['cpu_s']:7.1f} s  "
+                    f"mmseqs peak {row['peak_rss_mb']['mmseqs']:6.0f} MB",
+                    flush=True,
+                )
+    head = (
+        "| sequences | tool | leak -s | read s | cluster s | leakage search s | wall s | CPU s | "
+        "peak RSS mmseqs / python (MB) | clusters | valid / test kept | leaks dropped |"
+    )
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows:
         t = r["seconds"]
-        lines.append(f"| {r['sequences']:,} | {r['tool']} | {r['leak_sensitivity']} | {t['read']:.0f} | "
-                     f"{t['cluster']:.0f} | "
-                     f"{t['leakage_search']:.0f} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | "
-                     f"{r['peak_rss_mb']['mmseqs']:.0f} / {r['peak_rss_mb']['python']:.0f} | "
-                     f"{r['clusters']:,} | {r['splits']['valid']:,} / {r['splits']['test']:,} | "
-                     f"{r['dropped_as_leaks']:,} |")
+        lines.append(
+            f"| {r['sequences']:,} | {r['tool']} | {r['leak_sensitivity']} | {t['read']:.0f} | "
+            f"{t['cluster']:.0f} | "
+            f"{t['leakage_search']:.0f} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | "
+            f"{r['peak_rss_mb']['mmseqs']:.0f} / {r['peak_rss_mb']['python']:.0f} | "
+            f"{r['clusters']:,} | {r['splits']['valid']:,} / {r['splits']['test']:,} | "
+            f"{r['dropped_as_leaks']:,} |"
+        )
     table = "\n".join(lines)
     print(table)
     RESULTS.mkdir(exist_ok=True)
-    meta = {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "threads": args.threads,
-            "mmseqs": subprocess.run(["mmseqs", "version"], capture_output=True, text=True).stdout.strip()}
+    meta = {
+        "date": time.strftime("%Y-%m-%d"),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "threads": args.threads,
+        "mmseqs": subprocess.run(["mmseqs", "version"], capture_output=True, text=True).stdout.strip(),
+    }
     (RESULTS / f"{out_name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     (RESULTS / f"{out_name}.md").write_text(table + "\n")
 

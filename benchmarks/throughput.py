@@ -20,6 +20,7 @@ case runs in its own process, so peak memory (RSS on CPU, torch.cuda max allocat
 own. Reported values are medians over the timed windows after the warm-up steps.
 Writes benchmarks/results/throughput.json and throughput.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,6 +49,7 @@ def plmrun_config(config: str | None, sets: list[str]):
     """The plmrun case: `config` ('default': plmrun's defaults as they are; None: the defaults at the
     ESM-2 8M width/depth/MLP), then --set."""
     from plmrun.config import build_config
+
     base = [f"--model.{k}={v}" for k, v in ESM2_8M_SHAPE.items()] if config is None else []
     return build_config(None if config == "default" else config, base + ["--" + s.removeprefix("--") for s in sets])
 
@@ -57,7 +59,9 @@ def recipe_at_shape(speed, recipe: str = "esm2_recipe_8m"):
     with 20 heads as every ESM-2 size has (when the width allows), and `speed`'s data, eval and device
     settings, so both see the same batches and the same eval protocol."""
     import copy
+
     from plmrun.config import build_config, validate
+
     esm = build_config(recipe)
     for k in ("hidden_size", "num_layers", "expansion_ratio", "attention_backend"):
         setattr(esm.model, k, getattr(speed.model, k))
@@ -116,13 +120,26 @@ def measure_plmrun(cfg, env, *, warmup: int, windows: int, steps_per_window: int
                 local = torch.zeros(4, dtype=torch.float64)
                 for mb in micro:
                     p = mb.packed
-                    local += torch.tensor([mb.normalizer, p.num_real_tokens, len(p.tokens),
-                                           flops_per_step(cfg.model, p.cu_seqlens[: p.num_sequences + 1], step=step)],
-                                          dtype=torch.float64)
+                    local += torch.tensor(
+                        [
+                            mb.normalizer,
+                            p.num_real_tokens,
+                            len(p.tokens),
+                            flops_per_step(cfg.model, p.cu_seqlens[: p.num_sequences + 1], step=step),
+                        ],
+                        dtype=torch.float64,
+                    )
                 if env.world_size > 1:  # NCCL reduces device tensors only
                     local = all_reduce_sum(local.to(env.device)).cpu()
-                forward_backward(model, micro, global_norm=float(local[0]), world_size=env.world_size,
-                                 device=env.device, amp_dtype=amp, step=step)
+                forward_backward(
+                    model,
+                    micro,
+                    global_norm=float(local[0]),
+                    world_size=env.world_size,
+                    device=env.device,
+                    amp_dtype=amp,
+                    step=step,
+                )
                 optimizers.clip_gradients()
                 optimizers.step()
                 optimizers.zero_grad()
@@ -130,8 +147,14 @@ def measure_plmrun(cfg, env, *, warmup: int, windows: int, steps_per_window: int
                 step += 1
             _sync(env.device)
             if w >= 0:
-                rows.append({"seconds": time.perf_counter() - t0, "real_tokens": int(counts[1]),
-                             "padded_tokens": int(counts[2]), "flops": float(counts[3])})
+                rows.append(
+                    {
+                        "seconds": time.perf_counter() - t0,
+                        "real_tokens": int(counts[1]),
+                        "padded_tokens": int(counts[2]),
+                        "flops": float(counts[3]),
+                    }
+                )
     finally:
         loader.close()
     return {"params": params, "windows": rows, **_memory(env.device)}
@@ -140,10 +163,12 @@ def measure_plmrun(cfg, env, *, warmup: int, windows: int, steps_per_window: int
 def _hf_batches(cfg, n_steps: int, batch: int, seed: int = 0) -> list:
     """Padded MLM batches the way HF users build them: EsmTokenizer + DataCollatorForLanguageModeling."""
     from transformers import DataCollatorForLanguageModeling, EsmTokenizer
+
     from plmrun.data.corpus import resolve_dataset
     from plmrun.data.shards import open_dataset
     from plmrun.eval.export import write_tokenizer_files
     from plmrun.tokenizer import decode
+
     src = open_dataset(resolve_dataset(cfg.data.dataset), cfg.data.train_split)
     with tempfile.TemporaryDirectory() as tmp:
         write_tokenizer_files(Path(tmp))
@@ -155,11 +180,11 @@ def _hf_batches(cfg, n_steps: int, batch: int, seed: int = 0) -> list:
     out = []
     for i in range(n_steps):
         seqs = []
-        for j in order[i * batch:(i + 1) * batch]:
+        for j in order[i * batch : (i + 1) * batch]:
             r = src.residues(int(j))
             if len(r) > keep:  # one random crop window, as the reference peer does
                 start = int(rng.integers(0, len(r) - keep + 1))
-                r = r[start:start + keep]
+                r = r[start : start + keep]
             seqs.append(decode(r))
         out.append(collator([tok(s) for s in seqs]))
     return out
@@ -168,9 +193,11 @@ def _hf_batches(cfg, n_steps: int, batch: int, seed: int = 0) -> list:
 def measure_hf(cfg, device: torch.device, *, warmup: int, windows: int, steps_per_window: int, batch: int) -> dict:
     """Time HF EsmForMaskedLM (AdamW 4e-4, ESM-2 recipe) on padded batches of the same corpus."""
     from transformers import EsmConfig, EsmForMaskedLM
+
     from plmrun.eval.export import esm_hf_config
     from plmrun.model.registry import flops_per_step
     from plmrun.train.parallelize import autocast_dtype
+
     torch.manual_seed(0)
     batches = _hf_batches(cfg, warmup + windows * steps_per_window, batch)
     model = EsmForMaskedLM(EsmConfig(**esm_hf_config(cfg.model))).to(device).train()
@@ -198,10 +225,15 @@ def measure_hf(cfg, device: torch.device, *, warmup: int, windows: int, steps_pe
             flops += flops_per_step(cfg.model, torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]))
         _sync(device)
         if w >= 0:
-            rows.append({"seconds": time.perf_counter() - t0, "real_tokens": real, "padded_tokens": padded,
-                         "flops": flops})
-    return {"params": sum(p.numel() for p in model.parameters()), "windows": rows,
-            "attn_implementation": model.config._attn_implementation, **_memory(device)}
+            rows.append(
+                {"seconds": time.perf_counter() - t0, "real_tokens": real, "padded_tokens": padded, "flops": flops}
+            )
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "windows": rows,
+        "attn_implementation": model.config._attn_implementation,
+        **_memory(device),
+    }
 
 
 def _memory(device: torch.device) -> dict:
@@ -226,6 +258,7 @@ def worker(spec: dict) -> dict:
     from plmrun.config import config_from_dict
     from plmrun.device import resolve_device
     from plmrun.train.parallelize import DistEnv
+
     torch.set_num_threads(spec["threads"] or os.cpu_count() or 1)
     cfg = config_from_dict(spec["config"], "throughput case")
     device = resolve_device(cfg.train.device)
@@ -241,19 +274,22 @@ def worker(spec: dict) -> dict:
 def run_case(spec: dict) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"error: case {spec['case']} ({spec['config']['train']['precision']}) failed:\n"
-                         + proc.stderr[-3000:])
+        raise SystemExit(
+            f"error: case {spec['case']} ({spec['config']['train']['precision']}) failed:\n" + proc.stderr[-3000:]
+        )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def measure_peaks(device: torch.device, precisions: list[str]) -> dict:
     from plmrun.train.peak import time_matmul
+
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     return {p: time_matmul(device, dtypes[p], seconds=1.0) for p in precisions}
 
 
 def hardware() -> dict:
     from plmrun.experiments.record import hardware_info
+
     return hardware_info()
 
 
@@ -262,18 +298,28 @@ def markdown(report: dict) -> str:
     where = hw["gpu"] or f"{hw['cpu']}, {hw['cores']} cores"
     peaks = ", ".join(f"{p} {v / 1e9:,.0f} GFLOP/s" for p, v in report["peak_flops"].items())
     s = report["shape"]
-    lines = [f"Throughput, {report['date']}, {where}, {report['threads']} threads, torch {report['torch']}. "
-             f"Shape: width {s['hidden_size']}, {s['num_layers']} layers, MLP {s['expansion_ratio']:g}x, heads "
-             f"{s['num_heads']} (plmrun) / {s['esm_heads']} (esm2, HF). Measured matmul peak: {peaks}. Medians of {report['windows']} windows.",
-             "", "| model | precision | params | real tok/s | padded tok/s | padding | MFU | peak memory (MB) | × HF |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Throughput, {report['date']}, {where}, {report['threads']} threads, torch {report['torch']}. "
+        f"Shape: width {s['hidden_size']}, {s['num_layers']} layers, MLP {s['expansion_ratio']:g}x, heads "
+        f"{s['num_heads']} (plmrun) / {s['esm_heads']} (esm2, HF). Measured matmul peak: {peaks}. "
+        f"Medians of {report['windows']} windows.",
+        "",
+        "| model | precision | params | real tok/s | padded tok/s | padding | MFU | peak memory (MB) | × HF |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in report["rows"]:
         x = f"{r['x_hf']:.1f}×" if r.get("x_hf") else ""
-        lines.append(f"| {r['case']} | {r['precision']} | {r['params'] / 1e6:.2f}M | {r['real_tok_per_s']:,.0f} | "
-                     f"{r['padded_tok_per_s']:,.0f} | {r['padding_frac']:.0%} | {r['mfu']:.1%} | "
-                     f"{r['peak_memory_mb']:,.0f} | {x} |")
-    lines += ["", "× HF: real tokens/s over the HF peer's at the same precision. Peak memory: "
-              + report["rows"][0]["memory_kind"] + " of the case's process."]
+        lines.append(
+            f"| {r['case']} | {r['precision']} | {r['params'] / 1e6:.2f}M | {r['real_tok_per_s']:,.0f} | "
+            f"{r['padded_tok_per_s']:,.0f} | {r['padding_frac']:.0%} | {r['mfu']:.1%} | "
+            f"{r['peak_memory_mb']:,.0f} | {x} |"
+        )
+    lines += [
+        "",
+        "× HF: real tokens/s over the HF peer's at the same precision. Peak memory: "
+        + report["rows"][0]["memory_kind"]
+        + " of the case's process.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -288,12 +334,24 @@ def write_report(out, report: dict, table: str) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", help="plmrun config file, shipped name or 'default' (plmrun's defaults at their own "
-                                     "shape); without it: the defaults at the ESM-2 8M shape")
-    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="config override for the plmrun case (model shape keys also reach the esm2 and HF cases)")
-    ap.add_argument("--precision", nargs="+", choices=["fp32", "bf16"],
-                    help="default: fp32, and bf16 where this device multiplies bf16 natively")
+    ap.add_argument(
+        "--config",
+        help="plmrun config file, shipped name or 'default' (plmrun's defaults at their own "
+        "shape); without it: the defaults at the ESM-2 8M shape",
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="config override for the plmrun case (model shape keys also reach the esm2 and HF cases)",
+    )
+    ap.add_argument(
+        "--precision",
+        nargs="+",
+        choices=["fp32", "bf16"],
+        help="default: fp32, and bf16 where this device multiplies bf16 natively",
+    )
     ap.add_argument("--windows", type=int, default=5)
     ap.add_argument("--steps-per-window", type=int, default=2, help="plmrun optimizer steps per timed window")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
@@ -312,6 +370,7 @@ def main(argv=None) -> int:
     from plmrun.config import ConfigError
     from plmrun.device import resolve_device
     from plmrun.train.parallelize import native_bf16
+
     if a.precision is None:
         a.precision = ["fp32", "bf16"] if native_bf16(resolve_device("auto")) else ["fp32"]
     try:
@@ -330,23 +389,46 @@ def main(argv=None) -> int:
             if case == "hf-esm" and a.skip_hf:
                 continue
             cfg = configs[prec]["plmrun-esm2" if case == "hf-esm" else case]
-            spec = {"case": case, "config": cfg.to_dict(), "threads": a.threads, "warmup": a.warmup,
-                    "windows": a.windows, "steps_per_window": a.steps_per_window,
-                    "hf_steps_per_window": a.hf_steps_per_window, "hf_batch": a.hf_batch}
+            spec = {
+                "case": case,
+                "config": cfg.to_dict(),
+                "threads": a.threads,
+                "warmup": a.warmup,
+                "windows": a.windows,
+                "steps_per_window": a.steps_per_window,
+                "hf_steps_per_window": a.hf_steps_per_window,
+                "hf_batch": a.hf_batch,
+            }
             raw = run_case(spec)
             row = {"case": case, "precision": prec, **summarize(raw, peaks[prec]), **raw}
             rows.append(row)
-            print(f"{case:12s} {prec}: {row['real_tok_per_s']:8,.0f} real tok/s  {row['padded_tok_per_s']:8,.0f} "
-                  f"padded tok/s  MFU {row['mfu']:.1%}  peak mem {row['peak_memory_mb']:,.0f} MB", flush=True)
+            print(
+                f"{case:12s} {prec}: {row['real_tok_per_s']:8,.0f} real tok/s  {row['padded_tok_per_s']:8,.0f} "
+                f"padded tok/s  MFU {row['mfu']:.1%}  peak mem {row['peak_memory_mb']:,.0f} MB",
+                flush=True,
+            )
     for r in rows:
         hf = next((h for h in rows if h["case"] == "hf-esm" and h["precision"] == r["precision"]), None)
         r["x_hf"] = r["real_tok_per_s"] / hf["real_tok_per_s"] if hf and r["case"] != "hf-esm" else None
-    report = {"date": datetime.date.today().isoformat(), "hardware": hardware(), "torch": torch.__version__,
-              "threads": a.threads or os.cpu_count(), "device": str(device), "peak_flops": peaks,
-              "shape": {**{k: getattr(first.model, k) for k in SHAPE_KEYS},
-                        "esm_heads": configs[a.precision[0]]["plmrun-esm2"].model.num_heads}, "windows": a.windows,
-              "steps_per_window": a.steps_per_window, "warmup": a.warmup, "hf_batch": a.hf_batch,
-              "config": a.config, "overrides": a.set, "rows": rows}
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "hardware": hardware(),
+        "torch": torch.__version__,
+        "threads": a.threads or os.cpu_count(),
+        "device": str(device),
+        "peak_flops": peaks,
+        "shape": {
+            **{k: getattr(first.model, k) for k in SHAPE_KEYS},
+            "esm_heads": configs[a.precision[0]]["plmrun-esm2"].model.num_heads,
+        },
+        "windows": a.windows,
+        "steps_per_window": a.steps_per_window,
+        "warmup": a.warmup,
+        "hf_batch": a.hf_batch,
+        "config": a.config,
+        "overrides": a.set,
+        "rows": rows,
+    }
     write_report(a.out, report, markdown(report))
     return 0
 

@@ -1,2 +1,3 @@
 """plmrun: speedrun pretraining of protein language models."""
+
 __version__ = "0.1.0"

@@ -7,6 +7,7 @@ library wrote: torch's zip writer reports a short write as `RuntimeError: [enfor
 inline_container.cc:...]` and safetensors as `SafetensorError: ... (os error 28)`, which `os_error`
 turns back into the OSError every caller and `plmrun.cli` already handle in one line.
 """
+
 from __future__ import annotations
 
 import errno
@@ -16,9 +17,10 @@ import re
 import shutil
 import socket
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 _TORCH_SHORT_WRITE = ("unexpected pos", "file write failed", "failed writing file")
 "How torch's PyTorchStreamWriter (inline_container.cc) reports a write the OS cut short."
@@ -46,7 +48,7 @@ def follow_umask(path) -> None:
     os.chmod(path, 0o666 & ~_umask())
 
 
-def os_error(e: BaseException, path=None) -> Optional[OSError]:
+def os_error(e: BaseException, path=None) -> OSError | None:
     """The OSError behind a failed write, or None where `e` is no file-system problem (a bug).
 
     torch's zip writer gives no errno: a short write it reports is taken for a full disk, the only
@@ -77,7 +79,7 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:              # alive, another user's
+    except PermissionError:  # alive, another user's
         return True
     return True
 
@@ -147,7 +149,7 @@ def write_text(path, text: str) -> None:
         tmp.write_text(text)
 
 
-def write_json(path, data: Any, *, indent: Optional[int] = 2, default=None) -> None:
+def write_json(path, data: Any, *, indent: int | None = 2, default=None) -> None:
     """`data` as JSON (and a final newline) in `path`, atomically."""
     write_text(path, json.dumps(data, indent=indent, default=default) + "\n")
 
@@ -177,7 +179,7 @@ def atomic_dir(path) -> Iterator[Path]:
     """Yield a fresh temporary folder beside `path` to build it in; on success it replaces `path`
     (`replace_dir`), on failure it is removed and the error raised as its OSError where it is one."""
     path = Path(path)
-    remove_stale_siblings(path)          # what a killed earlier writer left behind
+    remove_stale_siblings(path)  # what a killed earlier writer left behind
     tmp = temp_sibling(path)
     tmp.mkdir(parents=True)
     try:

@@ -15,6 +15,7 @@ against this run's parts before anything is read into them: a damaged checkpoint
 another model or optimizer config, is refused with one line naming the file and the first
 mismatch. Checkpoints without a manifest (written by plmrun before checksums) are refused.
 """
+
 from __future__ import annotations
 
 import errno
@@ -25,7 +26,6 @@ import signal
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -59,7 +59,7 @@ def _quiet_single_process():
         yield
 
 
-def injected_fault(step: int, rank: int, kinds: tuple[str, ...]) -> Optional[str]:
+def injected_fault(step: int, rank: int, kinds: tuple[str, ...]) -> str | None:
     """The fault (one of `kinds`) PLMRUN_FAULT=KIND@STEP[:RANK] asks for at this step and rank, else None.
 
     Only the reliability tests set it (kinds: kill, term, nan after a step; killsave inside the
@@ -90,7 +90,7 @@ def checkpoint_dirs(root: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("_")[1]))
 
 
-def latest_checkpoint(root: Path) -> Optional[Path]:
+def latest_checkpoint(root: Path) -> Path | None:
     dirs = checkpoint_dirs(root)
     return dirs[-1] if dirs else None
 
@@ -165,7 +165,7 @@ def save_checkpoint(root: Path, step: int, parts: dict, keep_latest_k: int) -> P
             shutil.rmtree(stale, ignore_errors=True)
     barrier()
     tensors = {name: parts[name].state_dict() for name in TENSOR_PARTS if name in parts}
-    failure: Optional[BaseException] = None
+    failure: BaseException | None = None
     try:
         with _quiet_single_process():
             dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not is_distributed())
@@ -195,7 +195,7 @@ def save_checkpoint(root: Path, step: int, parts: dict, keep_latest_k: int) -> P
     return final
 
 
-def _os_error(e: BaseException) -> Optional[OSError]:
+def _os_error(e: BaseException) -> OSError | None:
     """The OSError behind a save failure (DCP wraps each rank's exception in a CheckpointException)."""
     if isinstance(e, CheckpointException):
         return next((err for err in (os_error(exc) for exc, _ in e.failures.values()) if err is not None), None)
@@ -211,12 +211,15 @@ def _save_failure(e: BaseException, tmp: Path, step: int, tensors: dict, root: P
     prev = latest_checkpoint(root)
     kept = f"the last complete checkpoint {prev} is kept" if prev else "no earlier checkpoint exists"
     if err.errno == errno.ENOSPC:
-        need = sum(v.numel() * v.element_size() for v in flatten_state_dict(tensors)[0].values()
-                   if isinstance(v, torch.Tensor))
+        need = sum(
+            v.numel() * v.element_size() for v in flatten_state_dict(tensors)[0].values() if isinstance(v, torch.Tensor)
+        )
         free = shutil.disk_usage(root).free
-        return (f"{where}: no space left on device while saving the step-{step} checkpoint (it needs about "
-                f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free on {root}); free space or lower "
-                f"train.keep_latest_k and resume: {kept}")
+        return (
+            f"{where}: no space left on device while saving the step-{step} checkpoint (it needs about "
+            f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free on {root}); free space or lower "
+            f"train.keep_latest_k and resume: {kept}"
+        )
     return f"{where}: could not save the step-{step} checkpoint ({err.strerror or err}); {kept}"
 
 
@@ -234,11 +237,17 @@ def _read_state(path: Path) -> dict:
     except ManifestError as e:
         raise CheckpointError(f"{e}; {_fallback(path)}") from None
     if table is None:
-        raise CheckpointError(f"{path}: no {MANIFEST} (written by a plmrun from before checkpoint checksums, or "
-                              f"not completely written), so it cannot be verified; {_fallback(path)}")
+        raise CheckpointError(
+            f"{path}: no {MANIFEST} (written by a plmrun from before checkpoint checksums, or "
+            f"not completely written), so it cannot be verified; {_fallback(path)}"
+        )
     entry = table.get(STATE_FILE)
-    if (entry is None or not file.is_file() or file.stat().st_size != entry["bytes"]
-            or file_sha256(file) != entry["sha256"]):
+    if (
+        entry is None
+        or not file.is_file()
+        or file.stat().st_size != entry["bytes"]
+        or file_sha256(file) != entry["sha256"]
+    ):
         raise CheckpointError(f"{file}: does not match {MANIFEST} (truncated, corrupted or missing); {_fallback(path)}")
     try:
         state = json.loads(file.read_text())
@@ -325,30 +334,41 @@ def _read_metadata(path: Path) -> dict:
     except UnsafePickleError as e:
         raise CheckpointError(f"{e}; {_fallback(path)}") from None
     except OSError as e:
-        raise CheckpointError(f"{path / _METADATA}: unreadable DCP metadata ({e.strerror or e}); {_fallback(path)}") from None
+        raise CheckpointError(
+            f"{path / _METADATA}: unreadable DCP metadata ({e.strerror or e}); {_fallback(path)}"
+        ) from None
 
 
 def _dcp_load(state: dict, path: Path) -> None:
     """dcp.load with the metadata and every non-tensor entry unpickled through plmrun.safe_pickle."""
     try:
         with _quiet_single_process():
-            dcp.load(state, checkpoint_id=str(path), storage_reader=SafeReader(str(path)),
-                     planner=SafeLoadPlanner(path), no_dist=not is_distributed())
+            dcp.load(
+                state,
+                checkpoint_id=str(path),
+                storage_reader=SafeReader(str(path)),
+                planner=SafeLoadPlanner(path),
+                no_dist=not is_distributed(),
+            )
     except UnsafePickleError as e:
         raise CheckpointError(f"{e}; {_fallback(path)}") from None
     except CheckpointException as e:
         exc = next(iter(e.failures.values()))[0] if e.failures else e
         if isinstance(exc, UnsafePickleError):
             raise CheckpointError(f"{exc}; {_fallback(path)}") from None
-        raise CheckpointError(f"{path}: reading the checkpoint failed ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}); {_fallback(path)}") from None
+        raise CheckpointError(
+            f"{path}: reading the checkpoint failed ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); {_fallback(path)}"
+        ) from None
 
 
 def _check_optimizer_groups(path: Path, optimizers, saved: dict) -> None:
     """Run the optimizers' guard on the saved group names (read alone) before DCP meets other keys."""
     if "optimizers.param_group_names" not in saved:
-        raise CheckpointError(f"{path / _METADATA}: no optimizers.param_group_names (not a plmrun format-{FORMAT} "
-                              f"checkpoint); {_fallback(path)}")
+        raise CheckpointError(
+            f"{path / _METADATA}: no optimizers.param_group_names (not a plmrun format-{FORMAT} "
+            f"checkpoint); {_fallback(path)}"
+        )
     probe = {"optimizers": {"param_group_names": []}}
     _dcp_load(probe, path)
     try:
@@ -360,18 +380,24 @@ def _check_optimizer_groups(path: Path, optimizers, saved: dict) -> None:
 def _check_layout(meta_file: Path, tensors: dict, saved: dict) -> None:
     """The first key missing from, unexpected in, or shaped differently in the checkpoint: another model config."""
     mine, _ = flatten_state_dict(tensors)
-    hint = ("the checkpoint is from another model config (hidden size, layer count, ...): "
-            "resume with the config it was saved with")
+    hint = (
+        "the checkpoint is from another model config (hidden size, layer count, ...): "
+        "resume with the config it was saved with"
+    )
     for key, value in mine.items():
         meta = saved.get(key)
         if meta is None:
             raise CheckpointError(f"{meta_file}: the checkpoint has no {key} ({hint})")
         if isinstance(value, torch.Tensor) != isinstance(meta, TensorStorageMetadata):
-            raise CheckpointError(f"{meta_file}: {key} is {'not ' if isinstance(value, torch.Tensor) else ''}a tensor "
-                                  f"in the checkpoint ({hint})")
+            raise CheckpointError(
+                f"{meta_file}: {key} is {'not ' if isinstance(value, torch.Tensor) else ''}a tensor "
+                f"in the checkpoint ({hint})"
+            )
         if isinstance(value, torch.Tensor) and tuple(meta.size) != tuple(value.shape):
-            raise CheckpointError(f"{meta_file}: {key} has shape {tuple(meta.size)} in the checkpoint, "
-                                  f"{tuple(value.shape)} in this model ({hint})")
+            raise CheckpointError(
+                f"{meta_file}: {key} has shape {tuple(meta.size)} in the checkpoint, "
+                f"{tuple(value.shape)} in this model ({hint})"
+            )
     prefixes = tuple(f"{name}." for name in tensors)
     extra = next((k for k in saved if k.startswith(prefixes) and k not in mine), None)
     if extra is not None:

@@ -5,6 +5,7 @@ option table in docs/reference/config.md is generated from these dataclasses (`p
 test checks it has not drifted. Unknown keys, wrong types and impossible combinations are
 rejected with one message naming the key.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
@@ -25,7 +26,7 @@ class ConfigError(PlmrunError, ValueError):
     """A configuration problem the user can fix; the message names the key."""
 
 
-def max_length_phases(d: "DataConfig") -> list[tuple[int, int]]:
+def max_length_phases(d: DataConfig) -> list[tuple[int, int]]:
     """[(first step, crop length in tokens), ...]: data.max_length_schedule, or data.max_length from step 0."""
     return [(int(s), int(n)) for s, n in d.max_length_schedule] or [(0, d.max_length)]
 
@@ -43,7 +44,10 @@ class DataConfig:
     max_length: int = 512
     "Longest sequence in tokens (incl. <cls>/<eos>); longer ones get a random crop window."
     max_length_schedule: list[list[int]] = field(default_factory=list)
-    "Crop length by step, [[step, max_length], ...] from step 0 (ESM C: [[0, 512], [N, 2048]]); replaces data.max_length when set; each switch starts the next epoch with the new crops."
+    (
+        "Crop length by step, [[step, max_length], ...] from step 0 (ESM C: [[0, 512], [N, 2048]]); replaces "
+        "data.max_length when set; each switch starts the next epoch with the new crops."
+    )
     token_budget: int = 2048
     "Tokens per micro-batch (packed, padded only at the tail)."
     prefetch: int = 4
@@ -58,12 +62,15 @@ class MaskingConfig:
     "Training objective: BERT-style MLM, masked diffusion, or a linear schedule from MLM to diffusion."
     mask_rate: float = 0.3
     "MLM: fraction of residues selected as targets (at step 0 when ramped; ESM-2: 0.15, the seed 0.2)."
-    mask_rate_end: Optional[float] = None
+    mask_rate_end: float | None = None
     "MLM: mask rate reached after ramp_steps (None = constant)."
     ramp_steps: int = 0
     "Steps over which mask_rate ramps to mask_rate_end, or MLM turns into diffusion."
     mask_token_frac: float = 0.8
-    "MLM: fraction of targets replaced by <mask> (ESM-2: 0.8; 1.0 = all, which hurts embeddings: docs/results/recipe.md)."
+    (
+        "MLM: fraction of targets replaced by <mask> (ESM-2: 0.8; 1.0 = all, which hurts embeddings: "
+        "docs/results/recipe.md)."
+    )
     random_token_frac: float = 0.1
     "MLM: fraction of targets replaced by a random amino acid, the rest stay unchanged (ESM-2: 0.1)."
     diffusion_eps: float = 1e-3
@@ -99,13 +106,22 @@ class OptimConfig:
     ns_steps: int = 5
     "Newton-Schulz iterations."
     ns_coefficients: Literal["quintic", "polar_express", "polar_express_3"] = "quintic"
-    "Newton-Schulz coefficients: quintic (Keller Jordan's, the same each step), polar_express (per step, ns_steps=5) or polar_express_3 (fitted for this model's spectrum, ns_steps=3)."
+    (
+        "Newton-Schulz coefficients: quintic (Keller Jordan's, the same each step), polar_express (per step, "
+        "ns_steps=5) or polar_express_3 (fitted for this model's spectrum, ns_steps=3)."
+    )
     ns_gram: bool = False
-    "Newton-Schulz on the small-side Gram matrix for matrices >= 2x wider than tall (MLP): same iteration, fewer FLOPs (fp32-exact; bf16 rounds more)."
+    (
+        "Newton-Schulz on the small-side Gram matrix for matrices >= 2x wider than tall (MLP): same iteration, fewer "
+        "FLOPs (fp32-exact; bf16 rounds more)."
+    )
     ns_per_head: bool = False
     "Orthogonalise each attention head's rows of Q/K/V on its own (H small matrices instead of one square one)."
     ns_every: int = 1
-    "Recompute Muon's orthogonalised update every k steps and reuse it in between (1 = every step; 2 cost +0.057 val loss on the default run, benchmarks/results/optimizer_share.md)."
+    (
+        "Recompute Muon's orthogonalised update every k steps and reuse it in between (1 = every step; 2 cost +0.057 "
+        "val loss on the default run, benchmarks/results/optimizer_share.md)."
+    )
     schedule: Literal["cosine", "wsd", "linear", "constant"] = "wsd"
     "LR schedule after warm-up: cosine, warmup-stable-decay, linear decay, or constant."
     warmup: float = 0.0
@@ -129,15 +145,26 @@ class TrainConfig:
     grad_accum: int = 1
     "Micro-batches per rank per step."
     global_batch_tokens: int = 0
-    "Tokens per optimizer step over all ranks (the seed's --batch_size; 0 = off): grad_accum is derived as global_batch_tokens / (data.token_budget × world size), so one YAML gives the same optimisation on 1, 4 or 8 GPUs; leave train.grad_accum at 1."
+    (
+        "Tokens per optimizer step over all ranks (the seed's --batch_size; 0 = off): grad_accum is derived as "
+        "global_batch_tokens / (data.token_budget × world size), so one YAML gives the same optimisation on 1, 4 or 8 "
+        "GPUs; leave train.grad_accum at 1."
+    )
     max_time: float = 0.0
-    "Wall-clock budget in seconds for training and in-training evals, across resumes (0 = none): when spent, the run evals, checkpoints, runs the final eval and finishes with stopped=max_time. The LR schedule stays step-based (over train.max_steps)."
+    (
+        "Wall-clock budget in seconds for training and in-training evals, across resumes (0 = none): when spent, the "
+        "run evals, checkpoints, runs the final eval and finishes with stopped=max_time. The LR schedule stays "
+        "step-based (over train.max_steps)."
+    )
     seed: int = 0
     "Seed for init, data order, crops and masks."
     device: Literal["auto", "cpu", "cuda"] = "auto"
     "Where to train (auto = cuda if available)."
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    "bf16 autocast with fp32 master weights, or fp32 (auto = bf16 where bf16 matmuls are native: CUDA, AVX-512/AMX CPUs)."
+    (
+        "bf16 autocast with fp32 master weights, or fp32 (auto = bf16 where bf16 matmuls are native: CUDA, AVX-512/AMX"
+        " CPUs)."
+    )
     compile: bool = False
     "torch.compile each block (static shapes) and, on CPU, the bf16 attention kernel (compiling takes time at start)."
     threads: int = 0
@@ -146,10 +173,14 @@ class TrainConfig:
     "Evaluate on the eval subset every N steps (0 = only at the end)."
     report_at_val_losses: list[float] = field(default_factory=lambda: [2.9, 2.85, 2.8, 2.75, 2.7])
     "Record time and tokens at the first eval reaching each of these val losses."
-    stop_at_val_loss: Optional[float] = None
+    stop_at_val_loss: float | None = None
     "End the run at the first eval at or below this loss."
     dense_eval_every: int = 0
-    "Near a target, also evaluate every N steps (0 = off): while the best val loss is at most train.dense_eval_margin above a report_at_val_losses or stop_at_val_loss level not yet reached, so the crossing is known to N steps."
+    (
+        "Near a target, also evaluate every N steps (0 = off): while the best val loss is at most "
+        "train.dense_eval_margin above a report_at_val_losses or stop_at_val_loss level not yet reached, so the "
+        "crossing is known to N steps."
+    )
     dense_eval_margin: float = 0.02
     "How close (nats) the best val loss must be to an unreached target for train.dense_eval_every to apply."
     log_every: int = 10
@@ -161,7 +192,10 @@ class TrainConfig:
     cost_per_hour: float = 0.0
     "Hardware price in $/hour for the cost estimate in summary.json."
     loss_spike: Literal["ignore", "warn", "skip", "abort"] = "warn"
-    "A step whose loss exceeds loss_spike_factor × the mean of the last loss_spike_window losses: log it, skip its update, or stop."
+    (
+        "A step whose loss exceeds loss_spike_factor × the mean of the last loss_spike_window losses: log it, skip its"
+        " update, or stop."
+    )
     loss_spike_factor: float = 2.0
     "Spike threshold as a multiple of the recent mean loss (> 1)."
     loss_spike_window: int = 20
@@ -169,11 +203,18 @@ class TrainConfig:
     loss_spike_max_skips: int = 10
     "loss_spike=skip: stop after this many skipped updates in a row (the loss has shifted, not spiked)."
     divergence_factor: float = 2.0
-    "Stop (exit 2) when the train loss stays above this multiple of ln(vocab), the loss of uniform guessing, for divergence_steps steps in a row (0 = never)."
+    (
+        "Stop (exit 2) when the train loss stays above this multiple of ln(vocab), the loss of uniform guessing, for "
+        "divergence_steps steps in a row (0 = never)."
+    )
     divergence_steps: int = 10
     "Consecutive steps above the divergence threshold that stop the run."
     divergence_margin: float = 0.25
-    "Stop (exit 2) at an eval whose loss is more than this many nats above the unigram baseline (the training split's residue frequencies; guessing uniformly over the vocabulary is about 0.6 above it on proteins), once the run is past its LR warm-up and train.divergence_steps steps, before its last step (0 = never)."
+    (
+        "Stop (exit 2) at an eval whose loss is more than this many nats above the unigram baseline (the training "
+        "split's residue frequencies; guessing uniformly over the vocabulary is about 0.6 above it on proteins), once "
+        "the run is past its LR warm-up and train.divergence_steps steps, before its last step (0 = never)."
+    )
 
 
 @dataclass
@@ -185,7 +226,10 @@ class EvalConfig:
     max_length: int = 1024
     "Eval window in tokens (1022 residues): see eval.windows for sequences that are longer."
     windows: Literal["crop", "chunk"] = "crop"
-    "Sequences longer than eval.max_length: 'crop' scores one fixed window, 'chunk' scores every consecutive window (the SpeedrunningPLMs protocol: chunks of 256)."
+    (
+        "Sequences longer than eval.max_length: 'crop' scores one fixed window, 'chunk' scores every consecutive "
+        "window (the SpeedrunningPLMs protocol: chunks of 256)."
+    )
     subset: int = 256
     "Valid sequences used by in-training evals (the first N; 0 = all)."
     token_budget: int = 8192
@@ -193,15 +237,21 @@ class EvalConfig:
     final_full: bool = True
     "Evaluate the whole valid split at the end of training."
     final_test: bool = False
-    "Also evaluate the whole data.test_split at the end of training (same protocol), recorded as final_test in summary.json and metrics."
+    (
+        "Also evaluate the whole data.test_split at the end of training (same protocol), recorded as final_test in "
+        "summary.json and metrics."
+    )
 
 
 @dataclass
 class LoggingConfig:
     run_root: str = "runs"
     "Directory that holds run directories."
-    name: Optional[str] = None
-    "Run directory name (default: <timestamp>-<arch>, or the newest unfinished run with the same config, continued); an existing one is never reused silently."
+    name: str | None = None
+    (
+        "Run directory name (default: <timestamp>-<arch>, or the newest unfinished run with the same config, "
+        "continued); an existing one is never reused silently."
+    )
     progress: bool = True
     "Show a progress bar."
     tensorboard: bool = False
@@ -210,8 +260,11 @@ class LoggingConfig:
     "Also log metrics to Weights & Biases (WANDB_MODE=offline works)."
     wandb_project: str = "plmrun"
     "W&B project name."
-    push_to_hub: Optional[str] = None
-    "Hub repo (user/name) the finished run is exported to and uploaded to, as `plmrun export --push-to-hub` (token from HF_TOKEN); a failed upload leaves the run finished."
+    push_to_hub: str | None = None
+    (
+        "Hub repo (user/name) the finished run is exported to and uploaded to, as `plmrun export --push-to-hub` (token"
+        " from HF_TOKEN); a failed upload leaves the run finished."
+    )
 
 
 @dataclass
@@ -339,7 +392,7 @@ def merge_dict(cfg: Config, data: dict, where: str) -> None:
             _apply(cfg, section, key, value, where)
 
 
-def load_yaml(path: str | Path, cfg: Optional[Config] = None, _seen: tuple = ()) -> Config:
+def load_yaml(path: str | Path, cfg: Config | None = None, _seen: tuple = ()) -> Config:
     """Load a YAML config; `base: other.yaml` (relative to the file) is applied first."""
     path = Path(path)
     cfg = cfg or Config()
@@ -366,7 +419,7 @@ def config_dir() -> Path:
     return Path(__file__).parent / "configs"
 
 
-def resolve_config_path(name: str, relative_to: Optional[Path] = None) -> Path:
+def resolve_config_path(name: str, relative_to: Path | None = None) -> Path:
     """A path, or the name of a shipped config (`esm2_8m` -> plmrun/configs/esm2_8m.yaml)."""
     p = Path(name)
     candidates = [p]
@@ -427,7 +480,7 @@ def set_fields(obj, values: dict, where: str, prefix: str = "") -> None:
         setattr(obj, key, _coerce(value, hints[key], f"{where}: {prefix}{key}"))
 
 
-def build_config(config_file: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+def build_config(config_file: str | None = None, overrides: list[str] | None = None) -> Config:
     cfg = load_yaml(resolve_config_path(config_file)) if config_file else Config()
     for name, value in read_flags(overrides or []):
         section, key = name.split(".", 1)
@@ -475,21 +528,28 @@ def check_at_least(value: float, minimum: float, name: str, note: str = "") -> N
     require(value >= minimum, name, value, f"must be >= {minimum}{note}")
 
 
-def check_budget_covers(token_budget: int, max_length: int, budget_name: str, length_name: str,
-                        window: str = "window") -> None:
+def check_budget_covers(
+    token_budget: int, max_length: int, budget_name: str, length_name: str, window: str = "window"
+) -> None:
     """A batch must hold one whole window: the budget is at least max_length (results do not depend on it)."""
     if token_budget < max_length:
-        raise ConfigError(f"{budget_name} {token_budget} is below the {window} of {max_length} tokens "
-                          f"({length_name}): use {budget_name} >= {max_length} (results do not depend on it) "
-                          f"or a smaller {length_name}")
+        raise ConfigError(
+            f"{budget_name} {token_budget} is below the {window} of {max_length} tokens "
+            f"({length_name}): use {budget_name} >= {max_length} (results do not depend on it) "
+            f"or a smaller {length_name}"
+        )
 
 
-EVAL_FLAGS = {"seed": "--eval-seed", "mask_rate": "--mask-rate", "max_length": "--max-length",
-              "token_budget": "--token-budget"}
+EVAL_FLAGS = {
+    "seed": "--eval-seed",
+    "mask_rate": "--mask-rate",
+    "max_length": "--max-length",
+    "token_budget": "--token-budget",
+}
 "`plmrun eval`'s flags that set EvalConfig keys (validate_eval names them in its errors)."
 
 
-def validate_eval(e: "EvalConfig", names: Optional[dict[str, str]] = None) -> None:
+def validate_eval(e: EvalConfig, names: dict[str, str] | None = None) -> None:
     """The eval protocol's ranges, for a config's eval section and for `plmrun eval`'s flags alike;
     `names` maps a key to the flag that set it, so the error names what the user typed."""
     name = lambda key: (names or {}).get(key, f"eval.{key}")
@@ -505,7 +565,10 @@ def _validate_schedule(d: DataConfig, m: ModelConfig) -> None:
     key = "data.max_length_schedule"
     sched = d.max_length_schedule
     _check(all(len(p) == 2 for p in sched), f"{key}: each entry must be [step, max_length], got {sched!r}")
-    _check(not sched or sched[0][0] == 0, f"{key}: the first entry must start at step 0, got {sched[0] if sched else None!r}")
+    _check(
+        not sched or sched[0][0] == 0,
+        f"{key}: the first entry must start at step 0, got {sched[0] if sched else None!r}",
+    )
     steps = [p[0] for p in sched]
     _check(all(a < b for a, b in zip(steps, steps[1:])), f"{key}: steps must increase, got {steps}")
     for step, n in sched:
@@ -514,9 +577,11 @@ def _validate_schedule(d: DataConfig, m: ModelConfig) -> None:
     limit = POSITION_LIMIT.get(m.arch)
     longest = max(n for _, n in max_length_phases(d))
     what = key if sched else "data.max_length"
-    _check(limit is None or longest <= limit,
-           f"{what}: {longest} tokens exceed the model.arch={m.arch} position limit of {limit}; use <= {limit} "
-           "or a rotary preset (speedrun, esmc), which takes any length")
+    _check(
+        limit is None or longest <= limit,
+        f"{what}: {longest} tokens exceed the model.arch={m.arch} position limit of {limit}; use <= {limit} "
+        "or a rotary preset (speedrun, esmc), which takes any length",
+    )
 
 
 def validate(cfg: Config) -> Config:
@@ -524,29 +589,40 @@ def validate(cfg: Config) -> Config:
     problems = model_config_problems(m)
     _check(not problems, problems[0] if problems else "")
     check_window(d.max_length, "data.max_length")
-    _check(d.token_budget >= d.max_length,
-           f"data.token_budget ({d.token_budget}) must be >= data.max_length ({d.max_length})")
+    _check(
+        d.token_budget >= d.max_length,
+        f"data.token_budget ({d.token_budget}) must be >= data.max_length ({d.max_length})",
+    )
     _validate_schedule(d, m)
     _check(d.prefetch >= 0 and d.num_workers >= 1, "data.prefetch must be >= 0 and data.num_workers >= 1")
     _check(0 < k.mask_rate < 1, f"masking.mask_rate must be in (0, 1), got {k.mask_rate}")
     _check(k.mask_rate_end is None or 0 < k.mask_rate_end < 1, "masking.mask_rate_end must be in (0, 1)")
-    _check(k.mask_token_frac >= 0 and k.random_token_frac >= 0 and k.mask_token_frac + k.random_token_frac <= 1,
-           "masking: mask_token_frac + random_token_frac must be <= 1")
+    _check(
+        k.mask_token_frac >= 0 and k.random_token_frac >= 0 and k.mask_token_frac + k.random_token_frac <= 1,
+        "masking: mask_token_frac + random_token_frac must be <= 1",
+    )
     _check(0 < k.diffusion_eps < 1, "masking.diffusion_eps must be in (0, 1)")
     _check(k.ramp_steps >= 0, "masking.ramp_steps must be >= 0")
-    _check(not (k.objective == "mlm_to_diffusion" and k.ramp_steps == 0),
-           "masking.objective=mlm_to_diffusion needs masking.ramp_steps > 0")
-    _check(not (k.mask_rate_end is not None and k.ramp_steps == 0),
-           "masking.mask_rate_end needs masking.ramp_steps > 0")
+    _check(
+        not (k.objective == "mlm_to_diffusion" and k.ramp_steps == 0),
+        "masking.objective=mlm_to_diffusion needs masking.ramp_steps > 0",
+    )
+    _check(
+        not (k.mask_rate_end is not None and k.ramp_steps == 0), "masking.mask_rate_end needs masking.ramp_steps > 0"
+    )
     for name in ("lr", "lr_hidden", "lr_embed", "lr_head", "lr_scalar"):
         _check(getattr(o, name) >= 0, f"optim.{name} must be >= 0")
     _check(all(0 <= b < 1 for b in o.betas), "optim.betas must be in [0, 1)")
     _check(0 <= o.muon_momentum < 1 and 0 <= o.muon_momentum_start < 1, "optim: Muon momenta must be in [0, 1)")
     _check(o.ns_steps >= 1, "optim.ns_steps must be >= 1")
-    _check(o.ns_coefficients != "polar_express" or o.ns_steps == 5,
-           "optim.ns_coefficients=polar_express is a 5-step schedule: set optim.ns_steps=5 (or use quintic)")
-    _check(o.ns_coefficients != "polar_express_3" or o.ns_steps == 3,
-           "optim.ns_coefficients=polar_express_3 is a 3-step schedule: set optim.ns_steps=3 (or use quintic)")
+    _check(
+        o.ns_coefficients != "polar_express" or o.ns_steps == 5,
+        "optim.ns_coefficients=polar_express is a 5-step schedule: set optim.ns_steps=5 (or use quintic)",
+    )
+    _check(
+        o.ns_coefficients != "polar_express_3" or o.ns_steps == 3,
+        "optim.ns_coefficients=polar_express_3 is a 3-step schedule: set optim.ns_steps=3 (or use quintic)",
+    )
     _check(o.ns_every >= 1, "optim.ns_every must be >= 1 (1 = orthogonalise every step)")
     _check(o.muon_momentum_warmup_steps >= 0, "optim.muon_momentum_warmup_steps must be >= 0")
     _check(o.warmup >= 0 and o.cooldown >= 0, "optim.warmup and optim.cooldown must be >= 0")
@@ -557,21 +633,30 @@ def validate(cfg: Config) -> Config:
     _check(t.max_steps >= 1, "train.max_steps must be >= 1")
     warm = o.warmup if o.warmup >= 1 else o.warmup * t.max_steps
     cool = (o.cooldown if o.cooldown >= 1 else o.cooldown * t.max_steps) if o.schedule == "wsd" else 0
-    _check(warm + cool <= t.max_steps,
-           f"optim: warmup ({warm:g} steps) + cooldown ({cool:g} steps) exceed train.max_steps ({t.max_steps})")
+    _check(
+        warm + cool <= t.max_steps,
+        f"optim: warmup ({warm:g} steps) + cooldown ({cool:g} steps) exceed train.max_steps ({t.max_steps})",
+    )
     _check(t.grad_accum >= 1, "train.grad_accum must be >= 1")
     _check(t.global_batch_tokens >= 0, f"train.global_batch_tokens must be >= 0 (0 = off), got {t.global_batch_tokens}")
-    _check(not (t.global_batch_tokens and t.grad_accum != 1),
-           f"train.global_batch_tokens ({t.global_batch_tokens}) derives grad_accum from the world size; "
-           f"leave train.grad_accum at 1 (got {t.grad_accum})")
-    _check(t.global_batch_tokens % d.token_budget == 0,
-           f"train.global_batch_tokens ({t.global_batch_tokens}) must be a multiple of data.token_budget ({d.token_budget})")
+    _check(
+        not (t.global_batch_tokens and t.grad_accum != 1),
+        f"train.global_batch_tokens ({t.global_batch_tokens}) derives grad_accum from the world size; "
+        f"leave train.grad_accum at 1 (got {t.grad_accum})",
+    )
+    _check(
+        t.global_batch_tokens % d.token_budget == 0,
+        f"train.global_batch_tokens ({t.global_batch_tokens}) must be a multiple of data.token_budget "
+        f"({d.token_budget})",
+    )
     _check(t.max_time >= 0, f"train.max_time must be >= 0 seconds (0 = no limit), got {t.max_time}")
     _check(t.eval_every >= 0 and t.log_every >= 1, "train.eval_every must be >= 0 and train.log_every >= 1")
     _check(t.dense_eval_every >= 0, "train.dense_eval_every must be >= 0")
-    _check(not t.dense_eval_every or 0 < t.dense_eval_every < t.eval_every,
-           f"train.dense_eval_every ({t.dense_eval_every}) needs train.eval_every > it (now {t.eval_every}):"
-           " it refines the regular evals near a target")
+    _check(
+        not t.dense_eval_every or 0 < t.dense_eval_every < t.eval_every,
+        f"train.dense_eval_every ({t.dense_eval_every}) needs train.eval_every > it (now {t.eval_every}):"
+        " it refines the regular evals near a target",
+    )
     _check(t.dense_eval_margin > 0, "train.dense_eval_margin must be > 0")
     _check(t.checkpoint_every >= 0 and t.keep_latest_k >= 1, "train.checkpoint_every >= 0, train.keep_latest_k >= 1")
     _check(t.cost_per_hour >= 0, "train.cost_per_hour must be >= 0")
@@ -579,17 +664,23 @@ def validate(cfg: Config) -> Config:
     _check(t.loss_spike_factor > 1, f"train.loss_spike_factor must be > 1, got {t.loss_spike_factor}")
     _check(t.loss_spike_window >= 1, "train.loss_spike_window must be >= 1")
     _check(t.loss_spike_max_skips >= 1, f"train.loss_spike_max_skips must be >= 1, got {t.loss_spike_max_skips}")
-    _check(t.divergence_factor == 0 or t.divergence_factor > 1,
-           f"train.divergence_factor must be 0 (off) or > 1, got {t.divergence_factor}")
+    _check(
+        t.divergence_factor == 0 or t.divergence_factor > 1,
+        f"train.divergence_factor must be 0 (off) or > 1, got {t.divergence_factor}",
+    )
     _check(t.divergence_steps >= 1, f"train.divergence_steps must be >= 1, got {t.divergence_steps}")
     _check(t.divergence_margin >= 0, f"train.divergence_margin must be >= 0 nats (0 = off), got {t.divergence_margin}")
     validate_eval(e)
     limit = POSITION_LIMIT.get(m.arch)
-    _check(limit is None or e.max_length <= limit,
-           f"eval.max_length: {e.max_length} tokens exceed the model.arch={m.arch} position limit of {limit}")
+    _check(
+        limit is None or e.max_length <= limit,
+        f"eval.max_length: {e.max_length} tokens exceed the model.arch={m.arch} position limit of {limit}",
+    )
     hub = cfg.logging.push_to_hub
-    _check(hub is None or (hub.count("/") == 1 and all(hub.split("/"))),
-           f"logging.push_to_hub must be a Hub repo id like user/name, got {hub!r}")
+    _check(
+        hub is None or (hub.count("/") == 1 and all(hub.split("/"))),
+        f"logging.push_to_hub must be a Hub repo id like user/name, got {hub!r}",
+    )
     return cfg
 
 
@@ -602,8 +693,9 @@ def option_rows() -> list[tuple[str, str, str, str]]:
         hints = typing.get_type_hints(cls)
         inst = cls()
         for f in dataclasses.fields(cls):
-            rows.append((f"{section}.{f.name}", _type_name(hints[f.name]), repr(getattr(inst, f.name)),
-                         docs.get(f.name, "")))
+            rows.append(
+                (f"{section}.{f.name}", _type_name(hints[f.name]), repr(getattr(inst, f.name)), docs.get(f.name, ""))
+            )
     return rows
 
 
@@ -622,6 +714,7 @@ def _field_docs(cls: type) -> dict[str, str]:
     """Field docstrings (the string literal right after each field) via the class source."""
     import ast
     import inspect
+
     tree = ast.parse(inspect.getsource(cls))
     body = tree.body[0].body
     docs = {}

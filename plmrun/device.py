@@ -1,4 +1,5 @@
 """The one place a device name ("auto", "cpu", "cuda", "cuda:N") becomes a torch.device."""
+
 from __future__ import annotations
 
 import torch

@@ -4,9 +4,8 @@ Each one is a no-op (or the identity) in a single process, so library code calls
 asking whether torchrun started it. Joining and leaving the process group stays in
 plmrun/train/parallelize.py: only the trainer does that.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 import torch.distributed as dist
@@ -51,7 +50,7 @@ def max_over_ranks(n: int, device: torch.device | str = "cpu") -> int:
     return int(t.item())
 
 
-def agree(message: Optional[str]) -> Optional[str]:
+def agree(message: str | None) -> str | None:
     """The first rank's non-empty message, on every rank (collective), so all ranks raise the same line together."""
     if not is_distributed():
         return message

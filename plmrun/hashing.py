@@ -2,6 +2,7 @@
 
 (Integer keys, vectorised over arrays, have their own counter-based hash: `plmrun.data.packing.hash_uniform`.)
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,4 +17,4 @@ def unit_hash(text: str, digest: str = "blake2b") -> float:
         raw = hashlib.blake2b(text.encode(), digest_size=8).digest()
     else:
         raise ValueError(f"unknown digest {digest!r}")
-    return int.from_bytes(raw, "big") / 2.0 ** 64
+    return int.from_bytes(raw, "big") / 2.0**64

@@ -9,12 +9,13 @@ The limit: a checksum proves the files are as written, not who wrote them. Anyon
 files can rewrite MANIFEST.json with `write_manifest`, and it verifies. So the manifest finds damage,
 not tampering; that no file plmrun reads can run code is plmrun.safe_pickle's job (docs/security.md).
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
 
 from plmrun.atomic import follow_umask as follow_umask  # re-exported: finetune/run.py imports it here
 from plmrun.atomic import write_text
@@ -40,12 +41,15 @@ def _body_digest(files: dict) -> str:
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
-def write_manifest(folder: Path, files: Optional[Iterable[str]] = None) -> Path:
+def write_manifest(folder: Path, files: Iterable[str] | None = None) -> Path:
     """Checksum `files` (relative names; default: every regular file below `folder`) into MANIFEST.json."""
     folder = Path(folder)
     if files is None:
-        files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                       if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp"))
+        files = sorted(
+            str(p.relative_to(folder))
+            for p in folder.rglob("*")
+            if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp")
+        )
     entries = {}
     for name in files:
         p = folder / name
@@ -55,7 +59,7 @@ def write_manifest(folder: Path, files: Optional[Iterable[str]] = None) -> Path:
     return folder / MANIFEST
 
 
-def read_manifest(folder: Path) -> Optional[dict]:
+def read_manifest(folder: Path) -> dict | None:
     """The manifest's file table, or None where the folder has none (older folders, foreign models)."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
@@ -65,7 +69,9 @@ def read_manifest(folder: Path) -> Optional[dict]:
         files = data["files"]
         digest = data["digest"]
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-        raise ManifestError(f"{path}: unreadable manifest (truncated or not JSON); the folder is not trustworthy") from None
+        raise ManifestError(
+            f"{path}: unreadable manifest (truncated or not JSON); the folder is not trustworthy"
+        ) from None
     if _body_digest(files) != digest:
         raise ManifestError(f"{path}: the manifest was edited after it was written (its checksum does not match)")
     return files

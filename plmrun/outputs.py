@@ -10,6 +10,7 @@ Every command with an output checks it here before any work starts (one rule for
   (`mark_output`, written into every output folder plmrun creates) and holds nothing else than
   what the marker lists. Anything else is refused with one line naming the files.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,8 +61,9 @@ def _clash(out: Path, inputs: Iterable[PathLike]) -> Path | None:
     return None
 
 
-def check_output_file(path: PathLike, inputs: Iterable[PathLike] = (), *, flag: str = "--out",
-                      error: type[Exception] = OutputError) -> Path:
+def check_output_file(
+    path: PathLike, inputs: Iterable[PathLike] = (), *, flag: str = "--out", error: type[Exception] = OutputError
+) -> Path:
     """`path` as an output file: not an input or inside an input folder. Returns it. (A folder or a missing
     parent is the OS's one-line error when the command writes.)"""
     out = _resolved(path)
@@ -72,8 +74,14 @@ def check_output_file(path: PathLike, inputs: Iterable[PathLike] = (), *, flag: 
     return Path(path)
 
 
-def check_output_dir(path: PathLike, inputs: Iterable[PathLike] = (), *, overwrite: bool, flag: str = "--out",
-                     error: type[Exception] = OutputError) -> Path:
+def check_output_dir(
+    path: PathLike,
+    inputs: Iterable[PathLike] = (),
+    *,
+    overwrite: bool,
+    flag: str = "--out",
+    error: type[Exception] = OutputError,
+) -> Path:
     """`path` as an output folder to create, or to replace under --overwrite (see the module docstring)."""
     out = _resolved(path)
     if out.exists() and not out.is_dir():
@@ -84,8 +92,9 @@ def check_output_dir(path: PathLike, inputs: Iterable[PathLike] = (), *, overwri
         inp = _resolved(spec)
         if _inside(inp, out):
             what = "is the input" if inp == out else f"holds the input {spec}"
-            raise error(f"{flag} {path}: {what}; the output folder must not be or contain an input, choose another "
-                        f"{flag}")
+            raise error(
+                f"{flag} {path}: {what}; the output folder must not be or contain an input, choose another {flag}"
+            )
         if _inside(out, inp):
             raise error(f"{flag} {path}: lies inside the input folder {spec}; choose another {flag}")
     if not out.is_dir() or not any(out.iterdir()):
@@ -95,13 +104,17 @@ def check_output_dir(path: PathLike, inputs: Iterable[PathLike] = (), *, overwri
     listed = read_marker(out)
     if listed is None:
         names = sorted(p.name for p in out.iterdir())
-        raise error(f"{flag} {path}: not a folder plmrun created (no {MARKER}; folders written before plmrun marked "
-                    f"its outputs have none either), so --overwrite will not replace it; it holds {names_line(names)}: "
-                    f"move them away or choose another {flag}")
+        raise error(
+            f"{flag} {path}: not a folder plmrun created (no {MARKER}; folders written before plmrun marked "
+            f"its outputs have none either), so --overwrite will not replace it; it holds {names_line(names)}: "
+            f"move them away or choose another {flag}"
+        )
     foreign = foreign_entries(out, listed)
     if foreign:
-        raise error(f"{flag} {path}: holds files plmrun did not write there ({names_line(foreign)}), so --overwrite "
-                    f"will not replace it; move them away or choose another {flag}")
+        raise error(
+            f"{flag} {path}: holds files plmrun did not write there ({names_line(foreign)}), so --overwrite "
+            f"will not replace it; move them away or choose another {flag}"
+        )
     return Path(path)
 
 

@@ -14,6 +14,7 @@ tampering; docs/security.md). So every pickle plmrun reads goes through an allow
 `SafeReader` and `SafeLoadPlanner` plug both into `dcp.load`. Anything else in a file is refused with
 one `UnsafePickleError` line naming the file and the first disallowed name.
 """
+
 from __future__ import annotations
 
 import io
@@ -31,16 +32,30 @@ from plmrun.errors import PlmrunError
 
 DCP_METADATA = ".metadata"
 _DCP_META = "torch.distributed.checkpoint.metadata"
-ALLOWED = frozenset({
-    (_DCP_META, "Metadata"), (_DCP_META, "TensorStorageMetadata"), (_DCP_META, "BytesStorageMetadata"),
-    (_DCP_META, "ChunkStorageMetadata"), (_DCP_META, "TensorProperties"), (_DCP_META, "StorageMeta"),
-    (_DCP_META, "MetadataIndex"), (_DCP_META, "_MEM_FORMAT_ENCODING"),
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"), ("torch.serialization", "_get_layout"),
-    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
-    ("pathlib._local", "PosixPath"), ("pathlib._local", "WindowsPath"),
-    ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
-})
+ALLOWED = frozenset(
+    {
+        (_DCP_META, "Metadata"),
+        (_DCP_META, "TensorStorageMetadata"),
+        (_DCP_META, "BytesStorageMetadata"),
+        (_DCP_META, "ChunkStorageMetadata"),
+        (_DCP_META, "TensorProperties"),
+        (_DCP_META, "StorageMeta"),
+        (_DCP_META, "MetadataIndex"),
+        (_DCP_META, "_MEM_FORMAT_ENCODING"),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("pathlib", "PureWindowsPath"),
+        ("pathlib._local", "PosixPath"),
+        ("pathlib._local", "WindowsPath"),
+        ("collections", "OrderedDict"),
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+    }
+)
 "(module, name) a DCP metadata pickle may name; besides these only torch dtypes, layouts and memory formats."
 
 
@@ -49,8 +64,10 @@ class UnsafePickleError(PlmrunError):
 
 
 def _refusal(path, what: str) -> UnsafePickleError:
-    return UnsafePickleError(f"{path}: refused: it names {what}, which no plmrun or torch checkpoint holds (unpickling "
-                             "it could run code); the file was not written by plmrun, do not use it (docs/security.md)")
+    return UnsafePickleError(
+        f"{path}: refused: it names {what}, which no plmrun or torch checkpoint holds (unpickling "
+        "it could run code); the file was not written by plmrun, do not use it (docs/security.md)"
+    )
 
 
 class MetadataUnpickler(pickle.Unpickler):
@@ -63,7 +80,9 @@ class MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in ALLOWED:
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
+        if module == "torch" and isinstance(
+            getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)
+        ):
             return getattr(torch, name)
         raise _refusal(self.path, f"{module}.{name}")
 
@@ -77,15 +96,18 @@ def read_dcp_metadata(path: Path, rank: int | None = None) -> Metadata:
         except UnsafePickleError:
             raise
         except Exception as e:  # noqa: BLE001 - a damaged pickle raises many types
-            raise UnsafePickleError(f"{file}: unreadable DCP metadata ({type(e).__name__}: "
-                                    f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+            raise UnsafePickleError(
+                f"{file}: unreadable DCP metadata ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200] if str(e) else ''})"
+            ) from None
     if not isinstance(meta, Metadata) or not isinstance(meta.state_dict_metadata, dict):
         raise _refusal(file, f"a {type(meta).__name__}, not DCP Metadata,")
     for info in (meta.storage_data or {}).values():
         name = getattr(info, "relative_path", None)
         if not isinstance(name, str) or name in ("", ".", "..") or pathlib.PurePath(name).name != name or "\\" in name:
-            raise UnsafePickleError(f"{file}: refused: a shard path {name!r} that is not a file in {Path(path)} "
-                                    "(the metadata was edited)")
+            raise UnsafePickleError(
+                f"{file}: refused: a shard path {name!r} that is not a file in {Path(path)} (the metadata was edited)"
+            )
     return meta
 
 
@@ -123,6 +145,8 @@ def torch_load_weights(source, where) -> Any:
         named = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), None)
         if named is None:  # not a disallowed name: damaged bytes, which the caller reports as such
             raise
-        raise UnsafePickleError(f"{where}: refused: it holds pickled objects other than tensors (unpickling them "
-                                f"could run code; {named[:160]}); use safetensors weights or the original "
-                                "download (docs/security.md)") from None
+        raise UnsafePickleError(
+            f"{where}: refused: it holds pickled objects other than tensors (unpickling them "
+            f"could run code; {named[:160]}); use safetensors weights or the original "
+            "download (docs/security.md)"
+        ) from None

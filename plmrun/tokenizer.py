@@ -9,6 +9,7 @@ Normalisation (documented in docs/reference/shard-format.md): lowercase letters 
 trailing `*` (stop codon in `.faa` files) is dropped; anything else outside the vocabulary letters
 is an error, or with `policy="x"` becomes `X`, or with `policy="skip"` makes `encode` return None.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,16 +20,16 @@ from plmrun.errors import PlmrunError
 from plmrun.model.vocab import CLS, EOS, MASK, PAD, UNK, VOCAB, VOCAB_SIZE  # noqa: F401 (the one vocabulary)
 
 X_ID = VOCAB.index("X")
-AMINO_ACID_IDS = np.arange(4, 24, dtype=np.int64)   # the 20 standard residues (MLM replacement pool)
-RESIDUE_IDS = np.arange(4, 31, dtype=np.int64)      # every residue letter, incl. X B U Z O . -
+AMINO_ACID_IDS = np.arange(4, 24, dtype=np.int64)  # the 20 standard residues (MLM replacement pool)
+RESIDUE_IDS = np.arange(4, 31, dtype=np.int64)  # every residue letter, incl. X B U Z O . -
 VOCAB_HASH = hashlib.sha256("\n".join(VOCAB).encode()).hexdigest()[:16]
 POLICIES = ("error", "skip", "x")
 
-INVALID = 255                                        # LUT value of bytes outside the alphabet
+INVALID = 255  # LUT value of bytes outside the alphabet
 ENCODE_LUT = np.full(256, INVALID, dtype=np.uint8)
 for _i in RESIDUE_IDS:
     ENCODE_LUT[ord(VOCAB[_i])] = _i
-    ENCODE_LUT[ord(VOCAB[_i].lower())] = _i          # '.'/'-' lower() is themselves
+    ENCODE_LUT[ord(VOCAB[_i].lower())] = _i  # '.'/'-' lower() is themselves
 DECODE_TABLE = np.frombuffer("".join(v if len(v) == 1 else "?" for v in VOCAB).encode(), np.uint8)
 
 
@@ -60,7 +61,7 @@ def encode(seq, policy: str = "error"):
             raise
         if policy == "skip":
             return None
-        raw = seq.encode("ascii", errors="replace")   # '?' is invalid -> mapped to X below
+        raw = seq.encode("ascii", errors="replace")  # '?' is invalid -> mapped to X below
     if raw.endswith(b"*"):
         raw = raw[:-1]
     ids = ENCODE_LUT[np.frombuffer(raw, dtype=np.uint8)]

@@ -18,6 +18,7 @@ Outputs (fp32, packed: the valid rows of a right-padded batch of three sequences
 ESM C's QK LayerNorm, and with it of each sequence on its own: logits over ESM C's 64 rows, each
 block's hidden state, the final embeddings.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -48,6 +49,7 @@ def reference(qk_norm: bool = True, seed: int = 0) -> nn.Module:
     """A random ESMC from the esm package (the goldens' weights), with or without its QK LayerNorm."""
     from esm.models.esmc import ESMC
     from esm.tokenization import EsmSequenceTokenizer
+
     torch.manual_seed(seed)
     kw = {"use_flash_attn": False} if "use_flash_attn" in inspect.signature(ESMC).parameters else {}
     model = ESMC(d_model=D, n_heads=HEADS, n_layers=LAYERS, tokenizer=EsmSequenceTokenizer(), **kw).eval()
@@ -66,7 +68,7 @@ def outputs(model: nn.Module, seqs: list[torch.Tensor]) -> dict[str, torch.Tenso
     """ESM C's outputs on the right-padded batch of `seqs`, valid rows only (packed like plmrun's input)."""
     padded = torch.ones(len(seqs), max(len(s) for s in seqs), dtype=torch.long)
     for i, s in enumerate(seqs):
-        padded[i, :len(s)] = s
+        padded[i, : len(s)] = s
     valid = padded != 1
     with torch.no_grad():
         out = model(sequence_tokens=padded)
@@ -84,6 +86,7 @@ def outputs_alone(model: nn.Module, seqs: list[torch.Tensor]) -> dict[str, torch
 def main() -> int:
     import esm
     from safetensors.torch import save_file
+
     seqs, tokens, cu = packed_batch()
     tensors = {"tokens": tokens, "cu_seqlens": cu}
     # fp16 holds these weights exactly (reference() rounded them): half the bytes
@@ -93,8 +96,11 @@ def main() -> int:
     tensors.update({f"qk_norm.alone.{k}": v for k, v in outputs_alone(reference(), seqs).items()})
     GOLDENS.parent.mkdir(parents=True, exist_ok=True)
     tmp = GOLDENS.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"esm": esm.__version__, "torch": torch.__version__,
-                                           "made_by": "scripts/make_esmc_goldens.py"})
+    save_file(
+        tensors,
+        str(tmp),
+        metadata={"esm": esm.__version__, "torch": torch.__version__, "made_by": "scripts/make_esmc_goldens.py"},
+    )
     os.replace(tmp, GOLDENS)
     print(f"wrote {GOLDENS} ({GOLDENS.stat().st_size / 1e3:.0f} kB, esm {esm.__version__})")
     return 0

@@ -38,6 +38,7 @@ def bundled_corpus(plmrun_cache):
     """The bundled corpus prepared in the session cache, for tests whose output must not include the
     one-time preparation (its progress lines on stderr) when they happen to run first."""
     from plmrun.data.corpus import bundled_dataset_dir
+
     return bundled_dataset_dir()
 
 
@@ -49,14 +50,17 @@ def tiny_config():
 
     def build(*overrides):
         return build_config(None, [*helpers.TINY, *overrides])
+
     return build
 
 
 @pytest.fixture
 def cli(tmp_path):
     """`cli(args, env_extra=None, check=True)`: `plmrun ARGS` in a fresh interpreter, in tmp_path."""
+
     def run(args, env_extra=None, check=True, timeout=600):
         return helpers.run_cli(args, tmp_path, env_extra, check, timeout)
+
     return run
 
 
@@ -64,6 +68,8 @@ def cli(tmp_path):
 def torchrun(tmp_path):
     """`torchrun(args, env_extra=None, check=True)`: `torchrun --standalone --nproc_per_node=2 -m plmrun.cli
     ARGS` in tmp_path, on CPU/gloo."""
+
     def run(args, env_extra=None, check=True, launcher=("--standalone", "--nproc_per_node=2"), timeout=300):
         return helpers.run_torchrun(args, tmp_path, env_extra, check, launcher, timeout)
+
     return run

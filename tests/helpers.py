@@ -18,11 +18,25 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The tiny run every end-to-end test uses. Its masking is pinned (ESM-2's 15%, 80/10/10) so that the
 # measured tolerances (FSDP2 vs one process) do not move when the default recipe is retuned.
-TINY = ["--model.hidden_size=32", "--model.num_layers=2", "--model.num_heads=2", "--data.token_budget=512",
-        "--data.max_length=128", "--train.max_steps=6", "--train.eval_every=3", "--eval.subset=16",
-        "--eval.token_budget=2048", "--eval.final_full=false", "--train.precision=fp32", "--logging.progress=false",
-        "--train.log_every=1", "--train.threads=1", "--masking.mask_rate=0.15", "--masking.mask_token_frac=0.8",
-        "--masking.random_token_frac=0.1"]
+TINY = [
+    "--model.hidden_size=32",
+    "--model.num_layers=2",
+    "--model.num_heads=2",
+    "--data.token_budget=512",
+    "--data.max_length=128",
+    "--train.max_steps=6",
+    "--train.eval_every=3",
+    "--eval.subset=16",
+    "--eval.token_budget=2048",
+    "--eval.final_full=false",
+    "--train.precision=fp32",
+    "--logging.progress=false",
+    "--train.log_every=1",
+    "--train.threads=1",
+    "--masking.mask_rate=0.15",
+    "--masking.mask_token_frac=0.8",
+    "--masking.random_token_frac=0.1",
+]
 
 # torchrun on CPU/gloo: one thread per rank (the CI machine has 2 cores), and a collective that hangs
 # fails within a minute instead of the default half hour.
@@ -38,8 +52,15 @@ def run(cmd, cwd=None, env_extra=None, check=True, timeout=600) -> subprocess.Co
             env.pop(key, None)
         else:
             env[key] = str(value)
-    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [str(c) for c in cmd],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     return proc
@@ -50,11 +71,17 @@ def run_cli(args, cwd=None, env_extra=None, check=True, timeout=600) -> subproce
     return run([sys.executable, "-m", "plmrun.cli", *args], cwd, env_extra, check, timeout)
 
 
-def run_torchrun(args, cwd=None, env_extra=None, check=True, launcher=("--standalone", "--nproc_per_node=2"),
-             timeout=300) -> subprocess.CompletedProcess:
+def run_torchrun(
+    args, cwd=None, env_extra=None, check=True, launcher=("--standalone", "--nproc_per_node=2"), timeout=300
+) -> subprocess.CompletedProcess:
     """`torchrun LAUNCHER -m plmrun.cli ARGS` (2 local ranks by default) with DIST_ENV."""
-    return run([sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "plmrun.cli", *args], cwd,
-               {**DIST_ENV, **(env_extra or {})}, check, timeout)
+    return run(
+        [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "plmrun.cli", *args],
+        cwd,
+        {**DIST_ENV, **(env_extra or {})},
+        check,
+        timeout,
+    )
 
 
 def series(run_dir: Path) -> list:

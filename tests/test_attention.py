@@ -1,4 +1,5 @@
 """Every packed-attention backend equals the per-segment naive reference, forward and backward."""
+
 import os
 
 import pytest
@@ -29,8 +30,15 @@ def run(backend, qkv, cu, max_seqlen, **kw):
     return out, grads
 
 
-OPTIONS = [dict(), dict(soft_cap=5.0), dict(window=4), dict(window=4, soft_cap=3.0), dict(causal=True),
-           dict(scale=0.3), dict(causal=True, window=3, soft_cap=2.0)]
+OPTIONS = [
+    dict(),
+    dict(soft_cap=5.0),
+    dict(window=4),
+    dict(window=4, soft_cap=3.0),
+    dict(causal=True),
+    dict(scale=0.3),
+    dict(causal=True, window=3, soft_cap=2.0),
+]
 
 
 @pytest.mark.parametrize("backend", ["cpu", "sdpa_dense"])
@@ -44,8 +52,9 @@ def test_cpu_backends_match_naive(backend, opts):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("opts", [o for o in OPTIONS if "soft_cap" in o],
-                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize(
+    "opts", [o for o in OPTIONS if "soft_cap" in o], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items())
+)
 def test_compiled_cpu_kernel_matches_naive(opts):
     """train.compile's bucket kernel (soft-capped buckets take it in every dtype) is exact."""
     qkv, cu, m = make_qkv(LENGTHS)
@@ -109,7 +118,7 @@ def test_bucket_plan_is_an_optimal_exact_cover():
     for _ in range(20):
         lengths = torch.randint(1, 513, (int(torch.randint(1, 14, (1,), generator=g)),), generator=g).tolist()
         lengths += [lengths[0], 2, 2]  # repeats and tiny segments
-        for call_cost in (0, 128 * 128, 10 ** 7):
+        for call_cost in (0, 128 * 128, 10**7):
             buckets = plan_buckets(lengths, call_cost)
             assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))
             cost = sum(len(b) * max(lengths[i] for i in b) ** 2 + call_cost for b in buckets)
@@ -140,7 +149,9 @@ def test_bad_input_messages():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["flex", pytest.param("flash", marks=pytest.mark.external), "auto"])
-@pytest.mark.parametrize("opts", [dict(), dict(soft_cap=5.0), dict(window=16, soft_cap=3.0)], ids=["plain", "cap", "win"])
+@pytest.mark.parametrize(
+    "opts", [dict(), dict(soft_cap=5.0), dict(window=16, soft_cap=3.0)], ids=["plain", "cap", "win"]
+)
 def test_cuda_backends_match_naive(backend, opts):
     if backend == "flash":
         pytest.importorskip("flash_attn")
@@ -155,15 +166,25 @@ def test_cuda_backends_match_naive(backend, opts):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("PLMRUN_SLOW"), reason="compiles FlexAttention on CPU (~25 s); set PLMRUN_SLOW=1")
+@pytest.mark.skipif(
+    not os.environ.get("PLMRUN_SLOW"), reason="compiles FlexAttention on CPU (~25 s); set PLMRUN_SLOW=1"
+)
 def test_flex_forward_on_cpu_matches_naive():
     """torch 2.13 has FlexAttention forward (not backward) on CPU: check our mask/score_mod there."""
-    from plmrun.model import attention as A
+
     qkv, cu, m = make_qkv([7, 1, 33, 2, 21], H=2, Dh=16, dtype=torch.float32)
     q, k, v = (x.detach() for x in qkv)
     layout = PackedLayout(cu, m)
     for opts in (dict(), dict(soft_cap=3.0, window=5)):
         ref = naive_attention(q, k, v, cu, **opts)
-        out = A._flex_attention(q, k, v, layout, causal=False, window=opts.get("window", 0),
-                                soft_cap=opts.get("soft_cap", 0.0), scale=q.shape[-1] ** -0.5)
+        out = A._flex_attention(
+            q,
+            k,
+            v,
+            layout,
+            causal=False,
+            window=opts.get("window", 0),
+            soft_cap=opts.get("soft_cap", 0.0),
+            scale=q.shape[-1] ** -0.5,
+        )
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

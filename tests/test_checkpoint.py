@@ -5,6 +5,7 @@ the RNG); gradients are seeded random tensors so the optimizers carry real Muon/
 a data pipeline. Disk full is an OSError(ENOSPC) injected where DCP writes a shard, or where the
 manifest is renamed into place.
 """
+
 import errno
 import json
 import os
@@ -13,12 +14,12 @@ import pytest
 import torch
 import torch.distributed.checkpoint.filesystem as dcp_fs
 
+from plmrun import checkpoint as ckpt
+from plmrun.checkpoint import CheckpointError
 from plmrun.config import build_config
 from plmrun.manifest import MANIFEST, write_manifest
 from plmrun.model.registry import build_model
 from plmrun.optim.build import build_optimizer
-from plmrun import checkpoint as ckpt
-from plmrun.checkpoint import CheckpointError
 
 from helpers import TINY, assert_identical
 from helpers import run_cli as _plmrun
@@ -51,8 +52,12 @@ def _steps(model, opts, state, n):
 
 
 def _parts(model, opts, state):
-    return {"model": ckpt.ModelState(model), "optimizers": opts, "trainer": ckpt.DictState(state),
-            "rng": ckpt.RNGState()}
+    return {
+        "model": ckpt.ModelState(model),
+        "optimizers": opts,
+        "trainer": ckpt.DictState(state),
+        "rng": ckpt.RNGState(),
+    }
 
 
 def _saved(tmp_path, *overrides, steps=2):
@@ -124,7 +129,7 @@ def test_damaged_train_state_is_refused_naming_the_file(tmp_path, damage):
         state_file.write_text(state_file.read_text()[:50])
         match = f"{state_file}.*(truncated|does not match)"
     elif damage == "not json":  # whole per its manifest, yet not JSON (a foreign or buggy writer)
-        state_file.write_text("{\"format\": 2, \"trainer\": ")
+        state_file.write_text('{"format": 2, "trainer": ')
         write_manifest(path)
         match = f"{state_file}: not valid JSON"
     else:  # a checkpoint from before checksums, or a hand-copied folder without its manifest
@@ -135,11 +140,14 @@ def test_damaged_train_state_is_refused_naming_the_file(tmp_path, damage):
     _refused(path, match=match)
 
 
-@pytest.mark.parametrize("other, match", [
-    ("--model.hidden_size=64", r"model\.\S+ has shape \(\d+, 32\) in the checkpoint, \(\d+, 64\) in this model"),
-    ("--model.num_layers=3", r"the checkpoint has no model\.blocks\.2\."),
-    ("--model.num_layers=1", r"model\.skip_weights has shape \(1,\) in the checkpoint, \(0,\) in this model"),
-])
+@pytest.mark.parametrize(
+    "other, match",
+    [
+        ("--model.hidden_size=64", r"model\.\S+ has shape \(\d+, 32\) in the checkpoint, \(\d+, 64\) in this model"),
+        ("--model.num_layers=3", r"the checkpoint has no model\.blocks\.2\."),
+        ("--model.num_layers=1", r"model\.skip_weights has shape \(1,\) in the checkpoint, \(0,\) in this model"),
+    ],
+)
 def test_checkpoint_of_another_model_config_is_refused_before_loading(tmp_path, other, match):
     path = _saved(tmp_path)
     msg = _refused(path, other, "--model.num_heads=2", match=match)
@@ -148,8 +156,11 @@ def test_checkpoint_of_another_model_config_is_refused_before_loading(tmp_path, 
 
 def test_checkpoint_with_weights_this_model_lacks_is_refused_naming_the_first(tmp_path):
     path = _saved(tmp_path, "--model.value_embeddings=true")
-    msg = _refused(path, "--model.value_embeddings=false",
-                   match=r"the checkpoint has model\.value_embeds\.0\.weight, which this model does not")
+    msg = _refused(
+        path,
+        "--model.value_embeddings=false",
+        match=r"the checkpoint has model\.value_embeds\.0\.weight, which this model does not",
+    )
     assert str(path / ".metadata") in msg
 
 
@@ -190,8 +201,9 @@ def test_disk_full_while_writing_the_manifest_leaves_nothing_partial(tmp_path, m
         if str(dst).endswith(MANIFEST):
             _enospc()
         real(src, dst)
+
     monkeypatch.setattr(os, "replace", replace)
-    with pytest.raises(CheckpointError, match=f"no space left.*no earlier checkpoint exists"):
+    with pytest.raises(CheckpointError, match="no space left.*no earlier checkpoint exists"):
         ckpt.save_checkpoint(tmp_path / "checkpoints", 2, _parts(model, opts, state), keep_latest_k=3)
     assert list((tmp_path / "checkpoints").iterdir()) == []
     assert ckpt.latest_checkpoint(tmp_path / "checkpoints") is None
@@ -224,12 +236,14 @@ def test_resume_into_another_model_config_is_one_cli_line(tmp_path):
 def test_disk_full_during_training_is_one_cli_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
     """ENOSPC at the step-4 save of a real run: exit 2, one line, step 2 kept whole, no temp folder left."""
     from plmrun.cli import main
+
     real = dcp_fs._write_item
 
     def write_item(*args, **kwargs):
         if (tmp_path / "runs" / "full" / "checkpoints" / "step_00000002").exists():
             _enospc()
         return real(*args, **kwargs)
+
     monkeypatch.setattr(dcp_fs, "_write_item", write_item)
     monkeypatch.setenv("PLMRUN_CACHE", str(tmp_path.parent / "plmrun-cache"))
     monkeypatch.chdir(tmp_path)
@@ -259,6 +273,7 @@ def test_fsdp2_sharded_checkpoint_resumes_bitwise(tmp_path, torchrun):
 def test_checkpoint_weights_for_eval_are_verified_too(tmp_path):
     """`plmrun eval/export CHECKPOINT` reads the "model" entry through model/loading.py: a flipped byte is refused."""
     from plmrun.model.loading import load_checkpoint_weights
+
     path = _saved(tmp_path)
     model, _, _ = _setup(seed=5)
     load_checkpoint_weights(path, model)

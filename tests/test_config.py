@@ -17,8 +17,10 @@ def test_defaults_validate():
     assert cfg.data.token_budget >= cfg.data.max_length
 
 
-@pytest.mark.parametrize("value,expected", [("false", False), ("False", False), ("0", False), ("no", False),
-                                            ("true", True), ("1", True), ("yes", True)])
+@pytest.mark.parametrize(
+    "value,expected",
+    [("false", False), ("False", False), ("0", False), ("no", False), ("true", True), ("1", True), ("yes", True)],
+)
 def test_bool_overrides_are_parsed_not_truthy(value, expected):
     # the seed's `type=bool` trap: "--unet False" became True
     cfg = build_config(None, [f"--model.unet={value}"])
@@ -26,8 +28,17 @@ def test_bool_overrides_are_parsed_not_truthy(value, expected):
 
 
 def test_override_forms_and_types():
-    cfg = build_config(None, ["--train.max_steps", "12", "--optim.betas=[0.9, 0.98]", "--train.stop_at_val_loss=2.5",
-                              "--train.report_at_val_losses=[2.9,2.8]", "--model.arch=speedrun"])
+    cfg = build_config(
+        None,
+        [
+            "--train.max_steps",
+            "12",
+            "--optim.betas=[0.9, 0.98]",
+            "--train.stop_at_val_loss=2.5",
+            "--train.report_at_val_losses=[2.9,2.8]",
+            "--model.arch=speedrun",
+        ],
+    )
     assert cfg.train.max_steps == 12 and cfg.optim.betas == (0.9, 0.98)
     assert cfg.train.stop_at_val_loss == 2.5 and cfg.train.report_at_val_losses == [2.9, 2.8]
     cfg = build_config(None, ["--train.stop_at_val_loss=null"])
@@ -42,33 +53,45 @@ def test_explicit_cli_value_equal_to_default_still_wins_over_yaml(tmp_path):
     assert build_config(str(f), ["--model.unet=true"]).model.unet is True
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["--model.hidden=3"], "unknown key model.hidden"),
-    (["--modle.unet=true"], "unknown section"),
-    (["--model.unet=maybe"], "expected true or false"),
-    (["--train.max_steps=ten"], "expected an integer"),
-    (["--model.arch=gpt"], "is not one of"),
-    (["--model.hidden_size=100", "--model.num_heads=3"], "divisible"),
-    (["--data.token_budget=100"], "token_budget"),
-    (["--masking.mask_rate=1.5"], "mask_rate"),
-    (["--model.arch=esm2"], "speedrun option"),
-    (["--masking.objective=mlm_to_diffusion"], "ramp_steps"),
-    (["--optim.warmup=500", "--train.max_steps=100"], "exceed train.max_steps"),
-    (["train.max_steps=3"], "unrecognised argument"),
-    (["--train.max_steps"], "missing value"),
-    (["--train.global_batch_tokens=3000"], "train.global_batch_tokens (3000) must be a multiple of data.token_budget (2048)"),
-    (["--train.global_batch_tokens=4096", "--train.grad_accum=2"],
-     "train.global_batch_tokens (4096) derives grad_accum from the world size; leave train.grad_accum at 1 (got 2)"),
-    (["--train.max_time=-5"], "train.max_time must be >= 0 seconds (0 = no limit), got -5.0"),
-    (["--train.max_time=1h"], "train.max_time: expected a number"),
-    (["--optim.lr=nan"], "--optim.lr: optim.lr: expected a finite number, got 'nan'"),
-    (["--train.max_time=.inf"], "--train.max_time: train.max_time: expected a finite number, got inf"),
-    (["--logging.push_to_hub=model"], "logging.push_to_hub must be a Hub repo id like user/name, got 'model'"),
-    (["--train.dense_eval_every=80"], "train.dense_eval_every (80) needs train.eval_every > it (now 80)"),
-    (["--train.dense_eval_every=10", "--train.eval_every=0"], "train.dense_eval_every (10) needs train.eval_every > it"),
-    (["--train.dense_eval_every=-1"], "train.dense_eval_every must be >= 0"),
-    (["--train.dense_eval_margin=0"], "train.dense_eval_margin must be > 0"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["--model.hidden=3"], "unknown key model.hidden"),
+        (["--modle.unet=true"], "unknown section"),
+        (["--model.unet=maybe"], "expected true or false"),
+        (["--train.max_steps=ten"], "expected an integer"),
+        (["--model.arch=gpt"], "is not one of"),
+        (["--model.hidden_size=100", "--model.num_heads=3"], "divisible"),
+        (["--data.token_budget=100"], "token_budget"),
+        (["--masking.mask_rate=1.5"], "mask_rate"),
+        (["--model.arch=esm2"], "speedrun option"),
+        (["--masking.objective=mlm_to_diffusion"], "ramp_steps"),
+        (["--optim.warmup=500", "--train.max_steps=100"], "exceed train.max_steps"),
+        (["train.max_steps=3"], "unrecognised argument"),
+        (["--train.max_steps"], "missing value"),
+        (
+            ["--train.global_batch_tokens=3000"],
+            "train.global_batch_tokens (3000) must be a multiple of data.token_budget (2048)",
+        ),
+        (
+            ["--train.global_batch_tokens=4096", "--train.grad_accum=2"],
+            "train.global_batch_tokens (4096) derives grad_accum from the world size; "
+            "leave train.grad_accum at 1 (got 2)",
+        ),
+        (["--train.max_time=-5"], "train.max_time must be >= 0 seconds (0 = no limit), got -5.0"),
+        (["--train.max_time=1h"], "train.max_time: expected a number"),
+        (["--optim.lr=nan"], "--optim.lr: optim.lr: expected a finite number, got 'nan'"),
+        (["--train.max_time=.inf"], "--train.max_time: train.max_time: expected a finite number, got inf"),
+        (["--logging.push_to_hub=model"], "logging.push_to_hub must be a Hub repo id like user/name, got 'model'"),
+        (["--train.dense_eval_every=80"], "train.dense_eval_every (80) needs train.eval_every > it (now 80)"),
+        (
+            ["--train.dense_eval_every=10", "--train.eval_every=0"],
+            "train.dense_eval_every (10) needs train.eval_every > it",
+        ),
+        (["--train.dense_eval_every=-1"], "train.dense_eval_every must be >= 0"),
+        (["--train.dense_eval_margin=0"], "train.dense_eval_margin must be > 0"),
+    ],
+)
 def test_bad_values_give_one_clear_message(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         build_config(None, overrides)
@@ -102,8 +125,9 @@ def test_every_shipped_config_validates():
 
 def test_docs_option_table_matches_dataclasses():
     doc = (ROOT / "docs" / "reference" / "config.md").read_text()
-    assert C.options_markdown() in doc, \
+    assert C.options_markdown() in doc, (
         "docs/reference/config.md option table drifted: regenerate with `plmrun config --markdown`"
+    )
 
 
 def _section_reads(tree, sections) -> set:
@@ -130,8 +154,13 @@ def _section_reads(tree, sections) -> set:
             bind(node.arg, annotated(node.annotation))
         elif isinstance(node, ast.AnnAssign) and annotated(node.annotation):
             bind(node.target, annotated(node.annotation))
-        elif (isinstance(node, ast.Call) and ast.unparse(node.func).endswith("fields") and node.args
-              and isinstance(node.args[0], ast.Name) and node.args[0].id in by_class):
+        elif (
+            isinstance(node, ast.Call)
+            and ast.unparse(node.func).endswith("fields")
+            and node.args
+            and isinstance(node.args[0], ast.Name)
+            and node.args[0].id in by_class
+        ):
             bind("self", by_class[node.args[0].id])
     reads = set()
     for node in ast.walk(tree):
@@ -163,24 +192,39 @@ def test_dead_key_check_catches_keys_with_common_names():
     paths) is still caught: only a read from its own section counts."""
     sections = dict(C._section_classes())
     for section, key in (("dist", "seed"), ("eval", "name")):
-        sections[section] = dataclasses.make_dataclass(sections[section].__name__, [(key, int, 0)],
-                                                       bases=(sections[section],))
+        sections[section] = dataclasses.make_dataclass(
+            sections[section].__name__, [(key, int, 0)], bases=(sections[section],)
+        )
     sources = "\n".join(p.read_text() for p in (ROOT / "plmrun").rglob("*.py") if p.name != "config.py")
-    assert re.search(r"\.seed\b", sources) and re.search(r"\.name\b", sources)   # a name-only search passes them
+    assert re.search(r"\.seed\b", sources) and re.search(r"\.name\b", sources)  # a name-only search passes them
     assert _dead_keys(sections) == ["eval.name", "dist.seed"]
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["--data.max_length_schedule=[[1, 512]]"], "data.max_length_schedule: the first entry must start at step 0"),
-    (["--data.max_length_schedule=[[0, 512], [0, 1024]]"], "data.max_length_schedule: steps must increase"),
-    (["--data.max_length_schedule=[[0, 2]]"], "max_length 2 at step 0 must be >= 3"),
-    (["--data.max_length_schedule=[[0, 512], [100, 4096]]"], "data.token_budget (2048) must be >= data.max_length_schedule length 4096 (step 100)"),
-    (["--data.max_length_schedule=[[0, 512, 3]]"], "each entry must be [step, max_length]"),
-    (["--config=esm2", "--data.max_length_schedule=[[0, 512], [100, 2048]]"],
-     "data.max_length_schedule: 2048 tokens exceed the model.arch=esm2 position limit of 1026"),
-    (["--config=esm2", "--data.max_length=2048"], "data.max_length: 2048 tokens exceed the model.arch=esm2 position limit"),
-    (["--config=esm2", "--eval.max_length=2048", "--eval.token_budget=4096"], "eval.max_length: 2048 tokens exceed"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["--data.max_length_schedule=[[1, 512]]"], "data.max_length_schedule: the first entry must start at step 0"),
+        (["--data.max_length_schedule=[[0, 512], [0, 1024]]"], "data.max_length_schedule: steps must increase"),
+        (["--data.max_length_schedule=[[0, 2]]"], "max_length 2 at step 0 must be >= 3"),
+        (
+            ["--data.max_length_schedule=[[0, 512], [100, 4096]]"],
+            "data.token_budget (2048) must be >= data.max_length_schedule length 4096 (step 100)",
+        ),
+        (["--data.max_length_schedule=[[0, 512, 3]]"], "each entry must be [step, max_length]"),
+        (
+            ["--config=esm2", "--data.max_length_schedule=[[0, 512], [100, 2048]]"],
+            "data.max_length_schedule: 2048 tokens exceed the model.arch=esm2 position limit of 1026",
+        ),
+        (
+            ["--config=esm2", "--data.max_length=2048"],
+            "data.max_length: 2048 tokens exceed the model.arch=esm2 position limit",
+        ),
+        (
+            ["--config=esm2", "--eval.max_length=2048", "--eval.token_budget=4096"],
+            "eval.max_length: 2048 tokens exceed",
+        ),
+    ],
+)
 def test_crop_schedule_and_position_limits_are_checked(overrides, message):
     config = None
     if overrides[0].startswith("--config="):
@@ -200,14 +244,21 @@ def test_a_flag_followed_by_a_flag_is_missing_its_value():
     """`--train.compile --train.max_steps=3` used to read '--train.max_steps=3' as the compile value."""
     with pytest.raises(ConfigError, match=re.escape("--train.compile: missing value (write --train.compile=VALUE")):
         build_config(None, ["--train.compile", "--train.max_steps=3"])
-    assert build_config(None, ["--optim.weight_decay", "-0.0"]).optim.weight_decay == 0.0   # a negative is a value
+    assert build_config(None, ["--optim.weight_decay", "-0.0"]).optim.weight_decay == 0.0  # a negative is a value
 
 
-@pytest.mark.parametrize("key,value,need", [
-    ("mask_rate", 1.5, " 1.5: must be in (0, 1), e.g. 0.15 (the ESM-2 protocol)"),
-    ("max_length", 2, " 2: must be >= 3 (<cls>, a residue, <eos>)"),
-    ("token_budget", 1000, " 1000 is below the eval window of 1024 tokens ({max_length}): use {token_budget} >= 1024"),
-])
+@pytest.mark.parametrize(
+    "key,value,need",
+    [
+        ("mask_rate", 1.5, " 1.5: must be in (0, 1), e.g. 0.15 (the ESM-2 protocol)"),
+        ("max_length", 2, " 2: must be >= 3 (<cls>, a residue, <eos>)"),
+        (
+            "token_budget",
+            1000,
+            " 1000 is below the eval window of 1024 tokens ({max_length}): use {token_budget} >= 1024",
+        ),
+    ],
+)
 def test_eval_section_and_eval_flags_share_one_rule(key, value, need):
     """The eval section's ranges and `plmrun eval`'s flags are one rule (config.validate_eval); only the
     names differ: keys in a config, flags on the eval command line (tests/test_eval.py)."""
@@ -218,10 +269,13 @@ def test_eval_section_and_eval_flags_share_one_rule(key, value, need):
         C.validate_eval(dataclasses.replace(C.EvalConfig(), **{key: value}), C.EVAL_FLAGS)
 
 
-@pytest.mark.parametrize("override,message", [
-    ("--eval.subset=-1", "eval.subset -1: must be >= 0 (0 = all)"),
-    ("--data.max_length=2", "data.max_length 2: must be >= 3 (<cls>, a residue, <eos>)"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("--eval.subset=-1", "eval.subset -1: must be >= 0 (0 = all)"),
+        ("--data.max_length=2", "data.max_length 2: must be >= 3 (<cls>, a residue, <eos>)"),
+    ],
+)
 def test_window_and_count_rules_name_the_key(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         build_config(None, [override])
@@ -230,7 +284,9 @@ def test_window_and_count_rules_name_the_key(override, message):
 def _parsers():
     """Every argparse parser of the CLI (the top level and each command and sub-command)."""
     import argparse
+
     from plmrun.cli import build_parser
+
     todo, seen = [build_parser()], []
     while todo:
         p = todo.pop()
@@ -245,43 +301,61 @@ def test_no_command_flag_is_a_type_bool_trap():
     """`type=bool` reads "False" as True; switches are store_true, settings go through config's bool coercion."""
     actions = [(p.prog, a.option_strings) for p in _parsers() for a in p._actions if a.type is bool]
     assert actions == []
-    assert len(_parsers()) > 15   # the walk reaches the commands
+    assert len(_parsers()) > 15  # the walk reaches the commands
 
 
-@pytest.mark.parametrize("argv,want", [
-    (["eval", "m", "--max-length", "ten"], "error: plmrun eval: argument --max-length: invalid int value: 'ten'"),
-    (["probe", "m", "--head", "svm"], "error: plmrun probe: argument --head: invalid choice: 'svm'"),
-    (["zeroshot", "m", "--wildtype", "MKT"], "error: plmrun zeroshot: the following arguments are required: --dms"),
-    (["eval", "m", "--frobnicate"], "error: plmrun: unrecognised arguments: --frobnicate"),
-])
+@pytest.mark.parametrize(
+    "argv,want",
+    [
+        (["eval", "m", "--max-length", "ten"], "error: plmrun eval: argument --max-length: invalid int value: 'ten'"),
+        (["probe", "m", "--head", "svm"], "error: plmrun probe: argument --head: invalid choice: 'svm'"),
+        (["zeroshot", "m", "--wildtype", "MKT"], "error: plmrun zeroshot: the following arguments are required: --dms"),
+        (["eval", "m", "--frobnicate"], "error: plmrun: unrecognised arguments: --frobnicate"),
+    ],
+)
 def test_argparse_errors_are_one_line(capsys, argv, want):
     from plmrun.cli import main
+
     with pytest.raises(SystemExit) as e:
         main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith(want) and err.count("\n") == 1 and "usage:" not in err
 
 
-@pytest.mark.parametrize("argv,want", [
-    (["embed", "m", "x.fa", "--out", "e.safetensors", "--chunk-size", "0"],
-     "error: --chunk-size 0: must be >= 1 (records per resumable chunk)"),
-    (["embed", "m", "x.fa", "--out", "e.safetensors", "--max-length", "2"],
-     "error: --max-length 2: must be >= 3 (<cls>, a residue, <eos>)"),
-    (["embed", "m", "x.fa", "--out", "e.safetensors", "--token-budget", "0"],
-     "error: --token-budget 0: must be >= 1 (batches grow to hold one window)"),
-    (["probe", "m", "--max-length", "2"], "error: --max-length 2: must be >= 3 (<cls>, a residue, <eos>)"),
-    (["eval", "m", "--device", "gpu"], "error: unknown device 'gpu'; use auto, cpu, cuda or cuda:N"),
-    (["probe", "m", "--seeds", "0"], "error: --seeds 0: must be >= 1"),
-    (["probe", "m", "--max-train", "1"], "error: --max-train 1: must be >= 2"),
-    (["zeroshot", "m", "--dms", "d.csv", "--wildtype", "MKT", "--max-length", "1"],
-     "error: zeroshot: --max-length 1: must be >= 3 (<cls>, a residue, <eos>)"),
-    (["zeroshot", "m", "--dms", "d.csv", "--wildtype", "MKT", "--token-budget", "0"],
-     "error: zeroshot: --token-budget 0: must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "argv,want",
+    [
+        (
+            ["embed", "m", "x.fa", "--out", "e.safetensors", "--chunk-size", "0"],
+            "error: --chunk-size 0: must be >= 1 (records per resumable chunk)",
+        ),
+        (
+            ["embed", "m", "x.fa", "--out", "e.safetensors", "--max-length", "2"],
+            "error: --max-length 2: must be >= 3 (<cls>, a residue, <eos>)",
+        ),
+        (
+            ["embed", "m", "x.fa", "--out", "e.safetensors", "--token-budget", "0"],
+            "error: --token-budget 0: must be >= 1 (batches grow to hold one window)",
+        ),
+        (["probe", "m", "--max-length", "2"], "error: --max-length 2: must be >= 3 (<cls>, a residue, <eos>)"),
+        (["eval", "m", "--device", "gpu"], "error: unknown device 'gpu'; use auto, cpu, cuda or cuda:N"),
+        (["probe", "m", "--seeds", "0"], "error: --seeds 0: must be >= 1"),
+        (["probe", "m", "--max-train", "1"], "error: --max-train 1: must be >= 2"),
+        (
+            ["zeroshot", "m", "--dms", "d.csv", "--wildtype", "MKT", "--max-length", "1"],
+            "error: zeroshot: --max-length 1: must be >= 3 (<cls>, a residue, <eos>)",
+        ),
+        (
+            ["zeroshot", "m", "--dms", "d.csv", "--wildtype", "MKT", "--token-budget", "0"],
+            "error: zeroshot: --token-budget 0: must be >= 1",
+        ),
+    ],
+)
 def test_inference_flags_checked_by_the_same_rules_before_loading(capsys, argv, want):
     """embed, probe and zeroshot declare and check their shared flags once (plmrun.eval.flags) and word a
     range like eval and the config do, before any file is read."""
     from plmrun.cli import main
+
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(want) and err.count("\n") == 1

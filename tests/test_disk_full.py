@@ -4,6 +4,7 @@ a checkpoint save, an export and an eval's cache write each run out of space. Ea
 
 Mounting needs root (CI runs as root); elsewhere these tests skip.
 """
+
 import os
 import shutil
 import subprocess
@@ -15,10 +16,21 @@ import torch
 from plmrun.cli import main
 
 AA = list("ACDEFGHIKLMNPQRSTVWY")
-TINY = ["--model.hidden_size=32", "--model.num_layers=2", "--model.num_heads=2", "--data.token_budget=512",
-        "--data.max_length=128", "--train.max_steps=6", "--eval.subset=16", "--train.eval_every=3",
-        "--eval.token_budget=2048", "--eval.final_full=false", "--train.precision=fp32", "--logging.progress=false",
-        "--train.threads=1"]
+TINY = [
+    "--model.hidden_size=32",
+    "--model.num_layers=2",
+    "--model.num_heads=2",
+    "--data.token_budget=512",
+    "--data.max_length=128",
+    "--train.max_steps=6",
+    "--eval.subset=16",
+    "--train.eval_every=3",
+    "--eval.token_budget=2048",
+    "--eval.final_full=false",
+    "--train.precision=fp32",
+    "--logging.progress=false",
+    "--train.threads=1",
+]
 
 
 @pytest.fixture
@@ -65,6 +77,7 @@ def _tiny_model(folder):
     from plmrun.config import build_config
     from plmrun.model.loading import save_model_dir
     from plmrun.model.registry import build_model
+
     cfg = build_config(None, TINY).model
     torch.manual_seed(0)
     save_model_dir(folder, build_model(cfg).state_dict(), cfg)
@@ -73,15 +86,16 @@ def _tiny_model(folder):
 
 def test_data_prepare_on_a_full_disk_keeps_the_old_dataset(disk, tmp_path, capsys):
     _fasta(tmp_path / "small.fa", 20, 0)
-    _fasta(tmp_path / "big.fa", 4000, 1)                 # ~900 KB of residues
+    _fasta(tmp_path / "big.fa", 4000, 1)  # ~900 KB of residues
     out = disk / "ds"
     assert main(["data", "prepare", str(tmp_path / "small.fa"), "--out", str(out), "--no-progress"]) == 0
     before = _tree(out)
     _fill(disk, 200 << 10)
     capsys.readouterr()
     assert main(["data", "prepare", str(tmp_path / "big.fa"), "--out", str(out), "--overwrite", "--no-progress"]) == 2
-    assert _one_line(capsys) == (f"error: {out}: no space left on the device holding it; "
-                                 "free space there or choose another --out\n")
+    assert _one_line(capsys) == (
+        f"error: {out}: no space left on the device holding it; free space there or choose another --out\n"
+    )
     assert _tree(out) == before
     assert sorted(p.name for p in disk.iterdir()) == [".filler", "ds"]
 
@@ -90,6 +104,7 @@ def test_checkpoint_save_on_a_full_disk_keeps_the_previous_checkpoint(disk, tmp_
     """Stopped after its step-2 checkpoint, the run resumes on a full disk: the step-4 save fails
     inside torch's zip writer (RuntimeError, no errno) and is still one disk-full line."""
     from plmrun.checkpoint import read_train_state
+
     monkeypatch.setenv("PLMRUN_CACHE", str(tmp_path.parent / "plmrun-cache"))
     monkeypatch.chdir(disk)
     monkeypatch.setenv("PLMRUN_FAULT", "term@2")
@@ -100,7 +115,7 @@ def test_checkpoint_save_on_a_full_disk_keeps_the_previous_checkpoint(disk, tmp_
     ckpts = run / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000002"]
     before = _tree(ckpts)
-    _fill(disk, 48 << 10)                                # room for log lines, not for a checkpoint
+    _fill(disk, 48 << 10)  # room for log lines, not for a checkpoint
     capsys.readouterr()
     assert main(["train", "--resume", str(run)]) == 2
     err = _one_line(capsys)
@@ -119,6 +134,7 @@ def test_checkpoint_save_fails_inside_torchs_writer(disk, free_kib):
     from plmrun.config import build_config
     from plmrun.model.registry import build_model
     from plmrun.optim.build import build_optimizer
+
     cfg = build_config(None, [*TINY, "--model.hidden_size=128"])
     torch.manual_seed(0)
     model = build_model(cfg.model)
@@ -127,8 +143,12 @@ def test_checkpoint_save_fails_inside_torchs_writer(disk, free_kib):
         p.grad = torch.randn(p.shape)
     opts.step()
     state = {"step": 2}
-    parts = {"model": ckpt.ModelState(model), "optimizers": opts, "trainer": ckpt.DictState(state),
-             "rng": ckpt.RNGState()}
+    parts = {
+        "model": ckpt.ModelState(model),
+        "optimizers": opts,
+        "trainer": ckpt.DictState(state),
+        "rng": ckpt.RNGState(),
+    }
     root = disk / "checkpoints"
     ckpt.save_checkpoint(root, 2, parts, keep_latest_k=3)
     before = _tree(root)
@@ -150,8 +170,9 @@ def test_export_on_a_full_disk_keeps_the_old_export(disk, tmp_path, capsys):
     _fill(disk, (model / "model.safetensors").stat().st_size // 2 + (64 << 10))
     capsys.readouterr()
     assert main(["export", str(model), "--out", str(out), "--overwrite"]) == 2
-    assert _one_line(capsys) == (f"error: {out}: no space left on the device holding it; "
-                                 "free space there or choose another --out\n")
+    assert _one_line(capsys) == (
+        f"error: {out}: no space left on the device holding it; free space there or choose another --out\n"
+    )
     assert _tree(out) == before
     assert sorted(p.name for p in disk.iterdir()) == [".filler", "export"]
 
@@ -168,8 +189,12 @@ def test_eval_cache_on_a_full_disk_names_plmrun_cache(disk, tmp_path, monkeypatc
     capsys.readouterr()
     assert main(["eval", str(model), "--dataset", str(tmp_path / "big.fa"), "--device", "cpu"]) == 2
     err = _one_line(capsys)
-    assert err.startswith(f"error: {files}/big.fa-") and "no space left on the device holding the plmrun cache " \
-        "(PLMRUN_CACHE); free space there or set PLMRUN_CACHE to a folder on another disk" in err
+    assert (
+        err.startswith(f"error: {files}/big.fa-")
+        and "no space left on the device holding the plmrun cache "
+        "(PLMRUN_CACHE); free space there or set PLMRUN_CACHE to a folder on another disk"
+        in err
+    )
     assert _tree(files) == before
 
 
@@ -180,6 +205,7 @@ def test_library_writers_on_a_full_disk_raise_enospc_and_leave_no_temp(disk):
     from safetensors.torch import save_file
 
     from plmrun.atomic import atomic_path
+
     (disk / "old.pt").write_bytes(b"old")
     _fill(disk, 16 << 10)
     big = {"a": torch.zeros(100_000)}

@@ -4,10 +4,10 @@ import torch
 
 from plmrun import tokenizer as tok
 from plmrun.cli import main
-from plmrun.model.config import ModelConfig
 from plmrun.eval import embed
 from plmrun.eval.embed import embed_sequences, read_embeddings
 from plmrun.eval.inference import EvalModel, windows
+from plmrun.model.config import ModelConfig
 from plmrun.model.loading import save_model_dir
 from plmrun.model.registry import build_model
 
@@ -27,12 +27,23 @@ def tiny_plmrun(max_length=64):
 def tiny_hf(max_length=64):
     """A random EsmForMaskedLM (transformers, the reference) and its weights in our esm2 preset."""
     from transformers import EsmConfig, EsmForMaskedLM
-    from plmrun.model.loading import load_hf_state_dict
-    from plmrun.model.loading import esm_config_to_model_config
+
+    from plmrun.model.loading import esm_config_to_model_config, load_hf_state_dict
+
     torch.manual_seed(1)  # not the control's seed
-    hf_cfg = EsmConfig(vocab_size=33, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=64, pad_token_id=1, mask_token_id=32, position_embedding_type="rotary",
-                       token_dropout=True, max_position_embeddings=1026, emb_layer_norm_before=False)
+    hf_cfg = EsmConfig(
+        vocab_size=33,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        pad_token_id=1,
+        mask_token_id=32,
+        position_embedding_type="rotary",
+        token_dropout=True,
+        max_position_embeddings=1026,
+        emb_layer_norm_before=False,
+    )
     hf = EsmForMaskedLM(hf_cfg).eval()
     cfg = esm_config_to_model_config(hf_cfg.to_dict())
     net = build_model(cfg).eval()
@@ -48,8 +59,9 @@ def single_forward_hidden(model: EvalModel, ids: np.ndarray, hf=None) -> tuple:
     t = torch.from_numpy(tok.with_specials(ids))
     if hf is not None:
         return tuple(h[0].numpy() for h in hf(input_ids=t[None], output_hidden_states=True).hidden_states)
-    out = model.net(t, torch.arange(len(t)), torch.tensor([0, len(t)], dtype=torch.int32), len(t),
-                    output_hidden_states=True)
+    out = model.net(
+        t, torch.arange(len(t)), torch.tensor([0, len(t)], dtype=torch.int32), len(t), output_hidden_states=True
+    )
     return tuple(h.numpy() for h in out.hidden_states)
 
 
@@ -72,15 +84,15 @@ def test_pools_match_one_sequence_forwards(make):
 
 
 def test_long_sequences_average_overlapping_windows():
-    model = tiny_plmrun(max_length=10)           # 8 residues per window
+    model = tiny_plmrun(max_length=10)  # 8 residues per window
     assert windows(20, 8) == [0, 4, 8, 12] and windows(8, 8) == [0] and windows(9, 8) == [0, 1]
-    seq = "MKTAYIAKQRQISFVKSHFS"                  # 20 residues
+    seq = "MKTAYIAKQRQISFVKSHFS"  # 20 residues
     ids = tok.encode(seq)
     acc, cnt, cls = np.zeros((20, 32)), np.zeros((20, 1)), []
     for s in windows(20, 8):
-        h = single_forward_hidden(model, ids[s:s + 8])[-1]
-        acc[s:s + 8] += h[1:-1]
-        cnt[s:s + 8] += 1
+        h = single_forward_hidden(model, ids[s : s + 8])[-1]
+        acc[s : s + 8] += h[1:-1]
+        cnt[s : s + 8] += 1
         cls.append(h[0])
     per = embed_sequences(model, [seq, "MK"], pool="per-residue", token_budget=30)[0]
     np.testing.assert_allclose(per, acc / cnt, atol=1e-5)
@@ -92,8 +104,9 @@ def test_long_sequences_average_overlapping_windows():
     for pool in ("mean", "cls", "per-residue"):
         together = embed_sequences(model, seqs, pool=pool, token_budget=30)
         for i, s in enumerate(seqs):
-            np.testing.assert_allclose(together[i], embed_sequences(model, [s], pool=pool, token_budget=30)[0],
-                                       atol=1e-5)
+            np.testing.assert_allclose(
+                together[i], embed_sequences(model, [s], pool=pool, token_budget=30)[0], atol=1e-5
+            )
 
 
 def test_pooled_embedding_holds_only_sequences_in_flight():
@@ -101,6 +114,7 @@ def test_pooled_embedding_holds_only_sequences_in_flight():
     per-residue states, not every sequence's (which, with several layers, ran a 3,000-sequence probe
     out of memory)."""
     import tracemalloc
+
     model = tiny_plmrun(max_length=512)
     rng = np.random.default_rng(0)
     seqs = ["".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), size=400)) for _ in range(60)]
@@ -109,7 +123,7 @@ def test_pooled_embedding_holds_only_sequences_in_flight():
     pooled = embed_sequences(model, seqs, pool="mean", layer=layers, token_budget=2048)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    all_states = 60 * 400 * 32 * len(layers) * 8   # every residue's float64 sums: 24.6 MB
+    all_states = 60 * 400 * 32 * len(layers) * 8  # every residue's float64 sums: 24.6 MB
     assert pooled.shape == (60, 32 * len(layers)) and peak < all_states / 4
     per_residue = embed_sequences(model, seqs[:3], pool="per-residue", layer=layers, token_budget=2048)
     np.testing.assert_allclose(pooled[:3], np.stack([r.mean(0) for r in per_residue]), atol=1e-6)
@@ -146,7 +160,7 @@ def test_cli_resumes_and_keeps_input_order(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(embed, "embed_sequences", counting)
     args = [str(tmp_path / "model"), str(fasta), "--out", str(out), "--chunk-size", "4", "--device", "cpu"]
-    assert main(["embed", *args]) == 130         # interrupted
+    assert main(["embed", *args]) == 130  # interrupted
     assert not out.exists() and (tmp_path / "emb.safetensors.partial" / "chunk_000000.safetensors").is_file()
     capsys.readouterr()
     assert main(["embed", *args, "--pool", "cls"]) == 2
@@ -154,7 +168,7 @@ def test_cli_resumes_and_keeps_input_order(tmp_path, monkeypatch, capsys):
     (tmp_path / "resumed").touch()
     calls.clear()
     assert main(["embed", *args]) == 0
-    assert calls == [2]                          # only the second chunk was computed
+    assert calls == [2]  # only the second chunk was computed
     assert not (tmp_path / "emb.safetensors.partial").exists()
     got = read_embeddings(out)
     assert list(got) == [f"seq{i}" for i in range(len(SEQS))]
@@ -184,6 +198,7 @@ def test_fasta_problems_are_one_line_errors(tmp_path, capsys):
 def test_hf_folder_loads_into_the_esm2_preset_and_random_init_control(tmp_path):
     from plmrun.eval.inference import load_eval_model
     from plmrun.model.esm2 import Esm2PLM
+
     model, hf = tiny_hf()
     hf.save_pretrained(tmp_path / "hf")
     loaded = load_eval_model(str(tmp_path / "hf"))
@@ -201,6 +216,7 @@ def test_hf_folder_loads_into_the_esm2_preset_and_random_init_control(tmp_path):
 def test_embeddings_file_follows_the_umask(tmp_path):
     """safetensors' save_file creates 0600 files; the embeddings (and the saved model) get 0666 & ~umask."""
     import os
+
     model = tiny_plmrun()
     old = os.umask(0o022)
     try:

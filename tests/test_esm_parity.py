@@ -1,4 +1,5 @@
 """The esm2 preset is numerically transformers' EsmForMaskedLM (rotary ESM-2), on packed input."""
+
 import pytest
 import torch
 
@@ -15,22 +16,45 @@ D, LAYERS, HEADS = 64, 3, 4
 
 def hf_model(token_dropout: bool, tie: bool = True, seed: int = 0) -> EsmForMaskedLM:
     torch.manual_seed(seed)
-    hc = EsmConfig(vocab_size=33, hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                   intermediate_size=4 * D, position_embedding_type="rotary", token_dropout=token_dropout,
-                   pad_token_id=1, mask_token_id=32, emb_layer_norm_before=False, max_position_embeddings=1026,
-                   layer_norm_eps=1e-5, tie_word_embeddings=tie)
+    hc = EsmConfig(
+        vocab_size=33,
+        hidden_size=D,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=4 * D,
+        position_embedding_type="rotary",
+        token_dropout=token_dropout,
+        pad_token_id=1,
+        mask_token_id=32,
+        emb_layer_norm_before=False,
+        max_position_embeddings=1026,
+        layer_norm_eps=1e-5,
+        tie_word_embeddings=tie,
+    )
     model = EsmForMaskedLM(hc).eval()
     with torch.no_grad():  # random (not default-zero) biases and norms, so every weight is exercised
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     return model
 
 
 def our_config(token_dropout: bool, tie: bool = True, backend: str = "cpu") -> ModelConfig:
-    return ModelConfig(arch="esm2", hidden_size=D, num_layers=LAYERS, num_heads=HEADS, expansion_ratio=4.0,
-                       unet=False, x0_lambdas=False, value_embeddings=False, qk_norm=False, soft_logit_cap=0.0,
-                       token_dropout=token_dropout, tie_embeddings=tie, attention_backend=backend)
+    return ModelConfig(
+        arch="esm2",
+        hidden_size=D,
+        num_layers=LAYERS,
+        num_heads=HEADS,
+        expansion_ratio=4.0,
+        unet=False,
+        x0_lambdas=False,
+        value_embeddings=False,
+        qk_norm=False,
+        soft_logit_cap=0.0,
+        token_dropout=token_dropout,
+        tie_embeddings=tie,
+        attention_backend=backend,
+    )
 
 
 def packed_batch(seed: int = 1):
@@ -81,7 +105,7 @@ def test_padded_hf_batch_matches_too():
     ids = torch.ones(len(seqs), L, dtype=torch.long)
     att = torch.zeros(len(seqs), L, dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, :len(s)], att[i, :len(s)] = s, 1
+        ids[i, : len(s)], att[i, : len(s)] = s, 1
     with torch.no_grad():
         ref = hf(ids, attention_mask=att).logits
         out = ours(tokens, positions, cu, max_len).logits
@@ -103,13 +127,27 @@ def test_untied_roundtrip_and_export():
 
 def test_bad_checkpoints_are_refused_with_one_line():
     hf = hf_model(False)
-    ours = build_model(ModelConfig(arch="esm2", hidden_size=D, num_layers=LAYERS + 1, num_heads=HEADS, unet=False,
-                                   x0_lambdas=False, value_embeddings=False, qk_norm=False, soft_logit_cap=0.0))
+    ours = build_model(
+        ModelConfig(
+            arch="esm2",
+            hidden_size=D,
+            num_layers=LAYERS + 1,
+            num_heads=HEADS,
+            unet=False,
+            x0_lambdas=False,
+            value_embeddings=False,
+            qk_norm=False,
+            soft_logit_cap=0.0,
+        )
+    )
     with pytest.raises(ModelLoadError, match="3 encoder layers, the model has 4"):
         load_hf_state_dict(ours, hf.state_dict())
     wide = build_model(ModelConfig(**{**vars(our_config(False)), "hidden_size": 2 * D}))
-    with pytest.raises(ModelLoadError, match=r"shape mismatch for esm.embeddings.word_embeddings.weight: "
-                                             r"weights \(33, 64\), model \(33, 128\)"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"shape mismatch for esm.embeddings.word_embeddings.weight: "
+        r"weights \(33, 64\), model \(33, 128\)",
+    ):
         load_hf_state_dict(wide, hf.state_dict())
     no_head = {k: v for k, v in hf.state_dict().items() if not k.startswith("lm_head.")}
     with pytest.raises(ModelLoadError, match="lacks 5 esm2 weights"):

@@ -6,6 +6,7 @@ install recipe: the package cannot be a plmrun extra). With the package installe
 against it live, which checks that the goldens are current. Loading errors, config, init and training
 need neither.
 """
+
 import sys
 from pathlib import Path
 
@@ -24,14 +25,20 @@ import make_esmc_goldens as goldens  # noqa: E402
 
 D, LAYERS, HEADS = goldens.D, goldens.LAYERS, goldens.HEADS
 OFF = dict(unet=False, x0_lambdas=False, value_embeddings=False, soft_logit_cap=0.0)
-ESMC_FLAGS = ["--model.arch=esmc", "--model.unet=false", "--model.x0_lambdas=false",
-              "--model.value_embeddings=false", "--model.soft_logit_cap=0"]
+ESMC_FLAGS = [
+    "--model.arch=esmc",
+    "--model.unet=false",
+    "--model.x0_lambdas=false",
+    "--model.value_embeddings=false",
+    "--model.soft_logit_cap=0",
+]
 SOURCES = ["goldens", pytest.param("live", marks=pytest.mark.external)]
 
 
 def esm_package():
-    return pytest.importorskip("esm.models.esmc", reason="the esm package (see scripts/make_esmc_goldens.py)",
-                               exc_type=ImportError)
+    return pytest.importorskip(
+        "esm.models.esmc", reason="the esm package (see scripts/make_esmc_goldens.py)", exc_type=ImportError
+    )
 
 
 def esmc_case(source: str, qk_norm: bool = True) -> tuple[dict, ...]:
@@ -59,8 +66,16 @@ def test_goldens_are_the_batch_and_small():
 
 
 def our_config(backend: str = "cpu", qk_norm: bool = True, layers: int = LAYERS, width: int = D) -> ModelConfig:
-    return ModelConfig(arch="esmc", hidden_size=width, num_layers=layers, num_heads=HEADS, expansion_ratio=8 / 3,
-                       qk_norm=qk_norm, attention_backend=backend, **OFF)
+    return ModelConfig(
+        arch="esmc",
+        hidden_size=width,
+        num_layers=layers,
+        num_heads=HEADS,
+        expansion_ratio=8 / 3,
+        qk_norm=qk_norm,
+        attention_backend=backend,
+        **OFF,
+    )
 
 
 def packed_batch(seed: int = 1):
@@ -143,8 +158,9 @@ def test_our_weights_load_into_esmc():
         out = ours(tokens, positions, cu, max_len)
         theirs = ref_model(sequence_tokens=seqs[0][None]).sequence_logits[0]
     assert theirs.shape[-1] == ESMC_VOCAB_ROWS
-    torch.testing.assert_close(out.logits[: len(seqs[0])].log_softmax(-1), theirs.log_softmax(-1)[:, :33],
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        out.logits[: len(seqs[0])].log_softmax(-1), theirs.log_softmax(-1)[:, :33], rtol=0, atol=1e-5
+    )
 
 
 # ---------------------------------------------------------------- without the reference package
@@ -161,11 +177,15 @@ def test_esmc_state_dict_round_trip_and_bad_checkpoints():
     load_esmc_state_dict(other, sd)
     for name, p in ours.state_dict().items():
         assert torch.equal(p, other.state_dict()[name]), name
-    cases = [(our_config(layers=LAYERS + 1), rf"lacks 'transformer\.blocks\.{LAYERS}\."),
-             (our_config(layers=LAYERS - 1),
-              rf"weights the esmc preset does not know, e\.g\. 'transformer\.blocks\.{LAYERS - 1}\."),
-             (our_config(width=2 * D), r"shape mismatch"),
-             (our_config(qk_norm=False), r"does not know, e\.g\. 'transformer\.blocks\.0\.attn\.q_ln\.weight'")]
+    cases = [
+        (our_config(layers=LAYERS + 1), rf"lacks 'transformer\.blocks\.{LAYERS}\."),
+        (
+            our_config(layers=LAYERS - 1),
+            rf"weights the esmc preset does not know, e\.g\. 'transformer\.blocks\.{LAYERS - 1}\.",
+        ),
+        (our_config(width=2 * D), r"shape mismatch"),
+        (our_config(qk_norm=False), r"does not know, e\.g\. 'transformer\.blocks\.0\.attn\.q_ln\.weight'"),
+    ]
     for cfg, msg in cases:
         with pytest.raises(ModelLoadError, match=msg) as e:
             load_esmc_state_dict(build_model(cfg), sd)
@@ -203,13 +223,30 @@ def test_parameter_kinds_cover_every_parameter():
 @pytest.mark.slow
 def test_train_three_steps_with_muon(tmp_path, monkeypatch):
     from plmrun.train.trainer import train
+
     monkeypatch.chdir(tmp_path)
-    cfg = build_config(None, [*ESMC_FLAGS, "--model.hidden_size=32", "--model.num_layers=2", "--model.num_heads=2",
-                              "--optim.optimizer=muon", "--data.token_budget=512", "--data.max_length=128",
-                              "--train.max_steps=3", "--train.eval_every=0", "--eval.subset=8",
-                              "--eval.token_budget=2048", "--eval.final_full=false", "--train.precision=fp32",
-                              "--logging.progress=false", "--train.threads=1", "--logging.name=esmc",
-                              f"--logging.run_root={tmp_path / 'runs'}"])
+    cfg = build_config(
+        None,
+        [
+            *ESMC_FLAGS,
+            "--model.hidden_size=32",
+            "--model.num_layers=2",
+            "--model.num_heads=2",
+            "--optim.optimizer=muon",
+            "--data.token_budget=512",
+            "--data.max_length=128",
+            "--train.max_steps=3",
+            "--train.eval_every=0",
+            "--eval.subset=8",
+            "--eval.token_budget=2048",
+            "--eval.final_full=false",
+            "--train.precision=fp32",
+            "--logging.progress=false",
+            "--train.threads=1",
+            "--logging.name=esmc",
+            f"--logging.run_root={tmp_path / 'runs'}",
+        ],
+    )
     summary = train(cfg)
     assert summary["steps"] == 3
     assert summary["best_val_loss"] is not None and summary["best_val_loss"] < 4.0
@@ -219,8 +256,9 @@ def test_train_three_steps_with_muon(tmp_path, monkeypatch):
 def esm_package_folder(root, width=128, layers=2, seed=0):
     """A random ESM C in the layout the esm package downloads (data/weights/esmc_300m_2024_12_v0.pth)."""
     torch.manual_seed(seed)
-    cfg = ModelConfig(arch="esmc", hidden_size=width, num_layers=layers, num_heads=width // 64,
-                      expansion_ratio=8 / 3, **OFF)
+    cfg = ModelConfig(
+        arch="esmc", hidden_size=width, num_layers=layers, num_heads=width // 64, expansion_ratio=8 / 3, **OFF
+    )
     model = build_model(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -231,8 +269,9 @@ def esm_package_folder(root, width=128, layers=2, seed=0):
 
 
 def _logits(model, seqs):
-    from plmrun.data.packing import pack_tokens
     from plmrun import tokenizer as tok
+    from plmrun.data.packing import pack_tokens
+
     tokens, positions, cu, n = pack_tokens([tok.with_specials(tok.encode(s)) for s in seqs], "cpu")
     with torch.no_grad():
         return model(tokens, positions, cu, n).logits
@@ -242,6 +281,7 @@ def test_an_esm_package_folder_loads_in_eval_embed_zeroshot_and_export(tmp_path,
     from plmrun.cli import main
     from plmrun.eval.export import export
     from plmrun.model.loading import load_model
+
     folder = tmp_path / "esmc-300m-2024-12"
     ref = esm_package_folder(folder)
     seqs = ["MKTAYIAKQRQISFVKSHFSRQ", "ACDEFGHIKLMNPQRSTVWY"]
@@ -259,13 +299,29 @@ def test_an_esm_package_folder_loads_in_eval_embed_zeroshot_and_export(tmp_path,
 
 def test_an_esm_package_folder_of_the_wrong_size_is_one_line(tmp_path, capsys):
     from plmrun.cli import main
+
     esm_package_folder(tmp_path / "small", width=128)
-    assert main(["train", "--config", "esmc_cpu", "--init-from-hf", str(tmp_path / "small"),
-                 f"--logging.run_root={tmp_path / 'runs'}", "--train.max_steps=1", "--logging.progress=false"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                "esmc_cpu",
+                "--init-from-hf",
+                str(tmp_path / "small"),
+                f"--logging.run_root={tmp_path / 'runs'}",
+                "--train.max_steps=1",
+                "--logging.progress=false",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
-    assert ("esmc_300m_2024_12_v0.pth: an ESM C of width 128, 2 layers, MLP width 512, the training config has "
-            "width 256, 4 layers, MLP width 768") in err
+    assert (
+        "esmc_300m_2024_12_v0.pth: an ESM C of width 128, 2 layers, MLP width 512, the training config has "
+        "width 256, 4 layers, MLP width 768"
+    ) in err
     (tmp_path / "junk" / "data" / "weights").mkdir(parents=True)
     torch.save({"foo": torch.zeros(3)}, tmp_path / "junk" / "data" / "weights" / "esmc_600m_2024_12_v0.pth")
     assert main(["eval", str(tmp_path / "junk"), "--subset", "2"]) == 2
@@ -273,17 +329,25 @@ def test_an_esm_package_folder_of_the_wrong_size_is_one_line(tmp_path, capsys):
     assert "esmc_600m_2024_12_v0.pth: not an ESM C state dict" in err and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("sd, expect", [
-    ({"embed.weight": torch.zeros(64, 128)}, "no 'transformer.blocks.<i>.' weights"),
-    ({"embed.weight": torch.zeros(64), "transformer.blocks.0.ffn.1.weight": torch.zeros(8, 4)},
-     "'embed.weight' has shape (64,), not a matrix"),
-    ({"embed.weight": torch.zeros(64, 128), "transformer.blocks.0.ffn.0.weight": torch.zeros(128)},
-     "'transformer.blocks.0.ffn.1.weight' is missing"),
-    (torch.zeros(3), "the file holds a Tensor, not a mapping of weights"),
-])
+@pytest.mark.parametrize(
+    "sd, expect",
+    [
+        ({"embed.weight": torch.zeros(64, 128)}, "no 'transformer.blocks.<i>.' weights"),
+        (
+            {"embed.weight": torch.zeros(64), "transformer.blocks.0.ffn.1.weight": torch.zeros(8, 4)},
+            "'embed.weight' has shape (64,), not a matrix",
+        ),
+        (
+            {"embed.weight": torch.zeros(64, 128), "transformer.blocks.0.ffn.0.weight": torch.zeros(128)},
+            "'transformer.blocks.0.ffn.1.weight' is missing",
+        ),
+        (torch.zeros(3), "the file holds a Tensor, not a mapping of weights"),
+    ],
+)
 def test_an_esm_c_pth_of_wrong_shapes_names_the_problem(tmp_path, capsys, sd, expect):
     """A .pth of wrong shapes names the weight and its shape, not a Python internal (issue 25)."""
     from plmrun.cli import main
+
     (tmp_path / "bad" / "data" / "weights").mkdir(parents=True)
     torch.save(sd, tmp_path / "bad" / "data" / "weights" / "esmc_300m_2024_12_v0.pth")
     assert main(["eval", str(tmp_path / "bad"), "--subset", "2"]) == 2
@@ -296,14 +360,29 @@ def test_an_esm_c_pth_of_wrong_shapes_names_the_problem(tmp_path, capsys, sd, ex
 def test_train_init_from_an_esm_package_folder(tmp_path):
     from plmrun.config import build_config
     from plmrun.train.trainer import train
-    ref = esm_package_folder(tmp_path / "w", width=256, layers=4)   # the esmc_cpu shape
-    cfg = build_config("esmc_cpu", [f"--logging.run_root={tmp_path / 'runs'}", "--train.max_steps=1",
-                                    "--logging.progress=false", "--data.token_budget=512", "--data.max_length=128",
-                                    "--eval.subset=4", "--eval.final_full=false", "--train.threads=1",
-                                    "--optim.lr_hidden=0", "--optim.lr_embed=0", "--optim.lr_head=0",
-                                    "--optim.lr_scalar=0", "--logging.name=init"])
+
+    ref = esm_package_folder(tmp_path / "w", width=256, layers=4)  # the esmc_cpu shape
+    cfg = build_config(
+        "esmc_cpu",
+        [
+            f"--logging.run_root={tmp_path / 'runs'}",
+            "--train.max_steps=1",
+            "--logging.progress=false",
+            "--data.token_budget=512",
+            "--data.max_length=128",
+            "--eval.subset=4",
+            "--eval.final_full=false",
+            "--train.threads=1",
+            "--optim.lr_hidden=0",
+            "--optim.lr_embed=0",
+            "--optim.lr_head=0",
+            "--optim.lr_scalar=0",
+            "--logging.name=init",
+        ],
+    )
     assert train(cfg, init_from_hf=str(tmp_path / "w")).get("exit_code", 0) == 0
     from plmrun.model.loading import load_model
+
     trained, _ = load_model(tmp_path / "runs" / "init")
     seqs = ["MKTAYIAKQRQISFVKSHFSRQ"]
     torch.testing.assert_close(_logits(trained, seqs), _logits(ref, seqs), rtol=0, atol=1e-6)  # lr 0: unchanged

@@ -1,4 +1,5 @@
 """Export round trips: plmrun model -> Hugging Face folder -> transformers, equal logits at every layer."""
+
 import json
 import os
 import subprocess
@@ -15,10 +16,27 @@ from plmrun.model.registry import build_model
 
 transformers = pytest.importorskip("transformers")
 
-SPEEDRUN = dict(arch="speedrun", hidden_size=32, num_layers=4, num_heads=2, expansion_ratio=2.0,
-                attention_soft_cap=30.0, soft_logit_cap=20.0)
-ESM2 = dict(arch="esm2", hidden_size=32, num_layers=2, num_heads=4, unet=False, x0_lambdas=False,
-            value_embeddings=False, qk_norm=False, soft_logit_cap=0.0, token_dropout=True)
+SPEEDRUN = dict(
+    arch="speedrun",
+    hidden_size=32,
+    num_layers=4,
+    num_heads=2,
+    expansion_ratio=2.0,
+    attention_soft_cap=30.0,
+    soft_logit_cap=20.0,
+)
+ESM2 = dict(
+    arch="esm2",
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    unet=False,
+    x0_lambdas=False,
+    value_embeddings=False,
+    qk_norm=False,
+    soft_logit_cap=0.0,
+    token_dropout=True,
+)
 
 
 def _saved_model(tmp_path, kw):
@@ -38,7 +56,7 @@ def _batch():
     ids = torch.full((3, 12), 1, dtype=torch.long)
     for i, n in enumerate(lens):
         ids[i, 0], ids[i, n - 1] = 0, 2
-        ids[i, 1:n - 1] = torch.randint(4, 24, (n - 2,), generator=g)
+        ids[i, 1 : n - 1] = torch.randint(4, 24, (n - 2,), generator=g)
     ids[0, 3] = 32  # a <mask>, so token dropout is exercised
     return ids, (ids != 1).long(), lens
 
@@ -88,15 +106,29 @@ def test_esm2_exports_as_native_esm_for_masked_lm(tmp_path):
     torch.testing.assert_close(_ours_padded(again, ids, lens)[0].logits, ours.logits)
 
 
-@pytest.mark.parametrize("kw", [SPEEDRUN, dict(SPEEDRUN, norm="layer", position_encoding="none", mlp_activation="gelu",
-                                               token_dropout=True)])
+@pytest.mark.parametrize(
+    "kw", [SPEEDRUN, dict(SPEEDRUN, norm="layer", position_encoding="none", mlp_activation="gelu", token_dropout=True)]
+)
 def test_speedrun_loads_with_remote_code_in_a_clean_process_without_plmrun(tmp_path, kw):
     model, cfg = _saved_model(tmp_path, kw)
     out_dir = export(tmp_path / "model", tmp_path / "hf")
     from plmrun.eval.export import MODEL_PACKAGE
+
     shipped = sorted(p.name for p in out_dir.glob("*.py"))
-    assert shipped == sorted(["configuration_plmrun.py", "modeling_plmrun.py", "attention.py", "config.py", "esm2.py",
-                              "esmc.py", "layers.py", "registry.py", "speedrun.py", "vocab.py"])
+    assert shipped == sorted(
+        [
+            "configuration_plmrun.py",
+            "modeling_plmrun.py",
+            "attention.py",
+            "config.py",
+            "esm2.py",
+            "esmc.py",
+            "layers.py",
+            "registry.py",
+            "speedrun.py",
+            "vocab.py",
+        ]
+    )
     for name in shipped[:]:  # the model package's files as they are, no rewriting
         if (MODEL_PACKAGE / name).is_file():
             assert (out_dir / name).read_bytes() == (MODEL_PACKAGE / name).read_bytes(), name
@@ -106,11 +138,11 @@ def test_speedrun_loads_with_remote_code_in_a_clean_process_without_plmrun(tmp_p
         import sys
         sys.modules["plmrun"] = None  # plmrun must not be importable: the folder is self-contained
         import torch, transformers
-        b = torch.load({str(tmp_path / 'batch.pt')!r})
+        b = torch.load({str(tmp_path / "batch.pt")!r})
         m = transformers.AutoModelForMaskedLM.from_pretrained({str(out_dir)!r}, trust_remote_code=True).eval()
         with torch.no_grad():
             r = m(input_ids=b["ids"], attention_mask=b["mask"], output_hidden_states=True)
-        torch.save({{"logits": r.logits, "hidden": r.hidden_states}}, {str(tmp_path / 'out.pt')!r})
+        torch.save({{"logits": r.logits, "hidden": r.hidden_states}}, {str(tmp_path / "out.pt")!r})
     """)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
@@ -165,15 +197,22 @@ def test_exported_files_follow_the_umask(tmp_path, kw):
     finally:
         os.umask(old)
     modes = {f.name: oct(f.stat().st_mode & 0o777) for d in (tmp_path / "model", out_dir) for f in d.iterdir()}
-    assert set(modes.values()) == {"0o644"}, modes   # safetensors' save_file alone made 0600
+    assert set(modes.values()) == {"0o644"}, modes  # safetensors' save_file alone made 0600
 
 
 def _summary_with_cache_path(folder):
     """summary.json as the trainer writes it: data.dataset is the resolved (local cache) folder."""
-    summary = {"steps": 10, "tokens": 1000, "data": {
-        "dataset": "/root/.cache/plmrun/swissprot2014_small-191be9c581187484",
-        "train_fingerprint": "0123456789abcdef0123456789abcdef", "valid_fingerprint": "f" * 32,
-        "train_sequences": 5, "valid_sequences": 2}}
+    summary = {
+        "steps": 10,
+        "tokens": 1000,
+        "data": {
+            "dataset": "/root/.cache/plmrun/swissprot2014_small-191be9c581187484",
+            "train_fingerprint": "0123456789abcdef0123456789abcdef",
+            "valid_fingerprint": "f" * 32,
+            "train_sequences": 5,
+            "valid_sequences": 2,
+        },
+    }
     (folder / "summary.json").write_text(json.dumps(summary))
     return summary
 
@@ -187,30 +226,39 @@ def _card_snippet(card, folder):
 @pytest.mark.parametrize("kw", [ESM2, SPEEDRUN], ids=["esm2", "speedrun"])
 def test_model_card_names_the_dataset_and_its_snippet_runs_unattended(tmp_path, kw):
     import re
+
     _saved_model(tmp_path, kw)
     summary = _summary_with_cache_path(tmp_path / "model")
     out_dir = export(tmp_path / "model", tmp_path / "hf")
     card = (out_dir / "README.md").read_text()
     assert "swissprot2014_small" in card and summary["data"]["train_fingerprint"] in card
-    assert not re.search(r"(^|[\s(`|])/(root|home|tmp|\w)", card, re.M), card   # no absolute path
+    assert not re.search(r"(^|[\s(`|])/(root|home|tmp|\w)", card, re.M), card  # no absolute path
     assert str(tmp_path) not in card and ".cache" not in card
     script = _card_snippet(card, out_dir) + "\nassert tokenizer('MKV')['input_ids'][0] == 0\nprint('ok')\n"
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                          stdin=subprocess.DEVNULL, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("kw,limit", [(ESM2, 1026), (SPEEDRUN, None)], ids=["esm2", "speedrun"])
 def test_tokenizer_max_length_matches_the_model(tmp_path, kw, limit, caplog):
     import logging
+
     _saved_model(tmp_path, kw)
     out_dir = export(tmp_path / "model", tmp_path / "hf")
     tokenizer = transformers.AutoTokenizer.from_pretrained(out_dir, trust_remote_code=True)
     if limit is not None:
         assert tokenizer.model_max_length == limit
         return
-    assert tokenizer.model_max_length >= 10 ** 9
+    assert tokenizer.model_max_length >= 10**9
     transformers.logging.enable_propagation()
     with caplog.at_level(logging.WARNING):
         ids = tokenizer("A" * 2000)["input_ids"]

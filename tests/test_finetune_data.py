@@ -1,5 +1,6 @@
 """`plmrun finetune`'s tables: missing labels and sequences shared across splits are refused with their
 lines, or dropped with a printed count under drop_bad_labels / drop_leaks (issue 25)."""
+
 import re
 
 import numpy as np
@@ -15,7 +16,7 @@ from plmrun.model.loading import save_model_dir
 from plmrun.model.registry import build_model
 
 AA = "ACDEFGHIKLMNPQRSTVWY"
-NAN_ROWS = [2 + 5 * k for k in range(12)]   # 12 of 60 rows (0-based) have no label
+NAN_ROWS = [2 + 5 * k for k in range(12)]  # 12 of 60 rows (0-based) have no label
 
 
 def _seq(i: int) -> str:
@@ -30,7 +31,7 @@ def _table(path, n=60, label=lambda i: str(i % 2), split=None, seq=_seq):
     return str(path)
 
 
-def _nan_label(i):   # the issue's repro: 12 of 60 labels are nan (some written as NA or left empty)
+def _nan_label(i):  # the issue's repro: 12 of 60 labels are nan (some written as NA or left empty)
     return ("nan", "NA", "")[i % 3] if i in NAN_ROWS else str(i % 2)
 
 
@@ -41,15 +42,18 @@ def _cfg(task, **kw):
 def test_missing_labels_are_refused_naming_their_lines(tmp_path):
     """Old code: 'nan' became a third class and the run ended with exit 0."""
     task = _table(tmp_path / "t.csv", label=_nan_label)
-    lines = [i + 2 for i in NAN_ROWS]   # the header is line 1
-    want = (f"{task}: 12 of 60 rows have no label in column 'label' (empty, NA or nan): lines "
-            f"{', '.join(map(str, lines[:8]))} and 4 more; fill them in, or set drop_bad_labels "
-            "(--drop-bad-labels true) to train without them")
+    lines = [i + 2 for i in NAN_ROWS]  # the header is line 1
+    want = (
+        f"{task}: 12 of 60 rows have no label in column 'label' (empty, NA or nan): lines "
+        f"{', '.join(map(str, lines[:8]))} and 4 more; fill them in, or set drop_bad_labels "
+        "(--drop-bad-labels true) to train without them"
+    )
     with pytest.raises(DataError, match=re.escape(want)):
         load_data(_cfg(task))
     reg = _table(tmp_path / "r.csv", label=lambda i: "nan" if i == 7 else f"{i * 0.1:.1f}")
-    with pytest.raises(DataError, match=re.escape("1 of 60 rows have no label in column 'label' (empty, NA or nan): "
-                                                  "line 9;")):
+    with pytest.raises(
+        DataError, match=re.escape("1 of 60 rows have no label in column 'label' (empty, NA or nan): line 9;")
+    ):
         load_data(_cfg(reg, kind="regression"))
 
 
@@ -65,10 +69,12 @@ def test_drop_bad_labels_drops_them_with_a_printed_count(tmp_path, capsys):
 
 
 def test_residue_labels_missing_are_refused_too(tmp_path):
-    task = _table(tmp_path / "t.csv", label=lambda i: "" if i == 3 else "H" * (12 + i % 7) if i % 2 else
-                  "E" * (12 + i % 7))
-    with pytest.raises(DataError, match=re.escape("1 of 60 rows have no label in column 'label' (empty, NA or nan): "
-                                                  "line 5;")):
+    task = _table(
+        tmp_path / "t.csv", label=lambda i: "" if i == 3 else "H" * (12 + i % 7) if i % 2 else "E" * (12 + i % 7)
+    )
+    with pytest.raises(
+        DataError, match=re.escape("1 of 60 rows have no label in column 'label' (empty, NA or nan): line 5;")
+    ):
         load_data(_cfg(task, kind="residue_classification"))
 
 
@@ -76,15 +82,17 @@ def _split(i):
     return "train" if i < 40 else "valid" if i < 50 else "test"
 
 
-def _leaky_seq(i):   # test rows 55, 56 copy train rows 3, 4; valid row 45 copies train row 10
+def _leaky_seq(i):  # test rows 55, 56 copy train rows 3, 4; valid row 45 copies train row 10
     return _seq({55: 3, 56: 4, 45: 10}.get(i, i))
 
 
 def test_a_sequence_in_two_splits_is_refused_as_a_leak(tmp_path):
     task = _table(tmp_path / "t.csv", split=_split, seq=_leaky_seq)
-    want = (f"{task}: 3 valid/test rows repeat a sequence of an earlier split (a leak): line 47 (valid) = line 12 "
-            "(train), line 57 (test) = line 5 (train), line 58 (test) = line 6 (train); remove the copies, or set "
-            "drop_leaks (--drop-leaks true) to drop them from the later split")
+    want = (
+        f"{task}: 3 valid/test rows repeat a sequence of an earlier split (a leak): line 47 (valid) = line 12 "
+        "(train), line 57 (test) = line 5 (train), line 58 (test) = line 6 (train); remove the copies, or set "
+        "drop_leaks (--drop-leaks true) to drop them from the later split"
+    )
     with pytest.raises(DataError, match=re.escape(want)):
         load_data(_cfg(task))
 
@@ -104,10 +112,16 @@ def test_drop_leaks_drops_the_later_copies_with_a_printed_count(tmp_path, capsys
 def test_a_parquet_table_names_rows(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
-    pq.write_table(pa.table({"sequence": [_seq(i) for i in range(60)],
-                             "label": [None if i == 5 else float(i % 2) for i in range(60)]}), tmp_path / "t.parquet")
-    with pytest.raises(DataError, match=re.escape("1 of 60 rows have no label in column 'label' (empty, NA or nan): "
-                                                  "row 6;")):
+
+    pq.write_table(
+        pa.table(
+            {"sequence": [_seq(i) for i in range(60)], "label": [None if i == 5 else float(i % 2) for i in range(60)]}
+        ),
+        tmp_path / "t.parquet",
+    )
+    with pytest.raises(
+        DataError, match=re.escape("1 of 60 rows have no label in column 'label' (empty, NA or nan): row 6;")
+    ):
         load_data(_cfg(str(tmp_path / "t.parquet")))
 
 
@@ -117,9 +131,30 @@ def test_the_command_refuses_before_writing_and_drops_under_the_flag(tmp_path, c
     cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2)
     save_model_dir(tmp_path / "model", build_model(cfg).state_dict(), cfg)
     task = _table(tmp_path / "t.csv", label=_nan_label)
-    args = ["finetune", str(tmp_path / "model"), "--task", task, "--device", "cpu", "--run-root",
-            str(tmp_path / "runs"), "--method", "full", "--max-steps", "2", "--eval-every", "2", "--max-length", "32",
-            "--token-budget", "256", "--probe-seeds", "0", "--export", "false"]
+    args = [
+        "finetune",
+        str(tmp_path / "model"),
+        "--task",
+        task,
+        "--device",
+        "cpu",
+        "--run-root",
+        str(tmp_path / "runs"),
+        "--method",
+        "full",
+        "--max-steps",
+        "2",
+        "--eval-every",
+        "2",
+        "--max-length",
+        "32",
+        "--token-budget",
+        "256",
+        "--probe-seeds",
+        "0",
+        "--export",
+        "false",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {task}: 12 of 60 rows have no label") and err.count("\n") == 1

@@ -1,5 +1,6 @@
 """The shared pieces every command leans on: the typed-error root, the one device resolver, folder
 manifests, and the one meaning of a dataset argument."""
+
 import json
 
 import pytest
@@ -18,11 +19,15 @@ def _exception_classes() -> set:
     import pkgutil
 
     import plmrun
+
     found = set()
     for info in pkgutil.walk_packages(plmrun.__path__, "plmrun."):
         module = importlib.import_module(info.name)
-        found |= {c for c in vars(module).values()
-                  if inspect.isclass(c) and issubclass(c, BaseException) and c.__module__ == module.__name__}
+        found |= {
+            c
+            for c in vars(module).values()
+            if inspect.isclass(c) and issubclass(c, BaseException) and c.__module__ == module.__name__
+        }
     return found
 
 
@@ -40,12 +45,25 @@ def test_every_typed_error_is_a_plmrun_error():
     named = {f"{c.__module__}.{c.__qualname__}": c for c in _exception_classes()}
     # the search is real: it finds the 12 classes this test once listed by hand and the 2 that list missed
     assert {c.__name__ for c in named.values()} >= {
-        "ConfigError", "DataError", "EvalError", "ExportError", "ModelLoadError", "InvalidSequenceError",
-        "RecordError", "RunDirError", "TrainingError", "DeviceError", "ManifestError", "FinetuneError",
-        "CheckpointError", "OptimizerStateError"}
+        "ConfigError",
+        "DataError",
+        "EvalError",
+        "ExportError",
+        "ModelLoadError",
+        "InvalidSequenceError",
+        "RecordError",
+        "RunDirError",
+        "TrainingError",
+        "DeviceError",
+        "ManifestError",
+        "FinetuneError",
+        "CheckpointError",
+        "OptimizerStateError",
+    }
     assert INTERNAL_EXCEPTIONS <= set(named), "an internal exception was renamed or removed: update the list"
-    untyped = [name for name, c in sorted(named.items())
-               if not issubclass(c, PlmrunError) and name not in INTERNAL_EXCEPTIONS]
+    untyped = [
+        name for name, c in sorted(named.items()) if not issubclass(c, PlmrunError) and name not in INTERNAL_EXCEPTIONS
+    ]
     assert untyped == []
 
 
@@ -99,13 +117,16 @@ def test_manifest_lists_every_file_and_verifies(tmp_path):
         verify_manifest(tmp_path, required=True)
 
 
-@pytest.mark.parametrize("damage,message", [
-    ("truncate", r"model.safetensors: 5000 bytes, the manifest says 10240 \(truncated"),
-    ("flip", r"model.safetensors: contents do not match the checksum"),
-    ("delete", r"sub/x.bin: listed in MANIFEST.json but missing"),
-    ("edit_manifest", r"MANIFEST.json: the manifest was edited after it was written"),
-    ("truncate_manifest", r"MANIFEST.json: unreadable manifest"),
-])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        ("truncate", r"model.safetensors: 5000 bytes, the manifest says 10240 \(truncated"),
+        ("flip", r"model.safetensors: contents do not match the checksum"),
+        ("delete", r"sub/x.bin: listed in MANIFEST.json but missing"),
+        ("edit_manifest", r"MANIFEST.json: the manifest was edited after it was written"),
+        ("truncate_manifest", r"MANIFEST.json: unreadable manifest"),
+    ],
+)
 def test_manifest_detects_damage(tmp_path, damage, message):
     d = _folder(tmp_path)
     weights = d / "model.safetensors"
@@ -121,6 +142,7 @@ def test_manifest_detects_damage(tmp_path, damage, message):
         (d / "config.json").write_text('{"a": 2}')
         m = json.loads((d / MANIFEST).read_text())
         from plmrun.manifest import file_sha256
+
         m["files"]["config.json"]["sha256"] = file_sha256(d / "config.json")
         (d / MANIFEST).write_text(json.dumps(m))
     else:
@@ -133,6 +155,7 @@ def test_manifest_detects_damage(tmp_path, damage, message):
 
 def test_resolve_dataset_is_the_bundled_corpus_or_the_given_directory(tmp_path):
     from plmrun.data.corpus import bundled_dataset_dir, resolve_dataset
+
     assert resolve_dataset("bundled") == bundled_dataset_dir()
     assert resolve_dataset(str(tmp_path)) == tmp_path
     assert resolve_dataset(tmp_path) == tmp_path
@@ -142,6 +165,7 @@ def _plmrun_modules():
     """(module name, syntax tree) of every .py file under plmrun/."""
     import ast
     from pathlib import Path
+
     root = Path(__file__).resolve().parents[1] / "plmrun"
     for path in sorted(root.rglob("*.py")):
         yield path.relative_to(root.parent).with_suffix("").as_posix().replace("/", "."), ast.parse(path.read_text())
@@ -151,6 +175,7 @@ def _imports(module: str, tree) -> list:
     """(line, imported module, names) for every import in `tree`, relative ones resolved against `module`
     (`from .layers import X` in plmrun.model.esm2 is plmrun.model.layers). Names is () for `import a.b`."""
     import ast
+
     package = module[: -len(".__init__")] if module.endswith(".__init__") else module.rsplit(".", 1)[0]
     found = []
     for n in ast.walk(tree):
@@ -171,23 +196,31 @@ def _imports(module: str, tree) -> list:
 def test_imports_resolve_relative_ones():
     """The resolver the import tests use: a relative import counts as the absolute module it names."""
     import ast
+
     tree = ast.parse("from .layers import PLM\nfrom ..config import ModelConfig\nfrom . import esm2\nimport torch\n")
     assert _imports("plmrun.model.esmc", tree) == [
-        (1, "plmrun.model.layers", ("PLM",)), (2, "plmrun.config", ("ModelConfig",)), (3, "plmrun.model.esm2", ()),
-        (4, "torch", ())]
+        (1, "plmrun.model.layers", ("PLM",)),
+        (2, "plmrun.config", ("ModelConfig",)),
+        (3, "plmrun.model.esm2", ()),
+        (4, "torch", ()),
+    ]
     assert _imports("plmrun.model.__init__", ast.parse("from .layers import PLM\n"))[0][1] == "plmrun.model.layers"
 
 
 def test_one_cli_entry_library_code_raises_typed_errors_only():
     """No `SystemExit` and no `main()` outside plmrun/cli.py: the one entry turns typed errors into lines."""
     import ast
+
     found = []
     for module, tree in _plmrun_modules():
         if module == "plmrun.cli":
             continue
         found += [f"{module}: def main" for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main"]
-        found += [f"{module}:{n.lineno}: SystemExit" for n in ast.walk(tree)
-                  if isinstance(n, ast.Name) and n.id == "SystemExit"]
+        found += [
+            f"{module}:{n.lineno}: SystemExit"
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Name) and n.id == "SystemExit"
+        ]
     assert found == []
 
 
@@ -195,9 +228,19 @@ def test_one_cli_entry_library_code_raises_typed_errors_only():
 # experiment tooling on training; fine-tuning on the trainer; training on evaluation; data, models,
 # optimizers, their checkpoints, the tokenizer (over model/'s vocabulary) and the run config that gathers their
 # sections below; errors, device, manifest and any other small top-level module at the bottom (layer 0).
-LAYERS = {"plmrun.cli": 6, "plmrun.experiments": 5, "plmrun.finetune": 4, "plmrun.train": 3, "plmrun.eval": 2,
-          "plmrun.data": 1, "plmrun.model": 1, "plmrun.optim": 1, "plmrun.checkpoint": 1, "plmrun.config": 1,
-          "plmrun.tokenizer": 1}
+LAYERS = {
+    "plmrun.cli": 6,
+    "plmrun.experiments": 5,
+    "plmrun.finetune": 4,
+    "plmrun.train": 3,
+    "plmrun.eval": 2,
+    "plmrun.data": 1,
+    "plmrun.model": 1,
+    "plmrun.optim": 1,
+    "plmrun.checkpoint": 1,
+    "plmrun.config": 1,
+    "plmrun.tokenizer": 1,
+}
 
 
 def _layer(module: str) -> int:
@@ -208,7 +251,12 @@ def test_imports_never_run_upward():
     """data/, model/, optim/, checkpoint and config below eval/; eval/ never imports train/; train/ never imports
     finetune/; nothing imports experiments/ but the CLI (experiment tooling sits on top of training). Relative
     imports count too (model/ uses them throughout)."""
-    assert _layer("plmrun.model.esm2") == 1 and _layer("plmrun.tokenizer") == 1 and _layer("plmrun.device") == 0 and _layer("plmrun.cli") == 6
+    assert (
+        _layer("plmrun.model.esm2") == 1
+        and _layer("plmrun.tokenizer") == 1
+        and _layer("plmrun.device") == 0
+        and _layer("plmrun.cli") == 6
+    )
     upward, inside_model = [], 0
     for module, tree in _plmrun_modules():
         for line, target, _ in _imports(module, tree):
@@ -222,6 +270,7 @@ def test_imports_never_run_upward():
 def _dotted(node) -> str:
     """`a.b.c` for a chain of names, "" for anything else (a call, a subscript, ...)."""
     import ast
+
     if isinstance(node, ast.Name):
         return node.id
     if isinstance(node, ast.Attribute):
@@ -248,8 +297,9 @@ def test_no_module_imports_a_private_name_of_another():
         bound = {}  # local name -> the dotted plmrun name it stands for (`ckpt` -> plmrun.checkpoint)
         for n in ast.walk(tree):
             if isinstance(n, ast.Import):
-                bound.update({a.asname or a.name.split(".")[0]: a.name if a.asname else a.name.split(".")[0]
-                              for a in n.names})
+                bound.update(
+                    {a.asname or a.name.split(".")[0]: a.name if a.asname else a.name.split(".")[0] for a in n.names}
+                )
             elif isinstance(n, ast.ImportFrom):
                 resolved = [target for _, target, _ in _imports(module, ast.Module([n], []))]
                 targets = resolved if n.module is None else [f"{resolved[0]}.{a.name}" for a in n.names]

@@ -55,7 +55,7 @@ def test_epochs_cover_every_sequence_once_and_roll_over():
         (b,) = ld.next_step(len(seen))
         seen.append(b.packed.seq_index.tolist())
     assert sorted(sum(seen, [])) == list(range(len(SRC)))
-    (b,) = ld.next_step(len(seen))                          # first batch of epoch 1
+    (b,) = ld.next_step(len(seen))  # first batch of epoch 1
     assert b.packed.seq_index.tolist() != seen[0]
 
 
@@ -79,7 +79,7 @@ def test_resume_reproduces_the_remaining_batches(prefetch):
     with loader(**kw) as ld:
         ld.load_state_dict(state)
         rest = [[key(b) for b in ld.next_step(s)] for s in range(40, 230)]
-        assert ld.epoch >= 1                                  # crossed the chunk and the epoch boundary
+        assert ld.epoch >= 1  # crossed the chunk and the epoch boundary
     assert rest == full[40:]
     # a 1 x 2 state resumes as 2 x 1 on the same stream
     halves = []
@@ -101,10 +101,10 @@ def test_masks_follow_the_requested_step_with_background_threads():
     masker = Masker(mask_rate=0.05, mask_rate_end=0.5, ramp_steps=4)
     with loader(masker=masker, prefetch=6, num_workers=2, grad_accum=2) as ld:
         rates = []
-        for step in [0, 1, 2, 3, 10, 11, 2]:                  # jumps force re-masking of prefetched work
+        for step in [0, 1, 2, 3, 10, 11, 2]:  # jumps force re-masking of prefetched work
             bs = ld.next_step(step)
             rates.append(sum(b.normalizer for b in bs) / sum((b.packed.tokens >= 4).sum().item() for b in bs))
-            for j, b in enumerate(bs):                        # identical to masking in the caller's thread
+            for j, b in enumerate(bs):  # identical to masking in the caller's thread
                 again = masker(b.packed, seed=3, index=ld.state_dict()["microbatch"] - 2 + j, step=step)
                 assert torch.equal(again.inputs, b.inputs)
     expected = [masker.rate(s) for s in [0, 1, 2, 3, 10, 11, 2]]
@@ -124,23 +124,27 @@ def test_eval_batches_are_fixed_and_split_over_ranks():
     def per_sequence(budget, world):
         out = {}
         for r in range(world):
-            for b in EvalBatches(src, token_budget=budget, max_length=1024, eval_seed=7, mask_rate=0.15,
-                                 world_size=world, rank=r):
+            for b in EvalBatches(
+                src, token_budget=budget, max_length=1024, eval_seed=7, mask_rate=0.15, world_size=world, rank=r
+            ):
                 cu = b.packed.cu_seqlens.tolist()
                 for k, i in enumerate(b.packed.seq_index.tolist()):
                     assert i not in out
-                    out[i] = (b.inputs[cu[k]:cu[k + 1]].tolist(), b.targets[cu[k]:cu[k + 1]].tolist(),
-                              int(b.packed.crop_start[k]))
+                    out[i] = (
+                        b.inputs[cu[k] : cu[k + 1]].tolist(),
+                        b.targets[cu[k] : cu[k + 1]].tolist(),
+                        int(b.packed.crop_start[k]),
+                    )
         return out
 
     ref = per_sequence(1024, 1)
     assert sorted(ref) == list(range(len(src)))
     assert per_sequence(4096, 1) == ref and per_sequence(2048, 3) == ref and per_sequence(1024, 2) == ref
-    assert ref[1][2] > 0 and ref[0][2] == 0                     # long sequences: one fixed window
+    assert ref[1][2] > 0 and ref[0][2] == 0  # long sequences: one fixed window
     assert all(t == IGNORE or i == MASK for s in ref.values() for i, t in zip(s[0], s[1]))
     one = EvalBatches(src, token_budget=1024, max_length=1024, eval_seed=7, mask_rate=0.15)
     order = [i for b in one for i in b.packed.seq_index.tolist()]
-    assert order == list(range(len(src)))                      # dataset order
+    assert order == list(range(len(src)))  # dataset order
     real = sum(b.packed.num_real_tokens for b in one)
     assert one.padding_fraction == pytest.approx(1 - real / (len(one) * 1024))
     sub = EvalBatches(src, token_budget=1024, max_length=1024, eval_seed=7, mask_rate=0.15, subset=4)
@@ -162,8 +166,14 @@ SCHEDULE = [[0, 64], [30, 256]]
 
 @pytest.mark.parametrize("prefetch", [0, 3])
 def test_crop_schedule_switches_at_its_step_and_resumes_after_the_switch(prefetch):
-    kw = dict(source=MANY_SHORT, grad_accum=2, prefetch=prefetch, num_workers=2, token_budget=512,
-              max_length_schedule=SCHEDULE)
+    kw = dict(
+        source=MANY_SHORT,
+        grad_accum=2,
+        prefetch=prefetch,
+        num_workers=2,
+        token_budget=512,
+        max_length_schedule=SCHEDULE,
+    )
     full = run(60, **kw)
     assert full[:30] == run(30, source=MANY_SHORT, grad_accum=2, max_length=64)  # phase 0 = a plain 64-token run
     with loader(**kw) as ld:
@@ -172,7 +182,7 @@ def test_crop_schedule_switches_at_its_step_and_resumes_after_the_switch(prefetc
         assert ld.plan.max_length == 64
         ld.next_step(29)
         ld.next_step(30)
-        assert ld.plan.max_length == 256 and ld.epoch == 1     # the switch started the next epoch
+        assert ld.plan.max_length == 256 and ld.epoch == 1  # the switch started the next epoch
         for s in range(31, 41):
             ld.next_step(s)
         state = ld.state_dict()
@@ -180,14 +190,14 @@ def test_crop_schedule_switches_at_its_step_and_resumes_after_the_switch(prefetc
     with loader(**kw) as ld:
         ld.load_state_dict(state)
         assert [[key(b) for b in ld.next_step(s)] for s in range(41, 60)] == full[41:]
-    with pytest.raises(ValueError, match="max_length_schedule"):            # a different schedule's stream
+    with pytest.raises(ValueError, match="max_length_schedule"):  # a different schedule's stream
         loader(**{**kw, "max_length_schedule": [[0, 64], [31, 256]]}).load_state_dict(state)
-    with pytest.raises(ValueError, match="max_length_schedule"):            # a state without a schedule
+    with pytest.raises(ValueError, match="max_length_schedule"):  # a state without a schedule
         loader(**kw).load_state_dict(loader(source=MANY_SHORT, max_length=64).state_dict())
 
 
 def _segments(b):
-    cu = b.packed.cu_seqlens[:b.packed.num_sequences + 1]
+    cu = b.packed.cu_seqlens[: b.packed.num_sequences + 1]
     return (cu[1:] - cu[:-1]).tolist()
 
 
@@ -196,7 +206,7 @@ def test_crop_schedule_makes_longer_windows_after_the_switch():
     with loader(source=src, token_budget=1024, max_length_schedule=[[0, 100], [3, 1000]]) as ld:
         before = [n for s in range(3) for b in ld.next_step(s) for n in _segments(b)]
         after = [n for s in range(3, 12) for b in ld.next_step(s) for n in _segments(b)]
-    assert max(before) == 100 and max(after) == 902               # the 900-residue sequence whole
+    assert max(before) == 100 and max(after) == 902  # the 900-residue sequence whole
 
 
 def test_chunked_eval_windows_score_every_residue_once():
@@ -208,7 +218,7 @@ def test_chunked_eval_windows_score_every_residue_once():
         for k, (i, s) in enumerate(zip(b.packed.seq_index.tolist(), b.packed.crop_start.tolist())):
             assert cu[k + 1] - cu[k] <= 256
             seen.setdefault(i, []).append((s, cu[k + 1] - cu[k] - 2))
-    for i, parts in seen.items():                                # consecutive windows tile the sequence
+    for i, parts in seen.items():  # consecutive windows tile the sequence
         assert [s for s, _ in parts] == list(range(0, len(parts) * 254, 254))
         assert sum(n for _, n in parts) == src.lengths[i]
     assert sorted(seen) == list(range(len(src))) and len(seen[1]) == 8
@@ -223,7 +233,7 @@ def test_chunked_eval_windows_score_every_residue_once():
 def _targets(b):
     cu = b.packed.cu_seqlens.tolist()
     for k, (i, s) in enumerate(zip(b.packed.seq_index.tolist(), b.packed.crop_start.tolist())):
-        for p in (b.targets[cu[k]:cu[k + 1]] != IGNORE).nonzero().flatten().tolist():
+        for p in (b.targets[cu[k] : cu[k + 1]] != IGNORE).nonzero().flatten().tolist():
             yield i, s, p - 1
 
 
@@ -235,7 +245,7 @@ def test_packing_efficiency_survives_a_resume():
     with loader() as again:
         again.load_state_dict(state)
         assert again.packing_efficiency == eff
-    old = {k: v for k, v in state.items() if k not in ("real_tokens", "budget_tokens")}   # an older checkpoint
+    old = {k: v for k, v in state.items() if k not in ("real_tokens", "budget_tokens")}  # an older checkpoint
     with loader() as again:
         again.load_state_dict(old)
-        assert again.packing_efficiency != again.packing_efficiency   # nan: nothing counted yet
+        assert again.packing_efficiency != again.packing_efficiency  # nan: nothing counted yet

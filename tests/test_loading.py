@@ -1,6 +1,7 @@
 """The one model loader: every ESM-2 folder layout into our esm2 preset (logits equal transformers'),
 plmrun exports and saved models back in (--init-from-hf), and damaged or foreign folders refused
 with one line naming the file."""
+
 import json
 import os
 import subprocess
@@ -21,18 +22,39 @@ from plmrun.model.registry import build_model
 
 transformers = pytest.importorskip("transformers")
 
-ESM2 = dict(arch="esm2", hidden_size=32, num_layers=2, num_heads=4, expansion_ratio=2.0, unet=False,
-            x0_lambdas=False, value_embeddings=False, qk_norm=False, soft_logit_cap=0.0, token_dropout=True,
-            tie_embeddings=True)
+ESM2 = dict(
+    arch="esm2",
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    expansion_ratio=2.0,
+    unet=False,
+    x0_lambdas=False,
+    value_embeddings=False,
+    qk_norm=False,
+    soft_logit_cap=0.0,
+    token_dropout=True,
+    tie_embeddings=True,
+)
 
 
 def tiny_hf(seed=0, **kw) -> "transformers.EsmForMaskedLM":
     """A random-init EsmForMaskedLM (hidden 32, 2 layers, 4 heads), EsmConfig's own layer_norm_eps (1e-12)."""
     torch.manual_seed(seed)
-    cfg = transformers.EsmConfig(vocab_size=33, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                 intermediate_size=64, position_embedding_type="rotary", token_dropout=True,
-                                 pad_token_id=1, mask_token_id=32, emb_layer_norm_before=False,
-                                 max_position_embeddings=1026, **kw)
+    cfg = transformers.EsmConfig(
+        vocab_size=33,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        position_embedding_type="rotary",
+        token_dropout=True,
+        pad_token_id=1,
+        mask_token_id=32,
+        emb_layer_norm_before=False,
+        max_position_embeddings=1026,
+        **kw,
+    )
     model = transformers.EsmForMaskedLM(cfg).eval()
     with torch.no_grad():  # random biases and norms, so every weight (and its name) is exercised
         for p in model.parameters():
@@ -43,8 +65,9 @@ def tiny_hf(seed=0, **kw) -> "transformers.EsmForMaskedLM":
 
 def batch():
     g = torch.Generator().manual_seed(1)
-    seqs = [torch.cat([torch.tensor([0]), torch.randint(4, 24, (n,), generator=g), torch.tensor([2])])
-            for n in (9, 3, 20)]
+    seqs = [
+        torch.cat([torch.tensor([0]), torch.randint(4, 24, (n,), generator=g), torch.tensor([2])]) for n in (9, 3, 20)
+    ]
     seqs[0][4] = 32  # a <mask>: token dropout is exercised
     return seqs
 
@@ -56,7 +79,7 @@ def assert_logits_match(ours, hf):
     with torch.no_grad():
         got = ours(torch.cat(seqs), torch.cat([torch.arange(n) for n in lens]), cu, max(lens)).logits
         for i, s in enumerate(seqs):
-            torch.testing.assert_close(got[cu[i]:cu[i + 1]], hf(s[None]).logits[0], rtol=0, atol=1e-5)
+            torch.testing.assert_close(got[cu[i] : cu[i + 1]], hf(s[None]).logits[0], rtol=0, atol=1e-5)
 
 
 # ------------------------------------------------------------------ layouts (Part C)
@@ -92,15 +115,37 @@ def as_the_hub_stores_it(hf, d):
     assert any(k.startswith("esm.contact_head.") for k in sd) and any(k.endswith(".gamma") for k in sd)
     torch.save(sd, d / "pytorch_model.bin")
     c = hf.config
-    (d / "config.json").write_text(json.dumps({
-        "architectures": ["EsmForMaskedLM"], "attention_probs_dropout_prob": 0.0, "classifier_dropout": None,
-        "emb_layer_norm_before": False, "esmfold_config": None, "hidden_act": "gelu", "hidden_dropout_prob": 0.0,
-        "hidden_size": c.hidden_size, "initializer_range": 0.02, "intermediate_size": c.intermediate_size,
-        "is_folding_model": False, "layer_norm_eps": c.layer_norm_eps, "mask_token_id": 32,
-        "max_position_embeddings": 1026, "model_type": "esm", "num_attention_heads": c.num_attention_heads,
-        "num_hidden_layers": c.num_hidden_layers, "pad_token_id": 1, "position_embedding_type": "rotary",
-        "token_dropout": True, "torch_dtype": "float32", "transformers_version": "4.25.0.dev0", "use_cache": True,
-        "vocab_list": None, "vocab_size": 33}))
+    (d / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["EsmForMaskedLM"],
+                "attention_probs_dropout_prob": 0.0,
+                "classifier_dropout": None,
+                "emb_layer_norm_before": False,
+                "esmfold_config": None,
+                "hidden_act": "gelu",
+                "hidden_dropout_prob": 0.0,
+                "hidden_size": c.hidden_size,
+                "initializer_range": 0.02,
+                "intermediate_size": c.intermediate_size,
+                "is_folding_model": False,
+                "layer_norm_eps": c.layer_norm_eps,
+                "mask_token_id": 32,
+                "max_position_embeddings": 1026,
+                "model_type": "esm",
+                "num_attention_heads": c.num_attention_heads,
+                "num_hidden_layers": c.num_hidden_layers,
+                "pad_token_id": 1,
+                "position_embedding_type": "rotary",
+                "token_dropout": True,
+                "torch_dtype": "float32",
+                "transformers_version": "4.25.0.dev0",
+                "use_cache": True,
+                "vocab_list": None,
+                "vocab_size": 33,
+            }
+        )
+    )
 
 
 LAYOUTS = [saved_by_transformers, pytorch_model_bin, sharded_safetensors, as_the_hub_stores_it]
@@ -181,19 +226,27 @@ def test_init_from_our_export_and_saved_model(tmp_path, kw):
 def test_init_from_a_folder_of_another_arch_or_size_is_one_line(tmp_path):
     _plmrun_model(tmp_path, SPEEDRUN)
     esm = build_model(config_from_dict({"model": ESM2}).model)
-    with pytest.raises(ModelLoadError, match="a model.arch=speedrun model, but the training config has model.arch=esm2"):
+    with pytest.raises(
+        ModelLoadError, match="a model.arch=speedrun model, but the training config has model.arch=esm2"
+    ):
         load_hf_weights_into(esm, tmp_path / "model")
     saved_by_transformers(tiny_hf(), tmp_path / "hf")
     wide = build_model(config_from_dict({"model": {**ESM2, "hidden_size": 64}}).model)
-    with pytest.raises(ModelLoadError, match=r"model.safetensors: shape mismatch for esm.embeddings.word_embeddings"
-                                             r".weight: weights \(33, 32\), model \(33, 64\)"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"model.safetensors: shape mismatch for esm.embeddings.word_embeddings"
+        r".weight: weights \(33, 32\), model \(33, 64\)",
+    ):
         load_hf_weights_into(wide, tmp_path / "hf")
     deep = build_model(config_from_dict({"model": {**ESM2, "num_layers": 3}}).model)
     with pytest.raises(ModelLoadError, match="2 encoder layers, the model has 3"):
         load_hf_weights_into(deep, tmp_path / "hf")
     wide_sr = build_model(config_from_dict({"model": {**SPEEDRUN, "hidden_size": 64}}).model)
-    with pytest.raises(ModelLoadError, match=r"model.safetensors: \S+ has shape \(\d+, 32\), the model built from "
-                                             r"the training config expects \(\d+, 64\)"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"model.safetensors: \S+ has shape \(\d+, 32\), the model built from "
+        r"the training config expects \(\d+, 64\)",
+    ):
         load_hf_weights_into(wide_sr, tmp_path / "model")
 
 
@@ -201,11 +254,27 @@ def test_init_from_a_folder_of_another_arch_or_size_is_one_line(tmp_path):
 def test_train_init_from_hf_on_a_transformers_folder(tmp_path, cli):
     """The issue's case: `plmrun train --init-from-hf DIR --config esm2_8m` on a save_pretrained folder."""
     saved_by_transformers(tiny_hf(), tmp_path / "hf")
-    args = ["train", "--config", "esm2_8m", "--init-from-hf", str(tmp_path / "hf"), "--model.hidden_size=32",
-            "--model.num_layers=2", "--model.num_heads=4", "--model.expansion_ratio=2.0", "--data.token_budget=512",
-            "--data.max_length=128", "--train.max_steps=1", "--train.eval_every=1", "--eval.subset=4",
-            "--eval.token_budget=1024", "--eval.final_full=false", "--train.precision=fp32",
-            "--logging.progress=false", "--train.threads=1"]
+    args = [
+        "train",
+        "--config",
+        "esm2_8m",
+        "--init-from-hf",
+        str(tmp_path / "hf"),
+        "--model.hidden_size=32",
+        "--model.num_layers=2",
+        "--model.num_heads=4",
+        "--model.expansion_ratio=2.0",
+        "--data.token_budget=512",
+        "--data.max_length=128",
+        "--train.max_steps=1",
+        "--train.eval_every=1",
+        "--eval.subset=4",
+        "--eval.token_budget=1024",
+        "--eval.final_full=false",
+        "--train.precision=fp32",
+        "--logging.progress=false",
+        "--train.threads=1",
+    ]
     proc = cli(args, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     bad = cli([a.replace("num_layers=2", "num_layers=3") for a in args], check=False)
@@ -228,19 +297,26 @@ def test_hub_name_offline_from_cache_and_not_cached(tmp_path):
     hf = tiny_hf()
     _fake_hub_cache(tmp_path / "cache", "someorg/tiny-esm", hf)
     torch.save(batch()[2], tmp_path / "seq.pt")
-    script = (f"import torch; from plmrun.model.loading import load_model, ModelLoadError\n"
-              f"m, cfg = load_model('someorg/tiny-esm'); s = torch.load({str(tmp_path / 'seq.pt')!r})\n"
-              f"out = m(s, torch.arange(len(s)), torch.tensor([0, len(s)], dtype=torch.int32), len(s)).logits\n"
-              f"torch.save(out, {str(tmp_path / 'out.pt')!r})\n"
-              f"try:\n    load_model('facebook/esm2_t6_8M_UR50D')\nexcept ModelLoadError as e:\n    print(e)\n")
+    script = (
+        f"import torch; from plmrun.model.loading import load_model, ModelLoadError\n"
+        f"m, cfg = load_model('someorg/tiny-esm'); s = torch.load({str(tmp_path / 'seq.pt')!r})\n"
+        f"out = m(s, torch.arange(len(s)), torch.tensor([0, len(s)], dtype=torch.int32), len(s)).logits\n"
+        f"torch.save(out, {str(tmp_path / 'out.pt')!r})\n"
+        f"try:\n    load_model('facebook/esm2_t6_8M_UR50D')\nexcept ModelLoadError as e:\n    print(e)\n"
+    )
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "cache"), HF_HOME=str(tmp_path / "home"))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with torch.no_grad():
         torch.testing.assert_close(torch.load(tmp_path / "out.pt"), hf(batch()[2][None]).logits[0], rtol=0, atol=1e-5)
     msg = proc.stdout.strip()
-    assert msg.count("\n") == 0 and msg.startswith("facebook/esm2_t6_8M_UR50D: no such local folder, and it could "
-                                                   "not be fetched from the Hugging Face Hub") and "pass a local" in msg
+    assert (
+        msg.count("\n") == 0
+        and msg.startswith(
+            "facebook/esm2_t6_8M_UR50D: no such local folder, and it could not be fetched from the Hugging Face Hub"
+        )
+        and "pass a local" in msg
+    )
 
 
 def test_missing_path_that_is_no_hub_name(tmp_path):
@@ -275,10 +351,14 @@ def test_saved_model_has_a_manifest_written_last(tmp_path):
     load_model(tmp_path / "model")
 
 
-@pytest.mark.parametrize("damage,expect", [
-    (lambda f: _truncate(f), "bytes, the manifest says"),
-    (lambda f: _flip(f, f.stat().st_size - 3), "contents do not match the checksum"),
-], ids=["truncated", "byte-flipped"])
+@pytest.mark.parametrize(
+    "damage,expect",
+    [
+        (lambda f: _truncate(f), "bytes, the manifest says"),
+        (lambda f: _flip(f, f.stat().st_size - 3), "contents do not match the checksum"),
+    ],
+    ids=["truncated", "byte-flipped"],
+)
 def test_damaged_saved_model_is_caught_by_its_manifest(tmp_path, damage, expect):
     _plmrun_model(tmp_path, SPEEDRUN)
     damage(tmp_path / "model" / "model.safetensors")
@@ -287,8 +367,11 @@ def test_damaged_saved_model_is_caught_by_its_manifest(tmp_path, damage, expect)
     _one_line(e, str(tmp_path / "model" / "model.safetensors"), expect)
 
 
-@pytest.mark.parametrize("damage", [lambda f: _truncate(f), lambda f: _truncate(f, 0.0001), lambda f: _flip(f, 12)],
-                         ids=["truncated", "header-only", "header-flipped"])
+@pytest.mark.parametrize(
+    "damage",
+    [lambda f: _truncate(f), lambda f: _truncate(f, 0.0001), lambda f: _flip(f, 12)],
+    ids=["truncated", "header-only", "header-flipped"],
+)
 def test_damaged_safetensors_without_manifest_is_one_line(tmp_path, damage):
     saved_by_transformers(tiny_hf(), tmp_path)  # a Hugging Face folder: no manifest
     damage(tmp_path / "model.safetensors")
@@ -331,8 +414,12 @@ def test_config_json_of_another_shape_names_the_key_and_both_shapes(tmp_path):
     write_manifest(tmp_path / "model", ["model.safetensors", "config.json"])  # consistent, but wrong
     with pytest.raises(ModelLoadError) as e:
         load_model(tmp_path / "model")
-    _one_line(e, str(tmp_path / "model" / "model.safetensors"), "embed.weight has shape (33, 32)",
-              f"the model built from {cfg_file} expects (33, 64)")
+    _one_line(
+        e,
+        str(tmp_path / "model" / "model.safetensors"),
+        "embed.weight has shape (33, 32)",
+        f"the model built from {cfg_file} expects (33, 64)",
+    )
     saved_by_transformers(tiny_hf(), tmp_path / "hf")
     hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**hf_cfg, "intermediate_size": 128}))
@@ -363,9 +450,11 @@ def test_damaged_model_through_the_cli_is_one_error_line(tmp_path, capsys):
 
 def _checkpoint(tmp_path):
     """A run directory with one DCP checkpoint of a tiny model (what the trainer writes, model part)."""
+    from dataclasses import asdict
+
     import torch.distributed.checkpoint as dcp
     import yaml
-    from dataclasses import asdict
+
     cfg = config_from_dict({"model": SPEEDRUN}).model
     model = build_model(cfg)
     ck = tmp_path / "run" / "checkpoints" / "step_1"
@@ -394,13 +483,17 @@ def test_init_from_a_checkpoint(tmp_path):
     load_hf_weights_into(fresh, ck)
     _same_outputs(fresh, model.eval())
     wide = build_model(config_from_dict({"model": {**SPEEDRUN, "hidden_size": 64}}).model)
-    with pytest.raises(CheckpointError, match=r"model.embed.weight has shape \(33, 32\) in the checkpoint, "
-                                              r"\(33, 64\) in this model"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"model.embed.weight has shape \(33, 32\) in the checkpoint, "
+        r"\(33, 64\) in this model",
+    ):
         load_hf_weights_into(wide, ck)
 
 
 def test_checkpoint_of_another_config_is_one_line(tmp_path):
     import yaml
+
     ck, _ = _checkpoint(tmp_path)
     run_cfg = tmp_path / "run" / "config.yaml"
     d = yaml.safe_load(run_cfg.read_text())
@@ -408,6 +501,9 @@ def test_checkpoint_of_another_config_is_one_line(tmp_path):
     run_cfg.write_text(yaml.safe_dump(d))
     with pytest.raises(CheckpointError) as e:
         load_model(ck)
-    _one_line(e, str(ck), "model.embed.weight has shape (33, 32) in the checkpoint, (33, 64) in this model",
-              "the checkpoint is from another model config")
-
+    _one_line(
+        e,
+        str(ck),
+        "model.embed.weight has shape (33, 32) in the checkpoint, (33, 64) in this model",
+        "the checkpoint is from another model config",
+    )

@@ -38,7 +38,7 @@ def test_mlm_statistics_and_specials(big):
     residue = tok >= 4
     sel = tgt != IGNORE
     assert torch.equal(tgt[sel], tok[sel]) and not torch.any(sel & ~residue)
-    assert torch.equal(inp[~residue], tok[~residue])       # <cls>/<eos>/<pad> untouched
+    assert torch.equal(inp[~residue], tok[~residue])  # <cls>/<eos>/<pad> untouched
     assert abs(sel.sum().item() / residue.sum().item() - 0.2) < 0.01
     n = sel.sum().item()
     masked = (inp == MASK) & sel
@@ -67,14 +67,18 @@ def test_default_masking_keeps_visible_residues_as_targets(big):
     frac = lambda m: (m & sel).sum().item() / sel.sum().item()
     assert abs(sel.sum().item() / residues.sum().item() - 0.3) < 0.02
     assert abs(frac(b.inputs == MASK) - 0.8) < 0.02
-    assert abs(frac(b.inputs == big.tokens) - 0.1) < 0.02   # unchanged (a random draw may repeat the residue)
+    assert abs(frac(b.inputs == big.tokens) - 0.1) < 0.02  # unchanged (a random draw may repeat the residue)
 
 
 def test_masks_are_a_pure_function_of_seed_index_step(big):
     m = Masker()
     a = m(big, seed=1, index=5, step=10)
     assert torch.equal(a.inputs, m(big, seed=1, index=5, step=10).inputs)
-    for kw in ({"seed": 2, "index": 5, "step": 10}, {"seed": 1, "index": 6, "step": 10}, {"seed": 1, "index": 5, "step": 11}):
+    for kw in (
+        {"seed": 2, "index": 5, "step": 10},
+        {"seed": 1, "index": 6, "step": 10},
+        {"seed": 1, "index": 5, "step": 11},
+    ):
         assert not torch.equal(a.inputs, m(big, **kw).inputs)
 
 
@@ -92,9 +96,11 @@ def test_diffusion_weights_match_direct_elbo_computation():
     cu = packed.cu_seqlens.tolist()
     total, residues = 0.0, 0
     for s in range(packed.num_sequences):
-        lo, hi = cu[s] + 1, cu[s + 1] - 1                     # residues between <cls> and <eos>
+        lo, hi = cu[s] + 1, cu[s + 1] - 1  # residues between <cls> and <eos>
         masked = [i for i in range(lo, hi) if b.inputs[i] == MASK]
-        total += sum(F.cross_entropy(logits[i:i + 1], packed.tokens[i:i + 1]).item() for i in masked) / b.t[s].item()
+        total += (
+            sum(F.cross_entropy(logits[i : i + 1], packed.tokens[i : i + 1]).item() for i in masked) / b.t[s].item()
+        )
         residues += hi - lo
     assert b.normalizer == residues
     assert batch_loss.item() == pytest.approx(total / residues, rel=1e-5)
@@ -104,8 +110,9 @@ def test_diffusion_weighting_is_unbiased():
     # E_t E_mask [sum_masked 1/t] = number of residues: a constant per-token CE c gives loss c.
     packed = packed_batch([100] * 20, 2100)
     m = Masker(objective="diffusion", diffusion_eps=1e-3)
-    ratios = [(lambda b: b.loss_weights.sum().item() / b.normalizer)(m(packed, seed=0, index=i, step=0))
-              for i in range(400)]
+    ratios = [
+        (lambda b: b.loss_weights.sum().item() / b.normalizer)(m(packed, seed=0, index=i, step=0)) for i in range(400)
+    ]
     assert np.mean(ratios) == pytest.approx(1.0, abs=0.08)
 
 
@@ -128,8 +135,15 @@ def test_schedule_comes_from_the_step(big):
 
 
 def test_from_config_reads_every_field():
-    cfg = MaskingConfig(objective="mlm_to_diffusion", mask_rate=0.2, mask_rate_end=0.4, ramp_steps=7,
-                        mask_token_frac=0.7, random_token_frac=0.2, diffusion_eps=0.01)
+    cfg = MaskingConfig(
+        objective="mlm_to_diffusion",
+        mask_rate=0.2,
+        mask_rate_end=0.4,
+        ramp_steps=7,
+        mask_token_frac=0.7,
+        random_token_frac=0.2,
+        diffusion_eps=0.01,
+    )
     m = Masker.from_config(cfg)
     for f in dataclasses.fields(MaskingConfig):
         assert getattr(m, f.name) == getattr(cfg, f.name) != getattr(MaskingConfig(), f.name)
@@ -149,7 +163,7 @@ def test_eval_masks_do_not_depend_on_batching():
             b = eval_masks(pack(src, g, crops[g], token_budget=budget, max_length=1024), eval_seed=11, mask_rate=0.15)
             cu = b.packed.cu_seqlens.tolist()
             for k, i in enumerate(g):
-                out[int(i)] = (b.inputs[cu[k]:cu[k + 1]].clone(), b.targets[cu[k]:cu[k + 1]].clone())
+                out[int(i)] = (b.inputs[cu[k] : cu[k + 1]].clone(), b.targets[cu[k] : cu[k + 1]].clone())
         return out
 
     one = per_sequence([range(n)], 4096)

@@ -8,14 +8,17 @@ from plmrun.model.config import ModelConfig
 from plmrun.model.layers import window_at
 from plmrun.model.registry import attention_pairs, build_model, flops_per_step
 
-
 TINY = dict(hidden_size=32, num_layers=4, num_heads=2, num_att_tokens=16, attention_backend="cpu")
 
 
 def batch(lengths=(9, 1, 17, 2, 12), pad=5, seed=0):
     g = torch.Generator().manual_seed(seed)
-    toks = [torch.cat([torch.tensor([0]), torch.randint(4, 24, (n - 2,), generator=g), torch.tensor([2])])
-            if n >= 2 else torch.tensor([0]) for n in lengths]
+    toks = [
+        torch.cat([torch.tensor([0]), torch.randint(4, 24, (n - 2,), generator=g), torch.tensor([2])])
+        if n >= 2
+        else torch.tensor([0])
+        for n in lengths
+    ]
     toks[0][3] = 32  # a <mask>, so token dropout has work
     lens = list(lengths) + ([pad] if pad else [])
     tokens = torch.cat(toks + ([torch.ones(pad, dtype=torch.long)] if pad else []))
@@ -43,12 +46,27 @@ SWITCHES = {
     "odd_layers": dict(num_layers=5, expansion_ratio=8 / 3),
     "naive_backend": dict(attention_backend="naive"),
     "dense_backend": dict(attention_backend="sdpa_dense"),
-    "esm2": dict(arch="esm2", unet=False, x0_lambdas=False, value_embeddings=False, qk_norm=False,
-                 soft_logit_cap=0.0, token_dropout=True),
-    "esmc": dict(arch="esmc", unet=False, x0_lambdas=False, value_embeddings=False, soft_logit_cap=0.0,
-                 expansion_ratio=8 / 3),
-    "esmc_no_qk_norm": dict(arch="esmc", unet=False, x0_lambdas=False, value_embeddings=False, soft_logit_cap=0.0,
-                            qk_norm=False, num_layers=5),
+    "esm2": dict(
+        arch="esm2",
+        unet=False,
+        x0_lambdas=False,
+        value_embeddings=False,
+        qk_norm=False,
+        soft_logit_cap=0.0,
+        token_dropout=True,
+    ),
+    "esmc": dict(
+        arch="esmc", unet=False, x0_lambdas=False, value_embeddings=False, soft_logit_cap=0.0, expansion_ratio=8 / 3
+    ),
+    "esmc_no_qk_norm": dict(
+        arch="esmc",
+        unet=False,
+        x0_lambdas=False,
+        value_embeddings=False,
+        soft_logit_cap=0.0,
+        qk_norm=False,
+        num_layers=5,
+    ),
 }
 
 
@@ -72,8 +90,9 @@ def test_switch_forward_backward(name):
     loss.backward()
     assert torch.isfinite(loss)
     grads = {n: p.grad for n, p in model.named_parameters()}
-    assert all(g is not None and torch.isfinite(g).all() for g in grads.values()), \
-        [n for n, g in grads.items() if g is None]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values()), [
+        n for n, g in grads.items() if g is None
+    ]
     # zero-init output projections: some hidden matrix must receive gradient already at step 0
     assert any(g.abs().sum() > 0 for n, g in grads.items() if model.parameter_kinds()[n] == "hidden")
 
@@ -165,15 +184,27 @@ def test_flops_count():
     cfg = cfg_with()
     model = build_model(cfg)
     cu = torch.tensor([0, 5, 8, 15], dtype=torch.int32)
-    n = sum(p.numel() for name, p in model.named_parameters()
-            if p.dim() == 2 and not name.startswith(("embed", "value_embeds")))
+    n = sum(
+        p.numel()
+        for name, p in model.named_parameters()
+        if p.dim() == 2 and not name.startswith(("embed", "value_embeds"))
+    )
     assert flops_per_step(cfg, cu) == 3 * (2 * n * 15 + 4 * 32 * 4 * 83)
     assert flops_per_step(cfg, cu, training=False) * 3 == flops_per_step(cfg, cu)
 
 
-@pytest.mark.parametrize("name,params", [("esm2_8m", 7.5e6), ("esm2_35m", 33.5e6), ("esm2_150m", 148e6),
-                                         ("esm2_650m", 651e6), ("speedrun_133m", 133e6), ("esmc_300m", 333e6),
-                                         ("esmc_600m", 575e6)])
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("esm2_8m", 7.5e6),
+        ("esm2_35m", 33.5e6),
+        ("esm2_150m", 148e6),
+        ("esm2_650m", 651e6),
+        ("speedrun_133m", 133e6),
+        ("esmc_300m", 333e6),
+        ("esmc_600m", 575e6),
+    ],
+)
 def test_named_sizes(name, params):
     cfg = load_yaml(resolve_config_path(name)).model
     with torch.device("meta"):
@@ -181,18 +212,36 @@ def test_named_sizes(name, params):
     assert abs(n - params) / params < 0.02, n
 
 
-@pytest.mark.parametrize("overrides", [[], ["--model.p_attention=true", "--model.tie_embeddings=true",
-                                             "--model.num_att_tokens=16"],
-                                       ["--model.arch=esm2", "--model.unet=false", "--model.x0_lambdas=false",
-                                        "--model.value_embeddings=false", "--model.qk_norm=false",
-                                        "--model.soft_logit_cap=0", "--model.tie_embeddings=true"],
-                                       ["--model.arch=esmc", "--model.unet=false", "--model.x0_lambdas=false",
-                                        "--model.value_embeddings=false", "--model.soft_logit_cap=0"]])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["--model.p_attention=true", "--model.tie_embeddings=true", "--model.num_att_tokens=16"],
+        [
+            "--model.arch=esm2",
+            "--model.unet=false",
+            "--model.x0_lambdas=false",
+            "--model.value_embeddings=false",
+            "--model.qk_norm=false",
+            "--model.soft_logit_cap=0",
+            "--model.tie_embeddings=true",
+        ],
+        [
+            "--model.arch=esmc",
+            "--model.unet=false",
+            "--model.x0_lambdas=false",
+            "--model.value_embeddings=false",
+            "--model.soft_logit_cap=0",
+        ],
+    ],
+)
 def test_meta_init_is_bitwise_the_constructor(overrides):
     """One init per model: built on meta then materialised == built normally, bit for bit (ties kept)."""
     import torch
+
     from plmrun.config import build_config
     from plmrun.model.registry import build_model
+
     cfg = build_config(None, ["--model.hidden_size=64", "--model.num_heads=2", *overrides]).model
     torch.manual_seed(0)
     ref = build_model(cfg)
@@ -211,15 +260,29 @@ def test_meta_init_is_bitwise_the_constructor(overrides):
 def test_token_dropout_keeps_the_step_one_gradient(tmp_path):
     """Speedrun with token dropout: step-1 grad norm within 2x of the same run without it (a zero <mask>
     row under the weightless norms made it ~2000x)."""
+    import json
+
     from plmrun.config import build_config
     from plmrun.train.trainer import train
-    import json
+
     norms = {}
     for td in (False, True):
-        cfg = build_config("debug", [f"--model.token_dropout={td}", "--train.max_steps=1", "--train.log_every=1",
-                                     "--train.eval_every=0", "--eval.subset=2", "--eval.final_full=false",
-                                     "--logging.progress=false", "--train.threads=1", "--train.precision=fp32",
-                                     f"--logging.run_root={tmp_path}", f"--logging.name=td_{td}"])
+        cfg = build_config(
+            "debug",
+            [
+                f"--model.token_dropout={td}",
+                "--train.max_steps=1",
+                "--train.log_every=1",
+                "--train.eval_every=0",
+                "--eval.subset=2",
+                "--eval.final_full=false",
+                "--logging.progress=false",
+                "--train.threads=1",
+                "--train.precision=fp32",
+                f"--logging.run_root={tmp_path}",
+                f"--logging.name=td_{td}",
+            ],
+        )
         train(cfg)
         records = [json.loads(line) for line in (tmp_path / f"td_{td}" / "metrics.jsonl").read_text().splitlines()]
         norms[td] = next(r["grad_norm"] for r in records if r["kind"] == "train" and r["step"] == 1)
@@ -229,6 +292,7 @@ def test_token_dropout_keeps_the_step_one_gradient(tmp_path):
 @pytest.mark.parametrize("switch", [dict(norm="layer"), dict(position_encoding="none"), dict(mlp_activation="gelu")])
 def test_seed_choices_change_the_output(switch):
     """The seed's fixed choices (RMSNorm, RoPE, ReLU^2) are switches: the same weights give other logits."""
+
     def logits(**kw):
         torch.manual_seed(0)
         model = build_model(cfg_with(**kw)).eval()
@@ -236,6 +300,7 @@ def test_seed_choices_change_the_output(switch):
             for p in model.parameters():
                 p.normal_(0, 0.2)
             return model(*batch()).logits
+
     base, other = logits(), logits(**switch)
     assert torch.isfinite(other).all() and not torch.allclose(base, other, atol=1e-3)
     if "position_encoding" in switch:  # without positions, a sequence's residues are an unordered set
@@ -253,19 +318,41 @@ def test_seed_choices_change_the_output(switch):
 
 def test_seed_choices_are_validated():
     from plmrun.config import ConfigError, build_config
-    esm2 = ["--model.arch=esm2", "--model.unet=false", "--model.x0_lambdas=false", "--model.value_embeddings=false",
-            "--model.qk_norm=false", "--model.soft_logit_cap=0"]
+
+    esm2 = [
+        "--model.arch=esm2",
+        "--model.unet=false",
+        "--model.x0_lambdas=false",
+        "--model.value_embeddings=false",
+        "--model.qk_norm=false",
+        "--model.soft_logit_cap=0",
+    ]
     with pytest.raises(ConfigError, match=r"^model.norm is a speedrun option; leave it at 'rms' with model.arch=esm2"):
         build_config(None, [*esm2, "--model.norm=layer"])
     with pytest.raises(ConfigError, match=r"model.position_encoding: 'alibi' is not one of 'rope', 'none'"):
         build_config(None, ["--model.position_encoding=alibi"])
-    with pytest.raises(ConfigError, match=r"^model.mlp_activation applies to the MLP, which model.p_attention replaces"):
+    with pytest.raises(
+        ConfigError, match=r"^model.mlp_activation applies to the MLP, which model.p_attention replaces"
+    ):
         build_config(None, ["--model.p_attention=true", "--model.mlp_activation=gelu"])
     with pytest.raises(ValueError, match="turn off mlp_activation"):
-        build_model(cfg_with(arch="esm2", unet=False, x0_lambdas=False, value_embeddings=False, qk_norm=False,
-                             soft_logit_cap=0.0, mlp_activation="gelu"))
-    assert build_config(None, ["--model.norm=layer", "--model.position_encoding=none",
-                               "--model.mlp_activation=gelu"]).model.norm == "layer"
+        build_model(
+            cfg_with(
+                arch="esm2",
+                unet=False,
+                x0_lambdas=False,
+                value_embeddings=False,
+                qk_norm=False,
+                soft_logit_cap=0.0,
+                mlp_activation="gelu",
+            )
+        )
+    assert (
+        build_config(
+            None, ["--model.norm=layer", "--model.position_encoding=none", "--model.mlp_activation=gelu"]
+        ).model.norm
+        == "layer"
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -273,6 +360,7 @@ def test_relu_squared_is_bitwise_autograd(dtype):
     """The fused squared ReLU gives exactly F.relu(h).square()'s output and gradient (sign of zeros included),
     so the default run's loss series is unchanged by it."""
     from plmrun.model.layers import relu_squared
+
     g = torch.Generator().manual_seed(0)
     h = torch.randn(64, 96, generator=g).to(dtype)
     h[::5, ::3] = 0.0

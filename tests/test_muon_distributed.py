@@ -4,6 +4,7 @@ One spawn of two ranks runs every case and saves what it got; the tests compare 
 computation done here in one process. Three hidden matrices of different sizes over two ranks
 exercise the partial last round; 5- and 11-row matrices give FSDP2 uneven shards.
 """
+
 import os
 import socket
 
@@ -24,7 +25,12 @@ MOMENTA = (0.85, 0.9, 0.95)
 CFG = dict(weight_decay=0.1, grad_clip=0.5, warmup=2, schedule="cosine", muon_momentum_warmup_steps=2)
 # The opt-in cheaper orthogonalisation: Gram-side NS (15×6 is 2.5× taller than wide) and a polar factor
 # reused on step 1 of 0..2, whose stored state must be the rank's own shard under FSDP2.
-EXTRA = {"ddp": {}, "fsdp": {}, "ddp_cheap": dict(ns_gram=True, ns_every=2), "fsdp_cheap": dict(ns_gram=True, ns_every=2)}
+EXTRA = {
+    "ddp": {},
+    "fsdp": {},
+    "ddp_cheap": dict(ns_gram=True, ns_every=2),
+    "fsdp_cheap": dict(ns_gram=True, ns_every=2),
+}
 
 
 class TinyDist(nn.Module):
@@ -35,13 +41,21 @@ class TinyDist(nn.Module):
         self.embed = nn.Embedding(11, 6)
         self.up = nn.Linear(6, 15)
         self.down = nn.Linear(15, 6, bias=False)
-        self.q = nn.Parameter(torch.randn(5, 6) / 6 ** 0.5)
+        self.q = nn.Parameter(torch.randn(5, 6) / 6**0.5)
         self.gain = nn.Parameter(torch.ones(6))
         self.head = nn.Linear(6, 11)
 
     def parameter_kinds(self):
-        return {"embed.weight": "embed", "up.weight": "hidden", "up.bias": "scalar", "down.weight": "hidden",
-                "q": "hidden", "gain": "scalar", "head.weight": "head", "head.bias": "head"}
+        return {
+            "embed.weight": "embed",
+            "up.weight": "hidden",
+            "up.bias": "scalar",
+            "down.weight": "hidden",
+            "q": "hidden",
+            "gain": "scalar",
+            "head.weight": "head",
+            "head.bias": "head",
+        }
 
     def forward(self, x):
         h = self.embed(x)
@@ -79,8 +93,9 @@ def _train(model, opt, tokens):
 
 
 def _full(model):
-    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-            for n, p in model.named_parameters()}
+    return {
+        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()
+    }
 
 
 def _worker(rank, port, data, out_dir):
@@ -103,7 +118,7 @@ def _worker(rank, port, data, out_dir):
         _muon_steps(params, data["grads"], dtype, wrap=lambda g: distribute_tensor(g, mesh, [Shard(0)]))
         res[f"sharded_{name}"] = [p.full_tensor() for p in params]
         res[f"local_shapes_{name}"] = [tuple(p.to_local().shape) for p in params]
-    mine = data["tokens"][:, 2 * rank:2 * rank + 2]  # each rank its half of every global batch
+    mine = data["tokens"][:, 2 * rank : 2 * rank + 2]  # each rank its half of every global batch
     for strategy, extra in EXTRA.items():
         model = TinyDist()
         model.load_state_dict(data["model"])
@@ -161,6 +176,7 @@ def test_sharded_muon_differs_from_per_shard_orthogonalisation(runs):
     data, _ = runs
     g = data["grads"][0][0]
     from plmrun.optim.muon import newton_schulz
+
     per_shard = torch.cat([newton_schulz(c, 5, torch.float32) for c in g.chunk(WORLD)])
     assert (per_shard - newton_schulz(g, 5, torch.float32)).abs().max() > 0.05
 

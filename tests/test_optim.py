@@ -1,4 +1,5 @@
 """Optimizer grouping, schedules, Muon against an SVD reference, exact resume, clipping."""
+
 import copy
 import math
 
@@ -8,10 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plmrun.config import OptimConfig
+from plmrun.config import ConfigError, OptimConfig, validate
 from plmrun.optim.build import build_optimizer
 from plmrun.optim.clip import clip_gradients
-from plmrun.config import ConfigError, validate
 from plmrun.optim.muon import NS_COEFFICIENTS, Muon, newton_schulz, ns_schedule
 from plmrun.optim.schedule import lr_multiplier, muon_momentum, steps_of
 
@@ -28,8 +28,15 @@ class Tiny(nn.Module):
         self.head = nn.Linear(d, vocab)
 
     def parameter_kinds(self):
-        return {"embed.weight": "embed", "up.weight": "hidden", "up.bias": "scalar", "down.weight": "hidden",
-                "gain": "scalar", "head.weight": "head", "head.bias": "head"}
+        return {
+            "embed.weight": "embed",
+            "up.weight": "hidden",
+            "up.bias": "scalar",
+            "down.weight": "hidden",
+            "gain": "scalar",
+            "head.weight": "head",
+            "head.bias": "head",
+        }
 
     def loss(self, x):
         h = self.embed(x)
@@ -49,8 +56,9 @@ def _cfg(**kw):
 # ---------------------------------------------------------------- grouping
 def test_muon_grouping_lrs_and_decay():
     m = _model()
-    cfg = _cfg(weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6, lr_hidden=0.02, lr_embed=0.05, lr_head=0.008,
-               lr_scalar=0.04)
+    cfg = _cfg(
+        weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6, lr_hidden=0.02, lr_embed=0.05, lr_head=0.008, lr_scalar=0.04
+    )
     opt = build_optimizer(m, cfg, max_steps=100)
     muon, adam = opt.optimizers
     assert isinstance(muon, Muon) and isinstance(adam, torch.optim.AdamW)
@@ -77,7 +85,9 @@ def test_adamw_grouping_is_esm2_recipe():
     assert type(adam) is torch.optim.AdamW
     groups = {g["name"]: g for g in opt.param_groups}
     assert {n: (g["base_lr"], g["weight_decay"]) for n, g in groups.items()} == {
-        "adamw": (4e-4, 0.01), "adamw_no_decay": (4e-4, 0.0)}
+        "adamw": (4e-4, 0.01),
+        "adamw_no_decay": (4e-4, 0.0),
+    }
     assert all(p.ndim >= 2 for p in groups["adamw"]["params"])
     assert all(p.ndim < 2 for p in groups["adamw_no_decay"]["params"])
 
@@ -89,12 +99,15 @@ def test_frozen_parameters_are_left_out():
     assert not any(p is m.gain for p in opt.params)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda k: k.pop("gain"), "'gain' has no kind"),
-    (lambda k: k.update({"nope.weight": "hidden"}), "'nope.weight', which is not a parameter"),
-    (lambda k: k.update({"gain": "vector"}), "kind 'vector'"),
-    (lambda k: k.update({"gain": "hidden"}), "'gain' of shape (8,) is 'hidden'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda k: k.pop("gain"), "'gain' has no kind"),
+        (lambda k: k.update({"nope.weight": "hidden"}), "'nope.weight', which is not a parameter"),
+        (lambda k: k.update({"gain": "vector"}), "kind 'vector'"),
+        (lambda k: k.update({"gain": "hidden"}), "'gain' of shape (8,) is 'hidden'"),
+    ],
+)
 def test_bad_parameter_kinds_are_one_line_errors(change, message):
     m = _model()
     kinds = m.parameter_kinds()
@@ -182,7 +195,7 @@ def _ns_reference(g: torch.Tensor, steps: int) -> torch.Tensor:
     a, b, c = NS_COEFFICIENTS
     s = s / torch.linalg.matrix_norm(g.double())
     for _ in range(steps):
-        s = a * s + b * s ** 3 + c * s ** 5
+        s = a * s + b * s**3 + c * s**5
     return u @ torch.diag(s) @ vh
 
 
@@ -204,7 +217,7 @@ def _pe_reference(g):
     u, s, vh = torch.linalg.svd(g.double(), full_matrices=False)
     s = s / (torch.linalg.matrix_norm(g.double()) * 1.02)
     for a, b, c in ns_schedule("polar_express", 5):
-        s = a * s + b * s ** 3 + c * s ** 5
+        s = a * s + b * s**3 + c * s**5
     return u @ torch.diag(s) @ vh
 
 
@@ -234,6 +247,7 @@ def test_truncated_or_unknown_schedule_is_refused():
 
 def _full_config():
     from plmrun.config import Config
+
     return Config()
 
 
@@ -242,7 +256,10 @@ def _full_config():
 def test_batched_newton_schulz_equals_one_call_per_matrix(shape, coefficients):
     """A stack [k, rows, cols] is orthogonalised matrix by matrix (own norm each), to fp32 rounding
     (NS amplifies it to ~2e-6 here; on CPU bitwise for the default model's shapes)."""
-    gs = torch.randn(3, *shape, generator=torch.Generator().manual_seed(2)) * torch.tensor([1.0, 30.0, 1e-3])[:, None, None]
+    gs = (
+        torch.randn(3, *shape, generator=torch.Generator().manual_seed(2))
+        * torch.tensor([1.0, 30.0, 1e-3])[:, None, None]
+    )
     batched = newton_schulz(gs, 5, torch.float32, coefficients=coefficients)
     for g, b in zip(gs, batched):
         torch.testing.assert_close(b, newton_schulz(g, 5, torch.float32, coefficients=coefficients), atol=1e-5, rtol=0)
@@ -318,8 +335,16 @@ def _train(model, opt, steps, start, data):
 
 @pytest.mark.parametrize("optimizer", ["muon", "adamw"])
 def test_state_dict_round_trip_gives_identical_steps(optimizer):
-    cfg = _cfg(optimizer=optimizer, warmup=2, schedule="cosine", weight_decay=0.1, auto_clip_percentile=50,
-               auto_clip_history=3, grad_clip=5.0, muon_momentum_warmup_steps=4)
+    cfg = _cfg(
+        optimizer=optimizer,
+        warmup=2,
+        schedule="cosine",
+        weight_decay=0.1,
+        auto_clip_percentile=50,
+        auto_clip_history=3,
+        grad_clip=5.0,
+        muon_momentum_warmup_steps=4,
+    )
     data = torch.randint(0, 11, (8, 32), generator=torch.Generator().manual_seed(0))
     model = _model()
     opt = build_optimizer(model, cfg, max_steps=8)
@@ -357,7 +382,7 @@ def test_zero_grad_sets_none():
 def _params_with_grads(norms):
     """One parameter per entry, each with a gradient of the given norm."""
     ps = []
-    for i, n in enumerate(norms):
+    for n in norms:
         p = nn.Parameter(torch.zeros(4))
         p.grad = torch.full((4,), n / 2.0)  # ‖(n/2,)*4‖ = n
         ps.append(p)
@@ -407,6 +432,7 @@ def test_non_finite_norm_is_reported_not_recorded():
 def test_dcp_optimizer_state_dict_round_trip():
     """The trainer's distributed-checkpoint path: FQN-keyed state of `Optimizers.optimizers` + the history."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
     cfg = _cfg(warmup=2, schedule="cosine", weight_decay=0.1, auto_clip_percentile=50, auto_clip_history=3)
     data = torch.randint(0, 11, (8, 32), generator=torch.Generator().manual_seed(0))
     model = _model()
@@ -433,7 +459,7 @@ def _svd_map(g, f):
 
 def _quintic5(s):
     for a, b, c in ns_schedule("quintic", 5):
-        s = a * s + b * s ** 3 + c * s ** 5
+        s = a * s + b * s**3 + c * s**5
     return s
 
 
@@ -470,9 +496,9 @@ def test_per_head_blocks_are_orthogonalised_on_their_own():
     opt.step()
     o = -p.detach().double()
     for i in range(4):
-        block = g[4 * i:4 * i + 4]
-        torch.testing.assert_close(o[4 * i:4 * i + 4], _svd_map(block, _quintic5), atol=2e-5, rtol=0)
-        assert torch.linalg.matrix_norm(o[4 * i:4 * i + 4] - _svd_map(block, torch.ones_like), 2) < 0.35
+        block = g[4 * i : 4 * i + 4]
+        torch.testing.assert_close(o[4 * i : 4 * i + 4], _svd_map(block, _quintic5), atol=2e-5, rtol=0)
+        assert torch.linalg.matrix_norm(o[4 * i : 4 * i + 4] - _svd_map(block, torch.ones_like), 2) < 0.35
     assert not torch.allclose(o, _svd_map(g, _quintic5), atol=1e-2)
     with pytest.raises(ValueError, match="does not divide"):
         Muon([dict(params=[nn.Parameter(torch.zeros(6, 4))], ns_blocks=4)], lr=0.1)
@@ -509,8 +535,11 @@ def test_build_optimizer_ns_per_head_groups_qkv_by_head():
     muon = opt.optimizers[0]
     assert [g["name"] for g in muon.param_groups] == ["hidden", "hidden"]
     assert muon.param_groups[1]["ns_blocks"] == 2
-    assert {id(p) for p in muon.param_groups[1]["params"]} == {id(model.attn.q.weight), id(model.attn.k.weight),
-                                                               id(model.attn.v.weight)}
+    assert {id(p) for p in muon.param_groups[1]["params"]} == {
+        id(model.attn.q.weight),
+        id(model.attn.k.weight),
+        id(model.attn.v.weight),
+    }
     with pytest.raises(ValueError, match="no attention module"):
         build_optimizer(_model(), _cfg(ns_per_head=True), max_steps=4)
 
@@ -587,8 +616,9 @@ def test_polar_express_3_matches_svd_and_beats_three_quintic_steps():
 
     def pe3(x):
         for a, b, c in ns_schedule("polar_express_3", 3):
-            x = a * x + b * x ** 3 + c * x ** 5
+            x = a * x + b * x**3 + c * x**5
         return x
+
     torch.testing.assert_close(out, _svd_map(g, pe3), atol=2e-5, rtol=0)
     sv = torch.linalg.svdvals(out)
     assert sv.min() > 0.72 and sv.max() < 1.28

@@ -47,8 +47,11 @@ def _intact(inp):
 
 def test_prepare_over_the_folder_holding_its_input_is_refused(tmp_path, capsys):
     inp = _inp(tmp_path)
-    _refused(capsys, ["data", "prepare", str(inp / "small.fa"), "--out", str(inp), "--overwrite"],
-             f"--out {inp}: holds the input {inp / 'small.fa'}")
+    _refused(
+        capsys,
+        ["data", "prepare", str(inp / "small.fa"), "--out", str(inp), "--overwrite"],
+        f"--out {inp}: holds the input {inp / 'small.fa'}",
+    )
     _intact(inp)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inp"]  # no temp folder left either
 
@@ -58,16 +61,23 @@ def test_overwrite_replaces_only_a_folder_plmrun_made_and_names_foreign_files(tm
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("x")
-    _refused(capsys, ["data", "prepare", str(inp / "small.fa"), "--out", str(other), "--overwrite"],
-             "not a folder plmrun created", "notes.txt")
+    _refused(
+        capsys,
+        ["data", "prepare", str(inp / "small.fa"), "--out", str(other), "--overwrite"],
+        "not a folder plmrun created",
+        "notes.txt",
+    )
     assert (other / "notes.txt").read_text() == "x"
     ds = tmp_path / "ds"
     assert main(["data", "prepare", str(inp / "small.fa"), "--out", str(ds)]) == 0
     assert read_marker(ds) == {"train"}
     assert main(["data", "prepare", str(inp / "small.fa"), "--out", str(ds), "--overwrite"]) == 0  # ours: replaced
     (ds / "precious.txt").write_text("mine")
-    _refused(capsys, ["data", "prepare", str(inp / "small.fa"), "--out", str(ds), "--overwrite"],
-             "holds files plmrun did not write there (precious.txt)")
+    _refused(
+        capsys,
+        ["data", "prepare", str(inp / "small.fa"), "--out", str(ds), "--overwrite"],
+        "holds files plmrun did not write there (precious.txt)",
+    )
     assert (ds / "precious.txt").read_text() == "mine" and (ds / "train" / "manifest.json").is_file()
     _intact(inp)
 
@@ -95,8 +105,9 @@ def model(tmp_path):
 
 def test_export_overwrite_keeps_foreign_folders_and_never_writes_into_its_input(tmp_path, model, capsys):
     inp = _inp(tmp_path)
-    _refused(capsys, ["export", str(model), "--out", str(inp), "--overwrite"], "not a folder plmrun created",
-             "precious.txt")
+    _refused(
+        capsys, ["export", str(model), "--out", str(inp), "--overwrite"], "not a folder plmrun created", "precious.txt"
+    )
     _intact(inp)
     _refused(capsys, ["export", str(model), "--out", str(model), "--overwrite"], f"--out {model}: is the input")
     assert (model / "model.safetensors").is_file()
@@ -113,14 +124,23 @@ def test_an_output_file_that_is_an_input_is_refused_before_any_work(tmp_path, mo
     inp = _inp(tmp_path)
     fasta, dms = inp / "small.fa", tmp_path / "dms.csv"
     dms.write_text("mutant,DMS_score\nM1A,0.1\nK2L,0.4\nQ11W,-0.3\nS17P,0.2\n")
-    target = {"embed": fasta, "zeroshot --out": dms, "zeroshot --json": fasta, "probe": model / "config.json",
-              "eval": model / "model.safetensors", "finetune": model / "MANIFEST.json"}[command]
+    target = {
+        "embed": fasta,
+        "zeroshot --out": dms,
+        "zeroshot --json": fasta,
+        "probe": model / "config.json",
+        "eval": model / "model.safetensors",
+        "finetune": model / "MANIFEST.json",
+    }[command]
     before = target.read_bytes()
     flag = "--json" if command == "zeroshot --json" else "--out"
-    argv = {"embed": ["embed", str(model), str(fasta)],
-            "zeroshot --out": ["zeroshot", str(model), "--dms", str(dms), "--wildtype", str(fasta)],
-            "probe": ["probe", str(model)], "eval": ["eval", str(model)],
-            "finetune": ["finetune", str(model)]}[command.replace(" --json", " --out")]
+    argv = {
+        "embed": ["embed", str(model), str(fasta)],
+        "zeroshot --out": ["zeroshot", str(model), "--dms", str(dms), "--wildtype", str(fasta)],
+        "probe": ["probe", str(model)],
+        "eval": ["eval", str(model)],
+        "finetune": ["finetune", str(model)],
+    }[command.replace(" --json", " --out")]
     _refused(capsys, [*argv, flag, str(target), "--device", "cpu"], str(target))
     assert target.read_bytes() == before
 
@@ -140,13 +160,17 @@ def test_embed_never_removes_a_partial_folder_it_did_not_make(tmp_path, model, c
     partial = tmp_path / "e.safetensors.partial"
     partial.mkdir()
     (partial / "mine.txt").write_text("x")
-    _refused(capsys, ["embed", str(model), str(inp / "small.fa"), "--out", str(tmp_path / "e.safetensors"),
-                      "--device", "cpu"], f"{partial}: exists and is not an unfinished embed")
+    _refused(
+        capsys,
+        ["embed", str(model), str(inp / "small.fa"), "--out", str(tmp_path / "e.safetensors"), "--device", "cpu"],
+        f"{partial}: exists and is not an unfinished embed",
+    )
     assert (partial / "mine.txt").read_text() == "x"
 
 
 def test_train_never_replaces_a_run_folder_holding_foreign_files(tmp_path):
     from test_train import TINY, _plmrun
+
     run = tmp_path / "runs" / "r"
     run.mkdir(parents=True)
     (run / "config.yaml").write_text("model: {hidden_size: 64}\n")  # another config, no checkpoint: replaceable

@@ -2,8 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from plmrun.data.packing import (PackingPlan, best_fit_decreasing, crop_starts, hash_uniform, pack,
-                                 token_lengths)
+from plmrun.data.packing import PackingPlan, best_fit_decreasing, crop_starts, hash_uniform, pack, token_lengths
 from plmrun.data.shards import InMemorySequences
 from plmrun.tokenizer import CLS, EOS, PAD
 
@@ -34,7 +33,7 @@ def test_crop_starts_are_a_pure_function_within_bounds():
     lengths = np.array([10, 600, 2000, 510, 511, 5000])
     idx = np.arange(6)
     s = crop_starts(lengths, idx, 512, 0, 2, 0)
-    assert s[0] == 0 and s[3] == 0                       # fits in 510 residues: no crop
+    assert s[0] == 0 and s[3] == 0  # fits in 510 residues: no crop
     assert np.all(s >= 0) and np.all(s <= np.maximum(lengths - 510, 0))
     assert np.array_equal(s[[5, 2]], crop_starts(lengths[[5, 2]], idx[[5, 2]], 512, 0, 2, 0))
     many = crop_starts(np.full(200, 5000), np.arange(200), 512, 0, 2, 0)
@@ -105,10 +104,10 @@ def test_pack_layout():
     assert b.seq_index.tolist() == idx.tolist() and b.crop_start.tolist() == crops.tolist()
     pos = 0
     for k, (i, n) in enumerate(zip(idx, seg)):
-        t = b.tokens[pos:pos + n].numpy()
-        window = src.residues(i)[crops[k]:crops[k] + 62]
+        t = b.tokens[pos : pos + n].numpy()
+        window = src.residues(i)[crops[k] : crops[k] + 62]
         assert t[0] == CLS and t[-1] == EOS and np.array_equal(t[1:-1], window)
-        assert b.positions[pos:pos + n].tolist() == list(range(n))
+        assert b.positions[pos : pos + n].tolist() == list(range(n))
         pos += n
     assert crops[0] > 0 and np.all(crops[1:] == 0)
     assert torch.all(b.tokens[93:] == PAD) and b.positions[93:].tolist() == list(range(256 - 93))

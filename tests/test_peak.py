@@ -1,4 +1,5 @@
 """The MFU denominator: best-of peak cached per machine, override, contention flag, MFU never above 100%."""
+
 import json
 
 import pytest
@@ -56,8 +57,17 @@ def test_contention_flag_when_start_up_is_far_below_the_cached_best(cache):
     assert "contended" not in quiet.describe()
 
 
-@pytest.mark.parametrize("damage", ["{not json", "[1, 2]", '{"k": {"flops": "fast"}}', '{"k": {"flops": -3}}',
-                                    '{"k": {"flops": 1e11, "runs": "many"}}', ""])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "{not json",
+        "[1, 2]",
+        '{"k": {"flops": "fast"}}',
+        '{"k": {"flops": -3}}',
+        '{"k": {"flops": 1e11, "runs": "many"}}',
+        "",
+    ],
+)
 def test_corrupted_cache_warns_in_one_line_and_is_measured_again(cache, capsys, damage):
     cache.parent.mkdir(parents=True)
     cache.write_text(damage)

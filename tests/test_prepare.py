@@ -1,4 +1,5 @@
 """prepare: manifests, worker-count independence, output-directory safety, policies."""
+
 import filecmp
 import lzma
 
@@ -20,7 +21,7 @@ def fasta(path, n, seed, width=60, bad=None):
         seqs[bad] = seqs[bad][:3] + "J" + seqs[bad][3:]
     with open(path, "w") as f:
         for i, s in enumerate(seqs):
-            f.write(f">r{i} seed={seed}\n" + "\n".join(s[k:k + width] for k in range(0, len(s), width)) + "\n")
+            f.write(f">r{i} seed={seed}\n" + "\n".join(s[k : k + width] for k in range(0, len(s), width)) + "\n")
     return seqs
 
 
@@ -29,9 +30,15 @@ def test_prepare_splits_and_manifest(tmp_path):
     valid = fasta(tmp_path / "valid.fa", 20, 1)
     with lzma.open(tmp_path / "test.fa.xz", "wt") as f:
         f.write((tmp_path / "valid.fa").read_text())
-    ms = prepare(tmp_path / "train.fa", tmp_path / "ds", valid=tmp_path / "valid.fa",
-                 test=[tmp_path / "test.fa.xz"], shard_size=10_000, progress=False,
-                 command=["plmrun", "data", "prepare", "x"])
+    ms = prepare(
+        tmp_path / "train.fa",
+        tmp_path / "ds",
+        valid=tmp_path / "valid.fa",
+        test=[tmp_path / "test.fa.xz"],
+        shard_size=10_000,
+        progress=False,
+        command=["plmrun", "data", "prepare", "x"],
+    )
     assert set(ms) == {"train", "valid", "test"}
     m = ms["train"]
     assert m["num_sequences"] == 300 and m["num_tokens"] == sum(map(len, train))
@@ -41,7 +48,7 @@ def test_prepare_splits_and_manifest(tmp_path):
     src = open_dataset(tmp_path / "ds", "train")
     assert [tok.decode(src.residues(i)) for i in range(len(src))] == train
     assert src.ids(7) == "r7 seed=0"
-    assert ms["valid"]["fingerprint"] == ms["test"]["fingerprint"]       # same content
+    assert ms["valid"]["fingerprint"] == ms["test"]["fingerprint"]  # same content
     assert [tok.decode(open_dataset(tmp_path / "ds", "test").residues(i)) for i in range(20)] == valid
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -49,8 +56,9 @@ def test_prepare_splits_and_manifest(tmp_path):
 def test_workers_do_not_change_output(tmp_path):
     fasta(tmp_path / "in.fa", 400, 2)
     from plmrun.data import readers
+
     old = readers.BLOCK_BYTES
-    readers.BLOCK_BYTES = 4096                           # many chunks in flight
+    readers.BLOCK_BYTES = 4096  # many chunks in flight
     try:
         prepare(tmp_path / "in.fa", tmp_path / "a", workers=1, progress=False, command=["c"])
         prepare(tmp_path / "in.fa", tmp_path / "b", workers=2, progress=False, command=["c"])
@@ -58,8 +66,7 @@ def test_workers_do_not_change_output(tmp_path):
         readers.BLOCK_BYTES = old
     a, b = open_dataset(tmp_path / "a", "train"), open_dataset(tmp_path / "b", "train")
     assert a.fingerprint == b.fingerprint
-    assert filecmp.cmp(tmp_path / "a/train/shard-00000.bin", tmp_path / "b/train/shard-00000.bin",
-                       shallow=False)
+    assert filecmp.cmp(tmp_path / "a/train/shard-00000.bin", tmp_path / "b/train/shard-00000.bin", shallow=False)
 
 
 def test_output_directory_safety(tmp_path):
@@ -67,8 +74,11 @@ def test_output_directory_safety(tmp_path):
     fasta(tmp_path / "bad.fa", 10, 4, bad=5)
     out = tmp_path / "ds"
     first = prepare(tmp_path / "in.fa", out, progress=False)["train"]["fingerprint"]
-    with pytest.raises(DataError, match=r"ds: output directory already exists and is not empty "
-                                        r"\(pass --overwrite"):
+    with pytest.raises(
+        DataError,
+        match=r"ds: output directory already exists and is not empty "
+        r"\(pass --overwrite",
+    ):
         prepare(tmp_path / "in.fa", out, progress=False)
     # a failing run (bad valid input) leaves the old dataset untouched and no temp dirs
     with pytest.raises(DataError, match=r"bad.fa:\d+:4: invalid residue 'J' in record 'r5"):
@@ -78,7 +88,7 @@ def test_output_directory_safety(tmp_path):
     with pytest.raises(DataError, match=r"nothere.fa: no such file"):
         prepare(tmp_path / "nothere.fa", tmp_path / "new", progress=False)
     assert not (tmp_path / "new").exists()
-    (tmp_path / "empty").mkdir()                          # an empty directory is fine
+    (tmp_path / "empty").mkdir()  # an empty directory is fine
     prepare(tmp_path / "in.fa", tmp_path / "empty", progress=False)
     assert open_dataset(tmp_path / "empty", "train").fingerprint == first
 
@@ -98,12 +108,13 @@ def test_invalid_policies_recorded(tmp_path):
 def test_parquet_equals_fasta(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
+
     seqs = fasta(tmp_path / "in.fa", 50, 5)
-    pq.write_table(pa.table({"id": [f"r{i}" for i in range(50)], "s": seqs}), tmp_path / "in.parquet",
-                   row_group_size=7)
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(50)], "s": seqs}), tmp_path / "in.parquet", row_group_size=7)
     a = prepare(tmp_path / "in.fa", tmp_path / "a", progress=False)["train"]["fingerprint"]
-    b = prepare(tmp_path / "in.parquet", tmp_path / "b", column="s", id_column="id",
-                progress=False)["train"]["fingerprint"]
+    b = prepare(tmp_path / "in.parquet", tmp_path / "b", column="s", id_column="id", progress=False)["train"][
+        "fingerprint"
+    ]
     assert a == b and open_dataset(tmp_path / "b", "train").ids(3) == "r3"
     with pytest.raises(DataError, match=r"in.parquet: no column 'seq'"):
         prepare(tmp_path / "in.parquet", tmp_path / "c", column="seq", progress=False)
@@ -122,6 +133,7 @@ def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys)
 
     from plmrun.cli import main
     from plmrun.data import shards
+
     fasta(tmp_path / "train.fa", 300, 0)
     real = shards.SplitWriter._finish_shard
 
@@ -132,10 +144,26 @@ def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys)
 
     monkeypatch.setattr(shards.SplitWriter, "_finish_shard", second_shard_fails)
     out = tmp_path / "out" / "ds"
-    assert main(["data", "prepare", str(tmp_path / "train.fa"), "--out", str(out), "--shard-size", "10000",
-                 "--workers", "1", "--no-progress"]) == 2
-    assert capsys.readouterr().err == (f"error: {out}: no space left on the device holding it; "
-                                       "free space there or choose another --out\n")
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                str(tmp_path / "train.fa"),
+                "--out",
+                str(out),
+                "--shard-size",
+                "10000",
+                "--workers",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
+    assert capsys.readouterr().err == (
+        f"error: {out}: no space left on the device holding it; free space there or choose another --out\n"
+    )
     assert not out.exists() and _leftovers(out.parent) == []
 
 
@@ -159,6 +187,7 @@ def test_killed_prepare_leftover_is_removed_by_the_next_run(tmp_path):
     import socket
     import subprocess
     import sys
+
     seqs = fasta(tmp_path / "train.fa", 300, 0)
     out = tmp_path / "ds"
     killed = subprocess.Popen([sys.executable, "-c", KILLED_PREPARE, str(tmp_path / "train.fa"), str(out)])
@@ -166,7 +195,7 @@ def test_killed_prepare_leftover_is_removed_by_the_next_run(tmp_path):
     left = _leftovers(tmp_path)
     assert not out.exists() and len(left) == 1 and left[0].startswith(".ds.tmp-")
     assert (tmp_path / left[0] / "train" / "shard-00000.bin").is_file()
-    live = tmp_path / f".ds.tmp-{os.getppid()}@{socket.gethostname()}-0123abcd"   # a running prepare's
+    live = tmp_path / f".ds.tmp-{os.getppid()}@{socket.gethostname()}-0123abcd"  # a running prepare's
     other_host = tmp_path / f".ds.tmp-{killed.pid}@elsewhere.example-0123abcd"  # dead pid, other host
     live.mkdir()
     other_host.mkdir()

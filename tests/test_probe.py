@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from plmrun.cli import main
-from plmrun.model.config import ModelConfig
 from plmrun.eval import probe
 from plmrun.eval.embed import embed_sequences
 from plmrun.eval.inference import load_eval_model
+from plmrun.model.config import ModelConfig
 from plmrun.model.loading import save_model_dir
 from plmrun.model.registry import build_model
 
@@ -18,6 +18,7 @@ def test_secondary_structure_split_by_superfamily_and_3_states():
     import csv
     import io
     import lzma
+
     task = replace(probe.TASKS["secondary_structure"], max_train=10**6, max_test=10**6)
     data = probe.load_task(task)
     with lzma.open(probe.PROBE_DIR / "scope207_domains_dssp8.tsv.xz", "rt") as f:
@@ -55,8 +56,10 @@ def test_probe_scores_signal_and_chance():
     noise = rng.normal(size=(300, 3))
     task = probe.TASKS["localisation"]
     for head in probe.HEADS:
-        assert probe.fit_and_score(task, informative[:200], y[:200], informative[200:], y[200:], [0],
-                                   head).scores[0] > 0.95
+        assert (
+            probe.fit_and_score(task, informative[:200], y[:200], informative[200:], y[200:], [0], head).scores[0]
+            > 0.95
+        )
     chance = probe.fit_and_score(task, noise[:200], y[:200], noise[200:], y[200:], [0, 1, 2], "logistic")
     assert max(chance.scores) < 0.55
     # per test item: the fraction of seeds that got it right, so its mean is the mean accuracy
@@ -78,7 +81,7 @@ def test_paired_difference_resamples_whole_sequences():
     # the interval covers the truth for a real effect and excludes 0; noise gives an interval around 0
     rng = np.random.default_rng(0)
     b = (rng.random(2000) < 0.40).astype(float)
-    a = np.where(rng.random(2000) < 0.1, 1.0, b)          # a = b plus ~6 points of extra right answers
+    a = np.where(rng.random(2000) < 0.1, 1.0, b)  # a = b plus ~6 points of extra right answers
     d = probe.paired_difference(a, b)
     assert 0 < d["ci95"][0] < d["diff"] < d["ci95"][1] and d["diff"] == pytest.approx((a - b).mean())
     with pytest.raises(ValueError, match="same non-zero number"):
@@ -92,8 +95,27 @@ def test_pipeline_on_a_tiny_model(tmp_path, capsys):
     cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2)
     save_model_dir(tmp_path / "model", build_model(cfg).state_dict(), cfg)
     out = tmp_path / "results.json"
-    assert main(["probe", str(tmp_path / "model"), "--seeds", "2", "--max-train", "24", "--max-test", "12",
-                       "--max-length", "130", "--out", str(out), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                str(tmp_path / "model"),
+                "--seeds",
+                "2",
+                "--max-train",
+                "24",
+                "--max-test",
+                "12",
+                "--max-length",
+                "130",
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     results = json.loads(out.read_text())
     assert set(results["tasks"]) == set(probe.TASKS)
@@ -117,22 +139,45 @@ def test_layer_picks_the_probed_hidden_state(tmp_path, capsys):
     torch.manual_seed(2)
     cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2)
     net = build_model(cfg)
-    with torch.no_grad():   # non-zero output projections, so each block changes the features
+    with torch.no_grad():  # non-zero output projections, so each block changes the features
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
     save_model_dir(tmp_path / "model", net.state_dict(), cfg)
     model = load_eval_model(str(tmp_path / "model"), device=torch.device("cpu"), max_length=130)
     caps = {"max_train": 10, "max_test": 6}
-    by_layer = {layer: probe.run_probes(model, ["solubility"], seeds=[0], caps=caps, layer=layer, log=lambda m: None)
-                for layer in (0, 1)}
+    by_layer = {
+        layer: probe.run_probes(model, ["solubility"], seeds=[0], caps=caps, layer=layer, log=lambda m: None)
+        for layer in (0, 1)
+    }
     assert by_layer[0]["layer"] == 0 and by_layer[1]["layer"] == 1
     seqs = probe.load_task(replace(probe.TASKS["solubility"], **caps)).test_seqs
     f0, f1 = (probe.model_features(model, seqs, False, 8192, layer) for layer in (0, 1))
     assert not np.allclose(f0, f1)
     np.testing.assert_allclose(f1, embed_sequences(model, seqs, layer=1), rtol=0, atol=0)
     capsys.readouterr()
-    assert main(["probe", str(tmp_path / "model"), "--tasks", "solubility", "--seeds", "1", "--max-train", "4",
-                 "--max-test", "2", "--max-length", "130", "--layer", "7", "--device", "cpu"]) == 2
+    assert (
+        main(
+            [
+                "probe",
+                str(tmp_path / "model"),
+                "--tasks",
+                "solubility",
+                "--seeds",
+                "1",
+                "--max-train",
+                "4",
+                "--max-test",
+                "2",
+                "--max-length",
+                "130",
+                "--layer",
+                "7",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     assert capsys.readouterr().err.startswith("error: probe: layer 7 out of range")
 
 
@@ -146,27 +191,33 @@ def test_best_layer_is_picked_on_held_out_training_rows_not_test(tmp_path):
     save_model_dir(tmp_path / "model", net.state_dict(), cfg)
     model = load_eval_model(str(tmp_path / "model"), device=torch.device("cpu"), max_length=130)
     from plmrun.eval.embed import num_hidden_states
-    assert num_hidden_states(model) == 4   # embedding output, 2 blocks, final norm
+
+    assert num_hidden_states(model) == 4  # embedding output, 2 blocks, final norm
     task = replace(probe.TASKS["solubility"], max_train=30, max_test=10)
     data = probe.load_task(task)
     # one pass, hidden states side by side, equals the per-layer embeddings
     both = embed_sequences(model, data.test_seqs, layer=(1, 3))
-    np.testing.assert_array_equal(both, np.concatenate([embed_sequences(model, data.test_seqs, layer=k)
-                                                        for k in (1, 3)], axis=1))
+    np.testing.assert_array_equal(
+        both, np.concatenate([embed_sequences(model, data.test_seqs, layer=k) for k in (1, 3)], axis=1)
+    )
     fit, row = probe.best_layer_scores(task, data, model, [0, 1], "logistic", 8192)
     by = row["by_layer"]
     assert set(by) == {"0", "1", "2", "3"}
     best_val = max(r["validation"] for r in by.values())
-    assert by[str(row["layer"])]["validation"] == best_val          # chosen by validation ...
-    assert row["mean"] == by[str(row["layer"])]["test"]              # ... and reported on test
+    assert by[str(row["layer"])]["validation"] == best_val  # chosen by validation ...
+    assert row["mean"] == by[str(row["layer"])]["test"]  # ... and reported on test
     feats = embed_sequences(model, data.train_seqs, layer=row["layer"])
     test = embed_sequences(model, data.test_seqs, layer=row["layer"])
-    assert row["scores"] == fit.scores == probe.fit_and_score(task, feats, data.train_labels, test,
-                                                              data.test_labels, [0, 1], "logistic").scores
-    results = probe.run_probes(model, ["solubility"], seeds=[0], caps={"max_train": 12, "max_test": 6},
-                               layer="best", log=lambda m: None)
+    assert (
+        row["scores"]
+        == fit.scores
+        == probe.fit_and_score(task, feats, data.train_labels, test, data.test_labels, [0, 1], "logistic").scores
+    )
+    results = probe.run_probes(
+        model, ["solubility"], seeds=[0], caps={"max_train": 12, "max_test": 6}, layer="best", log=lambda m: None
+    )
     rows = results["tasks"]["solubility"]["rows"]
     assert "layer" in rows["model"] and "layer" in rows["random init"] and "layer" not in rows["aa composition"]
     assert "best hidden state" in probe.format_table(results)
-    with pytest.raises(SystemExit):   # argparse: not an integer or 'best'
+    with pytest.raises(SystemExit):  # argparse: not an integer or 'best'
         main(["probe", str(tmp_path / "model"), "--layer", "middle"])

@@ -1,4 +1,5 @@
 """Readers: every FASTA compression and table kind, block boundaries, and each bad-input error."""
+
 import bz2
 import gzip
 import lzma
@@ -12,10 +13,13 @@ from plmrun import tokenizer as tok
 from plmrun.data import readers
 from plmrun.data.errors import DataError
 
-RECORDS = [("sp|P1 first protein", "MKTAYIAKQRQISFVKSHFSRQ"), ("p2", "LAGVSERTIDPKQNFYMHWCXBUZO"),
-           ("p3 x", "M" * 130), ("p4", "A")]
-FASTA = "".join(f">{n}\n" + "\n".join(s[i:i + 60] for i in range(0, len(s), 60)) + "\n"
-                for n, s in RECORDS)
+RECORDS = [
+    ("sp|P1 first protein", "MKTAYIAKQRQISFVKSHFSRQ"),
+    ("p2", "LAGVSERTIDPKQNFYMHWCXBUZO"),
+    ("p3 x", "M" * 130),
+    ("p4", "A"),
+]
+FASTA = "".join(f">{n}\n" + "\n".join(s[i : i + 60] for i in range(0, len(s), 60)) + "\n" for n, s in RECORDS)
 
 
 def write(path, data: bytes, opener=open):
@@ -28,9 +32,16 @@ def records(spec, **kw):
     return [(n, s) for n, s, _ in readers.read_records(spec, **kw)]
 
 
-@pytest.mark.parametrize("name,opener", [("a.fasta", open), ("a.fa.gz", gzip.open),
-                                         ("a.fa.xz", lzma.open), ("a.fa.bz2", bz2.open),
-                                         ("gzip_without_suffix.fa", gzip.open)])
+@pytest.mark.parametrize(
+    "name,opener",
+    [
+        ("a.fasta", open),
+        ("a.fa.gz", gzip.open),
+        ("a.fa.xz", lzma.open),
+        ("a.fa.bz2", bz2.open),
+        ("gzip_without_suffix.fa", gzip.open),
+    ],
+)
 def test_fasta_compressions(tmp_path, name, opener):
     path = write(tmp_path / name, FASTA.encode(), opener)
     assert records(path) == RECORDS
@@ -57,17 +68,22 @@ def reference_parse(text):
 def test_blocks_split_anywhere(tmp_path):
     """Tiny blocks put record boundaries everywhere; the result must equal a line parser's."""
     rng = np.random.default_rng(0)
-    text = "".join(f">r{i} d\n" + "\n".join(
-        "".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), size=int(rng.integers(1, 50))))
-        for _ in range(int(rng.integers(1, 4)))) + "\n" for i in range(200))
+    text = "".join(
+        f">r{i} d\n"
+        + "\n".join(
+            "".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), size=int(rng.integers(1, 50))))
+            for _ in range(int(rng.integers(1, 4)))
+        )
+        + "\n"
+        for i in range(200)
+    )
     path = write(tmp_path / "r.fa", text.encode())
     for block in (1, 7, 64, 4096):
         got = []
         for b in readers.fasta_blocks(path, block_bytes=block):
             enc = readers.parse_fasta_block(b)
             ends = np.cumsum(enc.lengths)
-            got += [(n.decode(), tok.decode(enc.residues[e - k:e]))
-                    for n, e, k in zip(enc.names, ends, enc.lengths)]
+            got += [(n.decode(), tok.decode(enc.residues[e - k : e])) for n, e, k in zip(enc.names, ends, enc.lengths)]
         assert got == reference_parse(text), block
 
 
@@ -75,26 +91,35 @@ def test_policies_report_counts(tmp_path):
     path = write(tmp_path / "bad.fa", b">a\nMKJV\n>b\nMKV\n>c\nJJ\n")
     with pytest.raises(DataError, match=r"bad.fa:2:3: invalid residue 'J' in record 'a'"):
         records(path)
+
     def run(policy):
         encs = [readers.parse_fasta_block(b, policy) for b in readers.fasta_blocks(path)]
-        return (sum((e.names for e in encs), []), sum(e.skipped for e in encs),
-                sum(e.replaced for e in encs), "".join(tok.decode(e.residues) for e in encs))
+        return (
+            sum((e.names for e in encs), []),
+            sum(e.skipped for e in encs),
+            sum(e.replaced for e in encs),
+            "".join(tok.decode(e.residues) for e in encs),
+        )
+
     assert run("skip") == ([b"b"], 2, 0, "MKV")
     assert run("x") == ([b"a", b"b", b"c"], 0, 3, "MKXVMKVXX")
 
 
-@pytest.mark.parametrize("data,pattern", [
-    (b"", r"e.fa: empty file"),
-    (b"\n  \n", r"e.fa: empty file"),
-    (b"MKV\n>a\nMKV\n", r"e.fa:1: sequence text before the first '>' header"),
-    (b"\n\nMKV\n", r"e.fa:3: sequence text before the first '>' header"),
-    (b">a\nMKV\n>b\n>c\nMKV\n", r"e.fa:3: record 'b' has no sequence"),
-    (b">a\nMKV\n>b desc\n", r"e.fa:3: record 'b' has no sequence"),
-    (b">a\nMKV\nMK1V\n", r"e.fa:3:3: invalid residue '1' in record 'a'"),
-    (b">a\nMK\xc3\xa9V\n", r"e.fa:2:3: invalid residue"),
-    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", r"e.fa:1: sequence text before|not a text FASTA"),
-    (b">\x00\x01\x02binary", r"e.fa: not a text FASTA file \(binary data\)"),
-])
+@pytest.mark.parametrize(
+    "data,pattern",
+    [
+        (b"", r"e.fa: empty file"),
+        (b"\n  \n", r"e.fa: empty file"),
+        (b"MKV\n>a\nMKV\n", r"e.fa:1: sequence text before the first '>' header"),
+        (b"\n\nMKV\n", r"e.fa:3: sequence text before the first '>' header"),
+        (b">a\nMKV\n>b\n>c\nMKV\n", r"e.fa:3: record 'b' has no sequence"),
+        (b">a\nMKV\n>b desc\n", r"e.fa:3: record 'b' has no sequence"),
+        (b">a\nMKV\nMK1V\n", r"e.fa:3:3: invalid residue '1' in record 'a'"),
+        (b">a\nMK\xc3\xa9V\n", r"e.fa:2:3: invalid residue"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", r"e.fa:1: sequence text before|not a text FASTA"),
+        (b">\x00\x01\x02binary", r"e.fa: not a text FASTA file \(binary data\)"),
+    ],
+)
 def test_bad_fasta(tmp_path, data, pattern):
     path = write(tmp_path / "e.fa", data)
     with pytest.raises(DataError, match=pattern):
@@ -119,6 +144,7 @@ def test_missing_file_and_directory(tmp_path):
 def test_parquet_csv_and_datasets(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
+
     table = pa.table({"name": [n for n, _ in RECORDS], "seq": [s.lower() + "*" for _, s in RECORDS]})
     pq.write_table(table, tmp_path / "t.parquet", row_group_size=2)
     assert records(tmp_path / "t.parquet", column="seq", id_column="name") == RECORDS
@@ -128,8 +154,12 @@ def test_parquet_csv_and_datasets(tmp_path):
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_dict({"sequence": [s for _, s in RECORDS]}).save_to_disk(tmp_path / "ds")
     assert [s for _, s in records(tmp_path / "ds", column="sequence")] == [s for _, s in RECORDS]
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"sequence": ["MKV"]}),
-                               "valid": datasets.Dataset.from_dict({"sequence": ["LAG"]})})
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"sequence": ["MKV"]}),
+            "valid": datasets.Dataset.from_dict({"sequence": ["LAG"]}),
+        }
+    )
     dd.save_to_disk(tmp_path / "dd")
     assert records(f"{tmp_path / 'dd'}#valid", column="sequence") == [("0", "LAG")]
     with pytest.raises(DataError, match=r"choose a split with .*#SPLIT \(splits: train, valid\)"):
@@ -139,6 +169,7 @@ def test_parquet_csv_and_datasets(tmp_path):
 def test_bad_tables(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
+
     pq.write_table(pa.table({"seq": ["MKV", "MK1"]}), tmp_path / "t.parquet")
     with pytest.raises(DataError, match=r"t.parquet: no column 'sequence' \(columns: seq\)"):
         records(tmp_path / "t.parquet", column="sequence")
@@ -159,10 +190,16 @@ def test_bad_tables(tmp_path):
 
 
 def test_hub_unreachable_is_one_line():
-    code = ("from plmrun.data.readers import read_records\n"
-            "list(read_records('hf:Synthyra/omg_prot50', column='sequence'))\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    code = (
+        "from plmrun.data.readers import read_records\n"
+        "list(read_records('hf:Synthyra/omg_prot50', column='sequence'))\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert r.returncode != 0
     assert "DataError: hf:Synthyra/omg_prot50: cannot load it from the Hugging Face Hub" in r.stderr
 

@@ -10,6 +10,7 @@ Markers in README.md (HTML comments, invisible when rendered) say what the test 
   every word with a digit in it (times, losses, `bf16`) matches any word too.
 The default run and the benchmarks are in plain blocks: they take minutes and are not run here.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,15 +33,18 @@ SHELL_OPERATORS = {"&&", "||", "|", ";", ">", ">>", "<", "&"}
 
 @dataclass
 class Block:
-    kind: str          # "test", "output" or "output-numbers"
-    line: int          # README line of the opening fence
+    kind: str  # "test", "output" or "output-numbers"
+    line: int  # README line of the opening fence
     text: list[str]
 
 
 def readme_blocks(text: str) -> list[Block]:
     """The marked fenced blocks of the README, in order."""
-    kinds = {"<!-- test -->": "test", "<!-- test: output -->": "output",
-             "<!-- test: output, numbers vary -->": "output-numbers"}
+    kinds = {
+        "<!-- test -->": "test",
+        "<!-- test: output -->": "output",
+        "<!-- test: output, numbers vary -->": "output-numbers",
+    }
     lines = text.split("\n")
     blocks, i = [], 0
     while i < len(lines):
@@ -51,7 +55,7 @@ def readme_blocks(text: str) -> list[Block]:
             continue
         assert lines[i + 1].startswith("```"), f"README.md:{i + 2}: a marker must be followed by a fenced block"
         end = next(j for j in range(i + 2, len(lines)) if lines[j].startswith("```"))
-        blocks.append(Block(kind, i + 2, lines[i + 2:end]))
+        blocks.append(Block(kind, i + 2, lines[i + 2 : end]))
         i = end + 1
     return blocks
 
@@ -93,8 +97,9 @@ def assert_output(expected: Block, stdout: str) -> None:
             continue
         pat = line_pattern(want, expected.kind == "output-numbers")
         hit = next((j for j in range(pos, len(actual)) if pat.fullmatch(actual[j])), None)
-        assert hit is not None, (f"README.md:{expected.line + 1 + k}: {want!r} not printed (in order); "
-                                 f"the command printed:\n{stdout}")
+        assert hit is not None, (
+            f"README.md:{expected.line + 1 + k}: {want!r} not printed (in order); the command printed:\n{stdout}"
+        )
         pos = hit + 1
 
 
@@ -106,8 +111,9 @@ def run_line(cmd: str, cwd: Path, env: dict, capsys) -> str:
         out = capsys.readouterr()
         assert code == 0, f"`{cmd}` exited {code}:\n{out.err[-3000:]}"
         return out.out
-    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", cmd], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, f"`{cmd}` exited {proc.returncode}:\n{proc.stderr[-3000:]}"
     return proc.stdout
 
@@ -137,11 +143,16 @@ LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 def anchors(md: str) -> set[str]:
     """GitHub's anchors of a markdown file's headings: lower case, punctuation dropped, spaces to hyphens."""
-    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.*)$", md, flags=re.M)}
+    return {
+        re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.*)$", md, flags=re.M)
+    }
 
 
-@pytest.mark.parametrize("doc", [README, *sorted((ROOT / "docs").rglob("*.md")), ROOT / "benchmarks" / "README.md",
-                                 ROOT / "records" / "README.md"], ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize(
+    "doc",
+    [README, *sorted((ROOT / "docs").rglob("*.md")), ROOT / "benchmarks" / "README.md", ROOT / "records" / "README.md"],
+    ids=lambda p: str(p.relative_to(ROOT)),
+)
 def test_relative_links_resolve(doc):
     for target in LINK.findall(doc.read_text()):
         if re.match(r"[a-z]+:", target):
@@ -158,7 +169,7 @@ def test_readme_quick_commands_run_and_print_what_it_quotes(tmp_path, monkeypatc
     work, bin_dir = tmp_path / "work", tmp_path / "bin"
     work.mkdir()
     bin_dir.mkdir()
-    (work / "records").symlink_to(ROOT / "records")          # `plmrun record --table` reads ./records
+    (work / "records").symlink_to(ROOT / "records")  # `plmrun record --table` reads ./records
     shim = bin_dir / "plmrun"
     shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m plmrun.cli "$@"\n')
     shim.chmod(shim.stat().st_mode | stat.S_IEXEC)

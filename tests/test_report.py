@@ -1,7 +1,5 @@
 import json
 
-import pytest
-
 from plmrun.cli import main
 from plmrun.config import build_config
 from plmrun.eval import report
@@ -14,11 +12,18 @@ def write_run(path, losses, evals, summary=None, partial_tail=False, final=None,
     for step, loss in enumerate(losses):
         lines.append({"kind": "train", "step": step, "tokens": 1000 * step, "train_time_s": 0.5 * step, "loss": loss})
     for step, val in evals:
-        lines.append({"kind": "eval", "step": step, "tokens": 1000 * step, "train_time_s": 0.5 * step,
-                      "val_loss": val})
-    if final is not None:   # the trainer's end-of-training full valid split line
-        lines.append({"kind": "eval", "final": True, "step": len(losses) - 1, "tokens": 1000 * (len(losses) - 1),
-                      "train_time_s": 0.5 * (len(losses) - 1), "val_loss": final})
+        lines.append({"kind": "eval", "step": step, "tokens": 1000 * step, "train_time_s": 0.5 * step, "val_loss": val})
+    if final is not None:  # the trainer's end-of-training full valid split line
+        lines.append(
+            {
+                "kind": "eval",
+                "final": True,
+                "step": len(losses) - 1,
+                "tokens": 1000 * (len(losses) - 1),
+                "train_time_s": 0.5 * (len(losses) - 1),
+                "val_loss": final,
+            }
+        )
     if overrides is not None:
         (path / "config.yaml").write_text(config_yaml(build_config(None, overrides)))
     text = "".join(json.dumps(r) + "\n" for r in lines)
@@ -31,10 +36,21 @@ def write_run(path, losses, evals, summary=None, partial_tail=False, final=None,
 
 
 def test_report_overlays_runs_and_tabulates(tmp_path, capsys):
-    a = write_run(tmp_path / "a" / "run", [3.3, 3.0, 2.9], [(2, 2.95)],
-                  {"params": 1234567, "tokens": 3000, "train_time_s": 1.5, "tok_per_s": 2000.0, "mfu": 0.123,
-                   "best_val_loss": 2.95, "final_val": {"loss": 2.951, "accuracy": 0.1},
-                   "time_to_target": {"2.8": None, "3.0": {"time_s": 1.0, "tokens": 2000}}})
+    a = write_run(
+        tmp_path / "a" / "run",
+        [3.3, 3.0, 2.9],
+        [(2, 2.95)],
+        {
+            "params": 1234567,
+            "tokens": 3000,
+            "train_time_s": 1.5,
+            "tok_per_s": 2000.0,
+            "mfu": 0.123,
+            "best_val_loss": 2.95,
+            "final_val": {"loss": 2.951, "accuracy": 0.1},
+            "time_to_target": {"2.8": None, "3.0": {"time_s": 1.0, "tokens": 2000}},
+        },
+    )
     b = write_run(tmp_path / "b" / "run", [3.3, 3.1], [(1, 3.05)], partial_tail=True)  # still running
     assert main(["report", str(a), str(b), "--out", str(tmp_path / "out")]) == 0
     png = (tmp_path / "out" / "loss_curves.png").read_bytes()
@@ -71,28 +87,43 @@ def _table_cells(table, name):
 
 
 def test_table_separates_subset_and_full_split_val(tmp_path):
-    done = write_run(tmp_path / "done", [3.3, 3.0], [(1, 3.05)], final=2.8123,
-                     summary={"best_val_loss": 3.05, "final_val": {"loss": 3.05}, "final_full_val": {"loss": 2.8123}})
+    done = write_run(
+        tmp_path / "done",
+        [3.3, 3.0],
+        [(1, 3.05)],
+        final=2.8123,
+        summary={"best_val_loss": 3.05, "final_val": {"loss": 3.05}, "final_full_val": {"loss": 2.8123}},
+    )
     no_summary = write_run(tmp_path / "nosum", [3.3, 3.0], [(1, 3.1)], final=2.9)  # summary.json not written yet
-    no_full = write_run(tmp_path / "nofull", [3.3], [(0, 3.2)], summary={"final_val": {"loss": 3.2},
-                                                                        "final_full_val": None})
+    no_full = write_run(
+        tmp_path / "nofull", [3.3], [(0, 3.2)], summary={"final_val": {"loss": 3.2}, "final_full_val": None}
+    )
     runs = [report.load_run(p) for p in (done, no_summary, no_full)]
     table = report.markdown_table(runs)
     assert _table_cells(table, "done")["final val (subset)"] == "3.05"
     assert _table_cells(table, "done")["final val (full split)"] == "2.812"
     assert _table_cells(table, "nosum")["final val (full split)"] == "2.9"
     assert _table_cells(table, "nofull")["final val (full split)"] == "-"
-    assert [r["val_loss"] for r in runs[0].evals] == [3.05]   # the full-split point is not on the subset curve
+    assert [r["val_loss"] for r in runs[0].evals] == [3.05]  # the full-split point is not on the subset curve
 
 
 def test_curves_name_their_protocols_on_separate_panels(tmp_path):
-    r = write_run(tmp_path / "r", [3.3, 3.0, 2.9], [(1, 3.1), (2, 3.0)], final=2.95,
-                  overrides=["--masking.mask_rate=0.3", "--masking.mask_token_frac=0.8",
-                             "--masking.random_token_frac=0.1", "--eval.mask_rate=0.15"])
+    r = write_run(
+        tmp_path / "r",
+        [3.3, 3.0, 2.9],
+        [(1, 3.1), (2, 3.0)],
+        final=2.95,
+        overrides=[
+            "--masking.mask_rate=0.3",
+            "--masking.mask_token_frac=0.8",
+            "--masking.random_token_frac=0.1",
+            "--eval.mask_rate=0.15",
+        ],
+    )
     fig = report.plot([report.load_run(r)])
     labels = {ax.get_ylabel() for ax in fig.axes}
     assert labels == {"train loss (30% targets, 80/10/10) (nats)", "val loss (15%, all <mask>) (nats)"}
-    for ax in fig.axes:   # no panel mixes train and val curves
+    for ax in fig.axes:  # no panel mixes train and val curves
         lines = [line.get_label() for line in ax.get_lines()]
         assert all("train loss" in t for t in lines) or all("val loss" in t for t in lines), lines
     legends = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]

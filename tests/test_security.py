@@ -7,6 +7,7 @@ Each test first shows that plain unpickling of the crafted bytes does write the 
 means plmrun refused it, not that the payload was inert. Every command that opens a model or a
 checkpoint is run and must print one `error:` line, exit 2, and leave no marker.
 """
+
 import io
 import os
 import pickle
@@ -66,6 +67,7 @@ def _poison_bytes_entry(ckpt, marker, fqn="optimizers.param_group_names"):
     """A non-tensor DCP entry (read by torch's planner with weights_only=False) pointed at a torch.save'd Payload,
     appended to the shard; the metadata itself stays clean (only allow-listed classes)."""
     from torch.distributed.checkpoint.filesystem import FileSystemReader
+
     meta = FileSystemReader(str(ckpt)).read_metadata()
     buf = io.BytesIO()
     torch.save(Payload(marker), buf)
@@ -94,7 +96,8 @@ def test_dcp_metadata_allow_list_admits_real_checkpoints(run):
     for ckpt in sorted((victim / "checkpoints").glob("step_*")):
         meta = read_dcp_metadata(ckpt)
         assert "model.embed.weight" in meta.state_dict_metadata or any(
-            k.startswith("model.") for k in meta.state_dict_metadata)
+            k.startswith("model.") for k in meta.state_dict_metadata
+        )
 
 
 def test_malicious_checkpoint_metadata_runs_nothing_in_any_command(run, tmp_path, capsys):
@@ -114,8 +117,16 @@ def test_malicious_checkpoint_metadata_runs_nothing_in_any_command(run, tmp_path
         "export": ["export", c, "--out", str(tmp_path / "exp")],
         "embed": ["embed", c, str(tmp_path / "wt.fasta"), "--out", str(tmp_path / "e.safetensors"), "--device", "cpu"],
         "probe": ["probe", c, "--seeds", "1", "--max-train", "24", "--max-test", "12", "--device", "cpu"],
-        "zeroshot": ["zeroshot", c, "--dms", str(tmp_path / "dms.csv"), "--wildtype", str(tmp_path / "wt.fasta"),
-                     "--device", "cpu"],
+        "zeroshot": [
+            "zeroshot",
+            c,
+            "--dms",
+            str(tmp_path / "dms.csv"),
+            "--wildtype",
+            str(tmp_path / "wt.fasta"),
+            "--device",
+            "cpu",
+        ],
         "finetune": ["finetune", c, "--device", "cpu", "--run-root", str(tmp_path / "ft"), "--max-steps", "2"],
     }
     for argv in in_process.values():
@@ -147,6 +158,7 @@ def test_shard_path_outside_the_checkpoint_is_refused(run, tmp_path):
     ckpt = tmp_path / "step_00000006"
     shutil.copytree(max((victim / "checkpoints").glob("step_*")), ckpt)
     from torch.distributed.checkpoint.filesystem import FileSystemReader
+
     meta = FileSystemReader(str(ckpt)).read_metadata()
     next(iter(meta.storage_data.values())).relative_path = "../../etc/passwd"
     (ckpt / ".metadata").write_bytes(pickle.dumps(meta))
@@ -167,8 +179,9 @@ def test_malicious_esmc_pth_runs_nothing(tmp_path, capsys):
         load_model(folder)
     assert not marker.exists()
     (tmp_path / "s.fa").write_text(">a\nMKT\n")
-    code = main(["embed", str(folder), str(tmp_path / "s.fa"), "--out", str(tmp_path / "e.safetensors"),
-                 "--device", "cpu"])
+    code = main(
+        ["embed", str(folder), str(tmp_path / "s.fa"), "--out", str(tmp_path / "e.safetensors"), "--device", "cpu"]
+    )
     _one_line_refusal(code, capsys.readouterr().err, marker, str(pth))
     code = main(["eval", str(folder), "--subset", "4", "--device", "cpu"])
     _one_line_refusal(code, capsys.readouterr().err, marker, str(pth))
@@ -179,6 +192,7 @@ def test_allow_list_refuses_any_other_global_even_a_harmless_one():
     data = pickle.dumps({"a": sys.version_info[:2], "f": print})
     p = io.BytesIO(data)
     from plmrun import safe_pickle
+
     with pytest.raises(UnsafePickleError, match="builtins.print"):
         safe_pickle.MetadataUnpickler(p, "x").load()
 
@@ -198,6 +212,7 @@ def test_own_folder_without_manifest_and_a_flipped_byte_is_refused(run, tmp_path
     shutil.copytree(victim, bad_run)
     if where == "export":
         from plmrun.eval.export import export
+
         folder = export(bad_run, tmp_path / "exported")
     elif where == "checkpoint":
         folder = max((bad_run / "checkpoints").glob("step_*"))
@@ -208,6 +223,7 @@ def test_own_folder_without_manifest_and_a_flipped_byte_is_refused(run, tmp_path
     _flip(weights)
     if where == "model as hf":  # config.json dressed up as a foreign ESM folder: still the run's own model/
         import json
+
         (folder / "config.json").write_text(json.dumps({"model_type": "esm"}))
     with pytest.raises(Exception, match=f"{folder}: no {MANIFEST}"):
         load_model(folder)
@@ -222,15 +238,19 @@ def test_reliability_counts_match_the_rows():
     and each row's last column says whether its fault was real, a real signal, or injected."""
     import re
     from pathlib import Path
+
     text = (Path(__file__).parent.parent / "docs" / "reliability.md").read_text()
     rows = [ln for ln in text.splitlines() if ln.startswith("| ") and not ln.startswith("| case |")]
     cells = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in rows]
     faults = [c[-1] for c in cells]
-    assert set(faults) <= {"real", "real signal", "injected"}, [r for r, f in zip(rows, faults) if f not in
-                                                                 {"real", "real signal", "injected"}][:3]
+    assert set(faults) <= {"real", "real signal", "injected"}, [
+        r for r, f in zip(rows, faults) if f not in {"real", "real signal", "injected"}
+    ][:3]
     n_open = sum(c[-2] == "—" for c in cells)
-    want = (f"**Tried: {len(rows)}. Handled: {len(rows) - n_open}. Open: {n_open}.** Faults: "
-            f"{faults.count('real')} real, {faults.count('real signal')} real signal, {faults.count('injected')} injected.")
+    want = (
+        f"**Tried: {len(rows)}. Handled: {len(rows) - n_open}. Open: {n_open}.** Faults: "
+        f"{faults.count('real')} real, {faults.count('real signal')} real signal, {faults.count('injected')} injected."
+    )
     line = next(ln for ln in text.splitlines() if ln.startswith("**Tried:"))
     assert line == want, f"docs/reliability.md: the count line should read\n{want}"
     assert re.search(r"only for\s+injected", text)  # the limit of the injected rows stays stated

@@ -1,4 +1,5 @@
 """Shard format: exact round trip, layout as documented, and every corruption is caught."""
+
 import json
 import struct
 
@@ -8,8 +9,7 @@ import pytest
 from plmrun import tokenizer as tok
 from plmrun.data.errors import DataError
 from plmrun.data.readers import Encoded
-from plmrun.data.shards import (InMemorySequences, SplitWriter, dataset_fingerprint,
-                                dataset_splits, open_dataset)
+from plmrun.data.shards import InMemorySequences, SplitWriter, dataset_fingerprint, dataset_splits, open_dataset
 
 
 def random_sequences(n, seed=0):
@@ -20,9 +20,14 @@ def random_sequences(n, seed=0):
 def write_split(root, seqs, names, shard_residues, chunk=7):
     w = SplitWriter(root / "train", shard_residues)
     for a in range(0, len(seqs), chunk):
-        part = seqs[a:a + chunk]
-        w.add(Encoded([n.encode() for n in names[a:a + chunk]],
-                      np.array([len(s) for s in part], np.int64), np.concatenate(part)))
+        part = seqs[a : a + chunk]
+        w.add(
+            Encoded(
+                [n.encode() for n in names[a : a + chunk]],
+                np.array([len(s) for s in part], np.int64),
+                np.concatenate(part),
+            )
+        )
     return w.finish(command="test")
 
 
@@ -44,7 +49,7 @@ def test_round_trip_multi_shard(dataset):
         assert np.array_equal(src.residues(i), seqs[i]) and src.residues(i).dtype == np.uint8
         assert src.ids(i) == names[i]
     with pytest.raises(ValueError):
-        src.residues(0)[0] = 5                      # read-only view of the memory map
+        src.residues(0)[0] = 5  # read-only view of the memory map
     with pytest.raises(IndexError):
         src.residues(100)
     assert src.fingerprint == InMemorySequences(seqs).fingerprint
@@ -59,18 +64,18 @@ def test_documented_layout(dataset):
     """Parse shard 0 by hand, following docs/reference/shard-format.md."""
     root, seqs, names, manifest = dataset
     raw = (root / "train" / "shard-00000.bin").read_bytes()
-    magic, version, hsize, n, residues, nbytes, vocab, digest = struct.unpack_from(
-        "<8sIIQQQ16s32s", raw)
+    magic, version, hsize, n, residues, nbytes, vocab, digest = struct.unpack_from("<8sIIQQQ16s32s", raw)
     assert (magic, version, hsize, vocab.decode()) == (b"PLMSHARD", 1, 128, tok.VOCAB_HASH)
     assert n == manifest["shards"][0]["num_sequences"] and digest.hex() == manifest["shards"][0]["sha256"]
     pad = (residues + 7) // 8 * 8
     offsets = np.frombuffer(raw, "<i8", n + 1, 128 + pad)
     name_off = np.frombuffer(raw, "<i8", n + 1, 128 + pad + 8 * (n + 1))
-    blob = raw[128 + pad + 16 * (n + 1):]
+    blob = raw[128 + pad + 16 * (n + 1) :]
     assert len(blob) == nbytes == name_off[-1]
     assert np.array_equal(np.frombuffer(raw, np.uint8, offsets[1], 128), seqs[0])
-    assert blob[name_off[1]:name_off[2]].decode() == names[1]
+    assert blob[name_off[1] : name_off[2]].decode() == names[1]
     import hashlib
+
     assert hashlib.sha256(raw[128:]).digest() == digest
 
 
@@ -114,10 +119,10 @@ def test_manifest_problems(dataset):
     assert open_dataset(root, "train", verify=False).fingerprint == "f" * 32  # only verification catches it
     m.write_text(json.dumps(d))
     assert open_dataset(root, "train").fingerprint == d["fingerprint"]
-    m.write_text('{"format": "plmrun-sh')            # torn write (cannot happen via rename)
+    m.write_text('{"format": "plmrun-sh')  # torn write (cannot happen via rename)
     with pytest.raises(DataError, match=r"unreadable manifest"):
         open_dataset(root, "train")
-    m.unlink()                                         # shards without a manifest: not a dataset
+    m.unlink()  # shards without a manifest: not a dataset
     with pytest.raises(DataError, match=r"manifest.json: missing"):
         open_dataset(root, "train")
 

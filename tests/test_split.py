@@ -1,4 +1,5 @@
 """split: real mmseqs2 clustering + leakage search on planted fragments (clustering alone leaks)."""
+
 import json
 import shutil
 
@@ -24,11 +25,13 @@ def result(tmp_path_factory):
             f.write(f">P{i} parent\n{p}\n")
         for i, p in enumerate(parents):  # 100-residue fragments: < 80% coverage, > 30% of parent
             a = int(rng.integers(0, len(p) - 100))
-            f.write(f">F{i} fragment of P{i}\n{p[a:a + 100]}\n")
+            f.write(f">F{i} fragment of P{i}\n{p[a : a + 100]}\n")
         f.write(f">D0 duplicate\n{parents[0]}\n")
     report = split(d / "in.fa", d / "out", valid_frac=0.25, test_frac=0.25, threads=2)
-    out = {s: dict((n.split()[0], q) for n, q, _ in read_records(d / "out" / f"{s}.fasta"))
-           for s in ("train", "valid", "test")}
+    out = {
+        s: dict((n.split()[0], q) for n, q, _ in read_records(d / "out" / f"{s}.fasta"))
+        for s in ("train", "valid", "test")
+    }
     return d, report, out
 
 
@@ -47,7 +50,7 @@ def test_no_pair_straddles_train_and_eval(result):
 def test_clustering_alone_leaked_and_search_dropped(result):
     d, report, out = result
     dropped = {r["name"].split()[0] for r in report["dropped"]}
-    assert len(dropped) >= 3                      # the search step removed real leaks
+    assert len(dropped) >= 3  # the search step removed real leaks
     assert all(r["identity"] >= 0.5 and r["query_coverage"] >= 0.3 for r in report["dropped"])
     kept = set().union(*map(set, out.values()))
     assert kept | dropped == {f"{k}{i}" for k in "PF" for i in range(40)}
@@ -91,20 +94,21 @@ def test_linclust_above_the_threshold_keeps_the_guarantees(result, tmp_path, mon
     """auto switches to easy-linclust above LINCLUST_ABOVE unique sequences; the leakage search
     still runs, so no parent/fragment pair straddles train and held-out data."""
     import plmrun.data.split as split_mod
+
     d, first, _ = result
-    assert first["cluster"]["tool"] == "mmseqs easy-cluster"          # 80 unique: below the threshold
+    assert first["cluster"]["tool"] == "mmseqs easy-cluster"  # 80 unique: below the threshold
     assert set(first["seconds"]) == {"read", "cluster", "leakage_search", "total"}
     monkeypatch.setattr(split_mod, "LINCLUST_ABOVE", 50)
     report = split(d / "in.fa", tmp_path / "o", valid_frac=0.25, test_frac=0.25, threads=2)
     assert report["cluster"]["tool"] == "mmseqs easy-linclust" and report["cluster"]["mode"] == "auto"
-    out = {s: {n.split()[0] for n, _, _ in read_records(tmp_path / "o" / f"{s}.fasta")}
-           for s in ("train", "valid", "test")}
+    out = {
+        s: {n.split()[0] for n, _, _ in read_records(tmp_path / "o" / f"{s}.fasta")} for s in ("train", "valid", "test")
+    }
     held_out = out["valid"] | out["test"]
     for i in range(40):
         pair = {f"P{i}", f"F{i}"}
         assert not (pair & out["train"] and pair & held_out), pair
     dropped = {r["name"].split()[0] for r in report["dropped"]}
     assert set().union(*out.values()) | dropped == {f"{k}{i}" for k in "PF" for i in range(40)}
-    forced = split(d / "in.fa", tmp_path / "o2", valid_frac=0.25, test_frac=0.25, threads=2,
-                   cluster_mode="cluster")
+    forced = split(d / "in.fa", tmp_path / "o2", valid_frac=0.25, test_frac=0.25, threads=2, cluster_mode="cluster")
     assert forced["cluster"]["tool"] == "mmseqs easy-cluster"

@@ -1,4 +1,5 @@
 """`plmrun plan` (memory estimate, checked against real tensors) and `plmrun sweep` (experiment runner)."""
+
 import json
 import os
 import sys
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from plmrun.config import build_config, list_shipped_configs
-from plmrun.experiments.plan import GB, RESERVED, estimate, parameter_counts, plan_table
+from plmrun.experiments.plan import GB, estimate, parameter_counts, plan_table
 
 from helpers import run_cli
 
@@ -21,18 +22,33 @@ eval: {subset: 16, token_budget: 2048, final_full: false}
 def test_plan_states_equal_the_real_tensors():
     """fp32, one process: params, grads and optimizer states of the estimate are the bytes a real step allocates."""
     for opt in ("muon", "adamw"):
-        cfg = build_config(None, ["--model.hidden_size=32", "--model.num_layers=2", "--model.num_heads=2",
-                                  f"--optim.optimizer={opt}", "--model.p_attention=true", "--model.num_att_tokens=8"])
+        cfg = build_config(
+            None,
+            [
+                "--model.hidden_size=32",
+                "--model.num_layers=2",
+                "--model.num_heads=2",
+                f"--optim.optimizer={opt}",
+                "--model.p_attention=true",
+                "--model.num_att_tokens=8",
+            ],
+        )
         from plmrun.model.registry import build_model
         from plmrun.optim.build import build_optimizer
+
         model = build_model(cfg.model)
         optimizers = build_optimizer(model, cfg.optim, 10, ns_dtype=torch.float32)
         sum(p.float().square().sum() for p in model.parameters()).backward()
         optimizers.step()
         nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)
         params = list(model.parameters())
-        states = [v for o in optimizers.optimizers for s in o.state.values() for k, v in s.items()
-                  if torch.is_tensor(v) and k != "step"]
+        states = [
+            v
+            for o in optimizers.optimizers
+            for s in o.state.values()
+            for k, v in s.items()
+            if torch.is_tensor(v) and k != "step"
+        ]
         est = estimate(cfg, 1, "ddp", bf16=False)
         assert est.params == nbytes(params) and est.grads == nbytes(p.grad for p in params)
         assert est.optimizer == nbytes(states), opt
@@ -61,6 +77,7 @@ def test_plan_on_every_shipped_config(name):
 
 def test_plan_cli(capsys):
     from plmrun.cli import main
+
     assert main(["plan", "--config", "esm2_3b", "--gpus", "4", "--gpu-mem", "80"]) == 0
     out = capsys.readouterr().out
     assert "4 GPU(s) × 80 GB" in out and "checkpointed" in out
@@ -88,7 +105,7 @@ def test_sweep_runs_valid_experiments_and_reports_the_invalid_one(tmp_path):
         summary = json.loads((tmp_path / "sw" / name / "summary.json").read_text())
         assert rows[name]["val_loss"] == summary["final_val"]["loss"] and rows[name]["tok_per_s"] > 0
         assert rows[name]["time_to_target"].startswith("3.5 @ ")
-    table = proc.stdout[proc.stdout.index("experiment  "):]
+    table = proc.stdout[proc.stdout.index("experiment  ") :]
     assert "c_bad" in table and "invalid" in table and "2 of 3 experiments succeeded" in table
     assert rows["a_base"]["val_loss"] != rows["seed1"]["val_loss"]
     # a rerun into the same root does not train the finished experiments again
@@ -106,6 +123,7 @@ def test_sweep_never_prompts_without_a_terminal(tmp_path):
 
 def test_get_secret(monkeypatch):
     from plmrun.experiments.sweep import get_secret
+
     monkeypatch.setenv("HF_TOKEN", "abc")
     assert get_secret("HF_TOKEN", "x") == "abc"
     monkeypatch.delenv("HF_TOKEN")
@@ -115,8 +133,10 @@ def test_get_secret(monkeypatch):
 
 def test_plan_fits_the_longest_phase_of_a_crop_schedule():
     """A budget that holds 512-token crops but not the schedule's 65,536-token phase does not fit."""
-    fits = lambda extra: [line for line in plan_table(build_config("esmc_300m", ["--data.token_budget=65536", *extra]),
-                                                      1, 8).splitlines()
-                          if line.startswith("largest token budget, checkpointed")][0]
+    fits = lambda extra: [
+        line
+        for line in plan_table(build_config("esmc_300m", ["--data.token_budget=65536", *extra]), 1, 8).splitlines()
+        if line.startswith("largest token budget, checkpointed")
+    ][0]
     assert "does not fit" not in fits([])
     assert fits(["--data.max_length_schedule=[[0, 512], [10, 65536]]"]).count("does not fit") == 2

@@ -1,4 +1,5 @@
 """Tokenizer: ids equal transformers.EsmTokenizer's; normalisation and error rules."""
+
 import lzma
 from pathlib import Path
 
@@ -58,8 +59,9 @@ def test_normalisation():
     assert tok.with_specials(tok.encode("")).tolist() == [tok.CLS, tok.EOS]
 
 
-@pytest.mark.parametrize("seq,letter,pos", [("MKJV", "J", 3), ("MK*V", "*", 3), ("M K", " ", 2),
-                                            ("MKé", "é", 3), ("MK**", "*", 3)])
+@pytest.mark.parametrize(
+    "seq,letter,pos", [("MKJV", "J", 3), ("MK*V", "*", 3), ("M K", " ", 2), ("MKé", "é", 3), ("MK**", "*", 3)]
+)
 def test_invalid_letters(seq, letter, pos):
     with pytest.raises(tok.InvalidSequenceError) as e:
         tok.encode(seq)

@@ -3,6 +3,7 @@ their own run, a failed early run, --resume on runs it cannot continue, and a ru
 
 Every run is the tiny model of helpers.TINY with grad_accum 2, so one process equals 2 torchrun ranks.
 """
+
 import json
 import re
 from pathlib import Path
@@ -54,13 +55,16 @@ def _runs(root):
 
 def test_diverging_run_stops_with_step_loss_and_learning_rates(here, capsys):
     """lr 1000: loss ~15 from step 2 on. Old code: trains on to val ~15 and exits 0 with a summary."""
-    code = main(["train", *REF, *DIVERGING, "--train.divergence_steps=3", "--logging.run_root=div",
-                 "--logging.name=div"])
+    code = main(
+        ["train", *REF, *DIVERGING, "--train.divergence_steps=3", "--logging.run_root=div", "--logging.name=div"]
+    )
     *warnings, err = capsys.readouterr().err.splitlines()  # the spike warnings (loss_spike=warn), then one line
     assert code == 2 and all(w.startswith("warning: step") for w in warnings), err
-    assert re.match(r"error: step 4: training diverged: train loss \d+\.\d+ above 6\.99 \(2 × ln 33, uniform guessing\)"
-                    r" for 3 steps in a row; the learning rate is likely too high \(optim.lr_hidden=1e\+06, lr_embed=1000,",
-                    err), err
+    assert re.match(
+        r"error: step 4: training diverged: train loss \d+\.\d+ above 6\.99 \(2 × ln 33, uniform guessing\)"
+        r" for 3 steps in a row; the learning rate is likely too high \(optim.lr_hidden=1e\+06, lr_embed=1000,",
+        err,
+    ), err
     assert "train.divergence_factor=0 turns this check off" in err and "no checkpoint was saved yet" in err
     run = here / "div" / "div"
     assert not (run / "summary.json").exists()
@@ -80,11 +84,12 @@ def test_eval_loss_above_unigram_stops_the_run_naming_the_learning_rates(here, c
     assert code == 2 and re.match(
         r"error: step 12: training diverged: val loss 3\.\d+ is 0\.\d\d nats above the unigram baseline 2\.\d+ "
         r"\(train.divergence_margin=0.25\); the learning rate is likely too high \(optim.lr_hidden=1e\+06, lr_embed=",
-        err), err
+        err,
+    ), err
     assert "train.divergence_margin=0 turns this check off" in err
     run = here / "muon" / "stopped"
     assert not (run / "summary.json").exists()
-    assert [r[1] for r in _series(run) if r[0] == "eval"] == [4, 8, 12]   # evals before step 10 are not judged
+    assert [r[1] for r in _series(run) if r[0] == "eval"] == [4, 8, 12]  # evals before step 10 are not judged
     # nor is the last step's: that run is over (the spike test's run ends 4.8 nats above unigram, with a warning)
     # margin 0: the run finishes, and its summary says it is worse than the unigram baseline
     summary = train(build_config(None, [*muon, "--train.divergence_margin=0", "--logging.name=finished"]))
@@ -96,29 +101,50 @@ def test_eval_loss_above_unigram_stops_the_run_naming_the_learning_rates(here, c
 
 def test_a_spike_that_comes_back_down_does_not_stop_the_run(here):
     """lr 10 (one process, no accumulation): the loss jumps to ~36 at step 2 and is back below 7 by step 5."""
-    lr = ["--optim.lr_embed=10", "--optim.lr_head=10", "--optim.lr_scalar=10", "--train.max_steps=12",
-          "--train.eval_every=0", "--logging.name=spike"]
+    lr = [
+        "--optim.lr_embed=10",
+        "--optim.lr_head=10",
+        "--optim.lr_scalar=10",
+        "--train.max_steps=12",
+        "--train.eval_every=0",
+        "--logging.name=spike",
+    ]
     summary = train(build_config(None, [*TINY, "--logging.run_root=spike", *lr]))
     losses = [r[3] for r in _series(here / "spike" / "spike") if r[0] == "train"]
     assert summary["steps"] == 12 and max(losses) > 14 and losses[-1] < 4
-    assert summary["worse_than_unigram"] is True   # its one eval, at the last step, is not judged, but flagged
+    assert summary["worse_than_unigram"] is True  # its one eval, at the last step, is not judged, but flagged
 
 
 def test_skip_stops_after_max_skips_in_a_row(here):
     """A level shift is not a spike: old code skipped every later update (5 of 6 here) and finished."""
-    spiky = ["--optim.lr_embed=0.5", "--optim.lr_head=0.5", "--optim.lr_scalar=0.5", "--optim.schedule=constant",
-             "--train.loss_spike_factor=1.2", "--train.loss_spike_window=2", "--train.eval_every=0",
-             "--train.loss_spike=skip", "--train.loss_spike_max_skips=3", "--logging.name=skip"]
-    with pytest.raises(TrainingError, match=r"^step 4: loss spike .*: 3 updates in a row skipped \(train.loss_spike_"
-                                            r"max_skips=3\), so the loss has shifted, not spiked; lower the learning "
-                                            r"rate \(optim.lr_\*\)"):
+    spiky = [
+        "--optim.lr_embed=0.5",
+        "--optim.lr_head=0.5",
+        "--optim.lr_scalar=0.5",
+        "--optim.schedule=constant",
+        "--train.loss_spike_factor=1.2",
+        "--train.loss_spike_window=2",
+        "--train.eval_every=0",
+        "--train.loss_spike=skip",
+        "--train.loss_spike_max_skips=3",
+        "--logging.name=skip",
+    ]
+    with pytest.raises(
+        TrainingError,
+        match=r"^step 4: loss spike .*: 3 updates in a row skipped \(train.loss_spike_"
+        r"max_skips=3\), so the loss has shifted, not spiked; lower the learning "
+        r"rate \(optim.lr_\*\)",
+    ):
         train(_cfg("skip", *spiky))
 
 
 def test_new_keys_are_validated():
-    for key, bad, msg in (("loss_spike_max_skips", "0", "must be >= 1"), ("divergence_steps", "0", "must be >= 1"),
-                          ("divergence_factor", "0.5", "must be 0 (off) or > 1"),
-                          ("divergence_margin", "-0.1", "must be >= 0 nats (0 = off)")):
+    for key, bad, msg in (
+        ("loss_spike_max_skips", "0", "must be >= 1"),
+        ("divergence_steps", "0", "must be >= 1"),
+        ("divergence_factor", "0.5", "must be 0 (off) or > 1"),
+        ("divergence_margin", "-0.1", "must be >= 0 nats (0 = off)"),
+    ):
         with pytest.raises(ConfigError, match=re.escape(f"train.{key} {msg}")):
             build_config(None, [f"--train.{key}={bad}"])
 
@@ -133,8 +159,10 @@ def test_rerun_continues_the_unfinished_run_with_the_same_config(here, monkeypat
     summary = train(_cfg("again"))
     out = capsys.readouterr().out
     (name,) = _runs(here / "again")
-    assert (f"continuing unfinished run again/{name} (same config) from step 3; pass --logging.name NEW to start a "
-            "separate run") in out and "resumed at step 3" in out
+    assert (
+        f"continuing unfinished run again/{name} (same config) from step 3; pass --logging.name NEW to start a "
+        "separate run"
+    ) in out and "resumed at step 3" in out
     assert summary["steps"] == 6 and _series(here / "again" / name) == _series(here / "ref" / "straight")
 
 
@@ -164,7 +192,9 @@ def test_crash_before_the_first_checkpoint_continues_in_the_same_dir(here, monke
         train(_cfg("early"))
     (name,) = _runs(here / "early")
     assert str(e.value).startswith("step 2: non-finite loss from rank 0")
-    assert str(e.value).endswith("no checkpoint was saved yet (train.checkpoint_every=0), so a rerun starts from step 0")
+    assert str(e.value).endswith(
+        "no checkpoint was saved yet (train.checkpoint_every=0), so a rerun starts from step 0"
+    )
     assert not (here / "early" / name / "checkpoints").exists()
     monkeypatch.delenv("PLMRUN_FAULT")
     train(_cfg("early"))
@@ -181,8 +211,9 @@ def test_named_run_that_died_early_is_replaced_by_another_config(here, monkeypat
     monkeypatch.delenv("PLMRUN_FAULT")
     summary = train(_cfg("named", "--logging.name=exp", "--train.max_steps=3", "--train.seed=1"))
     out = capsys.readouterr().out
-    assert ("replacing named/exp: it has another config or --init-from-hf source and stopped before its first "
-            "checkpoint") in out
+    assert (
+        "replacing named/exp: it has another config or --init-from-hf source and stopped before its first checkpoint"
+    ) in out
     assert summary["steps"] == 3 and "seed: 1" in (here / "named" / "exp" / "config.yaml").read_text()
     # a finished run is never replaced
     with pytest.raises(RunDirError, match="already finished"):
@@ -204,8 +235,10 @@ def test_resume_refuses_a_finished_run_and_one_without_checkpoint(here, capsys):
     assert (finished / "metrics.jsonl").read_text() == before
     fresh, _ = prepare_run_dir(_cfg(here / "nockpt"), "fresh", resume=False)  # what a run leaves before step 1
     assert main(["train", "--resume", str(fresh)]) == 2
-    assert capsys.readouterr().err == (f"error: {fresh} has no checkpoint yet; rerun the command that started it "
-                                       "without --resume to continue it (from step 0)\n")
+    assert capsys.readouterr().err == (
+        f"error: {fresh} has no checkpoint yet; rerun the command that started it "
+        "without --resume to continue it (from step 0)\n"
+    )
     assert not (fresh / "metrics.jsonl").exists()
 
 
@@ -227,10 +260,13 @@ def test_a_finished_run_is_extended_to_more_steps(here, capsys):
     assert build_config(str(six / "config.yaml")).train.max_steps == 9
     # wsd: the extension's LR follows the schedule of a 9-step run from step 6 on (so it rises again)
     from plmrun.optim.schedule import lr_multiplier
+
     wsd = here / "ext" / "wsd"
     train(build_config(None, [*TINY, "--logging.run_root=ext", "--logging.name=wsd"]))
     assert main(["train", "--resume", str(wsd), "--train.max_steps=9"]) == 0
-    lr = [r["lr_mult"] for r in map(json.loads, (wsd / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    lr = [
+        r["lr_mult"] for r in map(json.loads, (wsd / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"
+    ]
     optim = build_config(None, TINY).optim
     assert lr[:6] == [lr_multiplier(s, optim, 6) for s in range(6)] and lr[5] < 1
     assert lr[6:] == [lr_multiplier(s, optim, 9) for s in range(6, 9)] and lr[6] > lr[5]
@@ -238,12 +274,16 @@ def test_a_finished_run_is_extended_to_more_steps(here, capsys):
     # anything but the keys an extension may change is refused, and so is lowering max_steps
     before = (six / "config.yaml").read_text()
     assert main(["train", "--resume", str(six), "--train.max_steps=12", "--train.seed=3"]) == 2
-    assert capsys.readouterr().err == ("error: --resume: --train.seed would change what the run computes; a resume may "
-                                       "change only train.max_steps, train.max_time, logging.progress (start a new "
-                                       "run for other settings)\n")
+    assert capsys.readouterr().err == (
+        "error: --resume: --train.seed would change what the run computes; a resume may "
+        "change only train.max_steps, train.max_time, logging.progress (start a new "
+        "run for other settings)\n"
+    )
     assert main(["train", "--resume", str(six), "--train.max_steps=8"]) == 2
     assert "train.max_steps 8 is below the run's 9; an extension may only raise it" in capsys.readouterr().err
-    assert (six / "config.yaml").read_text() == before and len((six / "config_history.jsonl").read_text().splitlines()) == 1
+    assert (six / "config.yaml").read_text() == before and len(
+        (six / "config_history.jsonl").read_text().splitlines()
+    ) == 1
 
 
 def test_a_run_that_is_still_training_is_neither_continued_nor_reused(here):
@@ -262,10 +302,12 @@ def test_a_run_that_is_still_training_is_neither_continued_nor_reused(here):
 def test_torchrun_restart_continues_its_own_run(here):
     """torchrun --max-restarts=1, rank 1 SIGKILLed after step 3, no --logging.name: the restart continues the
     first attempt's directory (old code: a second run from step 0) and ends identical to the uninterrupted run."""
-    proc = run_torchrun(["train", *TINY, "--train.checkpoint_every=2", "--dist.strategy=ddp",
-                         "--logging.run_root=restart"],
-                        here, {"PLMRUN_FAULT": "kill@3:1", "PLMRUN_FAULT_ONCE": str(here / "restart.once")},
-                        launcher=("--standalone", "--nproc_per_node=2", "--max-restarts=1"))
+    proc = run_torchrun(
+        ["train", *TINY, "--train.checkpoint_every=2", "--dist.strategy=ddp", "--logging.run_root=restart"],
+        here,
+        {"PLMRUN_FAULT": "kill@3:1", "PLMRUN_FAULT_ONCE": str(here / "restart.once")},
+        launcher=("--standalone", "--nproc_per_node=2", "--max-restarts=1"),
+    )
     (name,) = _runs(here / "restart")
     assert (here / "restart.once").exists()
     assert f"continuing unfinished run restart/{name} (same config) from step 2" in proc.stdout

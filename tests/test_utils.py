@@ -1,5 +1,6 @@
 """The low-level helpers: collectives (plmrun.dist), atomic writes (plmrun.atomic), the string hash
 (plmrun.hashing) and a run's config.yaml from a model path (plmrun.model.loading.run_config_file)."""
+
 import errno
 import hashlib
 import json
@@ -29,9 +30,15 @@ def _two_ranks(rank: int, init: str, out: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:
         s = dist.all_reduce_sum(torch.tensor([float(rank + 1)]))
-        result = {"distributed": dist.is_distributed(), "rank": dist.get_rank(), "world": dist.get_world_size(),
-                  "sum": s.item(), "max": dist.max_over_ranks(10 * rank + 3),
-                  "agree": dist.agree("rank 1 failed" if rank == 1 else None), "none": dist.agree(None)}
+        result = {
+            "distributed": dist.is_distributed(),
+            "rank": dist.get_rank(),
+            "world": dist.get_world_size(),
+            "sum": s.item(),
+            "max": dist.max_over_ranks(10 * rank + 3),
+            "agree": dist.agree("rank 1 failed" if rank == 1 else None),
+            "none": dist.agree(None),
+        }
         dist.barrier()
         with open(f"{out}.{rank}", "w") as f:
             json.dump(result, f)
@@ -45,8 +52,15 @@ def test_collectives_over_two_gloo_ranks(tmp_path):
     for rank in (0, 1):
         with open(f"{out}.{rank}") as f:
             r = json.load(f)
-        assert r == {"distributed": True, "rank": rank, "world": 2, "sum": 3.0, "max": 13,
-                     "agree": "rank 1 failed", "none": None}
+        assert r == {
+            "distributed": True,
+            "rank": rank,
+            "world": 2,
+            "sum": 3.0,
+            "max": 13,
+            "agree": "rank 1 failed",
+            "none": None,
+        }
 
 
 # ------------------------------------------------------------------ plmrun.atomic
@@ -94,7 +108,7 @@ def test_a_failed_folder_keeps_the_old_folder(tmp_path):
 def test_a_dead_writers_temp_is_removed_a_live_ones_kept(tmp_path):
     out = tmp_path / "out"
     host = socket.gethostname()
-    dead = tmp_path / f".out.tmp-999999999@{host}-0123abcd"   # no such pid
+    dead = tmp_path / f".out.tmp-999999999@{host}-0123abcd"  # no such pid
     live = tmp_path / f".out.tmp-{os.getppid()}@{host}-0123abcd"
     for p in (dead, live):
         p.mkdir()
@@ -120,8 +134,10 @@ def test_torch_write_errors_become_enospc():
 def test_unit_hash_keeps_both_digests_values():
     """Pinned to the formulas it replaced: `data split` (sha256) and probe/finetune splits (blake2b)."""
     for text in ("", "0:UniRef50_A0A000", "superfamily:a.1.1", "valid:MKV" * 50):
-        assert unit_hash(text, digest="sha256") == int.from_bytes(
-            hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
+        assert (
+            unit_hash(text, digest="sha256")
+            == int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
+        )
         assert unit_hash(text) == int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") / 2**64
         assert 0.0 <= unit_hash(text) < 1.0
     assert unit_hash("0:rep1", digest="sha256") != unit_hash("0:rep1")
@@ -139,7 +155,7 @@ def test_run_config_file_from_run_model_and_checkpoint(tmp_path):
     assert run_config_file(run) == want
     assert run_config_file(run / "model") == want
     assert run_config_file(step) == want
-    copied = tmp_path / "elsewhere" / "step_00000004"    # a checkpoint moved out of its checkpoints/ folder
+    copied = tmp_path / "elsewhere" / "step_00000004"  # a checkpoint moved out of its checkpoints/ folder
     copied.mkdir(parents=True)
     (copied / "train_state.json").write_text("{}")
     assert run_config_file(copied) == tmp_path / "config.yaml"

@@ -1,5 +1,6 @@
 """zeroshot scoring and reporting (issue 25): duplicate variants refused or averaged with a count,
 unmeasured variants counted in `skipped`, and the site-independent (unigram) baseline's rho."""
+
 import csv
 import json
 
@@ -62,11 +63,14 @@ def test_duplicates_are_refused_naming_lines_and_count(tmp_path, model_dir, caps
     repeats = [[m, -s] for m, s in rows[:19]]
     three = {one: name for name, one in zs.THREE_LETTER.items()}
     m = rows[0][0]
-    repeats[0][0] = f"p.{three[m[0]]}{m[1:-1]}{three[m[-1]]}"   # p.Lys2Leu for K2L
+    repeats[0][0] = f"p.{three[m[0]]}{m[1:-1]}{three[m[-1]]}"  # p.Lys2Leu for K2L
     path = write_dms(tmp_path / "dup.csv", rows + repeats + [["K2L:T3S", 0.5], ["T3S:K2L", 0.7]])
     variants = zs.read_dms(path)
-    with pytest.raises(ValueError, match=r"dup\.csv: 20 variants occur more than once \(20 extra rows\), e\.g\. "
-                                         rf"{rows[0][0]} on lines 2, 22; .*--average-duplicates"):
+    with pytest.raises(
+        ValueError,
+        match=r"dup\.csv: 20 variants occur more than once \(20 extra rows\), e\.g\. "
+        rf"{rows[0][0]} on lines 2, 22; .*--average-duplicates",
+    ):
         zs.merge_duplicates(variants, path, average=False)
     code, _, err = run_cli(capsys, "zeroshot", str(model_dir), "--dms", str(path), "--wildtype", WT, "--device", "cpu")
     assert code == 2 and "20 variants occur more than once (20 extra rows)" in err and err.count("\n") == 1
@@ -79,11 +83,23 @@ def test_average_duplicates_scores_each_variant_once_with_a_count(tmp_path, mode
     merged, counts = zs.merge_duplicates(zs.read_dms(path), path, average=True)
     assert counts == {"variants": 20, "rows": 21} and len(merged) == 20
     assert [v.line for v in merged] == list(range(2, 22))
-    want = [0.0] * 19 + [1.5 * rows[19][1]]   # x and -x average to 0; NA does not count in the mean
+    want = [0.0] * 19 + [1.5 * rows[19][1]]  # x and -x average to 0; NA does not count in the mean
     np.testing.assert_allclose([v.measured for v in merged], want, atol=1e-12)
     summary = tmp_path / "s.json"
-    code, out, _ = run_cli(capsys, "zeroshot", str(model_dir), "--dms", str(path), "--wildtype", WT, "--device",
-                           "cpu", "--average-duplicates", "--json", str(summary))
+    code, out, _ = run_cli(
+        capsys,
+        "zeroshot",
+        str(model_dir),
+        "--dms",
+        str(path),
+        "--wildtype",
+        WT,
+        "--device",
+        "cpu",
+        "--average-duplicates",
+        "--json",
+        str(summary),
+    )
     assert code == 0
     assert "over 20 variants" in out and "duplicates: 21 repeated rows averaged into 20 variants" in out
     got = json.loads(summary.read_text())
@@ -98,16 +114,36 @@ def test_unmeasured_variants_are_counted_in_skipped(tmp_path, model_dir, capsys)
     rows[1][1], rows[4][1], rows[7][1] = "NA", "nan", ""
     path = write_dms(tmp_path / "nan.csv", rows + [["K2*", 0.3]])
     summary = tmp_path / "s.json"
-    code, out, _ = run_cli(capsys, "zeroshot", str(model_dir), "--dms", str(path), "--wildtype", WT, "--device",
-                           "cpu", "--json", str(summary))
+    code, out, _ = run_cli(
+        capsys,
+        "zeroshot",
+        str(model_dir),
+        "--dms",
+        str(path),
+        "--wildtype",
+        WT,
+        "--device",
+        "cpu",
+        "--json",
+        str(summary),
+    )
     assert code == 0
     assert "over 7 variants" in out
     assert "skipped: 1 stop, 3 without a measured score (--strict refuses the rows that are no substitution" in out
     got = json.loads(summary.read_text())
     assert got["skipped"] == {"stop": 1, "unmeasured": 3} and got["n_variants"] == 7 and got["n_rows_scored"] == 10
     # all measured: `skipped: none`, as before
-    code, out, _ = run_cli(capsys, "zeroshot", str(model_dir), "--dms", str(write_dms(tmp_path / "ok.csv", singles(5))),
-                           "--wildtype", WT, "--device", "cpu")
+    code, out, _ = run_cli(
+        capsys,
+        "zeroshot",
+        str(model_dir),
+        "--dms",
+        str(write_dms(tmp_path / "ok.csv", singles(5))),
+        "--wildtype",
+        WT,
+        "--device",
+        "cpu",
+    )
     assert code == 0 and "skipped: none\n" in out
 
 
@@ -116,7 +152,7 @@ def test_unigram_scores_known_answer():
     counts[tok.VOCAB.index("A")], counts[tok.VOCAB.index("K")], counts[tok.VOCAB.index("L")] = 99, 9, 19
     logp = unigram_log_probs(counts).numpy()
     f = lambda a: np.log((counts[tok.VOCAB.index(a)] + 1) / (counts[tok.AMINO_ACID_IDS].sum() + 25))
-    assert np.exp(logp[tok.AMINO_ACID_IDS]).sum() < 1   # add-one over the 25 residue letters, X etc. included
+    assert np.exp(logp[tok.AMINO_ACID_IDS]).sum() < 1  # add-one over the 25 residue letters, X etc. included
     v = zs.Variant(2, "K2L:T3A", zs.parse_mutant("K2L:T3A"), 0.0)
     assert zs.unigram_scores([v], logp)[0] == pytest.approx(f("L") - f("K") + f("A") - f("T"), abs=1e-12)
 
@@ -129,7 +165,7 @@ def test_unigram_baseline_from_the_run_or_the_wild_type(tmp_path, capsys):
     logp = unigram_log_probs(counts).numpy()
     variants = zs.read_dms(write_dms(tmp_path / "tmp.csv", rows))
     for r, s in zip(rows, zs.unigram_scores(variants, logp)):
-        r[1] = 3 * s + 1   # measured = the training-split baseline: its rho is exactly 1
+        r[1] = 3 * s + 1  # measured = the training-split baseline: its rho is exactly 1
     path = write_dms(tmp_path / "dms.csv", rows)
     run = tmp_path / "runs" / "r"
     torch.manual_seed(0)
@@ -140,22 +176,49 @@ def test_unigram_baseline_from_the_run_or_the_wild_type(tmp_path, capsys):
     write_unigram(run, counts, "test split")
     summary = tmp_path / "s.json"
     out_csv = tmp_path / "scores.csv"
-    code, out, _ = run_cli(capsys, "zeroshot", str(run / "model"), "--dms", str(path), "--wildtype", WT, "--device",
-                           "cpu", "--json", str(summary), "--out", str(out_csv))
+    code, out, _ = run_cli(
+        capsys,
+        "zeroshot",
+        str(run / "model"),
+        "--dms",
+        str(path),
+        "--wildtype",
+        WT,
+        "--device",
+        "cpu",
+        "--json",
+        str(summary),
+        "--out",
+        str(out_csv),
+    )
     assert code == 0, out
     got = json.loads(summary.read_text())
     assert got["unigram_source"] == "training-split" and got["unigram_spearman"] == pytest.approx(1.0)
     assert got["model_minus_unigram"]["diff"] == pytest.approx(got["spearman"] - 1.0, abs=1e-9)
-    assert (f"site-independent baseline (the training split's residue frequencies, {run}/unigram.json): "
-            f"Spearman rho = 1.0000; model - baseline = {got['spearman'] - 1:+.4f}, 95% CI [") in out
+    assert (
+        f"site-independent baseline (the training split's residue frequencies, {run}/unigram.json): "
+        f"Spearman rho = 1.0000; model - baseline = {got['spearman'] - 1:+.4f}, 95% CI ["
+    ) in out
     with open(out_csv) as f:
         scored = list(csv.DictReader(f))
-    np.testing.assert_allclose([float(r["unigram_score"]) for r in scored],
-                               zs.unigram_scores(zs.read_dms(path), logp), atol=1e-6)
+    np.testing.assert_allclose(
+        [float(r["unigram_score"]) for r in scored], zs.unigram_scores(zs.read_dms(path), logp), atol=1e-6
+    )
     # the same weights outside a run: the wild type's own frequencies, said so
     save_model_dir(tmp_path / "alone", build_model(cfg).state_dict(), cfg)
-    code, out, _ = run_cli(capsys, "zeroshot", str(tmp_path / "alone"), "--dms", str(path), "--wildtype", WT,
-                           "--device", "cpu", "--json", str(summary))
+    code, out, _ = run_cli(
+        capsys,
+        "zeroshot",
+        str(tmp_path / "alone"),
+        "--dms",
+        str(path),
+        "--wildtype",
+        WT,
+        "--device",
+        "cpu",
+        "--json",
+        str(summary),
+    )
     assert code == 0
     got = json.loads(summary.read_text())
     wt_logp = unigram_log_probs(np.bincount(tok.encode(WT), minlength=tok.VOCAB_SIZE)).numpy()

@@ -5,6 +5,7 @@ corpus fingerprint (sha256 of the shipped `.xz` files), so a changed corpus neve
 shards. Two processes preparing at once are safe: each builds in its own temporary directory and
 the first rename wins; the loser discards its copy and uses the winner's.
 """
+
 from __future__ import annotations
 
 import errno
@@ -49,9 +50,18 @@ def bundled_dataset_dir(cache_dir=None, progress: bool = False) -> Path:
     """Directory of the prepared bundled corpus (train/valid/test), preparing it on first use."""
     final = cache_root(cache_dir) / f"{CORPUS_NAME}-{corpus_fingerprint()}"
     files = corpus_files()
-    return _prepared_once(final, SPLITS, lambda: prepare(
-        files["train"], final, valid=files["valid"], test=files["test"], progress=progress,
-        command=["plmrun", "(bundled corpus)", CORPUS_NAME]))
+    return _prepared_once(
+        final,
+        SPLITS,
+        lambda: prepare(
+            files["train"],
+            final,
+            valid=files["valid"],
+            test=files["test"],
+            progress=progress,
+            command=["plmrun", "(bundled corpus)", CORPUS_NAME],
+        ),
+    )
 
 
 def _prepared_once(final: Path, splits, build) -> Path:
@@ -60,14 +70,15 @@ def _prepared_once(final: Path, splits, build) -> Path:
         return final
     try:
         build()
-    except (DataError, OSError) as e:          # another process won the rename, or a real failure
+    except (DataError, OSError) as e:  # another process won the rename, or a real failure
         if not set(splits) <= set(dataset_splits(final)):
             if final.is_dir() and any(final.iterdir()):
-                raise DataError(f"{final}: exists but is not a complete prepared corpus; "
-                                "delete it and retry") from None
+                raise DataError(f"{final}: exists but is not a complete prepared corpus; delete it and retry") from None
             if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
-                raise DataError(f"{final}: no space left on the device holding the plmrun cache (PLMRUN_CACHE); "
-                                "free space there or set PLMRUN_CACHE to a folder on another disk") from None
+                raise DataError(
+                    f"{final}: no space left on the device holding the plmrun cache (PLMRUN_CACHE); "
+                    "free space there or set PLMRUN_CACHE to a folder on another disk"
+                ) from None
             raise
     return final
 
@@ -76,18 +87,29 @@ FILE_SPLIT = "train"
 "The one split a lone input file is prepared into (`plmrun data prepare` puts its first input there)."
 
 
-def file_dataset_dir(spec, *, column: str | None = None, invalid: str = "error", cache_dir=None,
-                     progress: bool = False) -> Path:
+def file_dataset_dir(
+    spec, *, column: str | None = None, invalid: str = "error", cache_dir=None, progress: bool = False
+) -> Path:
     """A lone input (FASTA[.gz/.xz], parquet, CSV/TSV, saved HF dataset) prepared into the cache as
     split FILE_SPLIT, keyed by its content hash and the reading options: the second call reuses it,
     an edited file is prepared again."""
     from plmrun.data.readers import file_fingerprint
-    fp = file_fingerprint(str(spec))           # DataError for a missing file or an unusable directory
+
+    fp = file_fingerprint(str(spec))  # DataError for a missing file or an unusable directory
     key = hashlib.sha256(f"{fp['sha256']}|{column}|{invalid}".encode()).hexdigest()[:16]
     final = cache_root(cache_dir) / "files" / f"{Path(str(spec)).name}-{key}"
-    return _prepared_once(final, [FILE_SPLIT], lambda: prepare(
-        str(spec), final, column=column, invalid=invalid, progress=progress,
-        command=["plmrun", "eval", "--dataset", str(spec)]))
+    return _prepared_once(
+        final,
+        [FILE_SPLIT],
+        lambda: prepare(
+            str(spec),
+            final,
+            column=column,
+            invalid=invalid,
+            progress=progress,
+            command=["plmrun", "eval", "--dataset", str(spec)],
+        ),
+    )
 
 
 def resolve_dataset(spec: str | os.PathLike, *, progress: bool = False) -> Path:

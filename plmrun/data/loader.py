@@ -13,6 +13,7 @@ epoch orders are shared, only crops and bins differ). The first step of a new ph
 epoch of the new plan (the epoch in progress is left unfinished, or kept if it had not begun), so the
 stream stays a pure function of the steps and a resume after the switch needs only the phase number.
 """
+
 from __future__ import annotations
 
 import collections
@@ -33,23 +34,37 @@ class _Cursor:
     chunk: int = 0
     bin: int = 0
     microbatch: int = 0
-    phase: int = 0            # index into the crop-length schedule
+    phase: int = 0  # index into the crop-length schedule
 
 
 @dataclass
 class _Pending:
-    step: int                 # the step these masks were drawn for
-    after: _Cursor            # loader position once this step is consumed
-    work: list                # per micro-batch: (epoch, seq indices, stream position)
+    step: int  # the step these masks were drawn for
+    after: _Cursor  # loader position once this step is consumed
+    work: list  # per micro-batch: (epoch, seq indices, stream position)
     futures: list
 
 
 class TrainLoader:
     """Micro-batches of one rank, step by step: `next_step(step) -> list[MaskedBatch]` (A of them)."""
 
-    def __init__(self, source, *, token_budget: int, max_length: int, seed: int, world_size: int = 1,
-                 rank: int = 0, grad_accum: int = 1, masker: Masker, prefetch: int = 4, num_workers: int = 1,
-                 pin_memory: bool = False, device=None, max_length_schedule=None):
+    def __init__(
+        self,
+        source,
+        *,
+        token_budget: int,
+        max_length: int,
+        seed: int,
+        world_size: int = 1,
+        rank: int = 0,
+        grad_accum: int = 1,
+        masker: Masker,
+        prefetch: int = 4,
+        num_workers: int = 1,
+        pin_memory: bool = False,
+        device=None,
+        max_length_schedule=None,
+    ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if grad_accum < 1 or prefetch < 0 or num_workers < 1:
@@ -66,8 +81,9 @@ class TrainLoader:
         self.world_size, self.rank, self.grad_accum = world_size, rank, grad_accum
         self.prefetch, self.num_workers = prefetch, num_workers
         self._pin = pin_memory and self.device is not None and self.device.type == "cuda"
-        self._plans = [PackingPlan(source.lengths, token_budget=token_budget, max_length=n, seed=seed)
-                       for _, n in self.schedule]
+        self._plans = [
+            PackingPlan(source.lengths, token_budget=token_budget, max_length=n, seed=seed) for _, n in self.schedule
+        ]
         self._pos = _Cursor()
         self._queue: collections.deque[_Pending] = collections.deque()
         self._pool = None
@@ -109,12 +125,13 @@ class TrainLoader:
     def _step_work(self, cur: _Cursor) -> tuple[list, _Cursor]:
         entries, after = self._walk(cur, self.world_size * self.grad_accum)
         a = self.rank * self.grad_accum
-        return entries[a:a + self.grad_accum], after
+        return entries[a : a + self.grad_accum], after
 
     def _build(self, phase: int, epoch: int, idx: np.ndarray, position: int, step: int) -> MaskedBatch:
         plan = self._plans[phase]
-        packed = pack(self.source, idx, plan.crops(epoch, idx), token_budget=self.token_budget,
-                      max_length=plan.max_length)
+        packed = pack(
+            self.source, idx, plan.crops(epoch, idx), token_budget=self.token_budget, max_length=plan.max_length
+        )
         batch = self.masker(packed, seed=self.seed, index=position, step=step)
         return batch.pin_memory() if self._pin else batch
 
@@ -142,8 +159,9 @@ class TrainLoader:
             self._drop_queue()  # first call, or the caller's step differs from the prediction
             self._queue.append(self._submit(step, self._pos))
         pending = self._queue.popleft()
-        batches = [f.result() if f is not None else self._build(*w, step)
-                   for f, w in zip(pending.futures, pending.work)]
+        batches = [
+            f.result() if f is not None else self._build(*w, step) for f, w in zip(pending.futures, pending.work)
+        ]
         self._pos = pending.after
         ahead = math.ceil(self.prefetch / self.grad_accum)
         while len(self._queue) < ahead:
@@ -173,29 +191,43 @@ class TrainLoader:
 
     def state_dict(self) -> dict:
         p = self._pos
-        state = {"epoch": p.epoch, "chunk": p.chunk, "bin": p.bin, "microbatch": p.microbatch, "seed": self.seed,
-                 "token_budget": self.token_budget, "max_length": self.schedule[0][1],
-                 "num_sequences": len(self.plan.lengths),
-                 "real_tokens": self.real_tokens, "budget_tokens": self.budget_tokens}
+        state = {
+            "epoch": p.epoch,
+            "chunk": p.chunk,
+            "bin": p.bin,
+            "microbatch": p.microbatch,
+            "seed": self.seed,
+            "token_budget": self.token_budget,
+            "max_length": self.schedule[0][1],
+            "num_sequences": len(self.plan.lengths),
+            "real_tokens": self.real_tokens,
+            "budget_tokens": self.budget_tokens,
+        }
         if len(self.schedule) > 1:
             state.update(phase=p.phase, max_length_schedule=self._schedule_state())
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        for key, mine in (("seed", self.seed), ("token_budget", self.token_budget),
-                          ("max_length", self.schedule[0][1]), ("num_sequences", len(self.plan.lengths)),
-                          ("max_length_schedule", self._schedule_state())):
+        for key, mine in (
+            ("seed", self.seed),
+            ("token_budget", self.token_budget),
+            ("max_length", self.schedule[0][1]),
+            ("num_sequences", len(self.plan.lengths)),
+            ("max_length_schedule", self._schedule_state()),
+        ):
             if state.get(key) != mine:
-                raise ValueError(f"loader state: {key} was {state.get(key)!r}, this run has {mine!r}; "
-                                 "the data stream would differ")
+                raise ValueError(
+                    f"loader state: {key} was {state.get(key)!r}, this run has {mine!r}; the data stream would differ"
+                )
         phase = int(state.get("phase", 0))
         if not 0 <= phase < len(self._plans):
             raise ValueError(f"loader state: phase {phase} is out of range")
         if not 0 <= state["chunk"] < self._plans[phase].num_chunks:
             raise ValueError(f"loader state: chunk {state['chunk']} is out of range")
         self._drop_queue()
-        self._pos = _Cursor(int(state["epoch"]), int(state["chunk"]), int(state["bin"]), int(state["microbatch"]),
-                            phase)
+        self._pos = _Cursor(
+            int(state["epoch"]), int(state["chunk"]), int(state["bin"]), int(state["microbatch"]), phase
+        )
         # packing-efficiency counters (absent from older checkpoints: counted from this resume on)
         self.real_tokens = int(state.get("real_tokens", 0))
         self.budget_tokens = int(state.get("budget_tokens", 0))
@@ -224,8 +256,19 @@ class EvalBatches:
     world size or the worker count.
     """
 
-    def __init__(self, source, *, token_budget: int, max_length: int, eval_seed: int, mask_rate: float,
-                 subset: int = 0, world_size: int = 1, rank: int = 0, windows: str = "crop"):
+    def __init__(
+        self,
+        source,
+        *,
+        token_budget: int,
+        max_length: int,
+        eval_seed: int,
+        mask_rate: float,
+        subset: int = 0,
+        world_size: int = 1,
+        rank: int = 0,
+        windows: str = "crop",
+    ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if max_length < 3 or token_budget < max_length:
@@ -256,8 +299,13 @@ class EvalBatches:
 
     def __iter__(self):
         for a, b in self._mine:
-            packed = pack(self.source, self.index[a:b], self.starts[a:b], token_budget=self.token_budget,
-                          max_length=self.max_length)
+            packed = pack(
+                self.source,
+                self.index[a:b],
+                self.starts[a:b],
+                token_budget=self.token_budget,
+                max_length=self.max_length,
+            )
             yield eval_masks(packed, eval_seed=self.eval_seed, mask_rate=self.mask_rate)
 
 
@@ -266,7 +314,7 @@ def _eval_windows(lengths: np.ndarray, max_length: int, eval_seed: int, windows:
     index = np.arange(len(lengths), dtype=np.int64)
     if windows == "crop":
         return index, crop_starts(lengths, index, max_length, eval_seed, TAG_EVAL_CROP)
-    per_seq = np.maximum(1, -(-lengths // (max_length - 2)))        # ceil(L / window), an empty sequence once
+    per_seq = np.maximum(1, -(-lengths // (max_length - 2)))  # ceil(L / window), an empty sequence once
     seq = np.repeat(index, per_seq)
     first = np.cumsum(per_seq) - per_seq
     starts = (np.arange(len(seq), dtype=np.int64) - np.repeat(first, per_seq)) * (max_length - 2)

@@ -27,16 +27,16 @@ Schedules are evaluated from the `step` argument that travels with each batch re
 state kept in a worker (the seed's bug). Training masks are a pure function of
 (seed, global micro-batch index, step); eval masks of (eval seed, sequence index, residue position).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Optional
 
 import numpy as np
 import torch
 
 from plmrun.config import MaskingConfig
-from plmrun.data.packing import TAG_EVAL_MASK, TAG_MASK, PackedBatch, map_tensors, hash_uniform, seed_from
+from plmrun.data.packing import TAG_EVAL_MASK, TAG_MASK, PackedBatch, hash_uniform, map_tensors, seed_from
 from plmrun.tokenizer import AMINO_ACID_IDS, MASK, RESIDUE_IDS, VOCAB_SIZE
 
 IGNORE = -100
@@ -48,16 +48,16 @@ _AMINO = np.asarray(AMINO_ACID_IDS, dtype=np.int64)
 @dataclass(eq=False)
 class MaskedBatch:
     packed: PackedBatch
-    inputs: torch.Tensor        # int64 [T]: model input ids after masking
-    targets: torch.Tensor       # int64 [T]: original id at loss positions, -100 elsewhere
+    inputs: torch.Tensor  # int64 [T]: model input ids after masking
+    targets: torch.Tensor  # int64 [T]: original id at loss positions, -100 elsewhere
     loss_weights: torch.Tensor  # float32 [T]: per-token weight (0 where targets == -100)
-    normalizer: float           # what the weighted sum is divided by (summed over the global batch)
-    t: torch.Tensor             # float32 [num_sequences]: each sequence's masking probability
+    normalizer: float  # what the weighted sum is divided by (summed over the global batch)
+    t: torch.Tensor  # float32 [num_sequences]: each sequence's masking probability
 
-    def pin_memory(self) -> "MaskedBatch":
+    def pin_memory(self) -> MaskedBatch:
         return map_tensors(self, lambda x: x.pin_memory())
 
-    def to(self, device, non_blocking: bool = False) -> "MaskedBatch":
+    def to(self, device, non_blocking: bool = False) -> MaskedBatch:
         return map_tensors(self, lambda x: x.to(device, non_blocking=non_blocking))
 
 
@@ -70,7 +70,7 @@ def _segment_lengths(packed: PackedBatch) -> np.ndarray:
 class Masker:
     objective: str = "mlm"
     mask_rate: float = 0.15
-    mask_rate_end: Optional[float] = None
+    mask_rate_end: float | None = None
     ramp_steps: int = 0
     mask_token_frac: float = 0.8
     random_token_frac: float = 0.1
@@ -89,7 +89,7 @@ class Masker:
             raise ValueError("masking: a ramp (mask_rate_end or mlm_to_diffusion) needs ramp_steps > 0")
 
     @classmethod
-    def from_config(cls, cfg: MaskingConfig) -> "Masker":
+    def from_config(cls, cfg: MaskingConfig) -> Masker:
         return cls(**{f.name: getattr(cfg, f.name) for f in fields(MaskingConfig)})
 
     def _progress(self, step: int) -> float:
@@ -116,13 +116,13 @@ class Masker:
         t_seq = np.where(is_diff, 1.0 - (1.0 - self.diffusion_eps) * u_t, p)
         residue = _RESIDUE[tokens]
         u = rng.random(tokens.shape[0])
-        if f == 0.0:        # pure MLM: one rate, no per-token lookups
+        if f == 0.0:  # pure MLM: one rate, no per-token lookups
             sel = np.flatnonzero(residue & (u < p))
             diff_sel, t_sel = np.zeros(sel.size, dtype=bool), p
         else:
             seglen = _segment_lengths(packed)
             seq = np.repeat(np.arange(len(seglen)), seglen)
-            t_tok = np.append(t_seq, 0.0)[seq]                        # pad tail: t = 0
+            t_tok = np.append(t_seq, 0.0)[seq]  # pad tail: t = 0
             sel = np.flatnonzero(residue & (u < t_tok))
             diff_sel, t_sel = np.append(is_diff, False)[seq[sel]], t_tok[sel]
         inputs = tokens.copy()
@@ -137,8 +137,14 @@ class Masker:
             weights[sel], normalizer = 1.0, float(sel.size)
         else:
             weights[sel], normalizer = 1.0 / t_sel, float(np.count_nonzero(residue))
-        return MaskedBatch(packed, torch.from_numpy(inputs), torch.from_numpy(targets), torch.from_numpy(weights),
-                           normalizer, torch.from_numpy(t_seq.astype(np.float32)))
+        return MaskedBatch(
+            packed,
+            torch.from_numpy(inputs),
+            torch.from_numpy(targets),
+            torch.from_numpy(weights),
+            normalizer,
+            torch.from_numpy(t_seq.astype(np.float32)),
+        )
 
 
 def eval_masks(packed: PackedBatch, *, eval_seed: int, mask_rate: float = 0.15) -> MaskedBatch:
@@ -157,6 +163,11 @@ def eval_masks(packed: PackedBatch, *, eval_seed: int, mask_rate: float = 0.15) 
     sel[:real] = _RESIDUE[tokens[:real]] & (u < mask_rate)
     inputs = np.where(sel, MASK, tokens)
     targets = np.where(sel, tokens, IGNORE)
-    return MaskedBatch(packed, torch.from_numpy(inputs), torch.from_numpy(targets),
-                       torch.from_numpy(sel.astype(np.float32)), float(sel.sum()),
-                       torch.full((n,), float(mask_rate)))
+    return MaskedBatch(
+        packed,
+        torch.from_numpy(inputs),
+        torch.from_numpy(targets),
+        torch.from_numpy(sel.astype(np.float32)),
+        float(sel.sum()),
+        torch.full((n,), float(mask_rate)),
+    )

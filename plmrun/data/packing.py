@@ -11,6 +11,7 @@ shuffled order fixed by (seed, epoch, chunk). So the bins of chunk c depend only
 (seed, epoch, c), and a loader position is just (epoch, chunk, bin). Only the last bin of a chunk
 is left part-empty, so the waste is about half a bin per `chunk_bins` bins.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -125,8 +126,7 @@ class PackingPlan:
     `bins(epoch, chunk)` returns the dataset indices of each bin of that chunk in emission order.
     """
 
-    def __init__(self, lengths: np.ndarray, *, token_budget: int, max_length: int, seed: int,
-                 chunk_bins: int = 128):
+    def __init__(self, lengths: np.ndarray, *, token_budget: int, max_length: int, seed: int, chunk_bins: int = 128):
         if max_length < 3 or token_budget < max_length:
             raise ValueError(f"need 3 <= max_length ({max_length}) <= token_budget ({token_budget})")
         self.lengths = np.asarray(lengths, dtype=np.int64)
@@ -139,7 +139,7 @@ class PackingPlan:
         # The remainder joins the last chunk, so no epoch ends with a tiny, poorly packed chunk.
         self.num_chunks = max(1, len(self.lengths) // self.chunk_size)
         self._order_epoch, self._order = -1, None
-        self._bins: dict[tuple[int, int], list[np.ndarray]] = {}   # the two latest chunks
+        self._bins: dict[tuple[int, int], list[np.ndarray]] = {}  # the two latest chunks
 
     def order(self, epoch: int) -> np.ndarray:
         """The epoch's permutation of sequence indices (cached for the current epoch)."""
@@ -151,7 +151,7 @@ class PackingPlan:
     def bins(self, epoch: int, chunk: int) -> list[np.ndarray]:
         if (epoch, chunk) not in self._bins:
             end = len(self.lengths) if chunk == self.num_chunks - 1 else (chunk + 1) * self.chunk_size
-            idx = self.order(epoch)[chunk * self.chunk_size:end]
+            idx = self.order(epoch)[chunk * self.chunk_size : end]
             packed = best_fit_decreasing(self.tokens[idx], self.token_budget)
             rng = np.random.Generator(np.random.Philox(seed_from(self.seed, TAG_BINS, epoch, chunk)))
             if len(self._bins) == 2:
@@ -170,23 +170,23 @@ class PackingPlan:
 
 @dataclass(eq=False)
 class PackedBatch:
-    tokens: torch.Tensor       # int64 [T]: <cls> residues <eos> ..., then <pad> to T
-    positions: torch.Tensor    # int64 [T]: position within its segment (0 = <cls>)
-    cu_seqlens: torch.Tensor   # int32 [n+1]: segment boundaries; the pad tail is the last segment
-    max_seqlen: int            # longest segment (the pad tail included, so kernels cover it)
-    num_sequences: int         # real sequences
-    num_real_tokens: int       # tokens before the pad tail
-    seq_index: torch.Tensor    # int64 [num_sequences]: dataset index of each sequence
-    crop_start: torch.Tensor   # int64 [num_sequences]: residue offset of each window
+    tokens: torch.Tensor  # int64 [T]: <cls> residues <eos> ..., then <pad> to T
+    positions: torch.Tensor  # int64 [T]: position within its segment (0 = <cls>)
+    cu_seqlens: torch.Tensor  # int32 [n+1]: segment boundaries; the pad tail is the last segment
+    max_seqlen: int  # longest segment (the pad tail included, so kernels cover it)
+    num_sequences: int  # real sequences
+    num_real_tokens: int  # tokens before the pad tail
+    seq_index: torch.Tensor  # int64 [num_sequences]: dataset index of each sequence
+    crop_start: torch.Tensor  # int64 [num_sequences]: residue offset of each window
 
     @property
     def token_budget(self) -> int:
         return int(self.tokens.numel())
 
-    def pin_memory(self) -> "PackedBatch":
+    def pin_memory(self) -> PackedBatch:
         return map_tensors(self, lambda t: t.pin_memory())
 
-    def to(self, device, non_blocking: bool = False) -> "PackedBatch":
+    def to(self, device, non_blocking: bool = False) -> PackedBatch:
         return map_tensors(self, lambda t: t.to(device, non_blocking=non_blocking))
 
 
@@ -194,7 +194,9 @@ def map_tensors(obj, fn):
     vals = {}
     for f in fields(obj):
         v = getattr(obj, f.name)
-        vals[f.name] = fn(v) if isinstance(v, torch.Tensor) else (map_tensors(v, fn) if hasattr(v, "__dataclass_fields__") else v)
+        vals[f.name] = (
+            fn(v) if isinstance(v, torch.Tensor) else (map_tensors(v, fn) if hasattr(v, "__dataclass_fields__") else v)
+        )
     return type(obj)(**vals)
 
 
@@ -203,8 +205,12 @@ def _assemble(pieces: list[np.ndarray], seg: list[int]) -> tuple[torch.Tensor, t
     cu = np.zeros(len(seg) + 1, dtype=np.int32)
     np.cumsum(seg, out=cu[1:])
     ramp = np.arange(max(seg), dtype=np.int64)
-    return (torch.from_numpy(np.concatenate(pieces).astype(np.int64)),
-            torch.from_numpy(np.concatenate([ramp[:n] for n in seg])), torch.from_numpy(cu), max(seg))
+    return (
+        torch.from_numpy(np.concatenate(pieces).astype(np.int64)),
+        torch.from_numpy(np.concatenate([ramp[:n] for n in seg])),
+        torch.from_numpy(cu),
+        max(seg),
+    )
 
 
 def pack_tokens(token_arrays: list[np.ndarray], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -237,15 +243,14 @@ _CLS = np.array([CLS], dtype=np.uint8)
 _EOS = np.array([EOS], dtype=np.uint8)
 
 
-def pack(source, seq_index: np.ndarray, crop_start: np.ndarray, *, token_budget: int,
-         max_length: int) -> PackedBatch:
+def pack(source, seq_index: np.ndarray, crop_start: np.ndarray, *, token_budget: int, max_length: int) -> PackedBatch:
     """Assemble one micro-batch from dataset indices and their crop offsets."""
     window = max_length - 2
     seq_index = np.asarray(seq_index, dtype=np.int64)
     crop_start = np.asarray(crop_start, dtype=np.int64)
     pieces, seg = [], []
     for i, s in zip(seq_index.tolist(), crop_start.tolist()):
-        r = source.residues(i)[s:s + window]
+        r = source.residues(i)[s : s + window]
         pieces += (_CLS, r, _EOS)
         seg.append(len(r) + 2)
     total = sum(seg)

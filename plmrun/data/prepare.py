@@ -6,6 +6,7 @@ number of workers. At most 2 chunks per worker are in flight: memory stays bound
 the input size. The dataset is built in a hidden sibling directory and renamed into place only
 when every split is complete, so a failed run leaves nothing that looks like a dataset.
 """
+
 from __future__ import annotations
 
 import collections
@@ -14,9 +15,9 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
 
 from tqdm import tqdm
 
@@ -55,10 +56,21 @@ def check_output_dir(out: Path, overwrite: bool, inputs: Iterable = ()) -> None:
     outputs.check_output_dir(out, inputs, overwrite=overwrite, error=DataError)
 
 
-def prepare(inputs, out_dir, *, valid=None, test=None, column: Optional[str] = None,
-            id_column: Optional[str] = None, invalid: str = "error", overwrite: bool = False,
-            workers: int = 1, shard_size: int = SHARD_RESIDUES, progress: bool = True,
-            command: Optional[Sequence[str]] = None) -> dict:
+def prepare(
+    inputs,
+    out_dir,
+    *,
+    valid=None,
+    test=None,
+    column: str | None = None,
+    id_column: str | None = None,
+    invalid: str = "error",
+    overwrite: bool = False,
+    workers: int = 1,
+    shard_size: int = SHARD_RESIDUES,
+    progress: bool = True,
+    command: Sequence[str] | None = None,
+) -> dict:
     """Prepare `inputs` (train) and optional valid/test inputs into `out_dir`; returns manifests."""
     if invalid not in tok.POLICIES:
         raise DataError(f"--invalid must be one of {', '.join(tok.POLICIES)}, got {invalid!r}")
@@ -67,21 +79,23 @@ def prepare(inputs, out_dir, *, valid=None, test=None, column: Optional[str] = N
     if "train" not in splits:
         raise DataError("no input given")
     for spec in (s for specs in splits.values() for s in specs):
-        input_kind(spec)                       # missing files fail before any work starts
+        input_kind(spec)  # missing files fail before any work starts
     out = Path(out_dir)
     check_output_dir(out, overwrite, [s for specs in splits.values() for s in specs])
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_siblings(out)                 # what a killed earlier run left behind
+    remove_stale_siblings(out)  # what a killed earlier run left behind
     tmp = temp_sibling(out)
     tmp.mkdir()
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
-    bar = tqdm(total=None, unit=" res", unit_scale=True, disable=not progress,
-               file=sys.stderr, desc="prepare", delay=1.0)
+    bar = tqdm(
+        total=None, unit=" res", unit_scale=True, disable=not progress, file=sys.stderr, desc="prepare", delay=1.0
+    )
     try:
         manifests = {}
         for split, specs in splits.items():
-            manifests[split] = _prepare_split(specs, tmp / split, column, id_column, invalid,
-                                              pool, 2 * workers, shard_size, bar, command)
+            manifests[split] = _prepare_split(
+                specs, tmp / split, column, id_column, invalid, pool, 2 * workers, shard_size, bar, command
+            )
         if pool is not None:
             pool.terminate()
             pool = None
@@ -102,8 +116,7 @@ def prepare(inputs, out_dir, *, valid=None, test=None, column: Optional[str] = N
     return manifests
 
 
-def _prepare_split(specs, split_dir, column, id_column, invalid, pool, window, shard_size, bar,
-                   command) -> dict:
+def _prepare_split(specs, split_dir, column, id_column, invalid, pool, window, shard_size, bar, command) -> dict:
     writer = SplitWriter(split_dir, shard_size)
     skipped = replaced = 0
     problems = []
@@ -122,13 +135,19 @@ def _prepare_split(specs, split_dir, column, id_column, invalid, pool, window, s
         raise
     return writer.finish(
         sources=[file_fingerprint(s) for s in specs],
-        normalisation={"uppercase": True, "trailing_stop_dropped": True, "invalid_policy": invalid,
-                       "skipped_records": skipped, "replaced_letters": replaced,
-                       "examples": problems},
+        normalisation={
+            "uppercase": True,
+            "trailing_stop_dropped": True,
+            "invalid_policy": invalid,
+            "skipped_records": skipped,
+            "replaced_letters": replaced,
+            "examples": problems,
+        },
         command=" ".join(command) if command else "python: plmrun.data.prepare.prepare(...)",
         plmrun_version=plmrun.__version__,
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        seconds=round(time.perf_counter() - t0, 3))
+        seconds=round(time.perf_counter() - t0, 3),
+    )
 
 
 def swap_into_place(tmp: Path, out: Path, overwrite: bool) -> None:

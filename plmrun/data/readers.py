@@ -6,15 +6,16 @@ methods and one lookup table per block, so the hot path has a Python step per re
 character. Every problem is a `DataError` whose one-line message names the file and the line (FASTA)
 or row (tables).
 """
+
 from __future__ import annotations
 
 import bz2
 import gzip
 import lzma
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Union
 
 import numpy as np
 
@@ -33,14 +34,14 @@ DELIMITERS = "\t,;"
 @dataclass
 class FastaBlock:
     path: str
-    first_line: int          # 1-based line number of data[0]
-    data: bytes              # whole records, starting with b'>'
+    first_line: int  # 1-based line number of data[0]
+    data: bytes  # whole records, starting with b'>'
 
 
 @dataclass
 class TableBatch:
-    where: str               # file or dataset name
-    first_row: int           # 0-based index of the batch's first row
+    where: str  # file or dataset name
+    first_row: int  # 0-based index of the batch's first row
     names: list
     sequences: list
 
@@ -48,18 +49,19 @@ class TableBatch:
 @dataclass
 class Encoded:
     """Residue ids of a chunk's kept records, concatenated; what a shard writer appends."""
-    names: list                       # bytes per record
-    lengths: np.ndarray               # int64
-    residues: np.ndarray              # uint8, concatenated
-    skipped: int = 0                  # records dropped by policy='skip'
-    replaced: int = 0                 # letters mapped to X by policy='x'
-    first_problem: Optional[str] = field(default=None)
+
+    names: list  # bytes per record
+    lengths: np.ndarray  # int64
+    residues: np.ndarray  # uint8, concatenated
+    skipped: int = 0  # records dropped by policy='skip'
+    replaced: int = 0  # letters mapped to X by policy='x'
+    first_problem: str | None = field(default=None)
 
 
 # ---------------------------------------------------------------- input kinds
 
 
-def split_spec(spec: str) -> tuple[str, Optional[str]]:
+def split_spec(spec: str) -> tuple[str, str | None]:
     """'PATH#SPLIT' -> (PATH, SPLIT) for Hugging Face inputs; other inputs have no '#'."""
     base, sep, split = str(spec).rpartition("#")
     return (base, split) if sep and split and "/" not in split else (str(spec), None)
@@ -74,8 +76,10 @@ def input_kind(spec: str) -> str:
     if path.is_dir():
         if any((path / f).exists() for f in ("dataset_dict.json", "state.json", "dataset_info.json")):
             return "hf_disk"
-        raise DataError(f"{path}: is a directory but not a saved Hugging Face dataset "
-                        "(datasets.save_to_disk); pass FASTA/parquet/CSV files instead")
+        raise DataError(
+            f"{path}: is a directory but not a saved Hugging Face dataset "
+            "(datasets.save_to_disk); pass FASTA/parquet/CSV files instead"
+        )
     if not path.exists():
         raise DataError(f"{path}: no such file")
     with open(path, "rb") as f:
@@ -129,7 +133,7 @@ def header_line(path) -> str:
 # ---------------------------------------------------------------- FASTA
 
 
-def fasta_blocks(path, block_bytes: Optional[int] = None) -> Iterator[FastaBlock]:
+def fasta_blocks(path, block_bytes: int | None = None) -> Iterator[FastaBlock]:
     """Blocks of whole records; checks the start of the file (empty, binary, text before '>')."""
     path, block_bytes = str(path), block_bytes or BLOCK_BYTES
     f, kind = open_binary(path)
@@ -162,7 +166,7 @@ def fasta_blocks(path, block_bytes: Optional[int] = None) -> Iterator[FastaBlock
             if cut < 0:
                 carry = data
                 continue
-            out, carry = data[: cut + 1], data[cut + 1:]
+            out, carry = data[: cut + 1], data[cut + 1 :]
             yield FastaBlock(path, line, out)
             line += out.count(b"\n")
 
@@ -189,8 +193,10 @@ def _fasta_problem(block: FastaBlock, records: list, k: int, what: str) -> str:
     idx = int(np.argmax(bad))
     line += 1 + body.count(b"\n", 0, idx)
     col = idx - (body.rfind(b"\n", 0, idx) + 1) + 1
-    return (f"{block.path}:{line}:{col}: invalid residue {chr(body[idx])!r} in record '{name}' "
-            "(use --invalid skip or --invalid x to accept such records)")
+    return (
+        f"{block.path}:{line}:{col}: invalid residue {chr(body[idx])!r} in record '{name}' "
+        "(use --invalid skip or --invalid x to accept such records)"
+    )
 
 
 def parse_fasta_block(block: FastaBlock, policy: str = "error") -> Encoded:
@@ -227,15 +233,21 @@ def _encode_many(names: list, seqs: list, policy: str, describe) -> Encoded:
     keep = np.ones(len(seqs), bool)
     keep[bad_records] = False
     keep_res = np.repeat(keep, lengths)
-    return Encoded([n for n, k in zip(names, keep) if k], lengths[keep], ids[keep_res],
-                   skipped=len(bad_records), first_problem=first)
+    return Encoded(
+        [n for n, k in zip(names, keep) if k],
+        lengths[keep],
+        ids[keep_res],
+        skipped=len(bad_records),
+        first_problem=first,
+    )
 
 
 # ---------------------------------------------------------------- tables
 
 
-def table_batches(spec: str, column: Optional[str], id_column: Optional[str] = None,
-                  rows: int = TABLE_ROWS) -> Iterator[TableBatch]:
+def table_batches(
+    spec: str, column: str | None, id_column: str | None = None, rows: int = TABLE_ROWS
+) -> Iterator[TableBatch]:
     """Row batches of a parquet/CSV/TSV file or a Hugging Face dataset (disk or hub)."""
     kind = input_kind(spec)
     if column is None:
@@ -267,6 +279,7 @@ def _arrow_batches(reader, spec):
 
 def _parquet(spec, rows):
     import pyarrow.parquet as pq
+
     try:
         f = pq.ParquetFile(spec)
     except Exception as e:
@@ -276,19 +289,25 @@ def _parquet(spec, rows):
 
 def _csv(spec, delimiter, rows):
     import pyarrow.csv as pcsv
+
     try:
-        reader = pcsv.open_csv(spec, read_options=pcsv.ReadOptions(block_size=1 << 22),
-                               parse_options=pcsv.ParseOptions(delimiter=delimiter),
-                               convert_options=pcsv.ConvertOptions(strings_can_be_null=True))
+        reader = pcsv.open_csv(
+            spec,
+            read_options=pcsv.ReadOptions(block_size=1 << 22),
+            parse_options=pcsv.ParseOptions(delimiter=delimiter),
+            convert_options=pcsv.ConvertOptions(strings_can_be_null=True),
+        )
     except Exception as e:
-        raise DataError(f"{spec}: cannot read as {'TSV' if delimiter == chr(9) else 'CSV'} "
-                        f"({str(e).splitlines()[0]})") from None
+        raise DataError(
+            f"{spec}: cannot read as {'TSV' if delimiter == chr(9) else 'CSV'} ({str(e).splitlines()[0]})"
+        ) from None
     return _arrow_batches(reader, spec), reader.schema.names
 
 
 def _hf(spec, kind, rows):
     """A saved dataset directory or a hub dataset (streamed); '#SPLIT' picks a split."""
     import datasets
+
     base, split = split_spec(spec)
     try:
         if kind == "hf_disk":
@@ -298,9 +317,11 @@ def _hf(spec, kind, rows):
             split = None
     except Exception as e:
         where = "load the saved dataset" if kind == "hf_disk" else "load it from the Hugging Face Hub"
-        raise DataError(f"{base}: cannot {where} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}); check the name and network "
-                        "or use a local copy") from None
+        raise DataError(
+            f"{base}: cannot {where} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); check the name and network "
+            "or use a local copy"
+        ) from None
     if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         if split is None and len(ds) == 1:
             split = next(iter(ds))
@@ -314,24 +335,31 @@ def encode_table_batch(batch: TableBatch, policy: str = "error") -> Encoded:
     seqs = []
     for k, s in enumerate(batch.sequences):
         if not isinstance(s, str) or not s.strip():
-            raise DataError(f"{batch.where}: row {batch.first_row + k + 1} "
-                            f"({batch.names[k]}): missing or non-text sequence")
+            raise DataError(
+                f"{batch.where}: row {batch.first_row + k + 1} ({batch.names[k]}): missing or non-text sequence"
+            )
         b = s.strip().encode("ascii", "replace")
         seqs.append(b[:-1] if b.endswith(b"*") else b)
 
     def describe(k):
         s = batch.sequences[k].strip()
-        pos = next(i for i, ch in enumerate(s) if ord(ch) > 127 or
-                   tok.ENCODE_LUT[ord(ch)] == tok.INVALID and not (ch == "*" and i == len(s) - 1))
-        return (f"{batch.where}: row {batch.first_row + k + 1} ({batch.names[k]}): invalid residue "
-                f"{s[pos]!r} at position {pos + 1} (use --invalid skip or --invalid x)")
+        pos = next(
+            i
+            for i, ch in enumerate(s)
+            if ord(ch) > 127 or tok.ENCODE_LUT[ord(ch)] == tok.INVALID and not (ch == "*" and i == len(s) - 1)
+        )
+        return (
+            f"{batch.where}: row {batch.first_row + k + 1} ({batch.names[k]}): invalid residue "
+            f"{s[pos]!r} at position {pos + 1} (use --invalid skip or --invalid x)"
+        )
+
     return _encode_many([n.encode() for n in batch.names], seqs, policy, describe)
 
 
 # ---------------------------------------------------------------- uniform access
 
 
-Chunk = Union[FastaBlock, TableBatch]
+Chunk = FastaBlock | TableBatch
 
 
 def chunks(spec, column=None, id_column=None) -> Iterator[Chunk]:
@@ -358,12 +386,13 @@ def read_records(spec, column=None, id_column=None, policy: str = "error"):
         ends = np.cumsum(enc.lengths)
         where = chunk.path if isinstance(chunk, FastaBlock) else chunk.where
         for name, end, n in zip(enc.names, ends, enc.lengths):
-            yield name.decode("utf-8", "replace"), tok.decode(enc.residues[end - n:end]), where
+            yield name.decode("utf-8", "replace"), tok.decode(enc.residues[end - n : end]), where
 
 
 def file_fingerprint(spec) -> dict:
     """Identity of an input for the manifest: content hash of files, fingerprint of datasets."""
     import hashlib
+
     kind = input_kind(spec)
     if kind == "hf_hub":
         return {"input": str(spec), "kind": kind}

@@ -6,6 +6,7 @@ complete, and the manifest is written last, so a split without a manifest is nev
 are memory-mapped: sequence i is a zero-copy view, which is what random-access packing, cropping
 and shuffling need. Checksums are verified on open (sha256, so opening reads every byte once).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -13,7 +14,6 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -26,9 +26,9 @@ from plmrun.data.readers import Encoded
 FORMAT = "plmrun-shards"
 VERSION = 1
 MAGIC = b"PLMSHARD"
-HEADER = struct.Struct("<8sIIQQQ16s32s")      # magic version header_size n residues names vocab sha
+HEADER = struct.Struct("<8sIIQQQ16s32s")  # magic version header_size n residues names vocab sha
 HEADER_SIZE = 128
-SHARD_RESIDUES = 256 << 20                    # default residues per shard
+SHARD_RESIDUES = 256 << 20  # default residues per shard
 HIST_EDGES = list(range(0, 2048, 32)) + [2048, 4096, 8192, 16384, 32768, 1 << 62]
 
 
@@ -62,7 +62,7 @@ class SplitWriter:
         self.shards: list[dict] = []
         self.all_lengths: list[np.ndarray] = []
         self.residue_hash = hashlib.sha256()
-        self._open = None          # (file, body hash, lengths list, names list, residues)
+        self._open = None  # (file, body hash, lengths list, names list, residues)
 
     def add(self, enc: Encoded) -> None:
         lengths, start, i = enc.lengths, 0, 0
@@ -77,12 +77,12 @@ class SplitWriter:
                 self._finish_shard()
                 continue
             n_res = int(ends[take - 1])
-            data = enc.residues[start:start + n_res]
+            data = enc.residues[start : start + n_res]
             f.write(data)
             h.update(data)
             self.residue_hash.update(data)
-            lens.append(lengths[i:i + take])
-            names.extend(enc.names[i:i + take])
+            lens.append(lengths[i : i + take])
+            names.extend(enc.names[i : i + take])
             self._open = (f, h, lens, names, used + n_res)
             i, start = i + take, start + n_res
             if used + n_res >= self.shard_residues:
@@ -100,23 +100,42 @@ class SplitWriter:
         lengths = np.concatenate(lens) if lens else np.zeros(0, np.int64)
         self.all_lengths.append(lengths)
         name_lens = np.fromiter(map(len, names), np.int64, len(names))
-        tail = [b"\0" * (_pad8(residues) - residues),
-                np.concatenate([[0], np.cumsum(lengths)]).astype("<i8").tobytes(),
-                np.concatenate([[0], np.cumsum(name_lens)]).astype("<i8").tobytes(),
-                b"".join(names)]
+        tail = [
+            b"\0" * (_pad8(residues) - residues),
+            np.concatenate([[0], np.cumsum(lengths)]).astype("<i8").tobytes(),
+            np.concatenate([[0], np.cumsum(name_lens)]).astype("<i8").tobytes(),
+            b"".join(names),
+        ]
         for part in tail:
             f.write(part)
             h.update(part)
         digest = h.digest()
         f.seek(0)
-        f.write(HEADER.pack(MAGIC, VERSION, HEADER_SIZE, len(lengths), residues,
-                            int(name_lens.sum()), tok.VOCAB_HASH.encode(), digest))
+        f.write(
+            HEADER.pack(
+                MAGIC,
+                VERSION,
+                HEADER_SIZE,
+                len(lengths),
+                residues,
+                int(name_lens.sum()),
+                tok.VOCAB_HASH.encode(),
+                digest,
+            )
+        )
         f.close()
         final = self.dir / f"shard-{len(self.shards):05d}.bin"
         commit(f.name, final)
-        self.shards.append({"file": final.name, "num_sequences": len(lengths),
-                            "num_tokens": residues, "names_bytes": int(name_lens.sum()),
-                            "bytes": final.stat().st_size, "sha256": digest.hex()})
+        self.shards.append(
+            {
+                "file": final.name,
+                "num_sequences": len(lengths),
+                "num_tokens": residues,
+                "names_bytes": int(name_lens.sum()),
+                "bytes": final.stat().st_size,
+                "sha256": digest.hex(),
+            }
+        )
 
     def finish(self, **extra) -> dict:
         """Close the last shard and write manifest.json (last, atomically); returns it."""
@@ -127,11 +146,15 @@ class SplitWriter:
             raise DataError(f"{self.dir}: no sequences left for split '{self.dir.name}'")
         counts, _ = np.histogram(lengths, bins=HIST_EDGES)
         manifest = {
-            "format": FORMAT, "version": VERSION, "split": self.dir.name,
+            "format": FORMAT,
+            "version": VERSION,
+            "split": self.dir.name,
             "vocab_hash": tok.VOCAB_HASH,
-            "num_sequences": int(len(lengths)), "num_tokens": int(lengths.sum()),
+            "num_sequences": int(len(lengths)),
+            "num_tokens": int(lengths.sum()),
             "num_tokens_with_specials": int(lengths.sum() + 2 * len(lengths)),
-            "min_length": int(lengths.min()), "max_length": int(lengths.max()),
+            "min_length": int(lengths.min()),
+            "max_length": int(lengths.max()),
             "mean_length": float(lengths.mean()),
             "length_histogram": {"edges": HIST_EDGES[:-1] + ["inf"], "counts": counts.tolist()},
             "fingerprint": content_fingerprint(lengths, self.residue_hash.digest()),
@@ -160,18 +183,24 @@ def read_manifest(split_dir: Path) -> dict:
         raise DataError(f"{Path(split_dir).parent}: no such dataset directory ({hint})")
     if not path.exists():
         have = sorted(p.parent.name for p in Path(split_dir).parent.glob("*/manifest.json"))
-        raise DataError(f"{path}: missing — split '{Path(split_dir).name}' is not a complete "
-                        f"prepared dataset (splits here: {', '.join(have) or 'none'}; {hint})")
+        raise DataError(
+            f"{path}: missing — split '{Path(split_dir).name}' is not a complete "
+            f"prepared dataset (splits here: {', '.join(have) or 'none'}; {hint})"
+        )
     try:
         m = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: unreadable manifest ({e}); {hint}") from None
     if m.get("format") != FORMAT or m.get("version") != VERSION:
-        raise DataError(f"{path}: format {m.get('format')!r} version {m.get('version')!r}, expected "
-                        f"{FORMAT!r} version {VERSION}; re-run plmrun data prepare")
+        raise DataError(
+            f"{path}: format {m.get('format')!r} version {m.get('version')!r}, expected "
+            f"{FORMAT!r} version {VERSION}; re-run plmrun data prepare"
+        )
     if m.get("vocab_hash") != tok.VOCAB_HASH:
-        raise DataError(f"{path}: vocabulary hash {m.get('vocab_hash')} differs from this "
-                        f"tokenizer's {tok.VOCAB_HASH}; re-run plmrun data prepare")
+        raise DataError(
+            f"{path}: vocabulary hash {m.get('vocab_hash')} differs from this "
+            f"tokenizer's {tok.VOCAB_HASH}; re-run plmrun data prepare"
+        )
     return m
 
 
@@ -184,22 +213,20 @@ def _open_shard(path: Path, entry: dict, verify: bool):
     expect = shard_bytes(entry["num_sequences"], entry["num_tokens"], entry["names_bytes"])
     if size != expect:
         raise DataError(f"{path}: {size} bytes, expected {expect} (truncated?); {redo}")
-    mm = np.asarray(np.memmap(path, dtype=np.uint8, mode="r"))   # plain ndarray views
-    magic, version, hsize, n, residues, names, vocab, digest = HEADER.unpack(bytes(mm[:HEADER.size]))
+    mm = np.asarray(np.memmap(path, dtype=np.uint8, mode="r"))  # plain ndarray views
+    magic, version, hsize, n, residues, names, vocab, digest = HEADER.unpack(bytes(mm[: HEADER.size]))
     if magic != MAGIC:
         raise DataError(f"{path}: not a plmrun shard (bad magic bytes); {redo}")
     if version != VERSION or hsize != HEADER_SIZE or vocab.decode() != tok.VOCAB_HASH:
         raise DataError(f"{path}: shard version {version} / vocab {vocab!r} not supported; {redo}")
     if (n, residues, names) != (entry["num_sequences"], entry["num_tokens"], entry["names_bytes"]):
         raise DataError(f"{path}: header counts disagree with manifest.json; {redo}")
-    if verify and (hashlib.sha256(mm[HEADER_SIZE:]).digest() != digest
-                   or digest.hex() != entry["sha256"]):
+    if verify and (hashlib.sha256(mm[HEADER_SIZE:]).digest() != digest or digest.hex() != entry["sha256"]):
         raise DataError(f"{path}: checksum mismatch (corrupted after writing); {redo}")
     a = HEADER_SIZE + _pad8(residues)
     b = a + 8 * (n + 1)
     c = b + 8 * (n + 1)
-    return (mm[a:b].view("<i8"), mm[HEADER_SIZE:HEADER_SIZE + residues],
-            mm[b:c].view("<i8"), mm[c:c + names])
+    return (mm[a:b].view("<i8"), mm[HEADER_SIZE : HEADER_SIZE + residues], mm[b:c].view("<i8"), mm[c : c + names])
 
 
 class ShardedSequences:
@@ -220,8 +247,10 @@ class ShardedSequences:
             for shard in self._shards:
                 h.update(shard[1])
             if content_fingerprint(self.lengths, h.digest()) != self.fingerprint:
-                raise DataError(f"{self.dir}/manifest.json: its fingerprint does not match the shards' contents "
-                                f"(the manifest was edited); re-run plmrun data prepare")
+                raise DataError(
+                    f"{self.dir}/manifest.json: its fingerprint does not match the shards' contents "
+                    f"(the manifest was edited); re-run plmrun data prepare"
+                )
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -234,7 +263,7 @@ class ShardedSequences:
 
     def residues(self, i: int) -> np.ndarray:
         (offsets, residues, _, _), j = self._locate(int(i))
-        return residues[offsets[j]:offsets[j + 1]]
+        return residues[offsets[j] : offsets[j + 1]]
 
     def residue_blocks(self) -> list:
         """Every shard's residues as one array each (whole-split counts without a per-sequence loop)."""
@@ -243,7 +272,7 @@ class ShardedSequences:
     def ids(self, i: int) -> str:
         """The record's name: FASTA header without '>', or the id column value / row number."""
         (_, _, name_offsets, names), j = self._locate(int(i))
-        return names[name_offsets[j]:name_offsets[j + 1]].tobytes().decode("utf-8", "replace")
+        return names[name_offsets[j] : name_offsets[j + 1]].tobytes().decode("utf-8", "replace")
 
 
 def open_dataset(dataset_dir, split: str, verify: bool = True) -> ShardedSequences:
@@ -258,8 +287,7 @@ def dataset_splits(dataset_dir) -> list[str]:
 
 def dataset_fingerprint(dataset_dir) -> str:
     """One fingerprint for all complete splits (their content fingerprints, by split name)."""
-    parts = [f"{s}={read_manifest(Path(dataset_dir) / s)['fingerprint']}"
-             for s in dataset_splits(dataset_dir)]
+    parts = [f"{s}={read_manifest(Path(dataset_dir) / s)['fingerprint']}" for s in dataset_splits(dataset_dir)]
     if not parts:
         raise DataError(f"{dataset_dir}: no prepared splits (run plmrun data prepare)")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
@@ -268,7 +296,7 @@ def dataset_fingerprint(dataset_dir) -> str:
 class InMemorySequences:
     """SequenceSource over arrays already in memory (tests, embedding a FASTA file)."""
 
-    def __init__(self, sequences, ids: Optional[list] = None):
+    def __init__(self, sequences, ids: list | None = None):
         self._seqs = [np.asarray(s, dtype=np.uint8) for s in sequences]
         if ids is not None and len(ids) != len(self._seqs):
             raise ValueError(f"{len(ids)} ids for {len(self._seqs)} sequences")

@@ -16,6 +16,7 @@ Output: `train.fasta`, `valid.fasta`, `test.fasta` (original headers) and `leaka
 / `.txt` in OUT; then `plmrun data prepare OUT/train.fasta --valid OUT/valid.fasta --test
 OUT/test.fasta --out DATASET`. mmseqs sees internal ids (`s0`, `s1`, ...), so any header works.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,14 +25,13 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Optional
 
 from plmrun.data.errors import DataError
-from plmrun.data.prepare import path_list, swap_into_place, check_output_dir
-from plmrun.outputs import mark_output
+from plmrun.data.prepare import check_output_dir, path_list, swap_into_place
 from plmrun.data.readers import read_records
 from plmrun.data.shards import remove_stale_siblings, temp_sibling
 from plmrun.hashing import unit_hash
+from plmrun.outputs import mark_output
 
 SPLITS = ("train", "valid", "test")
 CLUSTER_MODES = ("auto", "cluster", "linclust")
@@ -53,21 +53,36 @@ def assign(rep_name: str, seed: int, valid_frac: float, test_frac: float) -> str
     return "test" if u < test_frac else "valid" if u < test_frac + valid_frac else "train"
 
 
-def split(inputs, out_dir, *, valid_frac: float = 0.02, test_frac: float = 0.02,
-          min_seq_id: float = 0.3, coverage: float = 0.8, leak_identity: float = 0.5,
-          leak_coverage: float = 0.3, seed: int = 0, invalid: str = "error",
-          threads: Optional[int] = None, overwrite: bool = False, mmseqs: str = "mmseqs",
-          cluster_mode: str = "auto", leak_sensitivity: float = 5.7) -> dict:
+def split(
+    inputs,
+    out_dir,
+    *,
+    valid_frac: float = 0.02,
+    test_frac: float = 0.02,
+    min_seq_id: float = 0.3,
+    coverage: float = 0.8,
+    leak_identity: float = 0.5,
+    leak_coverage: float = 0.3,
+    seed: int = 0,
+    invalid: str = "error",
+    threads: int | None = None,
+    overwrite: bool = False,
+    mmseqs: str = "mmseqs",
+    cluster_mode: str = "auto",
+    leak_sensitivity: float = 5.7,
+) -> dict:
     """Split `inputs` into OUT/{train,valid,test}.fasta; returns the leakage report."""
     if shutil.which(mmseqs) is None:
-        raise DataError(f"{mmseqs}: mmseqs2 not found (install it: apt-get install mmseqs2, "
-                        "or conda install -c bioconda mmseqs2)")
+        raise DataError(
+            f"{mmseqs}: mmseqs2 not found (install it: apt-get install mmseqs2, or conda install -c bioconda mmseqs2)"
+        )
     if not (0 <= valid_frac and 0 <= test_frac and valid_frac + test_frac < 1):
-        raise DataError(f"--valid-frac {valid_frac} and --test-frac {test_frac} must be >= 0 "
-                        "and sum to less than 1")
+        raise DataError(f"--valid-frac {valid_frac} and --test-frac {test_frac} must be >= 0 and sum to less than 1")
     if not 1 <= leak_sensitivity <= 7.5:
-        raise DataError(f"--leak-sensitivity {leak_sensitivity}: must be in [1, 7.5] (mmseqs -s; "
-                        "5.7 is its search default, lower is faster and finds fewer remote leaks)")
+        raise DataError(
+            f"--leak-sensitivity {leak_sensitivity}: must be in [1, 7.5] (mmseqs -s; "
+            "5.7 is its search default, lower is faster and finds fewer remote leaks)"
+        )
     if cluster_mode not in CLUSTER_MODES:
         raise DataError(f"--cluster-mode {cluster_mode!r}: must be one of {', '.join(CLUSTER_MODES)}")
     inputs = path_list(inputs)
@@ -84,11 +99,30 @@ def split(inputs, out_dir, *, valid_frac: float = 0.02, test_frac: float = 0.02,
         names, n_dupes = _write_unique(inputs, work / "all.fasta", invalid)
         seconds["read"], clock = time.monotonic() - clock, time.monotonic()
         log = work / "mmseqs.log"
-        tool = "easy-linclust" if cluster_mode == "linclust" or (
-            cluster_mode == "auto" and len(names) > LINCLUST_ABOVE) else "easy-cluster"
-        _mmseqs(mmseqs, [tool, str(work / "all.fasta"), str(work / "clu"),
-                         str(work / "tmp"), "--min-seq-id", str(min_seq_id), "-c", str(coverage),
-                         "--cov-mode", "0", "-v", "1", *thr], log)
+        tool = (
+            "easy-linclust"
+            if cluster_mode == "linclust" or (cluster_mode == "auto" and len(names) > LINCLUST_ABOVE)
+            else "easy-cluster"
+        )
+        _mmseqs(
+            mmseqs,
+            [
+                tool,
+                str(work / "all.fasta"),
+                str(work / "clu"),
+                str(work / "tmp"),
+                "--min-seq-id",
+                str(min_seq_id),
+                "-c",
+                str(coverage),
+                "--cov-mode",
+                "0",
+                "-v",
+                "1",
+                *thr,
+            ],
+            log,
+        )
         seconds["cluster"], clock = time.monotonic() - clock, time.monotonic()
         where, n_clusters = {}, {s: 0 for s in SPLITS}
         for line in open(work / "clu_cluster.tsv"):
@@ -100,20 +134,43 @@ def split(inputs, out_dir, *, valid_frac: float = 0.02, test_frac: float = 0.02,
         _write_splits(work / "all.fasta", where, {s: work / f"{s}.fasta" for s in SPLITS})
         leaks = _leakage_search(mmseqs, work, leak_identity, leak_coverage, leak_sensitivity, thr, log)
         seconds["leakage_search"] = time.monotonic() - clock
-        kept = _write_splits(work / "all.fasta", where, {s: tmp / f"{s}.fasta" for s in SPLITS},
-                             drop=leaks, names=names)
-        counts = {s: {"clusters": n_clusters[s], "assigned": sum(v == s for v in where.values()),
-                      "kept": kept[s]} for s in SPLITS}
+        kept = _write_splits(
+            work / "all.fasta", where, {s: tmp / f"{s}.fasta" for s in SPLITS}, drop=leaks, names=names
+        )
+        counts = {
+            s: {"clusters": n_clusters[s], "assigned": sum(v == s for v in where.values()), "kept": kept[s]}
+            for s in SPLITS
+        }
         report = {
-            "inputs": inputs, "seed": seed, "valid_frac": valid_frac, "test_frac": test_frac,
-            "cluster": {"tool": f"mmseqs {tool}", "mode": cluster_mode, "min_seq_id": min_seq_id,
-                        "coverage": coverage, "cov_mode": 0},
-            "leakage_search": {"tool": "mmseqs easy-search", "min_identity": leak_identity,
-                               "min_query_coverage": leak_coverage, "sensitivity": leak_sensitivity},
-            "exact_duplicates_removed": n_dupes, "splits": counts,
-            "dropped": [{"name": names[int(k[1:])], "split": where[k],
-                         "train_hit": names[int(h["target"][1:])], "identity": h["identity"],
-                         "query_coverage": h["coverage"]} for k, h in sorted(leaks.items())],
+            "inputs": inputs,
+            "seed": seed,
+            "valid_frac": valid_frac,
+            "test_frac": test_frac,
+            "cluster": {
+                "tool": f"mmseqs {tool}",
+                "mode": cluster_mode,
+                "min_seq_id": min_seq_id,
+                "coverage": coverage,
+                "cov_mode": 0,
+            },
+            "leakage_search": {
+                "tool": "mmseqs easy-search",
+                "min_identity": leak_identity,
+                "min_query_coverage": leak_coverage,
+                "sensitivity": leak_sensitivity,
+            },
+            "exact_duplicates_removed": n_dupes,
+            "splits": counts,
+            "dropped": [
+                {
+                    "name": names[int(k[1:])],
+                    "split": where[k],
+                    "train_hit": names[int(h["target"][1:])],
+                    "identity": h["identity"],
+                    "query_coverage": h["coverage"],
+                }
+                for k, h in sorted(leaks.items())
+            ],
         }
         seconds["total"] = sum(seconds.values())
         report["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
@@ -179,10 +236,32 @@ def _leakage_search(mmseqs, work: Path, identity, cov, sensitivity, thr, log) ->
     if query.stat().st_size == 0 or (work / "train.fasta").stat().st_size == 0:
         return {}
     hits = work / "hits.m8"
-    _mmseqs(mmseqs, ["easy-search", str(query), str(work / "train.fasta"), str(hits),
-                     str(work / "tmp"), "--format-output", "query,target,fident,qcov",
-                     "--min-seq-id", str(identity), "-c", str(cov), "--cov-mode", "2",
-                     "--max-accept", "1", "-s", str(sensitivity), "-v", "1", *thr], log)
+    _mmseqs(
+        mmseqs,
+        [
+            "easy-search",
+            str(query),
+            str(work / "train.fasta"),
+            str(hits),
+            str(work / "tmp"),
+            "--format-output",
+            "query,target,fident,qcov",
+            "--min-seq-id",
+            str(identity),
+            "-c",
+            str(cov),
+            "--cov-mode",
+            "2",
+            "--max-accept",
+            "1",
+            "-s",
+            str(sensitivity),
+            "-v",
+            "1",
+            *thr,
+        ],
+        log,
+    )
     leaks = {}
     for line in open(hits):
         q, t, fid, qcov = line.split("\t")
@@ -193,17 +272,22 @@ def _leakage_search(mmseqs, work: Path, identity, cov, sensitivity, thr, log) ->
 
 
 def _report_text(r: dict) -> str:
-    lines = ["plmrun data split — leakage report",
-             f"clustering: {r['cluster']['tool']} --min-seq-id {r['cluster']['min_seq_id']} "
-             f"-c {r['cluster']['coverage']}; seed {r['seed']}",
-             f"leakage search: valid/test vs train, drop hits >= {r['leakage_search']['min_identity']:.0%}"
-             f" identity over >= {r['leakage_search']['min_query_coverage']:.0%} of the query",
-             f"exact duplicates removed: {r['exact_duplicates_removed']}"]
+    lines = [
+        "plmrun data split — leakage report",
+        f"clustering: {r['cluster']['tool']} --min-seq-id {r['cluster']['min_seq_id']} "
+        f"-c {r['cluster']['coverage']}; seed {r['seed']}",
+        f"leakage search: valid/test vs train, drop hits >= {r['leakage_search']['min_identity']:.0%}"
+        f" identity over >= {r['leakage_search']['min_query_coverage']:.0%} of the query",
+        f"exact duplicates removed: {r['exact_duplicates_removed']}",
+    ]
     for s, c in r["splits"].items():
-        lines.append(f"{s:>5}: {c['clusters']} clusters, {c['assigned']} sequences assigned, "
-                     f"{c['kept']} kept ({c['assigned'] - c['kept']} dropped as leaks)")
+        lines.append(
+            f"{s:>5}: {c['clusters']} clusters, {c['assigned']} sequences assigned, "
+            f"{c['kept']} kept ({c['assigned'] - c['kept']} dropped as leaks)"
+        )
     lines.append("dropped (split, name, train hit, identity, query coverage):")
-    lines += [f"  {d['split']}\t{d['name']}\t{d['train_hit']}\t{d['identity']:.3f}\t"
-              f"{d['query_coverage']:.3f}" for d in r["dropped"]] or ["  none"]
+    lines += [
+        f"  {d['split']}\t{d['name']}\t{d['train_hit']}\t{d['identity']:.3f}\t{d['query_coverage']:.3f}"
+        for d in r["dropped"]
+    ] or ["  none"]
     return "\n".join(lines) + "\n"
-

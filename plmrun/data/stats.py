@@ -6,10 +6,10 @@ All efficiencies are real tokens / computed tokens, with tokens = min(residues, 
 - padded (to batch max): random batches of `batch_size` sequences padded to their longest;
 - packed: plmrun's packer (best-fit over chunks of the shuffled epoch) at `token_budget`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -19,9 +19,9 @@ from plmrun.data.shards import dataset_splits, open_dataset
 PERCENTILES = (5, 25, 50, 75, 95, 99)
 
 
-def length_stats(lengths: np.ndarray, max_length: int, token_budget: int, batch_size: int,
-                 seed: int = 0) -> dict:
+def length_stats(lengths: np.ndarray, max_length: int, token_budget: int, batch_size: int, seed: int = 0) -> dict:
     from plmrun.data.packing import PackingPlan, token_lengths
+
     lengths = np.asarray(lengths, np.int64)
     tokens = token_lengths(lengths, max_length)
     order = np.random.default_rng(seed).permutation(len(tokens))
@@ -31,17 +31,22 @@ def length_stats(lengths: np.ndarray, max_length: int, token_budget: int, batch_
     dynamic = batch_max.sum() * batch_size + (rest.max() * len(rest) if len(rest) else 0)
     plan = PackingPlan(lengths, token_budget=token_budget, max_length=max_length, seed=seed)
     return {
-        "num_sequences": int(len(lengths)), "num_residues": int(lengths.sum()),
-        "mean": float(lengths.mean()), "median": float(np.median(lengths)),
-        "min": int(lengths.min()), "max": int(lengths.max()),
+        "num_sequences": int(len(lengths)),
+        "num_residues": int(lengths.sum()),
+        "mean": float(lengths.mean()),
+        "median": float(np.median(lengths)),
+        "min": int(lengths.min()),
+        "max": int(lengths.max()),
         "percentiles": {str(p): float(np.percentile(lengths, p)) for p in PERCENTILES},
-        "max_length": max_length, "cropped_fraction": float((lengths > max_length - 2).mean()),
+        "max_length": max_length,
+        "cropped_fraction": float((lengths > max_length - 2).mean()),
         "efficiency": {
             "padded_to_max_length": float(tokens.sum() / (len(tokens) * max_length)),
             "padded_to_batch_max": float(tokens.sum() / dynamic),
             "packed": plan.epoch_efficiency(0),
         },
-        "batch_size": batch_size, "token_budget": token_budget,
+        "batch_size": batch_size,
+        "token_budget": token_budget,
     }
 
 
@@ -49,8 +54,12 @@ def residue_counts(source) -> np.ndarray:
     """Occurrences of each vocabulary id [V] over all residues of `source` (the unigram baseline's
     frequencies); a sharded split is counted shard by shard, anything else sequence by sequence."""
     from plmrun.tokenizer import VOCAB_SIZE
-    blocks = source.residue_blocks() if hasattr(source, "residue_blocks") else \
-        (source.residues(i) for i in range(len(source)))
+
+    blocks = (
+        source.residue_blocks()
+        if hasattr(source, "residue_blocks")
+        else (source.residues(i) for i in range(len(source)))
+    )
     counts = np.zeros(VOCAB_SIZE, dtype=np.int64)
     for b in blocks:
         counts += np.bincount(np.asarray(b), minlength=VOCAB_SIZE)[:VOCAB_SIZE]
@@ -59,8 +68,10 @@ def residue_counts(source) -> np.ndarray:
 
 def histogram_png(lengths: np.ndarray, path: Path, title: str, max_length: int) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 4))
     bins = np.logspace(0, np.log10(max(lengths.max(), 10)), 80)
     ax.hist(lengths, bins=bins, color="#4472c4")
@@ -75,9 +86,15 @@ def histogram_png(lengths: np.ndarray, path: Path, title: str, max_length: int) 
     plt.close(fig)
 
 
-def dataset_stats(dataset_dir, split: Optional[str] = None, *, max_length: int = 1024,
-                  token_budget: int = 65536, batch_size: int = 32,
-                  png_dir: Optional[str] = None) -> dict:
+def dataset_stats(
+    dataset_dir,
+    split: str | None = None,
+    *,
+    max_length: int = 1024,
+    token_budget: int = 65536,
+    batch_size: int = 32,
+    png_dir: str | None = None,
+) -> dict:
     """Stats of one split (or every split); writes `lengths_<split>.png` per split."""
     splits = [split] if split else dataset_splits(dataset_dir)
     if not splits:
@@ -99,16 +116,17 @@ def format_stats(stats: dict) -> str:
     for split, st in stats.items():
         pct = "  ".join(f"p{k}={v:,.0f}" for k, v in st["percentiles"].items())
         eff = st["efficiency"]
+        batch_max = f"padded to batch max (B={st['batch_size']})"
+        packed = f"packed (budget {st['token_budget']:,})"
         lines += [
             f"[{split}] {st['num_sequences']:,} sequences, {st['num_residues']:,} residues",
-            f"  length: mean {st['mean']:,.1f}  median {st['median']:,.0f}  min {st['min']:,}  "
-            f"max {st['max']:,}",
+            f"  length: mean {st['mean']:,.1f}  median {st['median']:,.0f}  min {st['min']:,}  max {st['max']:,}",
             f"  {pct}",
             f"  at max_length {st['max_length']}: {st['cropped_fraction']:.1%} of sequences cropped",
             "  compute efficiency (real / computed tokens):",
             f"    {'padded to max_length':<34}{eff['padded_to_max_length']:.1%}",
-            f"    {'padded to batch max (B=%d)' % st['batch_size']:<34}{eff['padded_to_batch_max']:.1%}",
-            f"    {'packed (budget %s)' % format(st['token_budget'], ','):<34}{eff['packed']:.1%}",
+            f"    {batch_max:<34}{eff['padded_to_batch_max']:.1%}",
+            f"    {packed:<34}{eff['packed']:.1%}",
             f"  histogram: {st['histogram_png']}",
         ]
     return "\n".join(lines)

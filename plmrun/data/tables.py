@@ -8,6 +8,7 @@ naming the file and the line. Sequence inputs of `plmrun data prepare` can be fa
 and stream batch by batch through `readers.table_batches` instead; both find the delimiter with
 `readers.sniff_delimiter`.
 """
+
 from __future__ import annotations
 
 import csv
@@ -34,10 +35,11 @@ def is_missing(value: str) -> bool:
 @dataclass
 class Table:
     """A table read whole: column names, rows of text fields (as many as columns), the line each row starts on."""
+
     path: str
     columns: list[str]
     rows: list[list[str]]
-    lines: list[int]                  # file line of each row (the header is line 1 of a headed text table)
+    lines: list[int]  # file line of each row (the header is line 1 of a headed text table)
     parquet: bool = False
     _index: dict = field(default_factory=dict, repr=False)
 
@@ -70,15 +72,18 @@ def read_table(path: str | Path, *, what: str = "table", header: bool = True) ->
     in messages (e.g. 'DMS'). header=False: no header line, rows of any width (columns is empty)."""
     path = Path(path)
     if not path.is_file():
-        raise TableError(f"{path}: no such {what} file" + (" (a directory)" if path.is_dir() else "")
-                         + "; check the path")
+        raise TableError(
+            f"{path}: no such {what} file" + (" (a directory)" if path.is_dir() else "") + "; check the path"
+        )
     with open(path, "rb") as f:
         head = f.read(8)
     if head.startswith(b"PAR1"):
         return _parquet(path)
     if head.startswith(b"PK\x03\x04") or head.startswith(b"\xd0\xcf\x11\xe0"):
-        raise TableError(f"{path}: an Excel workbook or zip archive, not a text table; save the sheet as CSV "
-                         f"(File > Save As > CSV) and pass that")
+        raise TableError(
+            f"{path}: an Excel workbook or zip archive, not a text table; save the sheet as CSV "
+            f"(File > Save As > CSV) and pass that"
+        )
     raw, kind = open_binary(path)
     try:
         with raw:
@@ -91,8 +96,10 @@ def read_table(path: str | Path, *, what: str = "table", header: bool = True) ->
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        raise TableError(f"{path}: not a UTF-8 text table; save it as CSV (UTF-8) and pass that (first "
-                         f"non-UTF-8 byte on line {line})") from None
+        raise TableError(
+            f"{path}: not a UTF-8 text table; save it as CSV (UTF-8) and pass that (first "
+            f"non-UTF-8 byte on line {line})"
+        ) from None
     if "\x00" in text:
         line = text.count("\n", 0, text.index("\x00")) + 1
         raise TableError(f"{path}: line {line}: binary data (a NUL byte), not a text table")
@@ -118,11 +125,13 @@ def _parse(path: Path, text: str, header: bool) -> Table:
                 continue
             if header:
                 while len(row) > len(columns) and not row[-1].strip():
-                    row = row[:-1]              # trailing delimiters
+                    row = row[:-1]  # trailing delimiters
                 if len(row) != len(columns):
-                    raise TableError(f"{path}: line {start}: {len(row)} fields, the header has {len(columns)} "
-                                     f"({', '.join(columns)}); check quoting and that the whole file uses one "
-                                     "delimiter")
+                    raise TableError(
+                        f"{path}: line {start}: {len(row)} fields, the header has {len(columns)} "
+                        f"({', '.join(columns)}); check quoting and that the whole file uses one "
+                        "delimiter"
+                    )
             rows.append(row)
             lines.append(start)
     except csv.Error as e:
@@ -134,8 +143,9 @@ def _parquet(path: Path) -> Table:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise TableError(f"{path}: a parquet file; reading it needs pyarrow (pip install 'plmrun[hf]'), "
-                         "or save the table as CSV") from None
+        raise TableError(
+            f"{path}: a parquet file; reading it needs pyarrow (pip install 'plmrun[hf]'), or save the table as CSV"
+        ) from None
     try:
         data = pq.read_table(path).to_pydict()
     except Exception as e:  # pyarrow raises several types for corrupt/truncated input

@@ -7,6 +7,7 @@ windows' <cls> vectors). Windows are packed shortest first into batches of <= to
 tokens, so results do not depend on the order or the batch size beyond float rounding.
 Mean pooling averages residues only; per-residue output drops <cls>/<eos>.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,7 @@ from plmrun.eval.inference import EvalModel, WindowAverage, load_eval_model, win
 from plmrun.outputs import check_output_file, model_inputs
 
 POOLS = ("mean", "cls", "per-residue")
-CONTROL_SUFFIX = ".random-init"   # emb.safetensors -> emb.random-init.safetensors (--random-init-control)
+CONTROL_SUFFIX = ".random-init"  # emb.safetensors -> emb.random-init.safetensors (--random-init-control)
 
 
 def control_path(out: str | Path) -> Path:
@@ -39,8 +40,16 @@ def control_path(out: str | Path) -> Path:
 
 
 @torch.no_grad()
-def embed_sequences(model, sequences, *, pool: str = "mean", layer: int | None = None,
-                    token_budget: int = 8192, max_length: int | None = None, device=None):
+def embed_sequences(
+    model,
+    sequences,
+    *,
+    pool: str = "mean",
+    layer: int | None = None,
+    token_budget: int = 8192,
+    max_length: int | None = None,
+    device=None,
+):
     """Embed `sequences` (strings or residue-id arrays) with `model` (EvalModel or a PLM).
 
     Returns an [N, D] float32 array for mean/cls pooling, a list of [L_i, D] arrays for
@@ -59,20 +68,22 @@ def embed_sequences(model, sequences, *, pool: str = "mean", layer: int | None =
             raise ValueError(f"sequence {i} is empty")
     width, token_budget = window_plan(model, max_length, [len(x) for x in ids], token_budget)
     average = WindowAverage([len(x) for x in ids], width, per_residue=pool != "cls")
-    results: list = [None] * len(ids)   # pooled vectors (or per-residue arrays) of finished sequences
+    results: list = [None] * len(ids)  # pooled vectors (or per-residue arrays) of finished sequences
     layer_ids = [-1 if layer is None else layer] if not isinstance(layer, (tuple, list)) else list(layer)
     for batch in window_batches(ids, width, token_budget):
         hs, cu = _hidden_states(net, [w.tokens for w in batch], device)
         for k in layer_ids:
             if not -len(hs) <= k < len(hs):
-                raise ValueError(f"layer {k} out of range: the model has {len(hs)} hidden states "
-                                 f"(0 = embedding output .. {len(hs) - 1} = final)")
+                raise ValueError(
+                    f"layer {k} out of range: the model has {len(hs)} hidden states "
+                    f"(0 = embedding output .. {len(hs) - 1} = final)"
+                )
         h = torch.cat([hs[k] for k in layer_ids], dim=1).float().cpu().numpy()
         bounds = cu.tolist()
         for k, w in enumerate(batch):
             a, b = bounds[k], bounds[k + 1]
-            r = average.add(w, h[a] if pool == "cls" else h[a + 1:b - 1])
-            if r is not None:   # the sequence's last window: pool now
+            r = average.add(w, h[a] if pool == "cls" else h[a + 1 : b - 1])
+            if r is not None:  # the sequence's last window: pool now
                 r = r.astype(np.float32)
                 results[w.seq] = r if pool != "mean" else r.mean(0)
     return results if pool == "per-residue" else np.stack(results)
@@ -81,8 +92,14 @@ def embed_sequences(model, sequences, *, pool: str = "mean", layer: int | None =
 def _hidden_states(net, token_arrays: list, device) -> tuple:
     """Every hidden state of one packed forward (no logits), and the batch's cu_seqlens."""
     tokens, positions, cu, max_seqlen = pack_tokens(token_arrays, device)
-    out = net(tokens, positions, cu, max_seqlen, logits_index=torch.zeros(0, dtype=torch.long, device=device),
-              output_hidden_states=True)
+    out = net(
+        tokens,
+        positions,
+        cu,
+        max_seqlen,
+        logits_index=torch.zeros(0, dtype=torch.long, device=device),
+        output_hidden_states=True,
+    )
     return out.hidden_states, cu
 
 
@@ -100,6 +117,7 @@ def read_fasta(path: str | Path) -> list[tuple[str, str]]:
     the header's first word and must be unique. Problems raise DataError naming the file."""
     from plmrun.data.errors import DataError
     from plmrun.data.readers import read_records
+
     records = [(name.split()[0] if name.strip() else "", seq) for name, seq, _ in read_records(str(path))]
     seen: dict = {}
     for k, (rid, _) in enumerate(records, 1):
@@ -115,8 +133,9 @@ def read_fasta(path: str | Path) -> list[tuple[str, str]]:
 
 def read_embeddings(path: str | Path) -> dict[str, np.ndarray]:
     """An `plmrun embed` output file as {record id: array}, in input order."""
-    from safetensors.numpy import load_file
     from safetensors import safe_open
+    from safetensors.numpy import load_file
+
     with safe_open(str(path), "np") as f:
         order = json.loads(f.metadata()["ids"])
     arrays = load_file(str(path))
@@ -125,13 +144,22 @@ def read_embeddings(path: str | Path) -> dict[str, np.ndarray]:
 
 def _save_atomic(arrays: dict, order: list[str], meta: dict, path: Path) -> None:
     from safetensors.numpy import save_file
+
     with atomic_path(path) as tmp:
         save_file({k: arrays[k] for k in order}, str(tmp), metadata={**meta, "ids": json.dumps(order)})
 
 
-def embed_fasta(model: EvalModel, fasta: str | Path, out: str | Path, *, pool: str = "mean",
-                layer: int | None = None, token_budget: int = 8192, chunk_size: int = 2000,
-                log=print) -> Path:
+def embed_fasta(
+    model: EvalModel,
+    fasta: str | Path,
+    out: str | Path,
+    *,
+    pool: str = "mean",
+    layer: int | None = None,
+    token_budget: int = 8192,
+    chunk_size: int = 2000,
+    log=print,
+) -> Path:
     """Embed a FASTA file into `out` (.safetensors), resumably.
 
     Chunks of `chunk_size` records are written to OUT.partial/ as they finish; a rerun with the
@@ -140,8 +168,13 @@ def embed_fasta(model: EvalModel, fasta: str | Path, out: str | Path, *, pool: s
     """
     out = Path(out)
     records = read_fasta(fasta)
-    meta = {"model": model.name, "pool": pool, "layer": str(-1 if layer is None else layer),
-            "max_length": str(model.max_length), "input_sha256": file_fingerprint(fasta)["sha256"]}
+    meta = {
+        "model": model.name,
+        "pool": pool,
+        "layer": str(-1 if layer is None else layer),
+        "max_length": str(model.max_length),
+        "input_sha256": file_fingerprint(fasta)["sha256"],
+    }
     partial = out.with_name(out.name + ".partial")
     state_file = partial / "state.json"
     state = {**meta, "chunk_size": chunk_size, "n_records": len(records)}
@@ -149,12 +182,15 @@ def embed_fasta(model: EvalModel, fasta: str | Path, out: str | Path, *, pool: s
         old = json.loads(state_file.read_text())
         if old != state:
             diff = ", ".join(k for k in state if old.get(k) != state[k])
-            raise EvalError(f"{partial}: unfinished run with different {diff}; rerun with the same "
-                             f"options or delete that folder")
+            raise EvalError(
+                f"{partial}: unfinished run with different {diff}; rerun with the same options or delete that folder"
+            )
     else:
         if partial.is_dir() and any(partial.iterdir()):  # removed when done: it must be ours
-            raise EvalError(f"{partial}: exists and is not an unfinished embed of plmrun (no state.json); move it "
-                            "away or choose another --out")
+            raise EvalError(
+                f"{partial}: exists and is not an unfinished embed of plmrun (no state.json); move it "
+                "away or choose another --out"
+            )
         partial.mkdir(parents=True, exist_ok=True)
         state_file.write_text(json.dumps(state, indent=1))
     chunks = range(0, len(records), chunk_size)
@@ -162,10 +198,11 @@ def embed_fasta(model: EvalModel, fasta: str | Path, out: str | Path, *, pool: s
         path = partial / f"chunk_{k:06d}.safetensors"
         if path.is_file():
             continue
-        part = records[start:start + chunk_size]
+        part = records[start : start + chunk_size]
         vecs = embed_sequences(model, [s for _, s in part], pool=pool, layer=layer, token_budget=token_budget)
-        _save_atomic({rid: np.ascontiguousarray(v) for (rid, _), v in zip(part, vecs)},
-                     [rid for rid, _ in part], meta, path)
+        _save_atomic(
+            {rid: np.ascontiguousarray(v) for (rid, _), v in zip(part, vecs)}, [rid for rid, _ in part], meta, path
+        )
         log(f"embedded {min(start + chunk_size, len(records))}/{len(records)} records")
     merged: dict = {}
     for k in range(len(chunks)):
@@ -177,20 +214,31 @@ def embed_fasta(model: EvalModel, fasta: str | Path, out: str | Path, *, pool: s
 
 # ---------------------------------------------------------------- CLI
 def add_embed_command(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("embed", help="embed the sequences of a FASTA file",
-                              description="Embeddings keyed by record id, in input order, as safetensors.")
+    p = subparsers.add_parser(
+        "embed",
+        help="embed the sequences of a FASTA file",
+        description="Embeddings keyed by record id, in input order, as safetensors.",
+    )
     p.add_argument("model", help="run directory, checkpoint, EsmForMaskedLM folder or hub name")
     p.add_argument("fasta", help="FASTA file (gzip/xz/bz2 allowed)")
     p.add_argument("--out", required=True, help="output .safetensors file")
-    p.add_argument("--pool", choices=POOLS, default="mean",
-                   help="mean over residues (no specials), the <cls> vector, or one vector per residue")
-    p.add_argument("--layer", type=int, default=None,
-                   help="index into hidden states: 0 = embedding output, -1 = final (default)")
+    p.add_argument(
+        "--pool",
+        choices=POOLS,
+        default="mean",
+        help="mean over residues (no specials), the <cls> vector, or one vector per residue",
+    )
+    p.add_argument(
+        "--layer", type=int, default=None, help="index into hidden states: 0 = embedding output, -1 = final (default)"
+    )
     add_window_flags(p, longer="longer sequences are averaged over windows")
     p.add_argument("--chunk-size", type=int, default=2000, help="records per resumable chunk")
-    p.add_argument("--random-init-control", action="store_true",
-                   help="also embed with the same architecture untrained (torch seed 0) into OUT with the "
-                        f"suffix {CONTROL_SUFFIX} (e.g. emb{CONTROL_SUFFIX}.safetensors), for your own downstream baseline")
+    p.add_argument(
+        "--random-init-control",
+        action="store_true",
+        help="also embed with the same architecture untrained (torch seed 0) into OUT with the "
+        f"suffix {CONTROL_SUFFIX} (e.g. emb{CONTROL_SUFFIX}.safetensors), for your own downstream baseline",
+    )
     add_device_flag(p)
     p.set_defaults(func=_run)
     return p
@@ -198,35 +246,51 @@ def add_embed_command(subparsers) -> argparse.ArgumentParser:
 
 def _run(args) -> int:
     from plmrun.config import check_at_least
+
     check_window_flags(args)
     check_at_least(args.chunk_size, 1, "--chunk-size", " (records per resumable chunk)")
     if not Path(args.fasta).exists():
         raise EvalError(f"embed: {args.fasta}: no such FASTA file; check the path")
     from plmrun.data.readers import input_kind
+
     if input_kind(args.fasta) in ("csv", "tsv", "parquet"):
-        raise EvalError(f"embed: {args.fasta}: a table; embed reads FASTA: write one '>id' line and its "
-                        f"sequence per record (plmrun data reads tables for training)")
+        raise EvalError(
+            f"embed: {args.fasta}: a table; embed reads FASTA: write one '>id' line and its "
+            f"sequence per record (plmrun data reads tables for training)"
+        )
     if Path(args.out).is_dir():
-        raise EvalError(f"embed: --out {args.out}: is a folder; give a file path such as {Path(args.out) / 'emb.safetensors'}")
+        raise EvalError(
+            f"embed: --out {args.out}: is a folder; give a file path such as {Path(args.out) / 'emb.safetensors'}"
+        )
     if not Path(args.out).resolve().parent.is_dir():
-        raise EvalError(f"embed: --out {args.out}: folder {Path(args.out).parent} does not exist; create it "
-                        f"or choose another path")
+        raise EvalError(
+            f"embed: --out {args.out}: folder {Path(args.out).parent} does not exist; create it or choose another path"
+        )
     reads = [args.fasta, *model_inputs(args.model)]
     for out in [args.out, *([control_path(args.out)] if args.random_init_control else [])]:
         check_output_file(out, reads, error=EvalError)
     model = load_eval_model(args.model, device=resolve_device(args.device), max_length=args.max_length)
     n = num_hidden_states(model)
     if args.layer is not None and not -n <= args.layer < n:
-        raise EvalError(f"embed: --layer {args.layer} out of range: the model has {n} hidden states "
-                        f"(0 = embedding output .. {n - 1} = final, -1 = final)")
+        raise EvalError(
+            f"embed: --layer {args.layer} out of range: the model has {n} hidden states "
+            f"(0 = embedding output .. {n - 1} = final, -1 = final)"
+        )
     jobs = [(model, Path(args.out))]
     if args.random_init_control:
         jobs.append((model.random_init(0), control_path(args.out)))
     for net, out in jobs:
         try:
-            out = embed_fasta(net, args.fasta, out, pool=args.pool, layer=args.layer,
-                              token_budget=args.token_budget, chunk_size=args.chunk_size,
-                              log=lambda m: print(m, file=sys.stderr))
+            out = embed_fasta(
+                net,
+                args.fasta,
+                out,
+                pool=args.pool,
+                layer=args.layer,
+                token_budget=args.token_budget,
+                chunk_size=args.chunk_size,
+                log=lambda m: print(m, file=sys.stderr),
+            )
         except ValueError as e:
             raise EvalError(f"embed: {e}") from None
         print(f"wrote {out}" + (" (random-init control: same architecture, torch seed 0)" if net is not model else ""))

@@ -9,6 +9,7 @@
 Both get the ESM tokenizer files, a model card with the training summary and a MANIFEST.json
 (checksums of every file but the card, written last) that `load_model` verifies.
 """
+
 from __future__ import annotations
 
 import ast
@@ -41,24 +42,58 @@ ROTARY_MAX_LENGTH = 1_000_000_000
 
 def write_tokenizer_files(out: Path, model_max_length: int = ESM2_POSITION_LIMIT) -> None:
     (out / "vocab.txt").write_text("\n".join(tok.VOCAB) + "\n")
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "EsmTokenizer", "model_max_length": model_max_length, "cls_token": "<cls>", "eos_token": "<eos>",
-        "pad_token": "<pad>", "unk_token": "<unk>", "mask_token": "<mask>"}, indent=2))
-    (out / "special_tokens_map.json").write_text(json.dumps({
-        "cls_token": "<cls>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
-        "mask_token": "<mask>"}, indent=2))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "EsmTokenizer",
+                "model_max_length": model_max_length,
+                "cls_token": "<cls>",
+                "eos_token": "<eos>",
+                "pad_token": "<pad>",
+                "unk_token": "<unk>",
+                "mask_token": "<mask>",
+            },
+            indent=2,
+        )
+    )
+    (out / "special_tokens_map.json").write_text(
+        json.dumps(
+            {
+                "cls_token": "<cls>",
+                "eos_token": "<eos>",
+                "pad_token": "<pad>",
+                "unk_token": "<unk>",
+                "mask_token": "<mask>",
+            },
+            indent=2,
+        )
+    )
 
 
 def esm_hf_config(cfg: ModelConfig) -> dict:
     return {
-        "architectures": ["EsmForMaskedLM"], "model_type": "esm", "vocab_size": tok.VOCAB_SIZE,
-        "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-        "intermediate_size": round(cfg.hidden_size * cfg.expansion_ratio), "hidden_act": "gelu",
-        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "max_position_embeddings": ESM2_POSITION_LIMIT,
-        "position_embedding_type": "rotary", "layer_norm_eps": cfg.layer_norm_eps, "emb_layer_norm_before": False,
-        "token_dropout": cfg.token_dropout, "mask_token_id": tok.MASK, "pad_token_id": tok.PAD,
-        "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std,
-        "is_folding_model": False, "use_cache": False, "torch_dtype": "float32",
+        "architectures": ["EsmForMaskedLM"],
+        "model_type": "esm",
+        "vocab_size": tok.VOCAB_SIZE,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "intermediate_size": round(cfg.hidden_size * cfg.expansion_ratio),
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "max_position_embeddings": ESM2_POSITION_LIMIT,
+        "position_embedding_type": "rotary",
+        "layer_norm_eps": cfg.layer_norm_eps,
+        "emb_layer_norm_before": False,
+        "token_dropout": cfg.token_dropout,
+        "mask_token_id": tok.MASK,
+        "pad_token_id": tok.PAD,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.init_std,
+        "is_folding_model": False,
+        "use_cache": False,
+        "torch_dtype": "float32",
     }
 
 
@@ -79,8 +114,10 @@ def shipped_model_modules() -> list[str]:
                     shipped.add(name)
                     todo.append(MODEL_PACKAGE / name)
             elif isinstance(node, ast.ImportFrom) and (node.level > 1 or (node.module or "").startswith("plmrun")):
-                raise ExportError(f"{path.name} imports {'.' * node.level}{node.module or ''} from outside the model "
-                                  "package; exported models carry only plmrun/model/")
+                raise ExportError(
+                    f"{path.name} imports {'.' * node.level}{node.module or ''} from outside the model "
+                    "package; exported models carry only plmrun/model/"
+                )
     return sorted(shipped)
 
 
@@ -105,25 +142,53 @@ CARD_PATH_LINE = 'PATH = "path/to/this/folder"  # or the Hub repo id'
 
 def _model_card(cfg: ModelConfig, n_params: int, summary: dict | None, source: Path) -> str:
     lines = [
-        "---", "library_name: transformers", "tags: [protein-language-model, plmrun, masked-lm]", "---", "",
-        f"# {source.name} (plmrun {cfg.arch})", "",
+        "---",
+        "library_name: transformers",
+        "tags: [protein-language-model, plmrun, masked-lm]",
+        "---",
+        "",
+        f"# {source.name} (plmrun {cfg.arch})",
+        "",
         f"A protein masked language model trained with plmrun: {n_params / 1e6:.2f}M parameters, "
-        f"{cfg.num_layers} layers, width {cfg.hidden_size}, {cfg.num_heads} heads, ESM-2 33-token vocabulary.", "",
+        f"{cfg.num_layers} layers, width {cfg.hidden_size}, {cfg.num_heads} heads, ESM-2 33-token vocabulary.",
+        "",
     ]
     if cfg.arch == "esm2":
-        lines += ["Loads as a native `EsmForMaskedLM`:", "", "```python",
-                  "from transformers import EsmForMaskedLM, AutoTokenizer", CARD_PATH_LINE,
-                  "model = EsmForMaskedLM.from_pretrained(PATH)", "tokenizer = AutoTokenizer.from_pretrained(PATH)", "```"]
+        lines += [
+            "Loads as a native `EsmForMaskedLM`:",
+            "",
+            "```python",
+            "from transformers import EsmForMaskedLM, AutoTokenizer",
+            CARD_PATH_LINE,
+            "model = EsmForMaskedLM.from_pretrained(PATH)",
+            "tokenizer = AutoTokenizer.from_pretrained(PATH)",
+            "```",
+        ]
     else:
-        lines += ["Loads with remote code (the architecture files are in this folder):", "", "```python",
-                  "from transformers import AutoModelForMaskedLM, AutoTokenizer", CARD_PATH_LINE,
-                  "model = AutoModelForMaskedLM.from_pretrained(PATH, trust_remote_code=True)",
-                  # the folder's config needs remote code, which AutoTokenizer would otherwise ask about
-                  "tokenizer = AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)", "```"]
+        lines += [
+            "Loads with remote code (the architecture files are in this folder):",
+            "",
+            "```python",
+            "from transformers import AutoModelForMaskedLM, AutoTokenizer",
+            CARD_PATH_LINE,
+            "model = AutoModelForMaskedLM.from_pretrained(PATH, trust_remote_code=True)",
+            # the folder's config needs remote code, which AutoTokenizer would otherwise ask about
+            "tokenizer = AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)",
+            "```",
+        ]
     if summary:
         lines += ["", "## Training summary", "", "| | |", "|---|---|"]
-        for key in ("steps", "tokens", "train_time_s", "tok_per_s", "mfu", "device", "world_size", "precision",
-                    "best_val_loss"):
+        for key in (
+            "steps",
+            "tokens",
+            "train_time_s",
+            "tok_per_s",
+            "mfu",
+            "device",
+            "world_size",
+            "precision",
+            "best_val_loss",
+        ):
             if summary.get(key) is not None:
                 v = summary[key]
                 lines.append(f"| {key} | {v:.4g} |" if isinstance(v, float) else f"| {key} | {v} |")
@@ -134,10 +199,15 @@ def _model_card(cfg: ModelConfig, n_params: int, summary: dict | None, source: P
             lines.append(f"| time to val loss {thr} | {r['train_time_s']:.1f} s, {r['tokens']:,} tokens |")
         data = summary.get("data") or {}
         if data:
-            lines.append(f"| training data | {dataset_name(data.get('dataset'))} "
-                         f"(train fingerprint `{data.get('train_fingerprint')}`) |")
-    lines += ["", "Evaluation protocol and metrics: see the plmrun README (15% of residues masked, all `<mask>`, "
-              "fixed masks; token-weighted loss)."]
+            lines.append(
+                f"| training data | {dataset_name(data.get('dataset'))} "
+                f"(train fingerprint `{data.get('train_fingerprint')}`) |"
+            )
+    lines += [
+        "",
+        "Evaluation protocol and metrics: see the plmrun README (15% of residues masked, all `<mask>`, "
+        "fixed masks; token-weighted loss).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -160,21 +230,33 @@ def export(source: str | Path, out: str | Path, *, overwrite: bool = False) -> P
 def _write_export(tmp: Path, model, cfg: ModelConfig, summary, source: Path) -> None:
     """The export folder's files, written into the temporary folder `tmp`."""
     from safetensors.torch import save_file
+
     if cfg.arch == "esm2":
         hf_cfg = esm_hf_config(cfg)
         hf_cfg["plmrun_model"] = asdict(cfg)
         sd = model.adapter.export(model)
     else:
-        hf_cfg = {"architectures": ["PlmrunForMaskedLM"], "model_type": "plmrun", "plmrun_model": asdict(cfg),
-                  "vocab_size": tok.VOCAB_SIZE, "pad_token_id": tok.PAD, "mask_token_id": tok.MASK,
-                  "auto_map": {"AutoConfig": "configuration_plmrun.PlmrunConfig",
-                               "AutoModelForMaskedLM": "modeling_plmrun.PlmrunForMaskedLM",
-                               "AutoModel": "modeling_plmrun.PlmrunForMaskedLM"}}
+        hf_cfg = {
+            "architectures": ["PlmrunForMaskedLM"],
+            "model_type": "plmrun",
+            "plmrun_model": asdict(cfg),
+            "vocab_size": tok.VOCAB_SIZE,
+            "pad_token_id": tok.PAD,
+            "mask_token_id": tok.MASK,
+            "auto_map": {
+                "AutoConfig": "configuration_plmrun.PlmrunConfig",
+                "AutoModelForMaskedLM": "modeling_plmrun.PlmrunForMaskedLM",
+                "AutoModel": "modeling_plmrun.PlmrunForMaskedLM",
+            },
+        }
         sd = {f"plm.{k}": v for k, v in model.state_dict().items()}
         _copy_model_code(tmp)
     # safetensors refuses shared storage (tied embeddings): store independent copies
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}, str(tmp / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()},
+        str(tmp / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     follow_umask(tmp / "model.safetensors")
     (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
     write_tokenizer_files(tmp, POSITION_LIMIT.get(cfg.arch, ROTARY_MAX_LENGTH))
@@ -195,6 +277,7 @@ def hub_token() -> str:
 def push_to_hub(folder: Path, repo: str, *, private: bool = False) -> str:
     """Upload `folder` to the Hub repo; the token comes from HF_TOKEN (never printed or logged)."""
     from huggingface_hub import HfApi
+
     token = hub_token()
     api = HfApi(token=token)
     try:

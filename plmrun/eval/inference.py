@@ -5,35 +5,39 @@ name) is loaded by `plmrun.model.loading.load_model` into our own model (ESM-2 f
 `esm2` preset, which matches EsmForMaskedLM to fp32 rounding), so `plmrun export` and `plmrun embed`
 run the same code on the same folder. Batching and packing of token arrays: `plmrun.data.packing`.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
 from plmrun.config import check_window
-from plmrun.model.config import POSITION_LIMIT, ModelConfig
 from plmrun.eval.errors import EvalError
+from plmrun.model.config import POSITION_LIMIT, ModelConfig
 
 DEFAULT_MAX_LENGTH = 1024
-"Tokens per forward window incl. <cls>/<eos> of presets with a position limit (the ESM-2 crop and eval.max_length default)."
+"""Tokens per forward window incl. <cls>/<eos> of presets with a position limit (the ESM-2 crop and
+eval.max_length default)."""
 
 
 @dataclass
 class EvalModel:
     """A model ready for inference, with what is needed to build its random-init control."""
+
     net: nn.Module
     config: ModelConfig
     name: str
     max_length: int | None = DEFAULT_MAX_LENGTH
     "Tokens per forward window incl. <cls>/<eos>; None = whole sequences (rotary presets)."
 
-    def random_init(self, seed: int = 0) -> "EvalModel":
+    def random_init(self, seed: int = 0) -> EvalModel:
         """The same architecture with fresh random weights (the negative control of probes)."""
         from plmrun.model.registry import build_model
+
         torch.manual_seed(seed)
         net = build_model(self.config)
         device = next(self.net.parameters()).device
@@ -48,16 +52,18 @@ def model_max_length(config: ModelConfig, requested: int | None = None, flag: st
         return DEFAULT_MAX_LENGTH if limit else None
     check_window(requested, flag)
     if limit is not None and requested > limit:
-        raise EvalError(f"{flag} {requested}: the model.arch={config.arch} model has a position limit of {limit} "
-                        f"tokens; use {flag} <= {limit} (longer sequences are then scored in windows)")
+        raise EvalError(
+            f"{flag} {requested}: the model.arch={config.arch} model has a position limit of {limit} "
+            f"tokens; use {flag} <= {limit} (longer sequences are then scored in windows)"
+        )
     return requested
 
 
-def load_eval_model(spec: str, *, device: str | torch.device = "cpu",
-                    max_length: int | None = None) -> EvalModel:
+def load_eval_model(spec: str, *, device: str | torch.device = "cpu", max_length: int | None = None) -> EvalModel:
     """Any source `load_model` reads (a local path or a Hub name), ready for inference on `device`;
     max_length None: the model's own (see model_max_length)."""
     from plmrun.model.loading import load_model
+
     net, config = load_model(spec, device=device)
     return EvalModel(net, config, spec, model_max_length(config, max_length))
 
@@ -87,6 +93,7 @@ def windows(length: int, width: int) -> list[int]:
 @dataclass
 class Window:
     """One forward window of a sequence: residues [start, start + len(tokens) - 2) with <cls>/<eos> around them."""
+
     seq: int
     start: int
     tokens: np.ndarray
@@ -101,7 +108,10 @@ def window_batches(ids: list, width: int, token_budget: int) -> Iterator[list[Wi
     batches of <= token_budget tokens (`length_batches`), so results do not depend on input order."""
     from plmrun import tokenizer as tok
     from plmrun.data.packing import length_batches
-    pieces = [Window(i, s, tok.with_specials(x[s:s + width])) for i, x in enumerate(ids) for s in windows(len(x), width)]
+
+    pieces = [
+        Window(i, s, tok.with_specials(x[s : s + width])) for i, x in enumerate(ids) for s in windows(len(x), width)
+    ]
     for batch in length_batches(np.array([len(w.tokens) for w in pieces]), token_budget):
         yield [pieces[j] for j in batch]
 
@@ -119,7 +129,7 @@ class WindowAverage:
         self.sums: list = [None] * len(self.lengths)
         self.counts: list = [None] * len(self.lengths)
 
-    def add(self, w: Window, values: np.ndarray) -> Optional[np.ndarray]:
+    def add(self, w: Window, values: np.ndarray) -> np.ndarray | None:
         """Add one window's values: [residues, D] rows per residue, or one [D] vector per window."""
         i = w.seq
         if self.sums[i] is None:
@@ -127,8 +137,8 @@ class WindowAverage:
             self.sums[i] = np.zeros((rows, values.shape[-1]), np.float64)
             self.counts[i] = np.zeros((rows, 1), np.float64)
         if self.per_residue:
-            self.sums[i][w.start:w.start + w.residues] += values
-            self.counts[i][w.start:w.start + w.residues] += 1
+            self.sums[i][w.start : w.start + w.residues] += values
+            self.counts[i][w.start : w.start + w.residues] += 1
         else:
             self.sums[i][0] += values
             self.counts[i][0] += 1

@@ -5,6 +5,7 @@ a confusion matrix C[true, predicted]. Summing these over micro-batches, workers
 computing the metrics once at the end gives the same numbers whatever the batch or world size
 (the seed averaged per-batch means, which changed with the eval batch size).
 """
+
 from __future__ import annotations
 
 import math
@@ -16,7 +17,7 @@ import torch
 from plmrun.dist import all_reduce_sum
 from plmrun.tokenizer import RESIDUE_IDS, VOCAB, VOCAB_SIZE
 
-BOOTSTRAP_RESAMPLES = 2000   # paired bootstrap over sequences for "model minus control" (probe, eval)
+BOOTSTRAP_RESAMPLES = 2000  # paired bootstrap over sequences for "model minus control" (probe, eval)
 
 
 @dataclass
@@ -25,23 +26,34 @@ class MetricSums:
     normalizer: torch.Tensor  # float64 scalar
     confusion: torch.Tensor  # int64 [V, V], rows = true token, cols = predicted token
     unigram_logp: torch.Tensor | None = None  # float64 [V]: log p of each token under the unigram baseline
-    unigram_sum: torch.Tensor | None = None   # float64 scalar: Σ w·CE of the same targets under the unigram
-    seq_loss: torch.Tensor | None = None      # float64 [num_sequences]: Σ w·CE per dataset sequence
-    seq_weight: torch.Tensor | None = None    # float64 [num_sequences]: Σ w per dataset sequence
+    unigram_sum: torch.Tensor | None = None  # float64 scalar: Σ w·CE of the same targets under the unigram
+    seq_loss: torch.Tensor | None = None  # float64 [num_sequences]: Σ w·CE per dataset sequence
+    seq_weight: torch.Tensor | None = None  # float64 [num_sequences]: Σ w per dataset sequence
 
     @classmethod
-    def zeros(cls, device="cpu", *, unigram_logp: torch.Tensor | None = None,
-              num_sequences: int | None = None) -> "MetricSums":
+    def zeros(
+        cls, device="cpu", *, unigram_logp: torch.Tensor | None = None, num_sequences: int | None = None
+    ) -> MetricSums:
         """Empty sums; with `unigram_logp` also the unigram baseline's, with `num_sequences` per-sequence sums."""
         z = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)
-        return cls(z(), z(), torch.zeros(VOCAB_SIZE, VOCAB_SIZE, dtype=torch.int64, device=device),
-                   None if unigram_logp is None else unigram_logp.to(device, torch.float64),
-                   None if unigram_logp is None else z(),
-                   None if num_sequences is None else z(num_sequences),
-                   None if num_sequences is None else z(num_sequences))
+        return cls(
+            z(),
+            z(),
+            torch.zeros(VOCAB_SIZE, VOCAB_SIZE, dtype=torch.int64, device=device),
+            None if unigram_logp is None else unigram_logp.to(device, torch.float64),
+            None if unigram_logp is None else z(),
+            None if num_sequences is None else z(num_sequences),
+            None if num_sequences is None else z(num_sequences),
+        )
 
-    def add(self, logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, normalizer: float,
-            seq: torch.Tensor | None = None) -> None:
+    def add(
+        self,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        weights: torch.Tensor,
+        normalizer: float,
+        seq: torch.Tensor | None = None,
+    ) -> None:
         """Add one batch: logits [N, V] and targets/weights [N] at the target positions only
         (`seq` [N]: each target's dataset sequence index, needed for per-sequence sums)."""
         ce = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
@@ -63,7 +75,7 @@ class MetricSums:
 
     def compute(self) -> dict:
         m = compute_metrics(self.loss_sum.item(), self.normalizer.item(), self.confusion.cpu())
-        if self.unigram_sum is not None:   # new keys only: the model's own metrics are unchanged
+        if self.unigram_sum is not None:  # new keys only: the model's own metrics are unchanged
             n = self.normalizer.item()
             m["unigram_loss"] = self.unigram_sum.item() / n if n > 0 else float("nan")
             m["gain"] = m["unigram_loss"] - m["loss"]
@@ -95,11 +107,14 @@ def paired_bootstrap(diff_per_seq, sizes, resamples: int = BOOTSTRAP_RESAMPLES, 
     """Σ diff / Σ sizes of a paired comparison, with a 95% bootstrap interval that resamples whole
     sequences (items of one chain are not independent). diff_per_seq: each sequence's summed
     difference; sizes: its number of items (targets, residues)."""
+
     def ratio(d, n):
-        with np.errstate(divide="ignore", invalid="ignore"):   # a resample of empty sequences: dropped
+        with np.errstate(divide="ignore", invalid="ignore"):  # a resample of empty sequences: dropped
             return d.sum() / n.sum()
-    diff, lo, hi = bootstrap_interval((np.asarray(diff_per_seq, dtype=np.float64), np.asarray(sizes)), ratio,
-                                      n=resamples, seed=seed)
+
+    diff, lo, hi = bootstrap_interval(
+        (np.asarray(diff_per_seq, dtype=np.float64), np.asarray(sizes)), ratio, n=resamples, seed=seed
+    )
     return {"diff": diff, "ci95": [lo, hi]}
 
 
@@ -109,15 +124,25 @@ def compute_metrics(loss_sum: float, normalizer: float, confusion: torch.Tensor)
     n = c.sum().item()
     loss = loss_sum / normalizer if normalizer > 0 else float("nan")
     if n == 0:
-        return {"loss": loss, "bits": loss / math.log(2), "perplexity": math.exp(loss) if loss == loss else float("nan"), "accuracy": float("nan"),
-                "precision": float("nan"), "recall": float("nan"), "f1": float("nan"), "mcc": float("nan"), "tokens": 0}
+        return {
+            "loss": loss,
+            "bits": loss / math.log(2),
+            "perplexity": math.exp(loss) if loss == loss else float("nan"),
+            "accuracy": float("nan"),
+            "precision": float("nan"),
+            "recall": float("nan"),
+            "f1": float("nan"),
+            "mcc": float("nan"),
+            "tokens": 0,
+        }
     tp = c.diag()
     support = c.sum(1)  # true counts per class
     predicted = c.sum(0)
     precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
     recall = torch.where(support > 0, tp / support.clamp(min=1), torch.zeros_like(tp))
-    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-300),
-                     torch.zeros_like(tp))
+    f1 = torch.where(
+        precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-300), torch.zeros_like(tp)
+    )
     w = support / n
     correct = tp.sum().item()
     # Gorodkin's multiclass MCC (what sklearn.metrics.matthews_corrcoef computes).
@@ -138,8 +163,9 @@ def compute_metrics(loss_sum: float, normalizer: float, confusion: torch.Tensor)
     }
 
 
-def bootstrap_interval(values, statistic, n: int = 1000, seed: int = 0,
-                       level: float = 0.95) -> tuple[float, float, float]:
+def bootstrap_interval(
+    values, statistic, n: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
     """(statistic(*values), low, high): a percentile bootstrap interval over rows. `values` is one array
     or a tuple of arrays of the same length; every resample takes the same rows of each (paired), so
     a difference of two models on the same items keeps their pairing. Non-finite resamples are dropped."""

@@ -13,6 +13,7 @@ that scores best on the training rows its seeds held out, so the test set never 
 "Model minus control" is a paired difference on the same test items with a 95% bootstrap interval
 over test sequences: the seed std says how much the probe moves, not whether the model is better.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,30 +28,29 @@ import numpy as np
 from plmrun import tokenizer as tok
 from plmrun.data.tables import read_table
 from plmrun.device import resolve_device
+from plmrun.eval.embed import embed_sequences, num_hidden_states
 from plmrun.eval.errors import EvalError
 from plmrun.eval.flags import add_device_flag, add_window_flags, check_window_flags
-from plmrun.eval.embed import embed_sequences, num_hidden_states
 from plmrun.eval.inference import EvalModel, load_eval_model
 from plmrun.eval.metrics import BOOTSTRAP_RESAMPLES, paired_bootstrap
-from plmrun.outputs import check_output_file, model_inputs
 from plmrun.hashing import unit_hash
+from plmrun.outputs import check_output_file, model_inputs
 
 PROBE_DIR = Path(__file__).resolve().parent.parent / "probes"
 HEADS = ("logistic", "ridge", "mlp")
 TRAIN_FRACTION = 0.8
-VALIDATION_ROWS = 20000   # held-out training rows (residues for per-residue tasks) that pick `--layer best`
-SS3 = {"H": 0, "G": 0, "I": 0, "E": 1, "B": 1}   # everything else (L, T, S, ...) -> coil (2)
-OVERLAP_NOTE = ("note: ~80% of the localisation sequences also occur in Swiss-Prot 2014 "
-                "(the bundled pretraining corpus)")
+VALIDATION_ROWS = 20000  # held-out training rows (residues for per-residue tasks) that pick `--layer best`
+SS3 = {"H": 0, "G": 0, "I": 0, "E": 1, "B": 1}  # everything else (L, T, S, ...) -> coil (2)
+OVERLAP_NOTE = "note: ~80% of the localisation sequences also occur in Swiss-Prot 2014 (the bundled pretraining corpus)"
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
     per_residue: bool
-    max_train: int            # sequences (domains for secondary structure)
+    max_train: int  # sequences (domains for secondary structure)
     max_test: int
-    max_train_residues: int = 0   # per-residue tasks: residues per seed
+    max_train_residues: int = 0  # per-residue tasks: residues per seed
 
 
 # Caps keep the suite for a small model and its control within ~10 minutes on a 2-core CPU
@@ -67,7 +67,7 @@ TASKS = {
 @dataclass
 class TaskData:
     train_seqs: list[str]
-    train_labels: list       # ints, or int arrays per sequence for per-residue tasks
+    train_labels: list  # ints, or int arrays per sequence for per-residue tasks
     test_seqs: list[str]
     test_labels: list
     classes: int
@@ -89,8 +89,13 @@ def load_task(task: Task) -> TaskData:
         train = _cap([r for r in rows if r["split"] == "trn"], acc, task.max_train)
         test = _cap([r for r in rows if r["split"] == "tst"], acc, task.max_test)
         lab = lambda r: int(r["label_id"])
-        return TaskData([r["sequence"] for r in train], [lab(r) for r in train],
-                        [r["sequence"] for r in test], [lab(r) for r in test], 13)
+        return TaskData(
+            [r["sequence"] for r in train],
+            [lab(r) for r in train],
+            [r["sequence"] for r in test],
+            [lab(r) for r in test],
+            13,
+        )
     if task.name == "secondary_structure":
         rows = _read_table("scope207_domains_dssp8.tsv.xz")
         is_test = lambda r: unit_hash("superfamily:" + r["sccs"].rsplit(".", 1)[0]) < 0.2
@@ -98,16 +103,26 @@ def load_task(task: Task) -> TaskData:
         train = _cap([r for r in rows if not is_test(r)], ident, task.max_train)
         test = _cap([r for r in rows if is_test(r)], ident, task.max_test)
         ss3 = lambda r: np.array([SS3.get(c, 2) for c in r["dssp8"]], dtype=np.int64)
-        return TaskData([r["sequence"] for r in train], [ss3(r) for r in train],
-                        [r["sequence"] for r in test], [ss3(r) for r in test], 3)
+        return TaskData(
+            [r["sequence"] for r in train],
+            [ss3(r) for r in train],
+            [r["sequence"] for r in test],
+            [ss3(r) for r in test],
+            3,
+        )
     if task.name == "solubility":
         rows = _read_table("solvnet_solubility.csv.xz")
         is_test = lambda r: unit_hash("solubility:" + r["aa_seq"]) < 0.2
         seq = lambda r: r["aa_seq"]
         train = _cap([r for r in rows if not is_test(r)], seq, task.max_train)
         test = _cap([r for r in rows if is_test(r)], seq, task.max_test)
-        return TaskData([r["aa_seq"] for r in train], [int(r["label"]) for r in train],
-                        [r["aa_seq"] for r in test], [int(r["label"]) for r in test], 2)
+        return TaskData(
+            [r["aa_seq"] for r in train],
+            [int(r["label"]) for r in train],
+            [r["aa_seq"] for r in test],
+            [int(r["label"]) for r in test],
+            2,
+        )
     raise ValueError(f"unknown task {task.name!r} (tasks: {', '.join(TASKS)})")
 
 
@@ -150,10 +165,12 @@ def majority_class(train_labels: list, test_labels: list, per_residue: bool) -> 
     return {"class": k, "rate": float((test == k).mean())}
 
 
-def model_features(model: EvalModel, seqs: list[str], per_residue: bool, token_budget: int,
-                   layer: int | tuple | None = None):
-    return embed_sequences(model, seqs, pool="per-residue" if per_residue else "mean", layer=layer,
-                           token_budget=token_budget)
+def model_features(
+    model: EvalModel, seqs: list[str], per_residue: bool, token_budget: int, layer: int | tuple | None = None
+):
+    return embed_sequences(
+        model, seqs, pool="per-residue" if per_residue else "mean", layer=layer, token_budget=token_budget
+    )
 
 
 # ---------------------------------------------------------------- probes
@@ -162,6 +179,7 @@ def make_head(head: str, seed: int):
     from sklearn.neural_network import MLPClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+
     if head == "logistic":
         clf = LogisticRegression(C=1.0, max_iter=2000)
     elif head == "ridge":
@@ -175,13 +193,12 @@ def make_head(head: str, seed: int):
 
 @dataclass
 class ProbeFit:
-    scores: list[float]        # test accuracy per seed
-    correct: np.ndarray        # per test item (residue for per-residue tasks): fraction of seeds right
-    validation: list[float]    # per seed: accuracy on held-out training rows (empty unless asked)
+    scores: list[float]  # test accuracy per seed
+    correct: np.ndarray  # per test item (residue for per-residue tasks): fraction of seeds right
+    validation: list[float]  # per seed: accuracy on held-out training rows (empty unless asked)
 
 
-def fit_and_score(task: Task, train_x, train_y, test_x, test_y, seeds, head: str,
-                  validation: bool = False) -> ProbeFit:
+def fit_and_score(task: Task, train_x, train_y, test_x, test_y, seeds, head: str, validation: bool = False) -> ProbeFit:
     """Train one probe per seed (each on its own random TRAIN_FRACTION of the training rows) and
     score it on the fixed test rows; with `validation`, also on (up to VALIDATION_ROWS of) the
     training rows that seed did not train on."""
@@ -201,41 +218,55 @@ def fit_and_score(task: Task, train_x, train_y, test_x, test_y, seeds, head: str
         right = clf.predict(test_x) == test_y
         scores.append(float(right.mean()))
         correct += right
-        if validation:   # drawn after `rows`, so the training rows are the same with and without it
+        if validation:  # drawn after `rows`, so the training rows are the same with and without it
             held_out = rng.permutation(np.setdiff1d(np.arange(len(train_y)), rows))[:VALIDATION_ROWS]
             val_scores.append(float((clf.predict(train_x[held_out]) == train_y[held_out]).mean()))
     return ProbeFit(scores, correct / len(seeds), val_scores)
 
 
-def paired_difference(correct_a: np.ndarray, correct_b: np.ndarray, item_sizes: list[int] | None = None,
-                      resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
+def paired_difference(
+    correct_a: np.ndarray,
+    correct_b: np.ndarray,
+    item_sizes: list[int] | None = None,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+) -> dict:
     """Accuracy of A minus B on the same test items, with a 95% bootstrap interval over test
     sequences (a per-residue task resamples whole sequences, since residues of one chain are not
     independent). `item_sizes` gives each sequence's number of items for per-residue tasks."""
     sizes = np.ones(len(correct_a), dtype=np.int64) if item_sizes is None else np.asarray(item_sizes)
     if not (len(correct_a) == len(correct_b) == sizes.sum() > 0):
-        raise ValueError(f"paired_difference: {len(correct_a)} and {len(correct_b)} items, sizes sum to "
-                         f"{sizes.sum()}: need the same non-zero number")
+        raise ValueError(
+            f"paired_difference: {len(correct_a)} and {len(correct_b)} items, sizes sum to "
+            f"{sizes.sum()}: need the same non-zero number"
+        )
     seq_of_item = np.repeat(np.arange(len(sizes)), sizes)
     diff_per_seq = np.bincount(seq_of_item, weights=correct_a - correct_b, minlength=len(sizes))
     return paired_bootstrap(diff_per_seq, sizes, resamples, seed)
 
 
-def best_layer_scores(task: Task, data: TaskData, model: EvalModel, seeds, head: str,
-                      token_budget: int) -> tuple[ProbeFit, dict]:
+def best_layer_scores(
+    task: Task, data: TaskData, model: EvalModel, seeds, head: str, token_budget: int
+) -> tuple[ProbeFit, dict]:
     """Probe every hidden state; pick the one with the best held-out-training accuracy (never the
     test score). Returns its fit and a results row with every layer's validation and test means."""
     layers = tuple(range(num_hidden_states(model)))
     train = model_features(model, data.train_seqs, task.per_residue, token_budget, layers)
     test = model_features(model, data.test_seqs, task.per_residue, token_budget, layers)
     width = (train[0] if task.per_residue else train).shape[1] // len(layers)
-    cols = lambda x, j: [a[:, j * width:(j + 1) * width] for a in x] if task.per_residue \
-        else x[:, j * width:(j + 1) * width]
-    fits = {j: fit_and_score(task, cols(train, j), data.train_labels, cols(test, j), data.test_labels,
-                             seeds, head, validation=True) for j in layers}
-    best = max(layers, key=lambda j: (np.mean(fits[j].validation), -j))   # ties: the earlier layer
-    by_layer = {str(j): {"validation": float(np.mean(f.validation)), "test": float(np.mean(f.scores))}
-                for j, f in fits.items()}
+    cols = lambda x, j: (
+        [a[:, j * width : (j + 1) * width] for a in x] if task.per_residue else x[:, j * width : (j + 1) * width]
+    )
+    fits = {
+        j: fit_and_score(
+            task, cols(train, j), data.train_labels, cols(test, j), data.test_labels, seeds, head, validation=True
+        )
+        for j in layers
+    }
+    best = max(layers, key=lambda j: (np.mean(fits[j].validation), -j))  # ties: the earlier layer
+    by_layer = {
+        str(j): {"validation": float(np.mean(f.validation)), "test": float(np.mean(f.scores))} for j, f in fits.items()
+    }
     return fits[best], {**score_row(fits[best].scores), "layer": best, "by_layer": by_layer}
 
 
@@ -243,9 +274,17 @@ def score_row(scores: list[float]) -> dict:
     return {"scores": scores, "mean": float(np.mean(scores)), "std": float(np.std(scores))}
 
 
-def run_probes(model: EvalModel, tasks=tuple(TASKS), *, seeds=(0, 1, 2), head: str = "logistic",
-               caps: dict | None = None, token_budget: int = 8192, layer: int | str | None = None,
-               log=print) -> dict:
+def run_probes(
+    model: EvalModel,
+    tasks=tuple(TASKS),
+    *,
+    seeds=(0, 1, 2),
+    head: str = "logistic",
+    caps: dict | None = None,
+    token_budget: int = 8192,
+    layer: int | str | None = None,
+    log=print,
+) -> dict:
     """Probe `model`, its random-init control and the baseline on each task; returns the results dict.
 
     `caps` optionally overrides task caps: {"max_train": n, "max_test": n, "max_train_residues": n}.
@@ -254,9 +293,16 @@ def run_probes(model: EvalModel, tasks=tuple(TASKS), *, seeds=(0, 1, 2), head: s
     """
     control = model.random_init(0)
     free = context_free(control, tuple(range(num_hidden_states(control))) if layer == "best" else layer)
-    results = {"model": model.name, "head": head, "layer": -1 if layer is None else layer,
-               "seeds": list(seeds), "max_length": model.max_length,
-               "note": OVERLAP_NOTE, "random_init_context_free": free, "tasks": {}}
+    results = {
+        "model": model.name,
+        "head": head,
+        "layer": -1 if layer is None else layer,
+        "seeds": list(seeds),
+        "max_length": model.max_length,
+        "note": OVERLAP_NOTE,
+        "random_init_context_free": free,
+        "tasks": {},
+    }
     t_all = time.perf_counter()
     for name in tasks:
         if name not in TASKS:
@@ -269,70 +315,91 @@ def run_probes(model: EvalModel, tasks=tuple(TASKS), *, seeds=(0, 1, 2), head: s
             if layer == "best":
                 fits[label], rows[label] = best_layer_scores(task, data, net, seeds, head, token_budget)
             else:
-                feats = [model_features(net, s, task.per_residue, token_budget, layer)
-                         for s in (data.train_seqs, data.test_seqs)]
-                fits[label] = fit_and_score(task, feats[0], data.train_labels, feats[1], data.test_labels,
-                                            seeds, head)
+                feats = [
+                    model_features(net, s, task.per_residue, token_budget, layer)
+                    for s in (data.train_seqs, data.test_seqs)
+                ]
+                fits[label] = fit_and_score(task, feats[0], data.train_labels, feats[1], data.test_labels, seeds, head)
                 rows[label] = score_row(fits[label].scores)
         base_label = "one-hot" if task.per_residue else "aa composition"
         base = [baseline_features(s, task.per_residue) for s in (data.train_seqs, data.test_seqs)]
         fits[base_label] = fit_and_score(task, base[0], data.train_labels, base[1], data.test_labels, seeds, head)
         rows[base_label] = score_row(fits[base_label].scores)
-        if free:   # the same control twice: say so (its fit differs only by the basis and the L2 penalty)
+        if free:  # the same control twice: say so (its fit differs only by the basis and the L2 penalty)
             rows["random init"]["same_as"] = base_label
         sizes = [len(y) for y in data.test_labels] if task.per_residue else None
         results["tasks"][name] = {
-            "metric": "Q3 accuracy" if task.per_residue else "accuracy", "classes": data.classes,
-            "n_train": len(data.train_seqs), "n_test": len(data.test_seqs),
+            "metric": "Q3 accuracy" if task.per_residue else "accuracy",
+            "classes": data.classes,
+            "n_train": len(data.train_seqs),
+            "n_test": len(data.test_seqs),
             "n_test_residues": int(sum(len(s) for s in data.test_seqs)),
             "rows": rows,
             "majority_class": majority_class(data.train_labels, data.test_labels, task.per_residue),
-            "model_minus": {other: paired_difference(fits["model"].correct, fits[other].correct, sizes)
-                            for other in ("random init", base_label)},
-            "time_s": round(time.perf_counter() - t0, 1)}
+            "model_minus": {
+                other: paired_difference(fits["model"].correct, fits[other].correct, sizes)
+                for other in ("random init", base_label)
+            },
+            "time_s": round(time.perf_counter() - t0, 1),
+        }
         log(f"{name}: done in {time.perf_counter() - t0:.1f}s")
     results["time_s"] = round(time.perf_counter() - t_all, 1)
     return results
 
 
 def format_table(results: dict) -> str:
-    lines = [f"{'task':<20} {'features':<16} {'metric':<12} {'mean ± std':<16} train/test",
-             "-" * 78]
+    lines = [f"{'task':<20} {'features':<16} {'metric':<12} {'mean ± std':<16} train/test", "-" * 78]
     for name, t in results["tasks"].items():
         for label, r in t["rows"].items():
-            lines.append(f"{name:<20} {label:<16} {t['metric']:<12} "
-                         f"{r['mean']:.4f} ± {r['std']:.4f}  {t['n_train']}/{t['n_test']}"
-                         + (f"  hidden state {r['layer']}" if "layer" in r else "")
-                         + (f"  = {r['same_as']}: one control (see below)" if "same_as" in r else ""))
+            lines.append(
+                f"{name:<20} {label:<16} {t['metric']:<12} "
+                f"{r['mean']:.4f} ± {r['std']:.4f}  {t['n_train']}/{t['n_test']}"
+                + (f"  hidden state {r['layer']}" if "layer" in r else "")
+                + (f"  = {r['same_as']}: one control (see below)" if "same_as" in r else "")
+            )
         if "majority_class" in t:
             m = t["majority_class"]
-            lines.append(f"{name:<20} {'majority class':<16} {t['metric']:<12} {m['rate']:.4f}"
-                         f"{'':<9}  {t['n_train']}/{t['n_test']}  (always class {m['class']}, the most "
-                         f"frequent in training)")
+            lines.append(
+                f"{name:<20} {'majority class':<16} {t['metric']:<12} {m['rate']:.4f}"
+                f"{'':<9}  {t['n_train']}/{t['n_test']}  (always class {m['class']}, the most "
+                f"frequent in training)"
+            )
         for other, d in t.get("model_minus", {}).items():
-            lines.append(f"{name:<20} {'model - ' + other:<29} {d['diff']:+.4f}  95% CI "
-                         f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]")
+            lines.append(
+                f"{name:<20} {'model - ' + other:<29} {d['diff']:+.4f}  95% CI "
+                f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]"
+            )
     if results.get("random_init_context_free"):
-        lines.append("random init = baseline: the untrained encoder's features here depend only on each residue's "
-                     "letter (the speedrun preset starts its attention and MLP output projections at zero, so every "
-                     "block adds 0; hidden state 0 is the embedding): a lookup per residue, linear in the amino-acid "
-                     "composition when mean-pooled, i.e. the one-hot / aa-composition baseline in another basis: "
-                     "one control, not two")
-    where = ("each model's best hidden state (picked on held-out training rows)" if results["layer"] == "best"
-             else f"hidden state {results['layer']}")
-    lines.append(f"{results['head']} probe on {where}, {len(results['seeds'])} seeds, "
-                 f"{results['time_s']}s; differences are paired (same test items, accuracy averaged over "
-                 f"seeds), intervals from {BOOTSTRAP_RESAMPLES} bootstrap resamples of the test sequences; "
-                 f"{results['note']}")
+        lines.append(
+            "random init = baseline: the untrained encoder's features here depend only on each residue's "
+            "letter (the speedrun preset starts its attention and MLP output projections at zero, so every "
+            "block adds 0; hidden state 0 is the embedding): a lookup per residue, linear in the amino-acid "
+            "composition when mean-pooled, i.e. the one-hot / aa-composition baseline in another basis: "
+            "one control, not two"
+        )
+    where = (
+        "each model's best hidden state (picked on held-out training rows)"
+        if results["layer"] == "best"
+        else f"hidden state {results['layer']}"
+    )
+    lines.append(
+        f"{results['head']} probe on {where}, {len(results['seeds'])} seeds, "
+        f"{results['time_s']}s; differences are paired (same test items, accuracy averaged over "
+        f"seeds), intervals from {BOOTSTRAP_RESAMPLES} bootstrap resamples of the test sequences; "
+        f"{results['note']}"
+    )
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- CLI
 def add_probe_command(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("probe", help="frozen-embedding probes with random-init and baseline controls",
-                              description="Probe tasks: " + ", ".join(TASKS) + ". Prints mean ± std over seeds, and "
-                                          "the model minus each control with a 95% bootstrap interval "
-                                          "over test sequences.")
+    p = subparsers.add_parser(
+        "probe",
+        help="frozen-embedding probes with random-init and baseline controls",
+        description="Probe tasks: " + ", ".join(TASKS) + ". Prints mean ± std over seeds, and "
+        "the model minus each control with a 95% bootstrap interval "
+        "over test sequences.",
+    )
     p.add_argument("model", help="run directory, checkpoint, EsmForMaskedLM folder or hub name")
     p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     p.add_argument("--seeds", type=int, default=3, help="number of probe seeds (0..N-1)")
@@ -340,10 +407,14 @@ def add_probe_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-train", type=int, help="override every task's training-sequence cap")
     p.add_argument("--max-test", type=int, help="override every task's test-sequence cap")
     add_window_flags(p, longer="longer sequences are averaged over windows")
-    p.add_argument("--layer", type=_layer_arg, default=None,
-                   help="hidden state to probe, for the model and its control: 0 = embedding output, "
-                        "1..N = after block N, -1 = the final (normed) output, the default; 'best': each "
-                        "model's hidden state with the best accuracy on held-out training rows")
+    p.add_argument(
+        "--layer",
+        type=_layer_arg,
+        default=None,
+        help="hidden state to probe, for the model and its control: 0 = embedding output, "
+        "1..N = after block N, -1 = the final (normed) output, the default; 'best': each "
+        "model's hidden state with the best accuracy on held-out training rows",
+    )
     p.add_argument("--out", help="write the results (all per-seed scores) to this JSON file")
     add_device_flag(p)
     p.set_defaults(func=_run)
@@ -361,6 +432,7 @@ def _layer_arg(value: str) -> int | str:
 
 def _run(args) -> int:
     from plmrun.config import check_at_least
+
     check_at_least(args.seeds, 1, "--seeds")
     for flag, value, least in (("--max-train", args.max_train, 2), ("--max-test", args.max_test, 1)):
         if value is not None:
@@ -371,9 +443,16 @@ def _run(args) -> int:
         check_output_file(args.out, model_inputs(args.model), error=EvalError)
     model = load_eval_model(args.model, device=resolve_device(args.device), max_length=args.max_length)
     try:
-        results = run_probes(model, args.tasks, seeds=range(args.seeds), head=args.head, caps=caps,
-                             token_budget=args.token_budget, layer=args.layer,
-                             log=lambda m: print(m, file=sys.stderr))
+        results = run_probes(
+            model,
+            args.tasks,
+            seeds=range(args.seeds),
+            head=args.head,
+            caps=caps,
+            token_budget=args.token_budget,
+            layer=args.layer,
+            log=lambda m: print(m, file=sys.stderr),
+        )
     except ValueError as e:
         raise EvalError(f"probe: {e}") from None
     print(format_table(results))

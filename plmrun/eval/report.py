@@ -4,6 +4,7 @@ with the summary table. Reads only the run directories' `metrics.jsonl`, `summar
 shows '-'). Train and val losses use different masking protocols, so they get separate panels and
 labels naming each protocol: a train/val gap there is not an overfitting gap.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,20 +16,27 @@ from pathlib import Path
 
 from plmrun.eval.errors import EvalError
 
-COLUMNS = [("params", "params"), ("tokens", "tokens"), ("train_time_s", "train time (s)"),
-           ("tok_per_s", "tok/s"), ("mfu", "MFU"), ("best_val_loss", "best val loss"),
-           ("final_val", "final val (subset)"), ("final_full_val", "final val (full split)"),
-           ("time_to_target", "time to target")]
+COLUMNS = [
+    ("params", "params"),
+    ("tokens", "tokens"),
+    ("train_time_s", "train time (s)"),
+    ("tok_per_s", "tok/s"),
+    ("mfu", "MFU"),
+    ("best_val_loss", "best val loss"),
+    ("final_val", "final val (subset)"),
+    ("final_full_val", "final val (full split)"),
+    ("time_to_target", "time to target"),
+]
 
 
 @dataclass
 class Run:
     name: str
-    train: list[dict] = field(default_factory=list)   # metrics lines with kind == "train"
-    evals: list[dict] = field(default_factory=list)   # metrics lines with kind == "eval" (in-training)
+    train: list[dict] = field(default_factory=list)  # metrics lines with kind == "train"
+    evals: list[dict] = field(default_factory=list)  # metrics lines with kind == "eval" (in-training)
     summary: dict = field(default_factory=dict)
-    final_full: dict | None = None                    # the end-of-training full valid split eval line
-    config: object | None = None                      # the run's config.yaml (a plmrun.config.Config)
+    final_full: dict | None = None  # the end-of-training full valid split eval line
+    config: object | None = None  # the run's config.yaml (a plmrun.config.Config)
 
 
 def load_run(path: str | Path, name: str | None = None) -> Run:
@@ -45,13 +53,13 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 if lineno > 1 and not line.endswith("\n"):
-                    break   # a run still writing its last line
+                    break  # a run still writing its last line
                 raise ValueError(f"{metrics}:{lineno}: invalid JSON ({e.msg})") from None
             if rec.get("kind") == "train" and "loss" in rec:
                 run.train.append(rec)
             elif rec.get("kind") == "eval" and "val_loss" in rec:
                 if rec.get("final"):
-                    run.final_full = rec   # whole valid split, not a point of the subset curve
+                    run.final_full = rec  # whole valid split, not a point of the subset curve
                 else:
                     run.evals.append(rec)
     summary = path / "summary.json"
@@ -70,6 +78,7 @@ def _load_config(path: Path):
     """The run's config, or None (copied without it, or from another plmrun version): labels then say less."""
     from plmrun.config import load_yaml
     from plmrun.errors import PlmrunError
+
     try:
         return load_yaml(path)
     except PlmrunError:
@@ -87,8 +96,11 @@ def train_protocol(run: Run) -> str:
     k = run.config.masking
     if k.objective == "diffusion":
         return "masked diffusion, t ~ U(eps, 1]"
-    rate = _pct(k.mask_rate) if k.mask_rate_end is None else \
-        f"{_pct(k.mask_rate)}->{_pct(k.mask_rate_end)} over {k.ramp_steps} steps"
+    rate = (
+        _pct(k.mask_rate)
+        if k.mask_rate_end is None
+        else f"{_pct(k.mask_rate)}->{_pct(k.mask_rate_end)} over {k.ramp_steps} steps"
+    )
     keep = 1.0 - k.mask_token_frac - k.random_token_frac
     text = f"{rate} targets, {100 * k.mask_token_frac:.3g}/{100 * k.random_token_frac:.3g}/{100 * keep:.3g}"
     if k.objective == "mlm_to_diffusion":
@@ -119,6 +131,7 @@ def _names(paths: list[Path]) -> list[str]:
 def plot(runs: list[Run]):
     """Train curves (top row) and val curves (bottom row) vs tokens and vs time; returns the Figure."""
     from matplotlib.figure import Figure
+
     fig = Figure(figsize=(13, 8.5))
     axes = fig.subplots(2, 2)
     train_label = _axis_label("train", [train_protocol(r) for r in runs])
@@ -130,15 +143,35 @@ def plot(runs: list[Run]):
             tr = [r for r in run.train if x_key in r]
             ev = [r for r in run.evals if x_key in r]
             if tr:
-                top.plot([r[x_key] for r in tr], [r["loss"] for r in tr], color=color, alpha=0.7, lw=1,
-                         label=f"{run.name}: train loss ({train_protocol(run)})")
+                top.plot(
+                    [r[x_key] for r in tr],
+                    [r["loss"] for r in tr],
+                    color=color,
+                    alpha=0.7,
+                    lw=1,
+                    label=f"{run.name}: train loss ({train_protocol(run)})",
+                )
             if ev:
-                bottom.plot([r[x_key] for r in ev], [r["val_loss"] for r in ev], color=color, lw=2, marker="o",
-                            ms=3, label=f"{run.name}: val loss ({val_protocol(run)}, subset)")
+                bottom.plot(
+                    [r[x_key] for r in ev],
+                    [r["val_loss"] for r in ev],
+                    color=color,
+                    lw=2,
+                    marker="o",
+                    ms=3,
+                    label=f"{run.name}: val loss ({val_protocol(run)}, subset)",
+                )
             f = run.final_full
             if f is not None and x_key in f:
-                bottom.plot([f[x_key]], [f["val_loss"]], color=color, marker="*", ms=12, ls="none",
-                            label=f"{run.name}: val loss ({val_protocol(run)}, full split)")
+                bottom.plot(
+                    [f[x_key]],
+                    [f["val_loss"]],
+                    color=color,
+                    marker="*",
+                    ms=12,
+                    ls="none",
+                    label=f"{run.name}: val loss ({val_protocol(run)}, full split)",
+                )
         for ax, ylabel, what in ((top, train_label, "train"), (bottom, val_label, "val")):
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel + " (nats)", fontsize=9)
@@ -191,14 +224,15 @@ def markdown_table(runs: list[Run]) -> str:
 
 def write_html(runs: list[Run], png_name: str, out: Path) -> None:
     head = "".join(f"<th>{html.escape(t)}</th>" for t in ["run"] + [t for _, t in COLUMNS])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>\n"
-                   for row in summary_rows(runs))
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>\n" for row in summary_rows(runs)
+    )
     out.write_text(f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>plmrun report</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} td:first-child{{text-align:left}}</style>
 </head><body>
-<h1>plmrun report: {len(runs)} run{'s' if len(runs) != 1 else ''}</h1>
+<h1>plmrun report: {len(runs)} run{"s" if len(runs) != 1 else ""}</h1>
 <img src="{html.escape(png_name)}" alt="loss curves" style="max-width:100%">
 <h2>Summary</h2>
 <table><tr>{head}</tr>
@@ -220,8 +254,11 @@ def make_report(run_dirs: list[str | Path], out_dir: str | Path) -> list[Run]:
 
 # ---------------------------------------------------------------- CLI
 def add_report_command(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("report", help="overlay loss curves of runs and tabulate their summaries",
-                              description="Writes loss_curves.png and report.html; prints the summary table.")
+    p = subparsers.add_parser(
+        "report",
+        help="overlay loss curves of runs and tabulate their summaries",
+        description="Writes loss_curves.png and report.html; prints the summary table.",
+    )
     p.add_argument("runs", nargs="+", help="run directories (with metrics.jsonl)")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=_run)

@@ -18,15 +18,16 @@ measured scores under --average-duplicates; variants without a measured score ar
 `skipped`. Beside the model's rho stands a site-independent baseline's: log f(mut) - log f(wt) under
 the training split's residue frequencies (RUN/unigram.json), else the wild type's own, saying which.
 """
+
 from __future__ import annotations
 
 import argparse
 import csv
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -43,22 +44,61 @@ from plmrun.eval.mlm_command import run_dir_of, unigram_baseline
 from plmrun.outputs import check_output_file, model_inputs
 
 AMINO_ACIDS = frozenset(tok.VOCAB[i] for i in tok.AMINO_ACID_IDS)
-NONSTANDARD = frozenset("XBZUO")   # X is an unknown residue in IUPAC, not a stop: counted apart
-THREE_LETTER = {"Ala": "A", "Arg": "R", "Asn": "N", "Asp": "D", "Cys": "C", "Gln": "Q", "Glu": "E", "Gly": "G",
-                "His": "H", "Ile": "I", "Leu": "L", "Lys": "K", "Met": "M", "Phe": "F", "Pro": "P", "Ser": "S",
-                "Thr": "T", "Trp": "W", "Tyr": "Y", "Val": "V", "Ter": "*", "Xaa": "X", "Asx": "B", "Glx": "Z",
-                "Sec": "U", "Pyl": "O"}
+NONSTANDARD = frozenset("XBZUO")  # X is an unknown residue in IUPAC, not a stop: counted apart
+THREE_LETTER = {
+    "Ala": "A",
+    "Arg": "R",
+    "Asn": "N",
+    "Asp": "D",
+    "Cys": "C",
+    "Gln": "Q",
+    "Glu": "E",
+    "Gly": "G",
+    "His": "H",
+    "Ile": "I",
+    "Leu": "L",
+    "Lys": "K",
+    "Met": "M",
+    "Phe": "F",
+    "Pro": "P",
+    "Ser": "S",
+    "Thr": "T",
+    "Trp": "W",
+    "Tyr": "Y",
+    "Val": "V",
+    "Ter": "*",
+    "Xaa": "X",
+    "Asx": "B",
+    "Glx": "Z",
+    "Sec": "U",
+    "Pyl": "O",
+}
 # Rows that are valid notation but not a substitution: skipped with a count (or refused by --strict).
-SKIP_KINDS = {"deletion": "deletion", "insertion": "insertion", "frameshift": "frameshift",
-              "stop_loss": "wild-type stop", "stop": "stop", "nonstandard": "non-standard residue",
-              "synonymous": "synonymous", "unknown": "without a protein change"}   # kind -> its count's noun
-_ONE_KIND = {"deletion": "a deletion", "insertion": "an insertion", "frameshift": "a frameshift",
-             "stop_loss": "a change of a wild-type stop", "stop": "a stop (nonsense)",
-             "nonstandard": "a non-standard residue (X is read as unknown, not as a stop)",
-             "synonymous": "synonymous", "unknown": "without a protein change"}
+SKIP_KINDS = {
+    "deletion": "deletion",
+    "insertion": "insertion",
+    "frameshift": "frameshift",
+    "stop_loss": "wild-type stop",
+    "stop": "stop",
+    "nonstandard": "non-standard residue",
+    "synonymous": "synonymous",
+    "unknown": "without a protein change",
+}  # kind -> its count's noun
+_ONE_KIND = {
+    "deletion": "a deletion",
+    "insertion": "an insertion",
+    "frameshift": "a frameshift",
+    "stop_loss": "a change of a wild-type stop",
+    "stop": "a stop (nonsense)",
+    "nonstandard": "a non-standard residue (X is read as unknown, not as a stop)",
+    "synonymous": "synonymous",
+    "unknown": "without a protein change",
+}
 _AA = r"[A-Z][a-z]{2}|[A-Z*]"
-_PART = re.compile(rf"^(?P<wt>{_AA})(?P<pos>-?\d+)(?P<code>[A-Z]?)(?:_(?:{_AA})-?\d+[A-Z]?)?"
-                   rf"(?P<rest>=|-|del|dup|delins.+|ins.+|(?:{_AA})?fs.*|(?:{_AA})?ext.*|\?|[A-Z][a-z]{{2}}|[A-Z*])$")
+_PART = re.compile(
+    rf"^(?P<wt>{_AA})(?P<pos>-?\d+)(?P<code>[A-Z]?)(?:_(?:{_AA})-?\d+[A-Z]?)?"
+    rf"(?P<rest>=|-|del|dup|delins.+|ins.+|(?:{_AA})?fs.*|(?:{_AA})?ext.*|\?|[A-Z][a-z]{{2}}|[A-Z*])$"
+)
 _SYNONYMOUS_ROWS = {"=", "p.=", "p.(=)", "_wt", "_sy", "wt", "wildtype", "wild-type", "wild_type", "synonymous"}
 _MISSING = MISSING | {"p.?", "?", "_?"}
 
@@ -73,22 +113,23 @@ class NotSubstitution(ValueError):
 
 @dataclass(frozen=True)
 class Substitution:
-    index: int   # 0-based index into the wild type
+    index: int  # 0-based index into the wild type
     wt: str
     mt: str
-    site: str = field(default="", compare=False)   # the site label as written (e.g. 238, 100A)
+    site: str = field(default="", compare=False)  # the site label as written (e.g. 238, 100A)
 
 
 @dataclass
 class Variant:
-    line: int                        # line of the CSV file (header = 1)
-    label: str                       # the mutant as written
+    line: int  # line of the CSV file (header = 1)
+    label: str  # the mutant as written
     subs: tuple[Substitution, ...]
     measured: float
 
 
 class VariantTable(list):
     """The scored variants of a DMS table, with how many rows of each SKIP_KINDS kind were skipped."""
+
     skipped: dict
 
 
@@ -98,12 +139,13 @@ def _residue(token: str) -> str:
 
 def _classify(part: str) -> tuple[str | None, str, str, str, str]:
     """(kind or None for a substitution, wt, site label, mt, position digits) of one `A42G`/`Ala42Gly` part."""
-    if part == "=":   # p.[=]
+    if part == "=":  # p.[=]
         return "synonymous", "", "", "", ""
     m = _PART.match(part)
     if not m or (len(m["wt"]) == 3 and m["wt"] not in THREE_LETTER):
-        raise ValueError(f"cannot parse mutant {part!r} (expected e.g. A42G or p.Ala42Gly, multiple joined "
-                         f"by ':' or ';')")
+        raise ValueError(
+            f"cannot parse mutant {part!r} (expected e.g. A42G or p.Ala42Gly, multiple joined by ':' or ';')"
+        )
     wt, rest, site = _residue(m["wt"]), m["rest"], m["pos"] + m["code"]
     if rest.startswith("delins") or rest.startswith("ins") or rest == "dup":
         return "insertion", wt, site, rest, m["pos"]
@@ -182,23 +224,28 @@ def _index(site: str, pos: str, offset: int, position_map: dict[str, int] | None
             raise ValueError(f"site {site} is not in the --position-map file ({len(position_map)} sites); add it")
         return position_map[site] - 1
     if site != pos:
-        raise ValueError(f"site {site} has an insertion code: give --position-map FILE (scan site -> "
-                         f"1-based wild-type residue)")
+        raise ValueError(
+            f"site {site} has an insertion code: give --position-map FILE (scan site -> 1-based wild-type residue)"
+        )
     return int(pos) - offset
 
 
 def read_position_map(path: str | Path) -> dict[str, int]:
     """A two-column table (site label in the scan, 1-based residue of the wild type); a header is optional."""
     table = read_table(path, what="--position-map", header=False)
-    rows = [(line, [f.strip() for f in (row[0].split() if len(row) == 1 else row) if f.strip()])
-            for line, row in zip(table.lines, table.rows)]
+    rows = [
+        (line, [f.strip() for f in (row[0].split() if len(row) == 1 else row) if f.strip()])
+        for line, row in zip(table.lines, table.rows)
+    ]
     if rows and not rows[0][1][-1].isdigit():
-        rows = rows[1:]   # a header line
+        rows = rows[1:]  # a header line
     out: dict[str, int] = {}
     for line, fields in rows:
         if len(fields) != 2 or not fields[1].isdigit() or int(fields[1]) < 1:
-            raise ValueError(f"{path}:{line}: expected two columns, a site label and its 1-based residue "
-                             f"in the wild type (e.g. 238,236), got {','.join(fields)!r}")
+            raise ValueError(
+                f"{path}:{line}: expected two columns, a site label and its 1-based residue "
+                f"in the wild type (e.g. 238,236), got {','.join(fields)!r}"
+            )
         if fields[0].upper() in out:
             raise ValueError(f"{path}:{line}: site {fields[0]} is mapped twice")
         out[fields[0].upper()] = int(fields[1])
@@ -246,7 +293,9 @@ def _column_problem(path, header, sample, col, kind) -> str:
     examples = ", ".join(repr(v) for v in dict.fromkeys(x for x in values if x.strip()).keys()) or "nothing"
     examples = examples if len(examples) < 60 else examples[:57] + "..."
     what = ": no such column" if col not in header else f" holds {examples}, not {{need}}"
-    letters = [c for c in header if sample[c] and all(v.strip() in AMINO_ACIDS | set("*-") for v in sample[c] if v.strip())]
+    letters = [
+        c for c in header if sample[c] and all(v.strip() in AMINO_ACIDS | set("*-") for v in sample[c] if v.strip())
+    ]
     ints = [c for c in header if sample[c] and all(v.strip().lstrip("-").isdigit() for v in sample[c] if v.strip())]
     if kind in ("wt", "pos", "mut"):
         fits, noun = (ints, "integer") if kind == "pos" else (letters, "one-letter amino-acid")
@@ -254,11 +303,16 @@ def _column_problem(path, header, sample, col, kind) -> str:
         need = "positions" if kind == "pos" else "amino acids"
     elif kind == "mutant":
         fits = [c for c in header if _looks_like_mutations(sample[c])]
-        fix = (f"mutation-like: {', '.join(fits)} (pass --mutant-column {fits[0]})" if fits else
-               "no column looks like mutations (A42G, A42G:L50P, p.Ala42Gly)")
+        fix = (
+            f"mutation-like: {', '.join(fits)} (pass --mutant-column {fits[0]})"
+            if fits
+            else "no column looks like mutations (A42G, A42G:L50P, p.Ala42Gly)"
+        )
         if not fits and len(letters) >= 2 and ints:
-            fix += (f"; for one-letter columns pass --wt-column, --pos-column and --mut-column "
-                    f"(letter columns: {', '.join(letters)}; integer columns: {', '.join(ints)})")
+            fix += (
+                f"; for one-letter columns pass --wt-column, --pos-column and --mut-column "
+                f"(letter columns: {', '.join(letters)}; integer columns: {', '.join(ints)})"
+            )
         need = "mutations like A42G or p.Ala42Gly"
     else:
         fits = [c for c in header if _looks_numeric(sample[c])]
@@ -266,12 +320,21 @@ def _column_problem(path, header, sample, col, kind) -> str:
         need = "measured scores (numbers)"
     has_one = len(header) == 1 and ("," not in header[0] and "\t" not in header[0])
     sep = "; the header has one column: separate columns by commas or tabs" if has_one else ""
-    return (f"{path}: --{kind}-column {col!r}{what.format(need=need)}; columns: {', '.join(header)}; {fix}{sep}")
+    return f"{path}: --{kind}-column {col!r}{what.format(need=need)}; columns: {', '.join(header)}; {fix}{sep}"
 
 
-def read_dms(path: str | Path, *, score_column: str = "DMS_score", mutant_column: str = "mutant",
-             wt_column: str | None = None, pos_column: str | None = None, mut_column: str | None = None,
-             offset: int = 1, position_map: dict[str, int] | None = None, strict: bool = False) -> VariantTable:
+def read_dms(
+    path: str | Path,
+    *,
+    score_column: str = "DMS_score",
+    mutant_column: str = "mutant",
+    wt_column: str | None = None,
+    pos_column: str | None = None,
+    mut_column: str | None = None,
+    offset: int = 1,
+    position_map: dict[str, int] | None = None,
+    strict: bool = False,
+) -> VariantTable:
     """Variants of a DMS CSV/TSV: a mutant column (A42G:L50P, p.Ala42Gly) or wildtype/position/mutant
     columns. Rows that are no substitution (SKIP_KINDS) are counted in `.skipped`, or refused with
     `strict`. The mutant and score columns must exist and hold mutations and numbers."""
@@ -287,7 +350,7 @@ def read_dms(path: str | Path, *, score_column: str = "DMS_score", mutant_column
         raise ValueError(f"{path}: a header but no variants (columns: {', '.join(header)})")
     sample = {c: [r[k] for _, r in body[:200] if k < len(r)] for k, c in enumerate(header)}
     mutant_cols = split_cols if all(split_cols) else [mutant_column]
-    kinds = ["wt", "pos", "mut"] if all(split_cols) else ["mutant"]   # the --KIND-column that named each
+    kinds = ["wt", "pos", "mut"] if all(split_cols) else ["mutant"]  # the --KIND-column that named each
     for col, kind in zip(mutant_cols, kinds):
         if col not in header:
             raise ValueError(_column_problem(path, header, sample, col, kind))
@@ -298,14 +361,16 @@ def read_dms(path: str | Path, *, score_column: str = "DMS_score", mutant_column
     col = {c: header.index(c) for c in mutant_cols + [score_column]}
     variants, skipped = VariantTable(), {}
     for line, r in body:
-        get = lambda c: r[col[c]].strip()
+        get = lambda c, r=r: r[col[c]].strip()
         label = "".join(get(c) for c in split_cols) if all(split_cols) else get(mutant_column)
         try:
             subs = parse_mutant(label, offset, position_map)
         except NotSubstitution as e:
             if strict:
-                raise ValueError(f"{path}:{line}: {e}; zero-shot scores substitutions only: remove the row, "
-                                 f"or drop --strict to skip such rows with a count") from None
+                raise ValueError(
+                    f"{path}:{line}: {e}; zero-shot scores substitutions only: remove the row, "
+                    f"or drop --strict to skip such rows with a count"
+                ) from None
             skipped[e.kind] = skipped.get(e.kind, 0) + 1
             continue
         except ValueError as e:
@@ -314,8 +379,10 @@ def read_dms(path: str | Path, *, score_column: str = "DMS_score", mutant_column
             measured = _number(get(score_column))
         except ValueError:
             comma = " (write decimals with a dot)" if re.fullmatch(r"-?\d+,\d+", get(score_column)) else ""
-            raise ValueError(f"{path}:{line}: {score_column} {get(score_column)!r} is not a number{comma}; leave "
-                             f"it empty or NA for an unmeasured variant") from None
+            raise ValueError(
+                f"{path}:{line}: {score_column} {get(score_column)!r} is not a number{comma}; leave "
+                f"it empty or NA for an unmeasured variant"
+            ) from None
         variants.append(Variant(line, label, subs, measured))
     variants.skipped = {k: skipped[k] for k in SKIP_KINDS if k in skipped}
     if not variants:
@@ -325,10 +392,12 @@ def read_dms(path: str | Path, *, score_column: str = "DMS_score", mutant_column
 
 def format_skipped(skipped: dict) -> str:
     """`skipped: 12 deletions, 40 stops` (or `skipped: none`)."""
+
     def noun(k, n):
         if k == UNMEASURED:
             return "without a measured score"
         return SKIP_KINDS[k] + ("s" if n != 1 and k not in ("synonymous", "unknown") else "")
+
     return "skipped: " + (", ".join(f"{n} {noun(k, n)}" for k, n in skipped.items()) or "none")
 
 
@@ -344,10 +413,14 @@ def check_wildtype(variants: list[Variant], wildtype: str, path: str | Path, *, 
     hint = _offset_hint(variants, wildtype, offset)
     where = f"site {s.site or s.index + 1} -> residue {s.index + 1} with {how}"
     if not 0 <= s.index < len(wildtype):
-        raise ValueError(f"{path}:{v.line}: {v.label}: position outside the wild type ({where}, length "
-                         f"{len(wildtype)}); {rows} of {len(variants)} rows disagree; {hint}")
-    raise ValueError(f"{path}:{v.line}: {v.label}: the wild type has {wildtype[s.index]} at that position, not "
-                     f"{s.wt} ({where}); {rows} of {len(variants)} rows disagree; {hint}")
+        raise ValueError(
+            f"{path}:{v.line}: {v.label}: position outside the wild type ({where}, length "
+            f"{len(wildtype)}); {rows} of {len(variants)} rows disagree; {hint}"
+        )
+    raise ValueError(
+        f"{path}:{v.line}: {v.label}: the wild type has {wildtype[s.index]} at that position, not "
+        f"{s.wt} ({where}); {rows} of {len(variants)} rows disagree; {hint}"
+    )
 
 
 def _offset_hint(variants: list[Variant], wildtype: str, offset: int | None) -> str:
@@ -373,14 +446,17 @@ def _offset_hint(variants: list[Variant], wildtype: str, offset: int | None) -> 
     fits = ok.copy()
     fits[ok] = wt[idx[ok]] == letters[ok]
     if fits.any() and not fits.all() and pos[fits].max() < pos[~fits].min():
-        return (f"the rows fit up to site {pos[fits].max()} and none after: numbering with gaps (e.g. Ambler) "
-                f"needs --position-map FILE (scan site -> residue); or {fix}")
+        return (
+            f"the rows fit up to site {pos[fits].max()} and none after: numbering with gaps (e.g. Ambler) "
+            f"needs --position-map FILE (scan site -> residue); or {fix}"
+        )
     return fix
 
 
 @torch.no_grad()
-def site_log_probs(model, wildtype: str, sites, *, max_length: int | None = None,
-                   token_budget: int = 8192) -> dict[int, np.ndarray]:
+def site_log_probs(
+    model, wildtype: str, sites, *, max_length: int | None = None, token_budget: int = 8192
+) -> dict[int, np.ndarray]:
     """{site: log-probabilities [33] at that site with <mask> there}, one packed forward per batch."""
     net = model.net if isinstance(model, EvalModel) else model
     device = next(net.parameters()).device
@@ -390,7 +466,7 @@ def site_log_probs(model, wildtype: str, sites, *, max_length: int | None = None
     inputs, where = [], []
     for i in sites:
         start = 0 if len(ids) <= width else min(max(i - width // 2, 0), len(ids) - width)
-        x = tok.with_specials(ids[start:start + width]).copy()
+        x = tok.with_specials(ids[start : start + width]).copy()
         x[1 + i - start] = tok.MASK
         inputs.append(x)
         where.append(1 + i - start)
@@ -409,8 +485,9 @@ def score_variants(variants: list[Variant], log_probs: Callable[[int], np.ndarra
     """Masked-marginal score of each variant: Σ_sites log p(mut) - log p(wt)."""
     get = log_probs.__getitem__ if isinstance(log_probs, dict) else log_probs
     vocab = {a: i for i, a in enumerate(tok.VOCAB)}
-    return np.array([sum(float(get(s.index)[vocab[s.mt]] - get(s.index)[vocab[s.wt]]) for s in v.subs)
-                     for v in variants])
+    return np.array(
+        [sum(float(get(s.index)[vocab[s.mt]] - get(s.index)[vocab[s.wt]]) for s in v.subs) for v in variants]
+    )
 
 
 def unigram_scores(variants: list[Variant], unigram_logp) -> np.ndarray:
@@ -445,11 +522,14 @@ def merge_duplicates(variants: VariantTable, path: str | Path, *, average: bool)
     if not average:
         g = repeated[0]
         lines = ", ".join(str(v.line) for v in g[:5]) + (", ..." if len(g) > 5 else "")
-        raise ValueError(f"{path}: {counts['variants']} variant"
-                         f"{'s occur' if counts['variants'] != 1 else ' occurs'} more than once ({counts['rows']} extra row{'s' if counts['rows'] != 1 else ''}), e.g. "
-                         f"{g[0].label} on lines {lines}; each row would be its own point in rho: remove the "
-                         f"repeats, or pass --average-duplicates to score each variant once with the mean of its "
-                         f"measured scores")
+        raise ValueError(
+            f"{path}: {counts['variants']} variant"
+            f"{'s occur' if counts['variants'] != 1 else ' occurs'} more than once "
+            f"({counts['rows']} extra row{'s' if counts['rows'] != 1 else ''}), e.g. "
+            f"{g[0].label} on lines {lines}; each row would be its own point in rho: remove the "
+            f"repeats, or pass --average-duplicates to score each variant once with the mean of its "
+            f"measured scores"
+        )
     out = VariantTable()
     for g in groups.values():
         m = np.array([v.measured for v in g], dtype=np.float64)
@@ -463,22 +543,27 @@ def measured_ok(measured: np.ndarray) -> np.ndarray:
     """Mask of the variants with a measured score; at least 3 are needed for a rank correlation."""
     ok = np.isfinite(measured)
     if ok.sum() < 3:
-        raise ValueError(f"need at least 3 variants with a measured score, got {int(ok.sum())} (check "
-                         f"--score-column and that the table's scores are numbers)")
+        raise ValueError(
+            f"need at least 3 variants with a measured score, got {int(ok.sum())} (check "
+            f"--score-column and that the table's scores are numbers)"
+        )
     return ok
 
 
 def spearman(scores: np.ndarray, measured: np.ndarray) -> tuple[float, int]:
     """Spearman rho over variants with a measured value, and how many there were."""
     from scipy.stats import spearmanr
+
     ok = measured_ok(measured)
     return float(spearmanr(scores[ok], measured[ok]).statistic), int(ok.sum())
 
 
-BOOTSTRAP_RESAMPLES = 1000   # paired bootstrap over variants for "model minus random init"
+BOOTSTRAP_RESAMPLES = 1000  # paired bootstrap over variants for "model minus random init"
 
 
-def zeroshot(model, wildtype: str, variants: list[Variant], *, token_budget: int = 8192) -> tuple[np.ndarray, float, int]:
+def zeroshot(
+    model, wildtype: str, variants: list[Variant], *, token_budget: int = 8192
+) -> tuple[np.ndarray, float, int]:
     """Scores, Spearman rho and the number of variants it was computed over."""
     sites = {s.index for v in variants for s in v.subs}
     lp = site_log_probs(model, wildtype, sites, token_budget=token_budget)
@@ -487,20 +572,28 @@ def zeroshot(model, wildtype: str, variants: list[Variant], *, token_budget: int
     return scores, rho, n
 
 
-def spearman_difference(scores_a: np.ndarray, scores_b: np.ndarray, measured: np.ndarray, *,
-                        resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
+def spearman_difference(
+    scores_a: np.ndarray,
+    scores_b: np.ndarray,
+    measured: np.ndarray,
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+) -> dict:
     """rho(A) - rho(B) on the same variants, with a paired bootstrap 95% interval over variants.
     Ranks are taken once on all variants (Spearman = Pearson of ranks) and each resample correlates
     its rows' ranks: exact at the point estimate, and O(n) per resample, so 10^5 variants take seconds."""
     from scipy.stats import rankdata
+
     from plmrun.eval.metrics import bootstrap_interval
+
     ok = measured_ok(measured)
     ranks = [rankdata(x[ok]) for x in (scores_a, scores_b, measured)]
 
     def pearson(x, y):
         x, y = x - x.mean(), y - y.mean()
         den = np.sqrt((x * x).sum() * (y * y).sum())
-        return (x * y).sum() / den if den > 0 else np.nan   # nan (constant resample) is dropped by the helper
+        return (x * y).sum() / den if den > 0 else np.nan  # nan (constant resample) is dropped by the helper
 
     d, lo, hi = bootstrap_interval(ranks, lambda a, b, m: pearson(a, m) - pearson(b, m), n=resamples, seed=seed)
     return {"diff": d, "ci95": [lo, hi], "resamples": resamples}
@@ -510,50 +603,77 @@ def read_wildtype(arg: str) -> str:
     """A sequence, or a FASTA file with exactly one record."""
     if Path(arg).is_file():
         from plmrun.eval.embed import read_fasta
+
         records = read_fasta(arg)
         if len(records) != 1:
             names = ", ".join(r for r, _ in records[:5]) + (", ..." if len(records) > 5 else "")
-            raise ValueError(f"{arg}: expected one wild-type record, found {len(records)} ({names}); keep only "
-                             f"the scanned protein's record, or pass its sequence as --wildtype")
+            raise ValueError(
+                f"{arg}: expected one wild-type record, found {len(records)} ({names}); keep only "
+                f"the scanned protein's record, or pass its sequence as --wildtype"
+            )
         return records[0][1]
     if any(c in arg for c in "/\\.") or arg.lower().endswith(("fasta", "fa", "faa")):
         raise ValueError(f"--wildtype {arg}: no such file; give a FASTA file with one record or the sequence itself")
     seq = arg.strip().upper()
     bad = sorted(set(seq) - AMINO_ACIDS - NONSTANDARD)
     if not seq or bad:
-        raise ValueError(f"--wildtype {arg[:20]!r}: not a file and not a protein sequence"
-                         + (f" (letters {''.join(bad)})" if bad else ""))
+        raise ValueError(
+            f"--wildtype {arg[:20]!r}: not a file and not a protein sequence"
+            + (f" (letters {''.join(bad)})" if bad else "")
+        )
     return seq
 
 
 # ---------------------------------------------------------------- CLI
 def add_zeroshot_command(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("zeroshot", help="zero-shot variant effects vs a DMS assay (Spearman rho)",
-                              description="Masked-marginal scores of the substitutions in a DMS table (CSV or "
-                                          "TSV, ProteinGym or MaveDB style); deletions, insertions, stops and "
-                                          "synonymous rows are skipped with a count (--strict: refused).")
+    p = subparsers.add_parser(
+        "zeroshot",
+        help="zero-shot variant effects vs a DMS assay (Spearman rho)",
+        description="Masked-marginal scores of the substitutions in a DMS table (CSV or "
+        "TSV, ProteinGym or MaveDB style); deletions, insertions, stops and "
+        "synonymous rows are skipped with a count (--strict: refused).",
+    )
     p.add_argument("model", help="run directory, checkpoint, EsmForMaskedLM folder or hub name")
     p.add_argument("--dms", required=True, help="CSV/TSV file with one variant per row")
     p.add_argument("--wildtype", required=True, help="wild-type sequence, or a FASTA file with one record")
-    p.add_argument("--mutant-column", default="mutant",
-                   help="column with mutants like A42G, A42G:L50P or p.Ala42Gly (MaveDB: hgvs_pro)")
+    p.add_argument(
+        "--mutant-column",
+        default="mutant",
+        help="column with mutants like A42G, A42G:L50P or p.Ala42Gly (MaveDB: hgvs_pro)",
+    )
     p.add_argument("--score-column", default="DMS_score", help="column with the measured scores (MaveDB: score)")
     p.add_argument("--wt-column", help="instead of --mutant-column: wild-type letter column")
     p.add_argument("--pos-column", help="... position column")
     p.add_argument("--mut-column", help="... mutant letter column")
-    p.add_argument("--offset", type=int, default=1,
-                   help="number of the first wild-type residue in the mutant positions (default 1: 1-based)")
-    p.add_argument("--position-map", metavar="FILE",
-                   help="two-column table: site label in the scan (e.g. 238, 100A) -> 1-based residue of the "
-                        "wild type, for numbering with gaps (Ambler) or insertion codes; replaces --offset")
-    p.add_argument("--strict", action="store_true",
-                   help="fail on the first row that is no substitution instead of skipping it with a count")
-    p.add_argument("--average-duplicates", action="store_true",
-                   help="score a variant that occurs on several rows (in any notation or order) once, with the "
-                        "mean of its measured scores, and print how many were merged (default: refuse the table)")
-    p.add_argument("--random-init-control", action="store_true",
-                   help="also score the same architecture untrained (torch seed 0) and report model minus "
-                        "control with a paired bootstrap 95%% interval over variants")
+    p.add_argument(
+        "--offset",
+        type=int,
+        default=1,
+        help="number of the first wild-type residue in the mutant positions (default 1: 1-based)",
+    )
+    p.add_argument(
+        "--position-map",
+        metavar="FILE",
+        help="two-column table: site label in the scan (e.g. 238, 100A) -> 1-based residue of the "
+        "wild type, for numbering with gaps (Ambler) or insertion codes; replaces --offset",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail on the first row that is no substitution instead of skipping it with a count",
+    )
+    p.add_argument(
+        "--average-duplicates",
+        action="store_true",
+        help="score a variant that occurs on several rows (in any notation or order) once, with the "
+        "mean of its measured scores, and print how many were merged (default: refuse the table)",
+    )
+    p.add_argument(
+        "--random-init-control",
+        action="store_true",
+        help="also score the same architecture untrained (torch seed 0) and report model minus "
+        "control with a paired bootstrap 95%% interval over variants",
+    )
     add_window_flags(p, longer="a longer wild type is scored in a window centred on each site")
     p.add_argument("--out", help="write line, mutant, measured and score per variant to this CSV")
     p.add_argument("--json", help="write the summary (rho, counts, skipped rows per kind, control) to this JSON file")
@@ -574,7 +694,9 @@ def _check_args(args) -> None:
         if path:
             check_output_file(path, reads, flag=flag, error=ValueError)
         if path and not Path(path).resolve().parent.is_dir():
-            raise ValueError(f"{flag} {path}: folder {Path(path).parent} does not exist; create it or choose another path")
+            raise ValueError(
+                f"{flag} {path}: folder {Path(path).parent} does not exist; create it or choose another path"
+            )
 
 
 def _run(args) -> int:
@@ -582,59 +704,89 @@ def _run(args) -> int:
         _check_args(args)
         wildtype = read_wildtype(args.wildtype)
         position_map = read_position_map(args.position_map) if args.position_map else None
-        variants = read_dms(args.dms, score_column=args.score_column, mutant_column=args.mutant_column,
-                            wt_column=args.wt_column, pos_column=args.pos_column, mut_column=args.mut_column,
-                            offset=args.offset, position_map=position_map, strict=args.strict)
+        variants = read_dms(
+            args.dms,
+            score_column=args.score_column,
+            mutant_column=args.mutant_column,
+            wt_column=args.wt_column,
+            pos_column=args.pos_column,
+            mut_column=args.mut_column,
+            offset=args.offset,
+            position_map=position_map,
+            strict=args.strict,
+        )
         check_wildtype(variants, wildtype, args.dms, offset=None if position_map else args.offset)
         variants, duplicates = merge_duplicates(variants, args.dms, average=args.average_duplicates)
         measured = np.array([v.measured for v in variants])
-        measured_ok(measured)   # enough scores, before the model loads
+        measured_ok(measured)  # enough scores, before the model loads
         model = load_eval_model(args.model, device=resolve_device(args.device), max_length=args.max_length)
         scores, rho, n = zeroshot(model, wildtype, variants, token_budget=args.token_budget)
-        unigram, unigram_source = unigram_baseline(run_dir_of(args.model),
-                                                   InMemorySequences([tok.encode(wildtype)]))
+        unigram, unigram_source = unigram_baseline(run_dir_of(args.model), InMemorySequences([tok.encode(wildtype)]))
         u_scores = unigram_scores(variants, unigram.numpy())
         u_rho, _ = spearman(u_scores, measured)
         u_diff = spearman_difference(scores, u_scores, measured)
         control = None
         if args.random_init_control:
             c_scores, c_rho, _ = zeroshot(model.random_init(0), wildtype, variants, token_budget=args.token_budget)
-            control = {"seed": 0, "spearman": c_rho,
-                       "model_minus_random_init": spearman_difference(scores, c_scores, measured)}
+            control = {
+                "seed": 0,
+                "spearman": c_rho,
+                "model_minus_random_init": spearman_difference(scores, c_scores, measured),
+            }
     except ValueError as e:
         raise EvalError(f"zeroshot: {e}") from None
     if args.out:
         with open(args.out, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["line", "mutant", "measured", "score", "unigram_score"]
-                       + (["random_init_score"] if control else []))
+            w.writerow(
+                ["line", "mutant", "measured", "score", "unigram_score"] + (["random_init_score"] if control else [])
+            )
             for k, (v, s) in enumerate(zip(variants, scores)):
-                w.writerow([v.line, v.label, v.measured, f"{s:.6f}", f"{u_scores[k]:.6f}"]
-                           + ([f"{c_scores[k]:.6f}"] if control else []))
+                w.writerow(
+                    [v.line, v.label, v.measured, f"{s:.6f}", f"{u_scores[k]:.6f}"]
+                    + ([f"{c_scores[k]:.6f}"] if control else [])
+                )
     n_sites = len({s.index for v in variants for s in v.subs})
     print(f"{args.dms}: Spearman rho = {rho:.4f} over {n} variants ({n_sites} sites scored, model {args.model})")
     skipped = {**variants.skipped, **count_unmeasured(variants)}
     strict = "them" if skipped == variants.skipped else "the rows that are no substitution"
     print(format_skipped(skipped) + ("" if not variants.skipped else f" (--strict refuses {strict} instead)"))
     if duplicates["variants"]:
-        print(f"duplicates: {duplicates['rows']} repeated rows averaged into {duplicates['variants']} variants "
-              f"(--average-duplicates)")
-    where = ({"training-split": f"the training split's residue frequencies, {run_dir_of(args.model)}/unigram.json",
-              "eval-data": "the wild type's own residue frequencies; the model has no run with unigram.json"}
-             [unigram_source])
-    print(f"site-independent baseline ({where}): Spearman rho = {u_rho:.4f}; model - baseline = "
-          f"{u_diff['diff']:+.4f}, 95% CI [{u_diff['ci95'][0]:+.4f}, {u_diff['ci95'][1]:+.4f}]")
+        print(
+            f"duplicates: {duplicates['rows']} repeated rows averaged into {duplicates['variants']} variants "
+            f"(--average-duplicates)"
+        )
+    where = {
+        "training-split": f"the training split's residue frequencies, {run_dir_of(args.model)}/unigram.json",
+        "eval-data": "the wild type's own residue frequencies; the model has no run with unigram.json",
+    }[unigram_source]
+    print(
+        f"site-independent baseline ({where}): Spearman rho = {u_rho:.4f}; model - baseline = "
+        f"{u_diff['diff']:+.4f}, 95% CI [{u_diff['ci95'][0]:+.4f}, {u_diff['ci95'][1]:+.4f}]"
+    )
     if control:
         d = control["model_minus_random_init"]
-        print(f"random init (same architecture, torch seed 0): Spearman rho = {control['spearman']:.4f}; "
-              f"model - random init = {d['diff']:+.4f}, 95% CI [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] "
-              f"(paired bootstrap over the {n} variants, {d['resamples']} resamples)")
+        print(
+            f"random init (same architecture, torch seed 0): Spearman rho = {control['spearman']:.4f}; "
+            f"model - random init = {d['diff']:+.4f}, 95% CI [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] "
+            f"(paired bootstrap over the {n} variants, {d['resamples']} resamples)"
+        )
     if args.json:
-        summary = {"dms": str(args.dms), "model": args.model, "spearman": rho, "n_variants": n,
-                   "n_rows_scored": len(variants), "n_sites": n_sites, "skipped": skipped,
-                   "duplicates": {**duplicates, "policy": "averaged" if args.average_duplicates else "refused"},
-                   "unigram_spearman": u_rho, "unigram_source": unigram_source, "model_minus_unigram": u_diff,
-                   "position_map": args.position_map, "offset": None if args.position_map else args.offset}
+        summary = {
+            "dms": str(args.dms),
+            "model": args.model,
+            "spearman": rho,
+            "n_variants": n,
+            "n_rows_scored": len(variants),
+            "n_sites": n_sites,
+            "skipped": skipped,
+            "duplicates": {**duplicates, "policy": "averaged" if args.average_duplicates else "refused"},
+            "unigram_spearman": u_rho,
+            "unigram_source": unigram_source,
+            "model_minus_unigram": u_diff,
+            "position_map": args.position_map,
+            "offset": None if args.position_map else args.offset,
+        }
         if control:
             summary["random_init"] = control
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")

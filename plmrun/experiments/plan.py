@@ -9,6 +9,7 @@ Activations are an estimate of the tensors autograd saves per token (see `activa
 scale with the micro-batch token budget. 10% of the card is held back for the CUDA context, NCCL
 buffers and allocator fragmentation. Measure a real run with torch.cuda.max_memory_allocated.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,10 +29,10 @@ class Estimate:
     params: float
     grads: float
     optimizer: float
-    working: float          # DDP: gradient buckets + autocast weight copies; FSDP2: unsharded blocks and root
-    act_per_token: float    # activation bytes per token of the micro-batch, without checkpointing
+    working: float  # DDP: gradient buckets + autocast weight copies; FSDP2: unsharded blocks and root
+    act_per_token: float  # activation bytes per token of the micro-batch, without checkpointing
     act_per_token_ckpt: float
-    act_fixed_ckpt: float   # with checkpointing: one block's activations during recompute (per token)
+    act_fixed_ckpt: float  # with checkpointing: one block's activations during recompute (per token)
 
     @property
     def states(self) -> float:
@@ -57,6 +58,7 @@ def parameter_counts(cfg: Config) -> dict[str, int]:
 def _counts(model_items: tuple) -> dict[str, int]:
     from plmrun.model.config import ModelConfig
     from plmrun.model.registry import build_model
+
     with torch.device("meta"):
         model = build_model(ModelConfig(**dict(model_items)))
     counts = {"hidden": 0, "embed": 0, "head": 0, "scalar": 0}
@@ -93,7 +95,7 @@ def estimate(cfg: Config, gpus: int, strategy: str, *, bf16: bool = True) -> Est
     per_block, outside = activation_bytes(cfg, half)
     L = cfg.model.num_layers
     act = L * per_block + outside
-    act_ckpt = L * 4 * cfg.model.hidden_size + outside   # block inputs only
+    act_ckpt = L * 4 * cfg.model.hidden_size + outside  # block inputs only
     if strategy == "ddp":
         working = 4 * P * (gpus > 1) + (half * P if bf16 else 0)
         return Estimate(4 * P, 4 * P, opt, working, act, act_ckpt, per_block)
@@ -111,16 +113,22 @@ def plan_table(cfg: Config, gpus: int, gpu_mem_gb: float, *, name: str = "") -> 
     n = parameter_counts(cfg)
     T = cfg.data.token_budget
     est = {s: estimate(cfg, gpus, s, bf16=bf16) for s in ("ddp", "fsdp")}
-    lines = [f"plan {name}: {n['total'] / 1e9:.3f}B parameters ({n['hidden'] / 1e9:.3f}B in hidden matrices), "
-             f"{gpus} GPU(s) × {gpu_mem_gb:g} GB, {'bf16 autocast' if bf16 else 'fp32'}, {cfg.optim.optimizer}, "
-             f"micro-batch {T} tokens per GPU",
-             f"{'per GPU, GB':<44}{'DDP':>9}{'FSDP2':>10}"]
-    rows = [("params (fp32 master)", lambda e: e.params), ("grads (fp32)", lambda e: e.grads),
-            ("optimizer states", lambda e: e.optimizer),
-            ("working set (DDP buckets / FSDP2 unsharded)", lambda e: e.working),
-            (f"activations @ {T} tokens", lambda e: e.act_per_token * T),
-            (f"activations @ {T} tokens, checkpointed", lambda e: (e.act_per_token_ckpt + e.act_fixed_ckpt) * T),
-            ("total", lambda e: e.total(T, False)), ("total, checkpointed", lambda e: e.total(T, True))]
+    lines = [
+        f"plan {name}: {n['total'] / 1e9:.3f}B parameters ({n['hidden'] / 1e9:.3f}B in hidden matrices), "
+        f"{gpus} GPU(s) × {gpu_mem_gb:g} GB, {'bf16 autocast' if bf16 else 'fp32'}, {cfg.optim.optimizer}, "
+        f"micro-batch {T} tokens per GPU",
+        f"{'per GPU, GB':<44}{'DDP':>9}{'FSDP2':>10}",
+    ]
+    rows = [
+        ("params (fp32 master)", lambda e: e.params),
+        ("grads (fp32)", lambda e: e.grads),
+        ("optimizer states", lambda e: e.optimizer),
+        ("working set (DDP buckets / FSDP2 unsharded)", lambda e: e.working),
+        (f"activations @ {T} tokens", lambda e: e.act_per_token * T),
+        (f"activations @ {T} tokens, checkpointed", lambda e: (e.act_per_token_ckpt + e.act_fixed_ckpt) * T),
+        ("total", lambda e: e.total(T, False)),
+        ("total, checkpointed", lambda e: e.total(T, True)),
+    ]
     for label, f in rows:
         lines.append(f"{label:<44}{_gb(f(est['ddp']))} {_gb(f(est['fsdp']))}")
     longest = max(n for _, n in max_length_phases(cfg.data))  # a crop schedule's longest phase must fit
@@ -137,9 +145,12 @@ def plan_table(cfg: Config, gpus: int, gpu_mem_gb: float, *, name: str = "") -> 
 
 
 def add_plan_command(sub) -> None:
-    p = sub.add_parser("plan", help="per-GPU memory for DDP vs FSDP2 and the largest micro-batch that fits",
-                       description="Estimate per-GPU memory of a config (params, grads, optimizer states, "
-                                   "activations with and without checkpointing) under DDP and FSDP2.")
+    p = sub.add_parser(
+        "plan",
+        help="per-GPU memory for DDP vs FSDP2 and the largest micro-batch that fits",
+        description="Estimate per-GPU memory of a config (params, grads, optimizer states, "
+        "activations with and without checkpointing) under DDP and FSDP2.",
+    )
     p.add_argument("--config", required=True, help="YAML config file or shipped config name")
     p.add_argument("--gpus", type=int, default=8, help="number of GPUs (data-parallel ranks)")
     p.add_argument("--gpu-mem", type=float, default=80.0, help="memory per GPU in GB")
@@ -148,6 +159,7 @@ def add_plan_command(sub) -> None:
 
 def _cmd_plan(args: argparse.Namespace, overrides) -> int:
     from plmrun.config import ConfigError, build_config
+
     if args.gpus < 1 or args.gpu_mem <= 0:
         raise ConfigError("--gpus must be >= 1 and --gpu-mem > 0")
     cfg = build_config(args.config, overrides)

@@ -8,6 +8,7 @@ Secrets come from the environment (HF_TOKEN is inherited as is), or for the W&B 
 asked once before anything runs when stdin is a terminal; they never come from YAML (the config rejects unknown keys)
 and are never written to logs. Without a terminal nothing ever waits for input.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,12 +20,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 
 def collect(paths: list[str]) -> list[Path]:
     """YAML files from files and directories (a directory's *.yaml / *.yml, sorted), in the order given."""
     from plmrun.config import ConfigError
+
     out = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -38,7 +39,7 @@ def collect(paths: list[str]) -> list[Path]:
     return out
 
 
-def get_secret(name: str, why: str) -> Optional[str]:
+def get_secret(name: str, why: str) -> str | None:
     """The environment's value, else a hidden prompt when stdin is a terminal, else None (never blocks)."""
     if os.environ.get(name):
         return os.environ[name]
@@ -50,12 +51,21 @@ def get_secret(name: str, why: str) -> Optional[str]:
 
 def default_nproc() -> int:
     import torch
+
     return torch.cuda.device_count() if torch.cuda.is_available() else 1
 
 
 def launch_command(config: Path, name: str, run_root: Path, nproc: int) -> list[str]:
-    train = ["-m", "plmrun.cli", "train", "--config", str(config), f"--logging.name={name}",
-             f"--logging.run_root={run_root}", "--logging.progress=false"]
+    train = [
+        "-m",
+        "plmrun.cli",
+        "train",
+        "--config",
+        str(config),
+        f"--logging.name={name}",
+        f"--logging.run_root={run_root}",
+        "--logging.progress=false",
+    ]
     if nproc > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *train]
     return [sys.executable, *train]
@@ -66,12 +76,17 @@ def _result(run_dir: Path) -> dict:
     val = (s.get("final_full_val") or s.get("final_val") or {}).get("loss")
     ttt = s.get("time_to_target") or {}
     best = min(ttt, key=float) if ttt else None  # the lowest loss reached
-    return {"val_loss": val, "tok_per_s": s.get("tok_per_s"), "steps": s.get("steps"),
-            "time_to_target": f"{best} @ {ttt[best]['train_time_s']:.1f}s" if best else None}
+    return {
+        "val_loss": val,
+        "tok_per_s": s.get("tok_per_s"),
+        "steps": s.get("steps"),
+        "time_to_target": f"{best} @ {ttt[best]['train_time_s']:.1f}s" if best else None,
+    }
 
 
 def run_sweep(paths: list[str], run_root: Path, nproc: int) -> list[dict]:
     from plmrun.config import ConfigError, build_config
+
     run_root.mkdir(parents=True, exist_ok=True)
     plan = []
     for path in collect(paths):
@@ -91,8 +106,10 @@ def run_sweep(paths: list[str], run_root: Path, nproc: int) -> list[dict]:
         else:
             for r in plan:
                 if r.get("wandb") and r["status"] == "pending":
-                    r["status"] = ("skipped: WANDB_API_KEY is not set and there is no terminal to ask"
-                                   " (export it, or WANDB_MODE=offline)")
+                    r["status"] = (
+                        "skipped: WANDB_API_KEY is not set and there is no terminal to ask"
+                        " (export it, or WANDB_MODE=offline)"
+                    )
     for row in plan:
         if row["status"] != "pending":
             print(f"sweep: {row['experiment']}: {row['status']}", flush=True)
@@ -124,18 +141,28 @@ def run_sweep(paths: list[str], run_root: Path, nproc: int) -> list[dict]:
 
 def summary_table(rows: list[dict]) -> str:
     head = ("experiment", "status", "val loss", "time-to-target", "tok/s")
-    body = [(r["experiment"], r["status"] if len(r["status"]) <= 60 else r["status"][:57] + "...",
-             f"{r['val_loss']:.4f}" if r.get("val_loss") is not None else "-", r.get("time_to_target") or "-",
-             f"{r['tok_per_s']:,.0f}" if r.get("tok_per_s") else "-") for r in rows]
+    body = [
+        (
+            r["experiment"],
+            r["status"] if len(r["status"]) <= 60 else r["status"][:57] + "...",
+            f"{r['val_loss']:.4f}" if r.get("val_loss") is not None else "-",
+            r.get("time_to_target") or "-",
+            f"{r['tok_per_s']:,.0f}" if r.get("tok_per_s") else "-",
+        )
+        for r in rows
+    ]
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
     return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, body)])
 
 
 def add_sweep_command(sub) -> None:
-    p = sub.add_parser("sweep", help="run experiment YAMLs one after another and summarise them",
-                       description="Run each experiment YAML (files or directories of them) with `plmrun train`, "
-                                   "continuing past failures, and print a summary table.")
+    p = sub.add_parser(
+        "sweep",
+        help="run experiment YAMLs one after another and summarise them",
+        description="Run each experiment YAML (files or directories of them) with `plmrun train`, "
+        "continuing past failures, and print a summary table.",
+    )
     p.add_argument("paths", nargs="+", metavar="DIR_OR_FILE", help="experiment YAMLs or directories of them")
     p.add_argument("--run-root", help="where the runs go (default: runs/sweep-<timestamp>; reuse it to continue)")
     p.add_argument("--nproc", type=int, default=None, help="processes per experiment (default: visible GPUs, or 1)")
@@ -144,6 +171,7 @@ def add_sweep_command(sub) -> None:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from plmrun.config import ConfigError
+
     nproc = args.nproc if args.nproc is not None else default_nproc()
     if nproc < 1:
         raise ConfigError("--nproc must be >= 1")

@@ -1,4 +1,5 @@
 """`plmrun finetune`'s parser, kept apart from the training code so building the CLI imports none of it."""
+
 from __future__ import annotations
 
 import json
@@ -12,13 +13,16 @@ from .config import FinetuneConfig
 
 def add_finetune_command(subparsers) -> None:
     p = subparsers.add_parser(
-        "finetune", help="LoRA or full fine-tuning on a labelled table, reported beside the frozen probe",
+        "finetune",
+        help="LoRA or full fine-tuning on a labelled table, reported beside the frozen probe",
         description="Fine-tune MODEL on a bundled probe task (" + ", ".join(TASKS) + ") or a CSV/TSV table. "
-                    "Settings: --config FILE (YAML) and --key value flags (e.g. --method full --max-steps 100); "
-                    "keys: " + ", ".join(f.name.replace("_", "-") for f in fields(FinetuneConfig)) +
-                    " (each explained in plmrun/finetune/config.py). Rerunning the same command continues its run; "
-                    "under torchrun the ranks train with DDP. "
-                    "Exit status: 0 finished, 2 error, 143/130 stopped by SIGTERM/SIGINT with a checkpoint saved.")
+        "Settings: --config FILE (YAML) and --key value flags (e.g. --method full --max-steps 100); "
+        "keys: "
+        + ", ".join(f.name.replace("_", "-") for f in fields(FinetuneConfig))
+        + " (each explained in plmrun/finetune/config.py). Rerunning the same command continues its run; "
+        "under torchrun the ranks train with DDP. "
+        "Exit status: 0 finished, 2 error, 143/130 stopped by SIGTERM/SIGINT with a checkpoint saved.",
+    )
     p.add_argument("model", nargs="?", help="run directory, checkpoint, model folder, HF folder or Hub name")
     p.add_argument("--config", help="YAML file of finetune keys")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
@@ -29,17 +33,20 @@ def add_finetune_command(subparsers) -> None:
 def _run(args, overrides) -> int:
     from plmrun.eval.probe import format_table
     from plmrun.train.parallelize import leave_distributed
+
     from .config import build
     from .run import finetune
+
     if args.out:
         from plmrun.outputs import check_output_file, model_inputs
+
         check_output_file(args.out, [*model_inputs(args.model), args.config])
     cfg = build(args.model, args.config, overrides)
     try:
         result = finetune(cfg, device=args.device)
     finally:
         leave_distributed()
-    if result["exit_code"] or "tasks" not in result:   # stopped, or a torchrun rank other than 0
+    if result["exit_code"] or "tasks" not in result:  # stopped, or a torchrun rank other than 0
         return result["exit_code"]
     print(format_table(result))
     if args.out:

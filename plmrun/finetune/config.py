@@ -1,10 +1,11 @@
 """`plmrun finetune` settings: one typed dataclass, read from YAML and `--key value` flags, checked in
 `validate` (the one place), each problem one ConfigError line naming the key."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import yaml
 
@@ -62,7 +63,10 @@ class FinetuneConfig:
     grad_accum: int = 1
     "Micro-batches per rank per step (torchrun: world size × grad_accum bins make one step's batch)."
     max_time: float = 0.0
-    "Wall-clock budget in seconds for training and validation, across resumes (0 = none): when spent, the run validates, checkpoints and finishes."
+    (
+        "Wall-clock budget in seconds for training and validation, across resumes (0 = none): when spent, the run "
+        "validates, checkpoints and finishes."
+    )
     progress: bool = False
     "Show a progress bar instead of a line every 10 steps."
     tensorboard: bool = False
@@ -80,7 +84,10 @@ class FinetuneConfig:
     drop_bad_labels: bool = False
     "Table: drop rows whose label is missing (empty, NA, nan) and print how many; off: refuse them, naming their lines."
     drop_leaks: bool = False
-    "Table: drop valid/test rows whose sequence is also in an earlier split (train, then valid) and print how many; off: refuse the leak, naming the lines."
+    (
+        "Table: drop valid/test rows whose sequence is also in an earlier split (train, then valid) and print how "
+        "many; off: refuse the leak, naming the lines."
+    )
 
 
 def to_dict(cfg: FinetuneConfig) -> dict:
@@ -98,7 +105,7 @@ def apply(cfg: FinetuneConfig, values: dict, where: str) -> FinetuneConfig:
     return cfg
 
 
-def build(model: Optional[str], config_file: Optional[str], flags: list[str]) -> FinetuneConfig:
+def build(model: str | None, config_file: str | None, flags: list[str]) -> FinetuneConfig:
     """Defaults, then the YAML file, then the flags, then MODEL; validated."""
     cfg = FinetuneConfig()
     if config_file:
@@ -117,9 +124,11 @@ def build(model: Optional[str], config_file: Optional[str], flags: list[str]) ->
 
 def validate(cfg: FinetuneConfig) -> FinetuneConfig:
     """Every range and cross-field rule, one line each (the one validation place)."""
+
     def check(ok: bool, msg: str) -> None:
         if not ok:
             raise ConfigError(f"finetune: {msg}")
+
     check(bool(cfg.model), "no model: give MODEL (a run directory, model folder or Hub name)")
     check(cfg.lora_rank >= 1, f"lora_rank {cfg.lora_rank}: must be >= 1")
     check(cfg.lora_alpha > 0, f"lora_alpha {cfg.lora_alpha}: must be > 0")
@@ -130,10 +139,14 @@ def validate(cfg: FinetuneConfig) -> FinetuneConfig:
     check(cfg.max_steps >= 1, f"max_steps {cfg.max_steps}: must be >= 1")
     check(cfg.eval_every >= 1, f"eval_every {cfg.eval_every}: must be >= 1")
     check(cfg.patience >= 0, f"patience {cfg.patience}: must be >= 0 (0 = never stop early)")
-    check(cfg.max_length == 0 or cfg.max_length >= 3,
-          f"max_length {cfg.max_length}: must be >= 3 (<cls>, a residue, <eos>) or 0 (whole sequences)")
-    check(cfg.max_length == 0 or cfg.token_budget >= cfg.max_length,
-          f"token_budget {cfg.token_budget} is below max_length {cfg.max_length}: raise it or lower max_length")
+    check(
+        cfg.max_length == 0 or cfg.max_length >= 3,
+        f"max_length {cfg.max_length}: must be >= 3 (<cls>, a residue, <eos>) or 0 (whole sequences)",
+    )
+    check(
+        cfg.max_length == 0 or cfg.token_budget >= cfg.max_length,
+        f"token_budget {cfg.token_budget} is below max_length {cfg.max_length}: raise it or lower max_length",
+    )
     check(cfg.max_train >= 2, f"max_train {cfg.max_train}: must be >= 2")
     check(cfg.max_valid >= 1, f"max_valid {cfg.max_valid}: must be >= 1")
     check(cfg.max_test >= 1, f"max_test {cfg.max_test}: must be >= 1")

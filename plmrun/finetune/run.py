@@ -13,6 +13,7 @@ frozen model's logistic probe (probe's own code) beside the fine-tuned model, pa
 items. The LoRA weights are merged and the model is written as a saved model (RUN/model) and a
 Hugging Face folder (RUN/hf, `plmrun export`'s writer).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,6 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -34,17 +34,17 @@ from plmrun import checkpoint as ckpt
 from plmrun import tokenizer as tok
 from plmrun.config import Config, LoggingConfig, ModelConfig, OptimConfig, TrainConfig
 from plmrun.data.packing import PackedBatch, PackingPlan, pack, pack_tokens
+from plmrun.errors import PlmrunError
 from plmrun.eval.inference import EvalModel, WindowAverage, load_eval_model, window_batches
 from plmrun.eval.probe import TASKS, Task, fit_and_score, model_features, paired_difference, score_row
-from plmrun.optim.build import Optimizers
-from plmrun.errors import PlmrunError
 from plmrun.manifest import follow_umask
+from plmrun.optim.build import Optimizers
 from plmrun.train.checkpointer import Checkpointer
 from plmrun.train.parallelize import init_distributed
+from plmrun.train.peak import stable_peak
 from plmrun.train.rundir import MetricsLog, RunLock, claim_run_dir, truncate_metrics, write_json_atomic
 from plmrun.train.state import TrainState
 from plmrun.train.stopping import StopFlag, StopReason
-from plmrun.train.peak import stable_peak
 from plmrun.train.trainer import Trainer, from_rank0, run_to_end
 
 from .config import FinetuneConfig, to_dict
@@ -98,7 +98,7 @@ def build_task_model(cfg: FinetuneConfig, data: FinetuneData, device) -> tuple[n
     check_position_limit(data, cfg, loaded.config.arch)
     torch.manual_seed(cfg.seed)
     model = TaskModel(loaded.net, data.num_outputs, data.per_residue).to(device)
-    for name, p in model.net.named_parameters():   # the MLM head gets no gradient from the task: frozen
+    for name, p in model.net.named_parameters():  # the MLM head gets no gradient from the task: frozen
         if name.startswith(model.net.head_prefixes):
             p.requires_grad_(False)
     if cfg.method == "full":
@@ -106,17 +106,21 @@ def build_task_model(cfg: FinetuneConfig, data: FinetuneData, device) -> tuple[n
     names = {n.rsplit(".", 1)[-1] for n, m in model.net.named_modules() if isinstance(m, nn.Linear)}
     missing = [t for t in cfg.lora_targets if t not in names]
     if missing:
-        raise FinetuneError(f"finetune: lora_targets {missing} are not linear layers of {cfg.model} "
-                            f"(its linear layers: {', '.join(sorted(names))})")
+        raise FinetuneError(
+            f"finetune: lora_targets {missing} are not linear layers of {cfg.model} "
+            f"(its linear layers: {', '.join(sorted(names))})"
+        )
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        raise FinetuneError("finetune: method lora needs peft (pip install 'plmrun[finetune]'), or use "
-                            "--method full") from None
+        raise FinetuneError(
+            "finetune: method lora needs peft (pip install 'plmrun[finetune]'), or use --method full"
+        ) from None
     pattern = r"net\..*\.(" + "|".join(cfg.lora_targets) + r")$"
-    peft_model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                                  target_modules=pattern))
-    for p in model.task_head.parameters():   # peft freezes all but the adapters
+    peft_model = get_peft_model(
+        model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=pattern)
+    )
+    for p in model.task_head.parameters():  # peft freezes all but the adapters
         p.requires_grad_(True)
     return peft_model, loaded
 
@@ -127,17 +131,34 @@ def _task_model(model: nn.Module) -> TaskModel:
 
 def build_optimizers(model: nn.Module, cfg: FinetuneConfig) -> Optimizers:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [dict(params=[p for _, p in named if (p.ndim >= 2) == decay], name=name, base_lr=cfg.lr, lr=cfg.lr,
-                   weight_decay=cfg.weight_decay if decay else 0.0)
-              for decay, name in ((True, "adamw"), (False, "adamw_no_decay"))]
-    return Optimizers([torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.98))], _optim_config(cfg),
-                      cfg.max_steps, model)
+    groups = [
+        dict(
+            params=[p for _, p in named if (p.ndim >= 2) == decay],
+            name=name,
+            base_lr=cfg.lr,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay if decay else 0.0,
+        )
+        for decay, name in ((True, "adamw"), (False, "adamw_no_decay"))
+    ]
+    return Optimizers(
+        [torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.98))],
+        _optim_config(cfg),
+        cfg.max_steps,
+        model,
+    )
 
 
 def _optim_config(cfg: FinetuneConfig) -> OptimConfig:
     """AdamW, linear warm-up then a constant LR."""
-    return OptimConfig(optimizer="adamw", lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay,
-                       schedule="constant", warmup=float(cfg.warmup))
+    return OptimConfig(
+        optimizer="adamw",
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+        weight_decay=cfg.weight_decay,
+        schedule="constant",
+        warmup=float(cfg.warmup),
+    )
 
 
 # ------------------------------------------------------------------ scoring
@@ -162,7 +183,7 @@ def predict(model: nn.Module, seqs: list[str], per_residue: bool, width: int, to
         offset = 0
         for k, w in enumerate(batch):
             if per_residue:
-                r = average.add(w, out[offset:offset + w.residues])
+                r = average.add(w, out[offset : offset + w.residues])
                 offset += w.residues
             else:
                 r = average.add(w, out[k])
@@ -189,8 +210,9 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     try:
         from scipy.stats import spearmanr
     except ImportError:
-        raise FinetuneError("finetune: a regression task is scored by Spearman's rho, which needs scipy "
-                            "(pip install 'plmrun[probe]')") from None
+        raise FinetuneError(
+            "finetune: a regression task is scored by Spearman's rho, which needs scipy (pip install 'plmrun[probe]')"
+        ) from None
     if np.ptp(a) == 0 or np.ptp(b) == 0:
         return 0.0
     return float(spearmanr(a, b).statistic)
@@ -206,13 +228,18 @@ def metric_name(data: FinetuneData) -> str:
 def open_run_dir(cfg: FinetuneConfig) -> tuple[Path, RunLock]:
     """RUN_ROOT/NAME: created, or reopened when it holds the same config and has not finished (rundir's rule)."""
     path = Path(cfg.run_root) / (cfg.name or f"{Path(cfg.task).name.split('.')[0]}-{cfg.method}")
-    claim_run_dir(path, yaml.safe_dump(to_dict(cfg), sort_keys=False), rerun="rerun with that config to continue it",
-                  name_flag="--name")
+    claim_run_dir(
+        path,
+        yaml.safe_dump(to_dict(cfg), sort_keys=False),
+        rerun="rerun with that config to continue it",
+        name_flag="--name",
+    )
     return path, RunLock(path)
 
 
 def _save_weights(model: nn.Module, file: Path) -> None:
     from safetensors.torch import save_file
+
     tmp = file.with_name(file.name + ".tmp")
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}, str(tmp))
     follow_umask(tmp)
@@ -221,6 +248,7 @@ def _save_weights(model: nn.Module, file: Path) -> None:
 
 def _load_weights(model: nn.Module, file: Path) -> None:
     from safetensors.torch import load_file
+
     model.load_state_dict(load_file(str(file)), strict=True)
 
 
@@ -229,7 +257,7 @@ def finetune(cfg: FinetuneConfig, *, device: str = "cpu", log=None) -> dict:
     """Train (or continue) the run of `cfg` on the trainer's loop (torchrun: DDP over the ranks); returns the
     report (probe's results form, on rank 0) plus exit_code."""
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
-    held = []   # rank 0's lock on the run directory
+    held = []  # rank 0's lock on the run directory
     try:
         return run_to_end(FinetuneTrainer(cfg, device, log, held))
     finally:
@@ -241,12 +269,29 @@ def trainer_config(cfg: FinetuneConfig, model: ModelConfig, device: str) -> Conf
     """The trainer's settings for a fine-tuning run: its steps, seed, clock, evals, checkpoints and logging
     (fp32; the pretraining loss guards off: the task loss is not a masked-LM loss)."""
     c = Config(model=model, optim=_optim_config(cfg))
-    c.train = TrainConfig(max_steps=cfg.max_steps, grad_accum=cfg.grad_accum, max_time=cfg.max_time, seed=cfg.seed,
-                          device=device, precision="fp32", eval_every=cfg.eval_every, report_at_val_losses=[],
-                          log_every=1, checkpoint_every=cfg.eval_every, keep_latest_k=cfg.keep_latest_k,
-                          loss_spike="ignore", divergence_factor=0.0, divergence_margin=0.0)
-    c.logging = LoggingConfig(run_root=cfg.run_root, name=cfg.name or None, progress=cfg.progress,
-                              tensorboard=cfg.tensorboard, wandb=cfg.wandb)
+    c.train = TrainConfig(
+        max_steps=cfg.max_steps,
+        grad_accum=cfg.grad_accum,
+        max_time=cfg.max_time,
+        seed=cfg.seed,
+        device=device,
+        precision="fp32",
+        eval_every=cfg.eval_every,
+        report_at_val_losses=[],
+        log_every=1,
+        checkpoint_every=cfg.eval_every,
+        keep_latest_k=cfg.keep_latest_k,
+        loss_spike="ignore",
+        divergence_factor=0.0,
+        divergence_margin=0.0,
+    )
+    c.logging = LoggingConfig(
+        run_root=cfg.run_root,
+        name=cfg.name or None,
+        progress=cfg.progress,
+        tensorboard=cfg.tensorboard,
+        wandb=cfg.wandb,
+    )
     c.dist.strategy = "ddp"
     return c
 
@@ -255,6 +300,7 @@ def trainer_config(cfg: FinetuneConfig, model: ModelConfig, device: str) -> Conf
 class LabelledBatch:
     """A packed micro-batch of labelled training sequences: the residue rows the head reads, their segment
     ids, the labels ([residues] per-residue, [sequences] otherwise) and how many loss items they are."""
+
     packed: PackedBatch
     rows: torch.Tensor
     seg: torch.Tensor
@@ -270,15 +316,29 @@ class LabelledStream:
     × 2 accumulation steps and 2 processes × 1 train on the same batches. Its state is the position.
     """
 
-    def __init__(self, data: FinetuneData, width: int, token_budget: int, seed: int, norm: tuple[float, float],
-                 world_size: int = 1, rank: int = 0, grad_accum: int = 1):
+    def __init__(
+        self,
+        data: FinetuneData,
+        width: int,
+        token_budget: int,
+        seed: int,
+        norm: tuple[float, float],
+        world_size: int = 1,
+        rank: int = 0,
+        grad_accum: int = 1,
+    ):
         self.data, self.width, self.token_budget, self.norm = data, width, token_budget, norm
         self.rank, self.accum, self.world_x_accum = rank, grad_accum, world_size * grad_accum
         self.source = _Residues(data.train.seqs)
-        self.plan = PackingPlan(np.array([len(x) for x in self.source.ids]), token_budget=token_budget,
-                                max_length=width, seed=seed, chunk_bins=16)
+        self.plan = PackingPlan(
+            np.array([len(x) for x in self.source.ids]),
+            token_budget=token_budget,
+            max_length=width,
+            seed=seed,
+            chunk_bins=16,
+        )
         self.pos = {"epoch": 0, "chunk": 0, "bin": 0}
-        self.epoch = 0           # epoch of this rank's latest micro-batch
+        self.epoch = 0  # epoch of this rank's latest micro-batch
         self._real = self._total = 0
 
     def _next_bin(self) -> tuple[int, np.ndarray]:
@@ -292,7 +352,7 @@ class LabelledStream:
 
     def next_step(self, step: int) -> list[LabelledBatch]:
         bins = [self._next_bin() for _ in range(self.world_x_accum)]
-        mine = bins[self.rank * self.accum:(self.rank + 1) * self.accum]
+        mine = bins[self.rank * self.accum : (self.rank + 1) * self.accum]
         self.epoch = mine[-1][0]
         return [self._build(epoch, idx) for epoch, idx in mine]
 
@@ -302,8 +362,9 @@ class LabelledStream:
         rows, seg = residue_rows(batch.cu_seqlens.tolist(), batch.num_sequences)
         labels, d = self.data.train.labels, self.data
         if d.per_residue:
-            y = torch.from_numpy(np.concatenate([labels[i][s:s + self.width - 2]
-                                                 for i, s in zip(idx.tolist(), crops.tolist())]))
+            y = torch.from_numpy(
+                np.concatenate([labels[i][s : s + self.width - 2] for i, s in zip(idx.tolist(), crops.tolist())])
+            )
         elif d.kind == "regression":
             y = torch.from_numpy((np.array([labels[i] for i in idx.tolist()]) - self.norm[0]) / self.norm[1]).float()
         else:
@@ -321,8 +382,10 @@ class LabelledStream:
 
     def load_state_dict(self, state: dict) -> None:
         if state["world_x_accum"] != self.world_x_accum:
-            raise ValueError(f"saved with world size × grad_accum {state['world_x_accum']}, now {self.world_x_accum};"
-                             " rerun it on the world size it was started with, so the batches stay the same")
+            raise ValueError(
+                f"saved with world size × grad_accum {state['world_x_accum']}, now {self.world_x_accum};"
+                " rerun it on the world size it was started with, so the batches stay the same"
+            )
         self.pos = {k: int(state[k]) for k in ("epoch", "chunk", "bin")}
 
     def close(self) -> None:
@@ -333,9 +396,9 @@ class Validation:
     """The trainer's evaluator for fine-tuning: the validation metric every eval_every steps and at the end,
     the best weights (RUN/best.safetensors) and early stopping after `patience` passes without improvement."""
 
-    def __init__(self, trainer: "FinetuneTrainer"):
+    def __init__(self, trainer: FinetuneTrainer):
         self.t = trainer
-        self.best = {"best_metric": None, "best_step": 0, "bad_evals": 0}   # checkpointed (part "validation")
+        self.best = {"best_metric": None, "best_step": 0, "bad_evals": 0}  # checkpointed (part "validation")
         self.progress, self.wall_start = None, 0.0
 
     def due(self, step: int, *, last: bool) -> bool:
@@ -357,11 +420,13 @@ class Validation:
         stopping = bool(t.ft.patience) and b["bad_evals"] >= t.ft.patience
         name = metric_name(t.data)
         t.log.write({"kind": "valid", "step": step, name: value, "best": b["best_metric"], "best_step": b["best_step"]})
-        t.say(f"step {step}: valid {name} {value:.4f} (best {b['best_metric']:.4f} at step {b['best_step']}"
-              f"{', stopping early' if stopping else ''})")
+        t.say(
+            f"step {step}: valid {name} {value:.4f} (best {b['best_metric']:.4f} at step {b['best_step']}"
+            f"{', stopping early' if stopping else ''})"
+        )
         return {"metric": value, "stopping": stopping}
 
-    def stop_reason(self, val: dict) -> Optional[StopReason]:
+    def stop_reason(self, val: dict) -> StopReason | None:
         return StopReason.EARLY_STOP if val["stopping"] else None
 
 
@@ -379,10 +444,11 @@ class FinetuneTrainer(Trainer):
         self.cfg = cfg = trainer_config(ft, self.loaded.config, device)
         self.amp_dtype = None
 
-        def decide():   # rank 0 opens the run directory; the lock stays in `held`
+        def decide():  # rank 0 opens the run directory; the lock stays in `held`
             run_dir, lock = open_run_dir(ft)
             held.append(lock)
             return run_dir
+
         self.run_dir = from_rank0(env, decide)
         self.width = window_tokens(ft, data)
         self.norm = (0.0, 1.0)
@@ -391,26 +457,41 @@ class FinetuneTrainer(Trainer):
             self.norm = (float(y.mean()), float(y.std()) or 1.0)
         self.plain = model
         self.optimizers = build_optimizers(model, ft)
-        self.model = model if env.world_size == 1 else DistributedDataParallel(
-            model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-        self.loader = LabelledStream(data, self.width, ft.token_budget, ft.seed, self.norm, env.world_size, env.rank,
-                                     ft.grad_accum)
+        self.model = (
+            model
+            if env.world_size == 1
+            else DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        )
+        self.loader = LabelledStream(
+            data, self.width, ft.token_budget, ft.seed, self.norm, env.world_size, env.rank, ft.grad_accum
+        )
         self.peak_info = stable_peak(env.device, torch.float32, update=env.is_main)
         self.peak = self.peak_info.flops
-        self.state = TrainState(world_x_accum=env.world_size * ft.grad_accum,
-                                data={"task": data.where, "train_sequences": len(data.train.seqs)})
+        self.state = TrainState(
+            world_x_accum=env.world_size * ft.grad_accum,
+            data={"task": data.where, "train_sequences": len(data.train.seqs)},
+        )
         self.evaluator = Validation(self)
-        self.checkpointer = Checkpointer(self.run_dir, cfg.train.checkpoint_every, ft.keep_latest_k,
-                                         {"model": ckpt.ModelState(model), "optimizers": self.optimizers,
-                                          "loader": self.loader, "trainer": self.state,
-                                          "validation": ckpt.DictState(self.evaluator.best), "rng": ckpt.RNGState()},
-                                         resume="rerun the same `plmrun finetune` command to continue")
+        self.checkpointer = Checkpointer(
+            self.run_dir,
+            cfg.train.checkpoint_every,
+            ft.keep_latest_k,
+            {
+                "model": ckpt.ModelState(model),
+                "optimizers": self.optimizers,
+                "loader": self.loader,
+                "trainer": self.state,
+                "validation": ckpt.DictState(self.evaluator.best),
+                "rng": ckpt.RNGState(),
+            },
+            resume="rerun the same `plmrun finetune` command to continue",
+        )
         latest = self.checkpointer.latest()
         if latest is not None:
             self.checkpointer.load(latest)
             self.say(f"continuing {self.run_dir} from step {self.state.step}")
         if env.is_main:
-            truncate_metrics(self.run_dir, self.state.step)   # what an attempt wrote after its checkpoint
+            truncate_metrics(self.run_dir, self.state.step)  # what an attempt wrote after its checkpoint
         self.log = MetricsLog(self.run_dir, cfg, self.run_dir.name, enabled=env.is_main)
         self.plain.train()
 
@@ -422,8 +503,15 @@ class FinetuneTrainer(Trainer):
         """Σ cross-entropy over the micro-batch's residues or sequences, or Σ squared error (regression)."""
         b = mb.packed.to(device)
         with forward_context:
-            out = model(b.tokens, b.positions, b.cu_seqlens, b.max_seqlen, mb.rows.to(device), mb.seg.to(device),
-                        b.num_sequences)
+            out = model(
+                b.tokens,
+                b.positions,
+                b.cu_seqlens,
+                b.max_seqlen,
+                mb.rows.to(device),
+                mb.seg.to(device),
+                b.num_sequences,
+            )
         y = mb.labels.to(device)
         if self.data.kind == "regression":
             return ((out[:, 0] - y) ** 2).sum()
@@ -432,8 +520,9 @@ class FinetuneTrainer(Trainer):
     def train_record(self, r: dict, tok_s: float, mfu: float) -> dict:
         step = self.state.step
         if (step % 10 == 0 or step == 1) and self.progress is None:
-            self.say(f"step {step}/{self.ft.max_steps} epoch {self.loader.epoch} loss {r['loss']:.4f} "
-                     f"{tok_s:,.0f} tok/s")
+            self.say(
+                f"step {step}/{self.ft.max_steps} epoch {self.loader.epoch} loss {r['loss']:.4f} {tok_s:,.0f} tok/s"
+            )
         return {"kind": "train", "step": step, "epoch": self.loader.epoch, "loss": r["loss"]}
 
     def finish(self, reason: StopReason, stop: StopFlag) -> dict:
@@ -445,8 +534,17 @@ class FinetuneTrainer(Trainer):
             return {"stopped": f"signal {stop.exit_code - 128}", "exit_code": stop.exit_code, "run": str(self.run_dir)}
         result = {"exit_code": 0, "run": str(self.run_dir)}
         if env.is_main:
-            result = _finish(self.ft, self.data, self.plain, self.loaded, self.run_dir, self.width, self.norm,
-                             {"step": st.step, **self.evaluator.best, "stopped": reason.value}, env.device)
+            result = _finish(
+                self.ft,
+                self.data,
+                self.plain,
+                self.loaded,
+                self.run_dir,
+                self.width,
+                self.norm,
+                {"step": st.step, **self.evaluator.best, "stopped": reason.value},
+                env.device,
+            )
         if env.world_size > 1:
             torch.distributed.barrier()
         return result
@@ -464,34 +562,55 @@ def _finish(cfg, data, model, loaded, run, width, norm, state, device) -> dict:
     t0 = time.perf_counter()
     if cfg.probe_seeds and data.kind != "regression":
         frozen = load_eval_model(cfg.model, device=device, max_length=width)
-        task = replace(TASKS[data.name], max_train=cfg.max_train, max_test=cfg.max_test) if data.bundled \
+        task = (
+            replace(TASKS[data.name], max_train=cfg.max_train, max_test=cfg.max_test)
+            if data.bundled
             else Task(data.name, data.per_residue, cfg.max_train, cfg.max_test, 20000 if data.per_residue else 0)
+        )
         budget = max(cfg.token_budget, width)
         feats = [model_features(frozen, s, data.per_residue, budget) for s in (data.train.seqs, data.test.seqs)]
-        fit = fit_and_score(task, feats[0], data.train.labels, feats[1], data.test.labels,
-                            range(cfg.probe_seeds), "logistic")
+        fit = fit_and_score(
+            task, feats[0], data.train.labels, feats[1], data.test.labels, range(cfg.probe_seeds), "logistic"
+        )
         rows["frozen probe"] = score_row(fit.scores)
         sizes = [len(y) for y in data.test.labels] if data.per_residue else None
         minus["frozen probe"] = paired_difference(right, fit.correct, sizes)
-    report = {"model": cfg.model, "head": "logistic", "layer": -1, "seeds": list(range(cfg.probe_seeds)),
-              "max_length": width,
-              "note": f"fine-tuned {state['step']} steps, weights of step {state['best_step']} (best validation "
-                      f"{metric_name(data)} {state['best_metric']:.4f}); run {run}",
-              "tasks": {data.name: {"metric": metric_name(data), "classes": len(data.classes),
-                                    "n_train": len(data.train.seqs), "n_test": len(data.test.seqs),
-                                    "n_test_residues": int(sum(len(s) for s in data.test.seqs)),
-                                    "rows": rows, "model_minus": minus}},
-              "time_s": round(time.perf_counter() - t0, 1)}
+    report = {
+        "model": cfg.model,
+        "head": "logistic",
+        "layer": -1,
+        "seeds": list(range(cfg.probe_seeds)),
+        "max_length": width,
+        "note": f"fine-tuned {state['step']} steps, weights of step {state['best_step']} (best validation "
+        f"{metric_name(data)} {state['best_metric']:.4f}); run {run}",
+        "tasks": {
+            data.name: {
+                "metric": metric_name(data),
+                "classes": len(data.classes),
+                "n_train": len(data.train.seqs),
+                "n_test": len(data.test.seqs),
+                "n_test_residues": int(sum(len(s) for s in data.test.seqs)),
+                "rows": rows,
+                "model_minus": minus,
+            }
+        },
+        "time_s": round(time.perf_counter() - t0, 1),
+    }
     tm = _task_model(model.merge_and_unload() if cfg.method == "lora" else model)
     from plmrun.model.loading import save_model_dir
+
     save_model_dir(run / "model", tm.net.state_dict(), loaded.config)
     _save_weights(tm.task_head, run / "task_head.safetensors")
-    (run / "task_head.json").write_text(json.dumps({"kind": data.kind, "classes": data.classes,
-                                                    "target_mean_std": list(norm)}, indent=1) + "\n")
+    (run / "task_head.json").write_text(
+        json.dumps({"kind": data.kind, "classes": data.classes, "target_mean_std": list(norm)}, indent=1) + "\n"
+    )
     if cfg.export:
         from plmrun.eval.export import export
+
         export(run / "model", run / "hf", overwrite=True)
     shutil.rmtree(run / "checkpoints", ignore_errors=True)
-    write_json_atomic(run / "summary.json", {**report, "steps": state["step"], "best_step": state["best_step"],
-                                             "stopped": state["stopped"]})
+    write_json_atomic(
+        run / "summary.json",
+        {**report, "steps": state["step"], "best_step": state["best_step"], "stopped": state["stopped"]},
+    )
     return {**report, "exit_code": 0, "run": str(run)}

@@ -18,10 +18,10 @@ holds the boundaries. Token i attends to token j only when both lie in the same 
 `PackedLayout` caches what depends only on the batch (bucket plans, block masks), so a model
 builds it once per forward and shares it across layers.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import numpy as np
 import torch
@@ -49,10 +49,10 @@ def plan_buckets(lengths: list[int], call_cost: int = BUCKET_CALL_COST) -> list[
     """
     order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
     ls = np.asarray(lengths, dtype=np.float64)[order]
-    run_start = np.flatnonzero(np.r_[True, ls[1:] != ls[:-1]])       # first index of each run
-    ends = np.r_[run_start[1:], len(ls)]                                # one past each run
-    top = ls[run_start] ** 2                                            # Lmax^2 if a bucket starts there
-    best = np.zeros(len(run_start) + 1)                                 # best[r]: first r runs grouped
+    run_start = np.flatnonzero(np.r_[True, ls[1:] != ls[:-1]])  # first index of each run
+    ends = np.r_[run_start[1:], len(ls)]  # one past each run
+    top = ls[run_start] ** 2  # Lmax^2 if a bucket starts there
+    best = np.zeros(len(run_start) + 1)  # best[r]: first r runs grouped
     cut = np.zeros(len(run_start) + 1, dtype=np.int64)
     for r in range(1, len(run_start) + 1):
         cost = best[:r] + (ends[r - 1] - run_start[:r]) * top[:r] + call_cost
@@ -60,7 +60,7 @@ def plan_buckets(lengths: list[int], call_cost: int = BUCKET_CALL_COST) -> list[
         best[r] = cost[cut[r]]
     buckets, r = [], len(run_start)
     while r > 0:
-        buckets.append(order[run_start[cut[r]]:ends[r - 1]].tolist())
+        buckets.append(order[run_start[cut[r]] : ends[r - 1]].tolist())
         r = cut[r]
     return buckets[::-1]
 
@@ -70,7 +70,9 @@ class PackedLayout:
 
     def __init__(self, cu_seqlens: torch.Tensor, max_seqlen: int):
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise ValueError(f"cu_seqlens must be a 1-D tensor of n+1 >= 2 boundaries, got shape {tuple(cu_seqlens.shape)}")
+            raise ValueError(
+                f"cu_seqlens must be a 1-D tensor of n+1 >= 2 boundaries, got shape {tuple(cu_seqlens.shape)}"
+            )
         self.cu_seqlens = cu_seqlens
         self.max_seqlen = int(max_seqlen)
         self._cache: dict = {}
@@ -109,8 +111,8 @@ class PackedLayout:
             starts = torch.tensor([b[s] for s in seg])[:, None]
             lens = torch.tensor([lengths[s] for s in seg])[:, None]
             ar = torch.arange(lmax)[None, :]
-            valid = ar < lens                                            # [B, Lmax]
-            index = torch.where(valid, starts + ar, starts)              # pads re-read the first token
+            valid = ar < lens  # [B, Lmax]
+            index = torch.where(valid, starts + ar, starts)  # pads re-read the first token
             attend = _attend_mask(valid, lmax, window, causal)
             plans.append((index.reshape(-1).to(device), None if attend is None else attend.to(device), B, lmax))
             rows.append(torch.arange(B * lmax).view(B, lmax)[valid] + offset)
@@ -137,6 +139,7 @@ class PackedLayout:
         key = ("flex", device, window, causal)
         if key not in self._cache:
             from torch.nn.attention.flex_attention import create_block_mask
+
             doc = self.doc_ids.to(device)
 
             def mask_mod(b, h, q_idx, kv_idx):
@@ -152,7 +155,7 @@ class PackedLayout:
         return self._cache[key]
 
 
-def _attend_mask(valid: torch.Tensor, lmax: int, window: int, causal: bool) -> Optional[torch.Tensor]:
+def _attend_mask(valid: torch.Tensor, lmax: int, window: int, causal: bool) -> torch.Tensor | None:
     """[B, 1, Lmax, Lmax] bool (True = attend), or None when nothing needs masking.
 
     Padded query rows may see every valid key: their outputs are discarded, and a fully
@@ -169,14 +172,16 @@ def _attend_mask(valid: torch.Tensor, lmax: int, window: int, causal: bool) -> O
         band &= (ar[:, None] - ar[None, :]).abs() < window
     if causal:
         band &= ar[None, :] <= ar[:, None]
-    m = band[None] | ~valid[:, :, None]          # [B, Lq, Lk]
+    m = band[None] | ~valid[:, :, None]  # [B, Lq, Lk]
     m = m & valid[:, None, :]
     return m[:, None]
 
 
 def _check(q, k, v, layout: PackedLayout):
     if q.dim() != 3 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(f"q, k, v must share one [T, H, Dh] shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"q, k, v must share one [T, H, Dh] shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if layout.bounds[-1] != q.shape[0]:
         raise ValueError(f"cu_seqlens[-1] ({layout.bounds[-1]}) must equal the number of tokens ({q.shape[0]})")
 
@@ -207,7 +212,7 @@ def naive_attention(q, k, v, cu_seqlens, *, causal=False, window=0, soft_cap=0.0
             mask &= (ar[:, None] - ar[None, :]).abs() < window
         if causal:
             mask &= ar[None, :] <= ar[:, None]
-        qs, ks, vs = (x[s:e].transpose(0, 1) for x in (q, k, v))   # [H, L, Dh]
+        qs, ks, vs = (x[s:e].transpose(0, 1) for x in (q, k, v))  # [H, L, Dh]
         outs.append(_scores_softmax_v(qs, ks, vs, mask, scale, soft_cap).transpose(0, 1))
     return torch.cat(outs)
 
@@ -256,6 +261,7 @@ def _dense_attention(q, k, v, layout, *, causal, window, soft_cap, scale):
 @functools.cache
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
+
     return torch.compile(flex_attention, dynamic=False)
 
 
@@ -263,8 +269,10 @@ def _flex_attention(q, k, v, layout, *, causal, window, soft_cap, scale):
     block_mask = layout.block_mask(q.device, window, causal)
     score_mod = None
     if soft_cap:
+
         def score_mod(score, b, h, q_idx, kv_idx):
             return soft_cap * torch.tanh(score / soft_cap)
+
     qf, kf, vf = (x.transpose(0, 1)[None] for x in (q, k, v))
     o = _compiled_flex()(qf, kf, vf, score_mod=score_mod, block_mask=block_mask, scale=scale)
     return o[0].transpose(0, 1)
@@ -277,8 +285,19 @@ def _flash_attention(q, k, v, layout, *, causal, window, soft_cap, scale):
         raise RuntimeError(f"attention backend 'flash' needs fp16/bf16 CUDA tensors, got {q.dtype} on {q.device}")
     cu = layout.cu_seqlens.to(device=q.device, dtype=torch.int32)
     w = (window - 1, window - 1) if window else (-1, -1)
-    return flash_attn_varlen_func(q, k, v, cu, cu, layout.max_seqlen, layout.max_seqlen, softmax_scale=scale,
-                                  causal=causal, window_size=w, softcap=soft_cap)
+    return flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu,
+        cu,
+        layout.max_seqlen,
+        layout.max_seqlen,
+        softmax_scale=scale,
+        causal=causal,
+        window_size=w,
+        softcap=soft_cap,
+    )
 
 
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
@@ -296,9 +315,21 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
 _IMPLS = {"cpu": _cpu_attention, "sdpa_dense": _dense_attention, "flex": _flex_attention, "flash": _flash_attention}
 
 
-def packed_attention(q, k, v, cu_seqlens=None, max_seqlen=None, *, backend="auto", causal=False, window=0,
-                     soft_cap=0.0, scale=None, layout: Optional[PackedLayout] = None,
-                     compiled_cpu_kernel: bool = False):
+def packed_attention(
+    q,
+    k,
+    v,
+    cu_seqlens=None,
+    max_seqlen=None,
+    *,
+    backend="auto",
+    causal=False,
+    window=0,
+    soft_cap=0.0,
+    scale=None,
+    layout: PackedLayout | None = None,
+    compiled_cpu_kernel: bool = False,
+):
     """Attention of q/k/v [T, H, Dh] within the segments of cu_seqlens; returns [T, H, Dh].
 
     compiled_cpu_kernel: the cpu backend runs its bf16/fp16 (and soft-capped) buckets through a
@@ -315,8 +346,18 @@ def packed_attention(q, k, v, cu_seqlens=None, max_seqlen=None, *, backend="auto
     if name == "flex":  # traceable: torch.compile of a block fuses around the flex kernel
         _check(q, k, v, layout)
         return _flex_attention(q, k, v, layout, causal=causal, window=window, soft_cap=soft_cap, scale=scale)
-    return _eager_attention(name, q, k, v, layout, causal=causal, window=window, soft_cap=soft_cap, scale=scale,
-                            compiled_cpu_kernel=compiled_cpu_kernel)
+    return _eager_attention(
+        name,
+        q,
+        k,
+        v,
+        layout,
+        causal=causal,
+        window=window,
+        soft_cap=soft_cap,
+        scale=scale,
+        compiled_cpu_kernel=compiled_cpu_kernel,
+    )
 
 
 @torch.compiler.disable
@@ -327,6 +368,15 @@ def _eager_attention(name, q, k, v, layout, *, causal, window, soft_cap, scale, 
     if name == "naive":
         return naive_attention(q, k, v, layout.cu_seqlens, causal=causal, window=window, soft_cap=soft_cap, scale=scale)
     if name == "cpu":
-        return _cpu_attention(q, k, v, layout, causal=causal, window=window, soft_cap=soft_cap, scale=scale,
-                              compiled_kernel=compiled_cpu_kernel)
+        return _cpu_attention(
+            q,
+            k,
+            v,
+            layout,
+            causal=causal,
+            window=window,
+            soft_cap=soft_cap,
+            scale=scale,
+            compiled_kernel=compiled_cpu_kernel,
+        )
     return _IMPLS[name](q, k, v, layout, causal=causal, window=window, soft_cap=soft_cap, scale=scale)

@@ -8,6 +8,7 @@ windows, ...) are refused, as in config validation. `EsmFamilyPLM` is the part E
 (embedding, blocks, final norm, head, HF's init, the forward). Its adapter `HfEsm2Adapter` reads every
 Hugging Face layout of EsmForMaskedLM and writes the current one for export.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,17 @@ import torch.nn.functional as F
 
 from .attention import PackedLayout, packed_attention
 from .config import ModelConfig, arch_conflicts
-from .layers import (PLM, ModelOutput, Rotary, StateDictAdapter, apply_rotary, compute_dtype, fp32_linear, token_dropout,
-                     window_at)
+from .layers import (
+    PLM,
+    ModelOutput,
+    Rotary,
+    StateDictAdapter,
+    apply_rotary,
+    compute_dtype,
+    fp32_linear,
+    token_dropout,
+    window_at,
+)
 from .vocab import VOCAB_SIZE
 
 
@@ -41,8 +51,17 @@ class EsmLayer(nn.Module):
         q, k, v = (f(h).view(T, self.H, D // self.H) for f in (self.q, self.k, self.v))
         q = q * (D // self.H) ** -0.5
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        a = packed_attention(q, k, v, backend=self.cfg.attention_backend, compiled_cpu_kernel=self.compiled_cpu_kernel,
-                             window=window, soft_cap=self.cfg.attention_soft_cap, scale=1.0, layout=layout)
+        a = packed_attention(
+            q,
+            k,
+            v,
+            backend=self.cfg.attention_backend,
+            compiled_cpu_kernel=self.compiled_cpu_kernel,
+            window=window,
+            soft_cap=self.cfg.attention_soft_cap,
+            scale=1.0,
+            layout=layout,
+        )
         x = x + self.o(a.reshape(T, D))
         return x + self.down(F.gelu(self.up(self.mlp_norm(x))))
 
@@ -64,6 +83,7 @@ class EsmFamilyPLM(PLM):
     """ESM-2 and ESM C: embedding [token dropout] -> blocks -> final LayerNorm -> LM head, with Hugging Face's
     init. Subclasses give the block, the final norm's bias and the words for their refusal of switches their
     fixed architecture does not have (model.config.arch_conflicts)."""
+
     embed_prefixes = ("embed.",)
     head_prefixes = ("head.",)
     block_class: type[nn.Module]
@@ -110,8 +130,9 @@ class EsmFamilyPLM(PLM):
         self.head.bias.zero_()
         self.rotary.reset_buffers()
 
-    def forward(self, tokens, positions, cu_seqlens, max_seqlen, *, logits_index=None,
-                output_hidden_states=False, step=None) -> ModelOutput:
+    def forward(
+        self, tokens, positions, cu_seqlens, max_seqlen, *, logits_index=None, output_hidden_states=False, step=None
+    ) -> ModelOutput:
         layout = PackedLayout(cu_seqlens, max_seqlen)
         window = window_at(self.cfg, step)
         x = self.embed(tokens)
@@ -132,17 +153,25 @@ class EsmFamilyPLM(PLM):
 
 # ------------------------------------------------------------------ Hugging Face weights
 _LAYER_MAP = {  # ours (under blocks.{i}.) -> HF (under esm.encoder.layer.{i}.)
-    "attn_norm": "attention.LayerNorm", "q": "attention.self.query", "k": "attention.self.key",
-    "v": "attention.self.value", "o": "attention.output.dense", "mlp_norm": "LayerNorm",
-    "up": "intermediate.dense", "down": "output.dense",
+    "attn_norm": "attention.LayerNorm",
+    "q": "attention.self.query",
+    "k": "attention.self.key",
+    "v": "attention.self.value",
+    "o": "attention.output.dense",
+    "mlp_norm": "LayerNorm",
+    "up": "intermediate.dense",
+    "down": "output.dense",
 }
 _TOP_MAP = {
     "embed.weight": "esm.embeddings.word_embeddings.weight",
     "final_norm.weight": "esm.encoder.emb_layer_norm_after.weight",
     "final_norm.bias": "esm.encoder.emb_layer_norm_after.bias",
-    "head.dense.weight": "lm_head.dense.weight", "head.dense.bias": "lm_head.dense.bias",
-    "head.norm.weight": "lm_head.layer_norm.weight", "head.norm.bias": "lm_head.layer_norm.bias",
-    "head.decoder.weight": "lm_head.decoder.weight", "head.bias": "lm_head.bias",
+    "head.dense.weight": "lm_head.dense.weight",
+    "head.dense.bias": "lm_head.dense.bias",
+    "head.norm.weight": "lm_head.layer_norm.weight",
+    "head.norm.bias": "lm_head.layer_norm.bias",
+    "head.decoder.weight": "lm_head.decoder.weight",
+    "head.bias": "lm_head.bias",
 }
 HF_INV_FREQ = "esm.rotary_embeddings.inv_freq"
 # HF buffers and heads that are not part of the masked-LM computation
@@ -153,6 +182,7 @@ _HF_LEGACY = ((".LayerNorm.gamma", ".LayerNorm.weight"), (".LayerNorm.beta", ".L
 
 class HfEsm2Adapter(StateDictAdapter):
     """Hugging Face `EsmForMaskedLM` (rotary ESM-2) <-> the esm2 preset."""
+
     source = "EsmForMaskedLM"
 
     @staticmethod
@@ -208,19 +238,22 @@ class HfEsm2Adapter(StateDictAdapter):
         if "esm.embeddings.position_embeddings.weight" in hf_state:
             raise ValueError("absolute position embeddings (ESM-1b style); the esm2 preset is rotary only")
         prefix = "esm.encoder.layer."
-        ids = {int(k[len(prefix):].split(".", 1)[0]) for k in hf_state if k.startswith(prefix)}
+        ids = {int(k[len(prefix) :].split(".", 1)[0]) for k in hf_state if k.startswith(prefix)}
         n = max(ids) + 1 if ids else 0
         if n != len(model.blocks):
-            raise ValueError(f"{n} encoder layers, the model has {len(model.blocks)} "
-                             f"(set model.num_layers={n} or pick the matching config)")
+            raise ValueError(
+                f"{n} encoder layers, the model has {len(model.blocks)} "
+                f"(set model.num_layers={n} or pick the matching config)"
+            )
         # tied checkpoints may omit the decoder: it is the word embedding
         hf_state.setdefault("lm_head.decoder.weight", hf_state.get("esm.embeddings.word_embeddings.weight"))
         ours = model.state_dict()
         mapping = self.key_map(len(model.blocks))
         missing = [hf for hf in mapping.values() if hf_state.get(hf) is None]
         if missing:
-            raise ValueError(f"lacks {len(missing)} esm2 weights, e.g. {missing[0]!r} "
-                             "(an EsmModel without the masked-LM head?)")
+            raise ValueError(
+                f"lacks {len(missing)} esm2 weights, e.g. {missing[0]!r} (an EsmModel without the masked-LM head?)"
+            )
         known = set(mapping.values()) | {HF_INV_FREQ}
         extra = [k for k in hf_state if k not in known]
         if extra:
@@ -228,8 +261,10 @@ class HfEsm2Adapter(StateDictAdapter):
         new = {}
         for name, hf in mapping.items():
             if tuple(ours[name].shape) != tuple(hf_state[hf].shape):
-                raise ValueError(f"shape mismatch for {hf}: weights {tuple(hf_state[hf].shape)}, "
-                                 f"model {tuple(ours[name].shape)} (check hidden_size/num_heads/expansion_ratio)")
+                raise ValueError(
+                    f"shape mismatch for {hf}: weights {tuple(hf_state[hf].shape)}, "
+                    f"model {tuple(ours[name].shape)} (check hidden_size/num_heads/expansion_ratio)"
+                )
             new[name] = hf_state[hf]
         if model.cfg.tie_embeddings and not torch.equal(new["head.decoder.weight"], new["embed.weight"]):
             raise ValueError("untied LM decoder but model.tie_embeddings=true; set it to false")
@@ -237,8 +272,10 @@ class HfEsm2Adapter(StateDictAdapter):
         inv = hf_state.get(HF_INV_FREQ)
         if inv is not None:  # keep the checkpoint's (possibly fp16-rounded) frequencies for exact parity
             if inv.shape != model.rotary.inv_freq.shape:
-                raise ValueError(f"rotary inv_freq has shape {tuple(inv.shape)}, model expects "
-                                 f"{tuple(model.rotary.inv_freq.shape)} (check hidden_size/num_heads)")
+                raise ValueError(
+                    f"rotary inv_freq has shape {tuple(inv.shape)}, model expects "
+                    f"{tuple(model.rotary.inv_freq.shape)} (check hidden_size/num_heads)"
+                )
             model.rotary.inv_freq.copy_(inv)
 
 

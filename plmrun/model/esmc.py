@@ -8,8 +8,8 @@ silu(gate) * up, bias-free, inner width = expansion_ratio * D rounded up to a mu
 residual branches divided by sqrt(num_layers / 36); a bias-free final LayerNorm; sequence head
 dense -> erf-GELU -> LayerNorm -> decoder, all biased. ESM C fuses Q/K/V into one [3D, D] matrix and
 gate/up into one [2F, D] matrix; here they are separate matrices (Muon orthogonalises each): the
-adapter `EsmcAdapter` splits them on load and joins them on export. hidden_states: (embedding, each block's output, final norm),
-i.e. ESM C's `hidden_states` between our first and last entry and its `embeddings` last.
+adapter `EsmcAdapter` splits them on load and joins them on export. hidden_states: (embedding, each
+block's output, final norm), i.e. ESM C's `hidden_states` between our first and last entry and its `embeddings` last.
 
 Vocabulary: ESM C's ids 0..32 are ESM-2's (ours) with one exception, id 31, which is ESM C's chain
 break `|` and our unused `<null_1>`; ESM C pads its embedding and head to 64 rows, ids 33..63 are
@@ -19,6 +19,7 @@ runs over the 33 real tokens (ESM C's over 64; the 31 placeholder logits of a tr
 never targets). Embedding, final norm, head, init (the esm package ships no training init) and forward
 are the esm2 preset's (`EsmFamilyPLM`), whose token dropout, tie and sliding window are off here.
 """
+
 from __future__ import annotations
 
 import math
@@ -68,8 +69,15 @@ class EsmcBlock(nn.Module):
             q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)  # as ESM C: CUDA autocast norms in fp32
         q, k, v = (t.view(T, self.H, D // self.H) for t in (q, k, v))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        a = packed_attention(q, k, v, backend=self.cfg.attention_backend, compiled_cpu_kernel=self.compiled_cpu_kernel,
-                             window=window, layout=layout)
+        a = packed_attention(
+            q,
+            k,
+            v,
+            backend=self.cfg.attention_backend,
+            compiled_cpu_kernel=self.compiled_cpu_kernel,
+            window=window,
+            layout=layout,
+        )
         x = x + self.o(a.reshape(T, D)) / self.scale
         h = self.mlp_norm(x)
         return x + self.down(F.silu(self.gate(h)) * self.up(h)) / self.scale
@@ -77,19 +85,31 @@ class EsmcBlock(nn.Module):
 
 # ------------------------------------------------------------------ ESM C weights
 _LAYER_MAP = {  # ours (under blocks.{i}.) -> ESM C (under transformer.blocks.{i}.), plain copies
-    "attn_norm.weight": "attn.layernorm_qkv.0.weight", "attn_norm.bias": "attn.layernorm_qkv.0.bias",
-    "o.weight": "attn.out_proj.weight", "q_norm.weight": "attn.q_ln.weight", "k_norm.weight": "attn.k_ln.weight",
-    "mlp_norm.weight": "ffn.0.weight", "mlp_norm.bias": "ffn.0.bias", "down.weight": "ffn.3.weight",
+    "attn_norm.weight": "attn.layernorm_qkv.0.weight",
+    "attn_norm.bias": "attn.layernorm_qkv.0.bias",
+    "o.weight": "attn.out_proj.weight",
+    "q_norm.weight": "attn.q_ln.weight",
+    "k_norm.weight": "attn.k_ln.weight",
+    "mlp_norm.weight": "ffn.0.weight",
+    "mlp_norm.bias": "ffn.0.bias",
+    "down.weight": "ffn.3.weight",
 }
-_FUSED = {"attn.layernorm_qkv.1.weight": ("q.weight", "k.weight", "v.weight"),  # ESM C -> ours, split on dim 0
-          "ffn.1.weight": ("gate.weight", "up.weight")}
+_FUSED = {
+    "attn.layernorm_qkv.1.weight": ("q.weight", "k.weight", "v.weight"),  # ESM C -> ours, split on dim 0
+    "ffn.1.weight": ("gate.weight", "up.weight"),
+}
 _TOP_MAP = {
     "final_norm.weight": "transformer.norm.weight",
-    "head.dense.weight": "sequence_head.0.weight", "head.dense.bias": "sequence_head.0.bias",
-    "head.norm.weight": "sequence_head.2.weight", "head.norm.bias": "sequence_head.2.bias",
+    "head.dense.weight": "sequence_head.0.weight",
+    "head.dense.bias": "sequence_head.0.bias",
+    "head.norm.weight": "sequence_head.2.weight",
+    "head.norm.bias": "sequence_head.2.bias",
 }
-_VOCAB_ROWS = {"embed.weight": "embed.weight", "head.decoder.weight": "sequence_head.3.weight",
-               "head.bias": "sequence_head.3.bias"}  # ours -> ESM C, first 33 rows
+_VOCAB_ROWS = {
+    "embed.weight": "embed.weight",
+    "head.decoder.weight": "sequence_head.3.weight",
+    "head.bias": "sequence_head.3.bias",
+}  # ours -> ESM C, first 33 rows
 
 
 ESMC_VOCAB_ROWS = 64  # ESM C's embedding and head rows (33 tokens, padded)
@@ -97,6 +117,7 @@ ESMC_VOCAB_ROWS = 64  # ESM C's embedding and head rows (33 tokens, padded)
 
 class EsmcAdapter(StateDictAdapter):
     """The esm package's `ESMC.state_dict()` (its .pth files) <-> the esmc preset."""
+
     source = "ESMC"
 
     def export(self, model: PLM) -> dict[str, torch.Tensor]:
@@ -126,8 +147,10 @@ class EsmcAdapter(StateDictAdapter):
 
         def get(key: str) -> torch.Tensor:
             if key not in sd:
-                raise ValueError(f"checkpoint lacks {key!r} (model has {len(model.blocks)} layers, "
-                                 f"model.qk_norm={model.cfg.qk_norm})")
+                raise ValueError(
+                    f"checkpoint lacks {key!r} (model has {len(model.blocks)} layers, "
+                    f"model.qk_norm={model.cfg.qk_norm})"
+                )
             if not isinstance(sd[key], torch.Tensor):
                 raise ValueError(f"checkpoint's {key!r} is a {type(sd[key]).__name__}, not a tensor")
             used.add(key)
@@ -149,12 +172,16 @@ class EsmcAdapter(StateDictAdapter):
                     new[f"blocks.{i}.{names[0]}"] = fused
         extra = [k for k in sd if k not in used]
         if extra:
-            raise ValueError(f"checkpoint has {len(extra)} weights the esmc preset does not know, e.g. {extra[0]!r} "
-                             f"(different number of layers or model.qk_norm? model has {len(model.blocks)} layers)")
+            raise ValueError(
+                f"checkpoint has {len(extra)} weights the esmc preset does not know, e.g. {extra[0]!r} "
+                f"(different number of layers or model.qk_norm? model has {len(model.blocks)} layers)"
+            )
         for name, t in new.items():
             if tuple(t.shape) != tuple(ours[name].shape):
-                raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(t.shape)}, model "
-                                 f"{tuple(ours[name].shape)} (check hidden_size/num_heads/expansion_ratio)")
+                raise ValueError(
+                    f"shape mismatch for {name}: checkpoint {tuple(t.shape)}, model "
+                    f"{tuple(ours[name].shape)} (check hidden_size/num_heads/expansion_ratio)"
+                )
         model.load_state_dict(new, strict=True)
 
 

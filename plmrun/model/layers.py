@@ -1,12 +1,11 @@
 """Pieces every architecture shares: the PLM base (outputs, parameter kinds, build-then-initialise, its
 state-dict adapter), norms, rotary, soft-caps and ESM token dropout on packed input."""
+
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Optional
-
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -20,8 +19,8 @@ ESM_MASK_RATIO_TRAIN = 0.15 * 0.8  # hard-coded in ESM-2 (and HF EsmEmbeddings) 
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor                          # [T or len(logits_index), 33] fp32
-    hidden_states: Optional[tuple[torch.Tensor, ...]] = None
+    logits: torch.Tensor  # [T or len(logits_index), 33] fp32
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 class StateDictAdapter:
@@ -30,6 +29,7 @@ class StateDictAdapter:
     `load` copies that library's state dict into our model, raising ValueError (one line) that names the
     first missing, unknown or mis-shaped weight; `export` gives our weights in its names and shapes.
     """
+
     source = ""
     "The other library's model, for messages."
 
@@ -46,10 +46,11 @@ class PLM(nn.Module):
     Subclasses name their embedding and head parameters so optimizers can group parameters by
     role without knowing the architecture.
     """
+
     embed_prefixes: tuple[str, ...] = ()
     head_prefixes: tuple[str, ...] = ()
     blocks: nn.ModuleList  # the repeated transformer blocks: the FSDP2 / activation-checkpointing unit
-    adapter: Optional[StateDictAdapter] = None
+    adapter: StateDictAdapter | None = None
     "Reads and writes another library's weights of this architecture (None: only ours)."
 
     def __init__(self, cfg: ModelConfig):
@@ -122,8 +123,11 @@ class PLM(nn.Module):
 
     def matmul_params(self) -> int:
         """Parameters that cost 2 FLOPs per token in the forward (all but embedding lookups)."""
-        n = sum(p.numel() for name, p in self.named_parameters()
-                if p.dim() >= 2 and not name.startswith(self.embed_prefixes))
+        n = sum(
+            p.numel()
+            for name, p in self.named_parameters()
+            if p.dim() >= 2 and not name.startswith(self.embed_prefixes)
+        )
         if self.cfg.tie_embeddings:  # the tied decoder is a matmul with the embedding table
             n += VOCAB_SIZE * self.cfg.hidden_size
         return n
@@ -162,6 +166,7 @@ def fill_(p: torch.Tensor, values) -> None:
     full = torch.tensor(values, dtype=p.dtype)
     if hasattr(p, "device_mesh"):  # DTensor shard: distribute the full value the same way
         from torch.distributed.tensor import distribute_tensor
+
         full = distribute_tensor(full.to(p.device), p.device_mesh, p.placements)
         p.copy_(full)
     else:
@@ -211,7 +216,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
-def fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The vocabulary projection in fp32 even under autocast: it is cheap (33 outputs) and
     keeps logits and the loss from bf16 rounding."""
     with torch.autocast(x.device.type, enabled=False):
@@ -248,14 +253,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-def token_dropout(x: torch.Tensor, tokens: torch.Tensor, layout, dropped: Optional[torch.Tensor] = None) -> torch.Tensor:
+def token_dropout(x: torch.Tensor, tokens: torch.Tensor, layout, dropped: torch.Tensor | None = None) -> torch.Tensor:
     """ESM-2 token dropout: <mask> rows become `dropped` (ESM-2: zero), the other rows are rescaled per
     sequence by (1 - 0.15*0.8) / (1 - its observed <mask> fraction), as if masks were input dropout."""
     is_mask = tokens == MASK
     doc = layout.doc_ids.long()
     cu = layout.cu_seqlens.long()
     lengths = (cu[1:] - cu[:-1]).to(x.dtype if x.is_floating_point() else torch.float)
-    n_mask = torch.zeros(len(lengths), dtype=lengths.dtype, device=x.device).index_add_(0, doc, is_mask.to(lengths.dtype))
+    n_mask = torch.zeros(len(lengths), dtype=lengths.dtype, device=x.device).index_add_(
+        0, doc, is_mask.to(lengths.dtype)
+    )
     observed = n_mask / lengths.clamp_min(1)
     scale = (1 - ESM_MASK_RATIO_TRAIN) / (1 - observed).clamp_min(1e-6)
     if dropped is None:
@@ -263,7 +270,7 @@ def token_dropout(x: torch.Tensor, tokens: torch.Tensor, layout, dropped: Option
     return torch.where(is_mask[:, None], dropped.to(x.dtype), x * scale[doc][:, None].to(x.dtype))
 
 
-def window_at(cfg: ModelConfig, step: Optional[int]) -> int:
+def window_at(cfg: ModelConfig, step: int | None) -> int:
     """Sliding window (0 = full) at a training step: linear from sliding_window_start to
     sliding_window over window_warmup_steps. Fixed at sliding_window when sliding_window_start
     or window_warmup_steps is 0, and for step=None (evaluation)."""

@@ -1,4 +1,5 @@
 """build_model(cfg) and the FLOP count the trainer uses for MFU."""
+
 from __future__ import annotations
 
 import functools
@@ -35,8 +36,9 @@ def attention_pairs(lengths: torch.Tensor, window: int) -> int:
     return int(torch.where(L <= window, L * L, band).sum())
 
 
-def flops_per_step(cfg: ModelConfig, cu_seqlens: torch.Tensor, *, step: int | None = None,
-                   training: bool = True) -> int:
+def flops_per_step(
+    cfg: ModelConfig, cu_seqlens: torch.Tensor, *, step: int | None = None, training: bool = True
+) -> int:
     """Model FLOPs of one forward(+backward) on the segments of cu_seqlens.
 
     6N per token (2N forward, 4N backward; N = parameters in matmuls, embedding lookups

@@ -13,10 +13,10 @@ Starting values live in the `init_weights` methods only (N(0, init_std) matrices
 zero output projections / value tokens / biases, lambdas 0.5/0.5 and 1/0, unit skip weights); the
 constructor builds on the meta device and calls them, and so does meta-device init after sharding.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -24,8 +24,21 @@ import torch.nn.functional as F
 
 from .attention import PackedLayout, packed_attention
 from .config import ModelConfig
-from .layers import (NORMS, PLM, ModelOutput, Rotary, apply_rotary, compute_dtype, fill_, fp32_linear, init_linear_,
-                     relu_squared, soft_cap, token_dropout, window_at)
+from .layers import (
+    NORMS,
+    PLM,
+    ModelOutput,
+    Rotary,
+    apply_rotary,
+    compute_dtype,
+    fill_,
+    fp32_linear,
+    init_linear_,
+    relu_squared,
+    soft_cap,
+    token_dropout,
+    window_at,
+)
 from .vocab import VOCAB_SIZE
 
 
@@ -60,8 +73,16 @@ class SelfAttention(nn.Module):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if ve is not None:
             v = self.value_lambdas[0] * v + self.value_lambdas[1] * ve.view_as(v).to(v.dtype)
-        o = packed_attention(q, k, v, backend=self.cfg.attention_backend, compiled_cpu_kernel=self.compiled_cpu_kernel,
-                             window=window, soft_cap=self.cfg.attention_soft_cap, layout=layout)
+        o = packed_attention(
+            q,
+            k,
+            v,
+            backend=self.cfg.attention_backend,
+            compiled_cpu_kernel=self.compiled_cpu_kernel,
+            window=window,
+            soft_cap=self.cfg.attention_soft_cap,
+            layout=layout,
+        )
         return self.o(o.reshape(T, D))
 
 
@@ -128,7 +149,7 @@ class Block(nn.Module):
 
 
 class LMHead(nn.Module):
-    def __init__(self, cfg: ModelConfig, tied: Optional[nn.Parameter]):
+    def __init__(self, cfg: ModelConfig, tied: nn.Parameter | None):
         super().__init__()
         D = cfg.hidden_size
         self.dense = _linear(D, D)
@@ -163,7 +184,7 @@ def dropped_row(x: torch.Tensor) -> torch.Tensor:
     return row
 
 
-def value_embedding_table(layer: int, num_layers: int) -> Optional[int]:
+def value_embedding_table(layer: int, num_layers: int) -> int | None:
     """num_layers//2 tables mirrored over depth: layer i and layer L-1-i share table i."""
     i = min(layer, num_layers - 1 - layer)
     return i if i < num_layers // 2 else None
@@ -181,7 +202,8 @@ class SpeedrunPLM(PLM):
             n_ve = L // 2 if cfg.value_embeddings else 0
             self.value_embeds = nn.ModuleList(nn.Embedding(VOCAB_SIZE, D) for _ in range(n_ve))
             self.blocks = nn.ModuleList(
-                Block(cfg, cfg.value_embeddings and value_embedding_table(i, L) is not None) for i in range(L))
+                Block(cfg, cfg.value_embeddings and value_embedding_table(i, L) is not None) for i in range(L)
+            )
             self.skip_weights = nn.Parameter(torch.empty(L // 2)) if cfg.unet else None
             self.rotary = Rotary(D // cfg.num_heads, cfg.rope_base) if cfg.position_encoding == "rope" else None
             self.head = LMHead(cfg, self.embed.weight if cfg.tie_embeddings else None)
@@ -205,8 +227,9 @@ class SpeedrunPLM(PLM):
         if self.rotary is not None:
             self.rotary.reset_buffers()
 
-    def forward(self, tokens, positions, cu_seqlens, max_seqlen, *, logits_index=None,
-                output_hidden_states=False, step=None) -> ModelOutput:
+    def forward(
+        self, tokens, positions, cu_seqlens, max_seqlen, *, logits_index=None, output_hidden_states=False, step=None
+    ) -> ModelOutput:
         cfg, L = self.cfg, self.cfg.num_layers
         layout = PackedLayout(cu_seqlens, max_seqlen)
         window = window_at(cfg, step)

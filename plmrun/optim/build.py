@@ -9,6 +9,7 @@ matrices only: parameters with ndim >= 2 whose kind is not 'scalar'.
 Every group carries `name` and `base_lr`; `set_step(s)` sets lr = base_lr × lr_multiplier(s) and
 the Muon momentum warm-up. Call it before each step (the trainer owns the step counter).
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,8 +36,9 @@ class Optimizers:
     the parameter-group names that load_state_dict checks before touching any optimizer.
     """
 
-    def __init__(self, optimizers: list[torch.optim.Optimizer], cfg: OptimConfig, max_steps: int,
-                 model: torch.nn.Module):
+    def __init__(
+        self, optimizers: list[torch.optim.Optimizer], cfg: OptimConfig, max_steps: int, model: torch.nn.Module
+    ):
         self.optimizers = optimizers
         self.cfg = cfg
         self.max_steps = max_steps
@@ -85,13 +87,18 @@ class Optimizers:
     def check_param_groups(self, saved: list[list[str]]) -> None:
         """The guard: refuse state saved by other optimizers (its group names differ from this run's)."""
         if saved != self.param_group_names():
-            raise OptimizerStateError(f"optimizer state has parameter groups {saved}, this run has "
-                                      f"{self.param_group_names()} (different optim.optimizer or model?)")
+            raise OptimizerStateError(
+                f"optimizer state has parameter groups {saved}, this run has "
+                f"{self.param_group_names()} (different optim.optimizer or model?)"
+            )
 
     def state_dict(self) -> dict:
-        return {"param_group_names": self.param_group_names(),
-                "optim": get_optimizer_state_dict(self.model, self.optimizers),
-                "schedule_step": self.schedule_step, "grad_norm_history": list(self.grad_norm_history)}
+        return {
+            "param_group_names": self.param_group_names(),
+            "optim": get_optimizer_state_dict(self.model, self.optimizers),
+            "schedule_step": self.schedule_step,
+            "grad_norm_history": list(self.grad_norm_history),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.check_param_groups(state["param_group_names"])
@@ -100,8 +107,9 @@ class Optimizers:
         self.set_step(state["schedule_step"])
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, max_steps: int,
-                    ns_dtype: torch.dtype = torch.bfloat16) -> Optimizers:
+def build_optimizer(
+    model: torch.nn.Module, cfg: OptimConfig, max_steps: int, ns_dtype: torch.dtype = torch.bfloat16
+) -> Optimizers:
     """Group `model`'s trainable parameters by kind and build the optimizers for `cfg`.
 
     ns_dtype: Newton–Schulz precision (bf16 is fast; float32 for exact fp32 comparisons).
@@ -115,8 +123,15 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, max_steps: int,
         for flag, suffix in ((True, ""), (False, "_no_decay")):
             params = [named[n][0] for n in names if decay[n] == flag]
             if params:
-                out.append(dict(params=params, name=name + suffix, base_lr=lr, lr=lr,
-                                weight_decay=cfg.weight_decay if flag else 0.0))
+                out.append(
+                    dict(
+                        params=params,
+                        name=name + suffix,
+                        base_lr=lr,
+                        lr=lr,
+                        weight_decay=cfg.weight_decay if flag else 0.0,
+                    )
+                )
         return out
 
     if cfg.optimizer == "adamw":
@@ -125,24 +140,47 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, max_steps: int,
     by_kind = {k: [n for n, (_, kind) in named.items() if kind == k] for k in KINDS}
     for n in by_kind["hidden"]:
         if named[n][0].ndim != 2:
-            raise ValueError(f"parameter {n!r} of shape {tuple(named[n][0].shape)} is 'hidden' but Muon "
-                             "needs 2-D matrices (fix model.parameter_kinds())")
-    adam = (groups(by_kind["embed"], "embed", cfg.lr_embed) + groups(by_kind["head"], "head", cfg.lr_head)
-            + groups(by_kind["scalar"], "scalar", cfg.lr_scalar))
+            raise ValueError(
+                f"parameter {n!r} of shape {tuple(named[n][0].shape)} is 'hidden' but Muon "
+                "needs 2-D matrices (fix model.parameter_kinds())"
+            )
+    adam = (
+        groups(by_kind["embed"], "embed", cfg.lr_embed)
+        + groups(by_kind["head"], "head", cfg.lr_head)
+        + groups(by_kind["scalar"], "scalar", cfg.lr_scalar)
+    )
     opts: list[torch.optim.Optimizer] = []
     if by_kind["hidden"]:
         heads = attention_heads(model) if cfg.ns_per_head else {}
         if cfg.ns_per_head and not heads:
-            raise ValueError(f"optim.ns_per_head: {type(model).__name__} has no attention module with q/k/v "
-                             "Linear layers and a head count H")
+            raise ValueError(
+                f"optim.ns_per_head: {type(model).__name__} has no attention module with q/k/v "
+                "Linear layers and a head count H"
+            )
         whole = [n for n in by_kind["hidden"] if n not in heads]
         hidden = [dict(params=[named[n][0] for n in whole], name="hidden", base_lr=cfg.lr_hidden)] if whole else []
         for h in sorted(set(heads.values())):  # one group per head count, named "hidden" too (same schedule)
-            hidden.append(dict(params=[named[n][0] for n in by_kind["hidden"] if heads.get(n) == h], name="hidden",
-                               base_lr=cfg.lr_hidden, ns_blocks=h))
-        opts.append(Muon(hidden, lr=cfg.lr_hidden, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay,
-                         ns_steps=cfg.ns_steps, ns_dtype=ns_dtype, ns_coefficients=cfg.ns_coefficients,
-                         ns_gram=cfg.ns_gram, ns_every=cfg.ns_every))
+            hidden.append(
+                dict(
+                    params=[named[n][0] for n in by_kind["hidden"] if heads.get(n) == h],
+                    name="hidden",
+                    base_lr=cfg.lr_hidden,
+                    ns_blocks=h,
+                )
+            )
+        opts.append(
+            Muon(
+                hidden,
+                lr=cfg.lr_hidden,
+                momentum=cfg.muon_momentum,
+                weight_decay=cfg.weight_decay,
+                ns_steps=cfg.ns_steps,
+                ns_dtype=ns_dtype,
+                ns_coefficients=cfg.ns_coefficients,
+                ns_gram=cfg.ns_gram,
+                ns_every=cfg.ns_every,
+            )
+        )
     if adam:
         opts.append(torch.optim.AdamW(adam, betas=betas, eps=eps))
     return Optimizers(opts, cfg, max_steps, model)
@@ -166,8 +204,9 @@ def attention_heads(model: torch.nn.Module) -> dict[str, int]:
 def _named_kinds(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, str]]:
     """{name: (parameter, kind)} for trainable parameters, checked against parameter_kinds()."""
     if not hasattr(model, "parameter_kinds"):
-        raise ValueError(f"{type(model).__name__} has no parameter_kinds(); pass the model itself, "
-                         "not a DDP/torch.compile wrapper")
+        raise ValueError(
+            f"{type(model).__name__} has no parameter_kinds(); pass the model itself, not a DDP/torch.compile wrapper"
+        )
     kinds = model.parameter_kinds()
     params = dict(model.named_parameters())
     for name, kind in kinds.items():

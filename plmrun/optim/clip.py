@@ -7,10 +7,11 @@ auto-clip on, the smaller threshold wins. The history is a plain list of floats 
 `Optimizers` object keeps in its state_dict, so a resumed run clips exactly as an unbroken one.
 Works with FSDP2 DTensor gradients: the norm is reduced over the shards.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ def clip_gradients(params: Iterable[torch.Tensor], cfg: OptimConfig, history: li
     clip = cfg.grad_clip
     if cfg.auto_clip_percentile > 0:
         history.append(value)
-        del history[:-cfg.auto_clip_history]
+        del history[: -cfg.auto_clip_history]
         auto = float(np.percentile(history, cfg.auto_clip_percentile))
         clip = min(clip, auto) if clip > 0 else auto
     if clip > 0 and value > clip:

@@ -31,6 +31,7 @@ update's RMS 1/sqrt(cols), i.e. 1/sqrt(fan_in) for nn.Linear weights [out, in], 
 Requirement in a process group: gradients are identical on every rank (DDP after its all-reduce)
 or DTensors (FSDP2), and every rank steps the same parameters.
 """
+
 from __future__ import annotations
 
 import torch
@@ -75,13 +76,21 @@ def ns_schedule(coefficients: str, steps: int) -> list[tuple[float, float, float
         return list(POLAR_EXPRESS_COEFFICIENTS)
     if coefficients == "polar_express_3" and steps == len(POLAR_EXPRESS_3_COEFFICIENTS):
         return list(POLAR_EXPRESS_3_COEFFICIENTS)
-    raise ValueError(f"Newton-Schulz coefficients {coefficients!r} with {steps} steps: expected one of "
-                     f"{', '.join(NS_SCHEDULES)}, polar_express with exactly {len(POLAR_EXPRESS_COEFFICIENTS)} steps, "
-                     f"polar_express_3 with exactly {len(POLAR_EXPRESS_3_COEFFICIENTS)}")
+    raise ValueError(
+        f"Newton-Schulz coefficients {coefficients!r} with {steps} steps: expected one of "
+        f"{', '.join(NS_SCHEDULES)}, polar_express with exactly {len(POLAR_EXPRESS_COEFFICIENTS)} steps, "
+        f"polar_express_3 with exactly {len(POLAR_EXPRESS_3_COEFFICIENTS)}"
+    )
 
 
-def newton_schulz(g: torch.Tensor, steps: int, dtype: torch.dtype = torch.bfloat16, eps: float = 1e-7,
-                  coefficients: str = "quintic", gram: bool = False) -> torch.Tensor:
+def newton_schulz(
+    g: torch.Tensor,
+    steps: int,
+    dtype: torch.dtype = torch.bfloat16,
+    eps: float = 1e-7,
+    coefficients: str = "quintic",
+    gram: bool = False,
+) -> torch.Tensor:
     """Quintic Newton–Schulz iteration towards U·Vᵀ of g = U·S·Vᵀ; returns a `dtype` tensor.
 
     Each step maps every singular value s to a·s + b·s³ + c·s⁵ after dividing g by its Frobenius
@@ -140,22 +149,41 @@ class Muon(torch.optim.Optimizer):
     A param group may carry `ns_blocks` (default 1): its matrices' rows are split into that many
     equal blocks, each orthogonalised on its own (per attention head for Q/K/V)."""
 
-    def __init__(self, params, lr: float, momentum: float = 0.95, nesterov: bool = True,
-                 weight_decay: float = 0.0, ns_steps: int = 5, ns_dtype: torch.dtype = torch.bfloat16,
-                 ns_coefficients: str = "quintic", ns_gram: bool = False, ns_every: int = 1):
+    def __init__(
+        self,
+        params,
+        lr: float,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        ns_steps: int = 5,
+        ns_dtype: torch.dtype = torch.bfloat16,
+        ns_coefficients: str = "quintic",
+        ns_gram: bool = False,
+        ns_every: int = 1,
+    ):
         ns_schedule(ns_coefficients, ns_steps)  # refuse an unknown schedule here, not at the first step
         if ns_every < 1:
             raise ValueError(f"ns_every must be >= 1, got {ns_every}")
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps,
-                        ns_coefficients=ns_coefficients, ns_blocks=1)
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            ns_steps=ns_steps,
+            ns_coefficients=ns_coefficients,
+            ns_blocks=1,
+        )
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim != 2:
                     raise ValueError(f"Muon takes 2-D matrices only, got a parameter of shape {tuple(p.shape)}")
                 if p.shape[0] % group.get("ns_blocks", 1):
-                    raise ValueError(f"ns_blocks={group.get('ns_blocks', 1)} does not divide the {p.shape[0]} rows of a "
-                                     f"parameter of shape {tuple(p.shape)}")
+                    raise ValueError(
+                        f"ns_blocks={group.get('ns_blocks', 1)} does not divide the {p.shape[0]} rows of a "
+                        f"parameter of shape {tuple(p.shape)}"
+                    )
         self.ns_dtype = ns_dtype
         self.ns_gram = ns_gram
         self.ns_every = ns_every
@@ -176,7 +204,7 @@ class Muon(torch.optim.Optimizer):
                 self._momentum_update(p, group)
                 self._apply(p, group, self.state[p]["polar"])
         for start in range(0, len(work), world):
-            self._round(work[start:start + world], rank, world)
+            self._round(work[start : start + world], rank, world)
         return loss
 
     def _polar_due(self, p: torch.Tensor) -> bool:
@@ -187,8 +215,9 @@ class Muon(torch.optim.Optimizer):
     def _orthogonalise(self, u: torch.Tensor, group: dict) -> torch.Tensor:
         blocks = group.get("ns_blocks", 1)  # a group loaded from a checkpoint of before ns_blocks has none
         x = u.view(blocks, u.shape[0] // blocks, u.shape[1]) if blocks > 1 else u
-        o = newton_schulz(x, steps=group["ns_steps"], coefficients=group["ns_coefficients"], dtype=self.ns_dtype,
-                          gram=self.ns_gram)
+        o = newton_schulz(
+            x, steps=group["ns_steps"], coefficients=group["ns_coefficients"], dtype=self.ns_dtype, gram=self.ns_gram
+        )
         return o.reshape(u.shape)
 
     def _round(self, items: list, rank: int, world: int) -> None:
@@ -200,10 +229,10 @@ class Muon(torch.optim.Optimizer):
             size = max(u.numel() for u in full)
             mine = torch.zeros(size, dtype=self.ns_dtype, device=full[0].device)
             if rank < len(items):
-                mine[:full[rank].numel()] = self._orthogonalise(full[rank], items[rank][1]).flatten()
+                mine[: full[rank].numel()] = self._orthogonalise(full[rank], items[rank][1]).flatten()
             gathered = torch.empty(world * size, dtype=self.ns_dtype, device=mine.device)
             dist.all_gather_into_tensor(gathered, mine)
-            outs = [gathered[i * size:i * size + u.numel()].view(u.shape) for i, u in enumerate(full)]
+            outs = [gathered[i * size : i * size + u.numel()].view(u.shape) for i, u in enumerate(full)]
         for (p, group), o in zip(items, outs):
             o = o.to(p.dtype)
             if isinstance(p, DTensor):  # keep this rank's shard; src_data_rank=None: no communication

@@ -5,6 +5,7 @@ reaches the peak on its last step: m(s) = (s + 1) / W for s < W. Decay phases ar
 and reach `final_lr_ratio` at s = max_steps, one past the last step, so no step is wasted at LR 0
 and the first step after warm-up runs at the peak. Steps past max_steps stay at the final ratio.
 """
+
 from __future__ import annotations
 
 import math

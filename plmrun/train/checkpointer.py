@@ -3,10 +3,10 @@
 The format, the checks and the atomic write are plmrun/checkpoint.py's; this owns the cadence
 (train.checkpoint_every, every stop, the last step), keep_latest_k and the run's checkpoint folder.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 from plmrun import checkpoint as ckpt
 
@@ -14,13 +14,14 @@ from plmrun import checkpoint as ckpt
 class Checkpointer:
     """The checkpoints of one run directory: RUN/checkpoints/step_XXXXXXXX over the run's Stateful parts."""
 
-    def __init__(self, run_dir: Path, every: int, keep_latest_k: int, parts: Optional[dict] = None,
-                 resume: Optional[str] = None):
+    def __init__(
+        self, run_dir: Path, every: int, keep_latest_k: int, parts: dict | None = None, resume: str | None = None
+    ):
         self.run_dir, self.every, self.keep = Path(run_dir), every, keep_latest_k
-        self.resume = resume or f"resume with `plmrun train --resume {self.run_dir}`"   # how to continue the run
+        self.resume = resume or f"resume with `plmrun train --resume {self.run_dir}`"  # how to continue the run
         self.root = self.run_dir / "checkpoints"
         self.parts = parts or {}
-        self.last_saved: Optional[int] = None
+        self.last_saved: int | None = None
 
     def due(self, step: int, *, stopping: bool = False) -> bool:
         """Every `every` steps, and at any stop (the last step too: a crash in the final eval costs no training)."""
@@ -32,7 +33,7 @@ class Checkpointer:
         self.last_saved = step
         return path
 
-    def latest(self) -> Optional[Path]:
+    def latest(self) -> Path | None:
         return ckpt.latest_checkpoint(self.root)
 
     def load(self, path: Path) -> dict:
@@ -45,6 +46,5 @@ class Checkpointer:
         """Where to pick up after a stop: the newest checkpoint if there is one (never a folder that does not exist)."""
         latest = self.latest()
         if latest is None:
-            return (f"no checkpoint was saved yet (train.checkpoint_every={self.every}), "
-                    "so a rerun starts from step 0")
+            return f"no checkpoint was saved yet (train.checkpoint_every={self.every}), so a rerun starts from step 0"
         return f"the last good checkpoint is {latest} ({self.resume})"

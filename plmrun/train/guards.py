@@ -1,9 +1,10 @@
 """Checks that stop (or flag) a run going wrong: loss spikes, a train loss stuck above uniform guessing,
 and an eval loss above the unigram baseline. Each stop is one TrainingError line naming the cause."""
+
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 from plmrun.config import Config, OptimConfig, TrainConfig
 from plmrun.optim.schedule import steps_of
@@ -35,18 +36,22 @@ class SpikePolicy:
         st = self.state
         recent = st.recent_losses
         if c.loss_spike == "ignore" or not recent or loss <= c.loss_spike_factor * sum(recent) / len(recent):
-            st.recent_losses = (recent + [loss])[-c.loss_spike_window:]
+            st.recent_losses = (recent + [loss])[-c.loss_spike_window :]
             st.spikes_in_a_row = 0
             return False
         st.spikes += 1
         st.spikes_in_a_row += 1
-        msg = f"step {step}: loss spike {loss:.4f} > {c.loss_spike_factor} × recent mean {sum(recent) / len(recent):.4f}"
+        msg = (
+            f"step {step}: loss spike {loss:.4f} > {c.loss_spike_factor} × recent mean {sum(recent) / len(recent):.4f}"
+        )
         if c.loss_spike == "abort":
             raise TrainingError(f"{msg} (train.loss_spike=abort); {self.hint()}")
         if c.loss_spike == "skip" and st.spikes_in_a_row >= c.loss_spike_max_skips:
-            raise TrainingError(f"{msg}: {st.spikes_in_a_row} updates in a row skipped (train.loss_spike_max_skips="
-                                f"{c.loss_spike_max_skips}), so the loss has shifted, not spiked; lower the learning "
-                                f"rate (optim.lr_*) or use train.loss_spike=warn; {self.hint()}")
+            raise TrainingError(
+                f"{msg}: {st.spikes_in_a_row} updates in a row skipped (train.loss_spike_max_skips="
+                f"{c.loss_spike_max_skips}), so the loss has shifted, not spiked; lower the learning "
+                f"rate (optim.lr_*) or use train.loss_spike=warn; {self.hint()}"
+            )
         warn(f"warning: {msg}" + ("; update skipped" if c.loss_spike == "skip" else ""))
         return c.loss_spike == "skip"
 
@@ -58,8 +63,9 @@ def _cause(cfg: Config, precision: str) -> str:
     return cause
 
 
-def check_divergence(cfg: Config, state: TrainState, step: int, loss: float, precision: str,
-                     hint: Callable[[], str]) -> None:
+def check_divergence(
+    cfg: Config, state: TrainState, step: int, loss: float, precision: str, hint: Callable[[], str]
+) -> None:
     """Stop a run whose train loss stays above divergence_factor × ln(vocab) for divergence_steps steps in a row.
 
     ln(vocab) is the loss of guessing uniformly, where every run starts; a healthy run never stays at
@@ -73,10 +79,12 @@ def check_divergence(cfg: Config, state: TrainState, step: int, loss: float, pre
     state.diverging_steps = state.diverging_steps + 1 if loss > limit else 0
     if state.diverging_steps < t.divergence_steps:
         return
-    raise TrainingError(f"step {step}: training diverged: train loss {loss:.4f} above {limit:.2f} "
-                        f"({t.divergence_factor:g} × ln {VOCAB_SIZE}, uniform guessing) for "
-                        f"{state.diverging_steps} steps in a row; {_cause(cfg, precision)}; {hint()} "
-                        "(train.divergence_factor=0 turns this check off)")
+    raise TrainingError(
+        f"step {step}: training diverged: train loss {loss:.4f} above {limit:.2f} "
+        f"({t.divergence_factor:g} × ln {VOCAB_SIZE}, uniform guessing) for "
+        f"{state.diverging_steps} steps in a row; {_cause(cfg, precision)}; {hint()} "
+        "(train.divergence_factor=0 turns this check off)"
+    )
 
 
 def divergence_check_from(cfg: Config) -> int:
@@ -98,6 +106,8 @@ def check_eval_divergence(cfg: Config, state: TrainState, val: dict, precision: 
         return
     if val["loss"] <= val["unigram_loss"] + margin:
         return
-    raise TrainingError(f"step {step}: training diverged: val loss {val['loss']:.4f} is {-val['gain']:.2f} nats above "
-                        f"the unigram baseline {val['unigram_loss']:.4f} (train.divergence_margin={margin:g}); "
-                        f"{_cause(cfg, precision)}; {hint()} (train.divergence_margin=0 turns this check off)")
+    raise TrainingError(
+        f"step {step}: training diverged: val loss {val['loss']:.4f} is {-val['gain']:.2f} nats above "
+        f"the unigram baseline {val['unigram_loss']:.4f} (train.divergence_margin={margin:g}); "
+        f"{_cause(cfg, precision)}; {hint()} (train.divergence_margin=0 turns this check off)"
+    )

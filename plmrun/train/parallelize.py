@@ -3,6 +3,7 @@
 The model file knows nothing of this (torchtitan's split). Under torchrun we run DDP or FSDP2
 (`fully_shard` per block, then the root); NCCL on CUDA, gloo on CPU.
 """
+
 from __future__ import annotations
 
 import os
@@ -92,10 +93,12 @@ def parallelize(model: nn.Module, cfg: Config, env: DistEnv) -> nn.Module:
     blocks = model.blocks  # every PLM names its repeated blocks `blocks`
     if cfg.dist.activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
         for i, block in enumerate(blocks):
             blocks[i] = checkpoint_wrapper(block)
     if env.world_size > 1 and cfg.dist.strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
         mp = None
         if env.device.type == "cuda" and autocast_dtype(cfg, env.device) is not None:
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -107,6 +110,7 @@ def parallelize(model: nn.Module, cfg: Config, env: DistEnv) -> nn.Module:
         model.materialize(env.device)  # the constructor's own init, on the (sharded) storage
     if env.world_size > 1 and cfg.dist.strategy != "fsdp":
         from torch.nn.parallel import DistributedDataParallel as DDP
+
         model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     if cfg.train.compile:
         # Per block, in place (parameter names unchanged), static shapes: the micro-batch is always

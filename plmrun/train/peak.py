@@ -10,6 +10,7 @@ contended now, which the run reports. The first run on a machine takes the best 
 PLMRUN_PEAK_FLOPS (FLOP/s per device, e.g. 4.06e11) overrides the peak, e.g. with a datasheet figure.
 An MFU above 100% means the peak was underestimated: mfu() clamps it and flags it, it never shows it.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,6 +48,7 @@ class Peak:
     (first run with this key: best of FIRST_WINDOWS windows). quick: this start-up's rate.
     contended: quick < CONTENDED_BELOW × flops, i.e. other work slowed this start-up's matmul (never
     on a first run: nothing to compare with, which describe() says)."""
+
     flops: float
     source: str
     quick: float
@@ -59,8 +61,10 @@ class Peak:
         if self.source == "measured":
             text += "; first measurement with this key, contention unknown"
         if self.contended:
-            text += (f"; machine contended: start-up matmul {self.quick / 1e9:.0f} GFLOP/s, "
-                     f"{self.quick / self.flops:.0%} of the peak, so time and tok/s are slower than this machine's")
+            text += (
+                f"; machine contended: start-up matmul {self.quick / 1e9:.0f} GFLOP/s, "
+                f"{self.quick / self.flops:.0%} of the peak, so time and tok/s are slower than this machine's"
+            )
         return text
 
 
@@ -72,8 +76,10 @@ def machine_key(device: torch.device, dtype: torch.dtype, threads: int | None = 
         proc = f"{torch.cuda.get_device_name(device)} sm{major}{minor}"
     else:
         model, flags = cpu_model_and_flags()
-        proc = f"{model} [{' '.join(flags) or torch.backends.cpu.get_cpu_capability()}] " \
-               f"{threads or torch.get_num_threads()} threads"
+        proc = (
+            f"{model} [{' '.join(flags) or torch.backends.cpu.get_cpu_capability()}] "
+            f"{threads or torch.get_num_threads()} threads"
+        )
     return f"{device.type}|{proc}|torch {torch.__version__}|{str(dtype).removeprefix('torch.')}"
 
 
@@ -107,7 +113,7 @@ def time_matmul(device: torch.device, dtype: torch.dtype, seconds: float = 0.4, 
         reps += 1
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    return 2.0 * n ** 3 * reps / (time.perf_counter() - t0)
+    return 2.0 * n**3 * reps / (time.perf_counter() - t0)
 
 
 def cache_file() -> Path:
@@ -120,15 +126,19 @@ def read_cache(path: Path) -> dict:
     (the peak is measured again and the file rewritten)."""
     try:
         data = json.loads(path.read_text())
-        if not isinstance(data, dict) or not all(isinstance(v, dict) and _positive(v.get("flops"))
-                                                 and _positive(v.get("runs", 1)) for v in data.values()):
+        if not isinstance(data, dict) or not all(
+            isinstance(v, dict) and _positive(v.get("flops")) and _positive(v.get("runs", 1)) for v in data.values()
+        ):
             raise ValueError("not a {key: {flops: number, runs: count}} table")
         return data
     except (FileNotFoundError, NotADirectoryError):  # no cache yet (the write says why if it cannot make one)
         return {}
     except (OSError, ValueError) as e:
-        print(f"warning: {path}: unreadable matmul peak cache ({str(e).splitlines()[0]}); measuring again",
-              file=sys.stderr, flush=True)
+        print(
+            f"warning: {path}: unreadable matmul peak cache ({str(e).splitlines()[0]}); measuring again",
+            file=sys.stderr,
+            flush=True,
+        )
         return {}
 
 
@@ -145,8 +155,9 @@ def write_cache(path: Path, data: dict) -> None:
         raise
 
 
-def stable_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.4, update: bool = True,
-                n: int = 0) -> Peak:
+def stable_peak(
+    device: torch.device, dtype: torch.dtype, seconds: float = 0.4, update: bool = True, n: int = 0
+) -> Peak:
     """The MFU denominator for `device`/`dtype` at the current thread count: PLMRUN_PEAK_FLOPS if set,
     else max(cached best, this start-up's rate), the cache raised to it (update=False: read only,
     e.g. on ranks other than 0). contended compares this start-up's rate to that peak. n: matmul size
@@ -159,8 +170,10 @@ def stable_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.4, 
         except ValueError:
             flops = float("nan")
         if not _positive(flops):
-            raise PeakError(f"{PEAK_ENV}={override!r}: expected the peak in FLOP/s per device, a positive number "
-                            "such as 4.06e11; unset it to use the measured best")
+            raise PeakError(
+                f"{PEAK_ENV}={override!r}: expected the peak in FLOP/s per device, a positive number "
+                "such as 4.06e11; unset it to use the measured best"
+            )
         quick = time_matmul(device, dtype, seconds, n)
         return Peak(flops, "override", quick, quick < CONTENDED_BELOW * flops, key)
     path = cache_file()

@@ -4,6 +4,7 @@ Layout (docs/reference/run-directory.md): config.yaml, environment.json, metrics
 model/{model.safetensors,config.json}, checkpoints/step_XXXXXXXX/, plots/*.png, tb/ (optional), .lock (flocked
 by rank 0 while it trains).
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -14,7 +15,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
 
 import yaml
 
@@ -41,12 +41,25 @@ def config_yaml(cfg: Config) -> str:
 
 INIT_FILE = "init_from.txt"
 "The --init-from-hf source a run started from (absent: random init); part of the run's identity."
-RUN_ENTRIES = ("config.yaml", INIT_FILE, ".lock", "environment.json", "metrics.jsonl", "summary.json", "model",
-               "checkpoints", "plots", "tb", "wandb", "hf", UNIGRAM_FILE)
+RUN_ENTRIES = (
+    "config.yaml",
+    INIT_FILE,
+    ".lock",
+    "environment.json",
+    "metrics.jsonl",
+    "summary.json",
+    "model",
+    "checkpoints",
+    "plots",
+    "tb",
+    "wandb",
+    "hf",
+    UNIGRAM_FILE,
+)
 "What a run directory holds (docs/run-directory.md): anything else is the user's, and never removed."
 
 
-def prepare_run_dir(cfg: Config, name: str, *, resume: bool, init_from: Optional[str] = None) -> tuple[Path, bool]:
+def prepare_run_dir(cfg: Config, name: str, *, resume: bool, init_from: str | None = None) -> tuple[Path, bool]:
     """Create runs/<name>, or reopen it for resuming. Returns (path, is_resume).
 
     An existing directory is reopened only when it holds the same config and has not finished;
@@ -62,15 +75,20 @@ def prepare_run_dir(cfg: Config, name: str, *, resume: bool, init_from: Optional
             raise RunDirError(f"{path} finished at step {finished_step(path)} (summary.json); nothing to resume")
     elif resume:
         raise RunDirError(f"{path}: no such run directory to resume")
-    if claim_run_dir(path, config_yaml(cfg), rerun=f"resume it with `plmrun train --resume {path}`",
-                     name_flag="--logging.name"):
+    if claim_run_dir(
+        path, config_yaml(cfg), rerun=f"resume it with `plmrun train --resume {path}`", name_flag="--logging.name"
+    ):
         if not resume and _init_source(path) != _source(init_from):
-            raise RunDirError(f"{path}: started from {_init_source(path) or 'random init'}, not "
-                              f"{_source(init_from) or 'random init'}; resume it with `plmrun train --resume {path}` "
-                              "or choose another --logging.name")
+            raise RunDirError(
+                f"{path}: started from {_init_source(path) or 'random init'}, not "
+                f"{_source(init_from) or 'random init'}; resume it with `plmrun train --resume {path}` "
+                "or choose another --logging.name"
+            )
         if resume and latest_step(path) is None:
-            raise RunDirError(f"{path} has no checkpoint yet; rerun the command that started it without --resume"
-                              " to continue it (from step 0)")
+            raise RunDirError(
+                f"{path} has no checkpoint yet; rerun the command that started it without --resume"
+                " to continue it (from step 0)"
+            )
         return path, True
     if init_from:
         (path / INIT_FILE).write_text(_source(init_from) + "\n")
@@ -96,7 +114,8 @@ def claim_run_dir(path: Path, text: str, *, rerun: str, name_flag: str) -> bool:
 
 
 EXTENDABLE = ("train.max_steps", "train.max_time", "logging.progress")
-"Keys `plmrun train --resume RUN --key=value` may change: when the run stops and how it prints, not what a step computes."
+"""Keys `plmrun train --resume RUN --key=value` may change: when the run stops and how it prints, not
+what a step computes."""
 HISTORY_FILE = "config_history.jsonl"
 "One line per resume that changed the config: the step it continued from and each changed key's old and new value."
 
@@ -109,15 +128,22 @@ def extension_changes(saved: Config, cfg: Config) -> dict[str, list]:
     """{key: [old, new]} of what a resume changes; a ConfigError unless each key is in EXTENDABLE and
     train.max_steps, if changed, is raised (a run's steps so far stay the steps of its new schedule)."""
     from plmrun.config import ConfigError
+
     old, new = _flat(saved), _flat(cfg)
-    changes = {k: [old[k], new[k]] for k in new if old.get(k) != new[k] and k not in ("logging.run_root", "logging.name")}
+    changes = {
+        k: [old[k], new[k]] for k in new if old.get(k) != new[k] and k not in ("logging.run_root", "logging.name")
+    }
     refused = [k for k in changes if k not in EXTENDABLE]
     if refused:
-        raise ConfigError(f"--resume: --{refused[0]} would change what the run computes; a resume may change only "
-                          f"{', '.join(EXTENDABLE)} (start a new run for other settings)")
+        raise ConfigError(
+            f"--resume: --{refused[0]} would change what the run computes; a resume may change only "
+            f"{', '.join(EXTENDABLE)} (start a new run for other settings)"
+        )
     if "train.max_steps" in changes and changes["train.max_steps"][1] < changes["train.max_steps"][0]:
-        raise ConfigError(f"--resume: train.max_steps {changes['train.max_steps'][1]} is below the run's "
-                          f"{changes['train.max_steps'][0]}; an extension may only raise it")
+        raise ConfigError(
+            f"--resume: train.max_steps {changes['train.max_steps'][1]} is below the run's "
+            f"{changes['train.max_steps'][0]}; an extension may only raise it"
+        )
     return changes
 
 
@@ -125,15 +151,16 @@ def _extend(path: Path, cfg: Config) -> None:
     """A resume with changed EXTENDABLE keys: recorded in config_history.jsonl, then config.yaml rewritten;
     a finished run whose stop the change lifts is reopened (its summary.json kept as summary.step_N.json)."""
     from plmrun.config import load_yaml
+
     changes = extension_changes(load_yaml(path / "config.yaml"), cfg)
     if not changes:
         return
     step = latest_step(path)
     if step is None:
-        return   # no checkpoint: refused below with what to do
+        return  # no checkpoint: refused below with what to do
     summary = path / "summary.json"
     if summary.exists() and not {"train.max_steps", "train.max_time"} & changes.keys():
-        return   # still finished: refused below
+        return  # still finished: refused below
     record = {"step": step, "changes": changes, "time": _dt.datetime.now().isoformat(timespec="seconds")}
     with open(path / HISTORY_FILE, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -151,26 +178,27 @@ def _summary_steps(summary: Path) -> str:
         return "unknown"
 
 
-def _source(init_from: Optional[str]) -> Optional[str]:
+def _source(init_from: str | None) -> str | None:
     """An --init-from-hf argument as recorded: a local path made absolute, a Hub name as given."""
     if not init_from:
         return None
     return str(Path(init_from).resolve()) if Path(init_from).exists() else str(init_from)
 
 
-def _init_source(run: Path) -> Optional[str]:
+def _init_source(run: Path) -> str | None:
     file = Path(run) / INIT_FILE
     return file.read_text().strip() if file.is_file() else None
 
 
-def choose_run_dir(cfg: Config, resume: Optional[str],
-                   init_from: Optional[str] = None) -> tuple[Path, bool, Optional[str], "RunLock"]:
+def choose_run_dir(
+    cfg: Config, resume: str | None, init_from: str | None = None
+) -> tuple[Path, bool, str | None, RunLock]:
     """Rank 0's choice of run directory: (path, continuing, a line to print or None, the lock held on it).
 
     A run's identity is its config and its --init-from-hf source: without --logging.name, the newest
-    unfinished run under run_root with the same identity (and no live process) is continued rather than started over, which is also
-    what makes a torchrun --max-restarts restart continue its own run. A named run that died before
-    its first checkpoint does not block its name: with another config it is replaced.
+    unfinished run under run_root with the same identity (and no live process) is continued rather than
+    started over, which is also what makes a torchrun --max-restarts restart continue its own run. A named
+    run that died before its first checkpoint does not block its name: with another config it is replaced.
     """
     root = Path(cfg.logging.run_root)
     note = None
@@ -181,8 +209,10 @@ def choose_run_dir(cfg: Config, resume: Optional[str],
         path = root / name
         if _replaceable(path, cfg, init_from):
             shutil.rmtree(path)
-            note = (f"replacing {path}: it has another config or --init-from-hf source and stopped before its first "
-                    "checkpoint")
+            note = (
+                f"replacing {path}: it has another config or --init-from-hf source and stopped before its first "
+                "checkpoint"
+            )
     else:
         found = find_unfinished_run(cfg, init_from)
         if found is not None:
@@ -198,11 +228,13 @@ def choose_run_dir(cfg: Config, resume: Optional[str],
 
 
 def _continuing(path: Path) -> str:
-    return (f"continuing unfinished run {path} (same config) from step {latest_step(path) or 0}; pass "
-            "--logging.name NEW to start a separate run")
+    return (
+        f"continuing unfinished run {path} (same config) from step {latest_step(path) or 0}; pass "
+        "--logging.name NEW to start a separate run"
+    )
 
 
-def find_unfinished_run(cfg: Config, init_from: Optional[str] = None) -> Optional[Path]:
+def find_unfinished_run(cfg: Config, init_from: str | None = None) -> Path | None:
     """The newest run under run_root with this config and init source, no summary.json and no process training it."""
     root = Path(cfg.logging.run_root)
     want = _normalised(config_yaml(cfg))
@@ -220,9 +252,10 @@ def find_unfinished_run(cfg: Config, init_from: Optional[str] = None) -> Optiona
     return max(found)[2] if found else None
 
 
-def latest_step(run: Path) -> Optional[int]:
+def latest_step(run: Path) -> int | None:
     """Step of the run's newest complete checkpoint, None without one."""
     from plmrun.checkpoint import latest_checkpoint
+
     latest = latest_checkpoint(Path(run) / "checkpoints")
     return None if latest is None else int(latest.name.split("_")[1])
 
@@ -231,6 +264,7 @@ def resume_config(run: Path, overrides: list[str]) -> Config:
     """The config of `plmrun train --resume RUN [overrides]`: RUN's config.yaml with the overrides applied,
     which may only change EXTENDABLE keys (checked again, and recorded, when the run directory is reopened)."""
     from plmrun.config import ConfigError, build_config, load_yaml, validate
+
     file = Path(run) / "config.yaml"
     if not file.is_file():
         raise ConfigError(f"{run}: not a run directory (no config.yaml)")
@@ -248,22 +282,25 @@ def finished_step(run: Path) -> str:
         return "?"
 
 
-def _replaceable(path: Path, cfg: Config, init_from: Optional[str] = None) -> bool:
+def _replaceable(path: Path, cfg: Config, init_from: str | None = None) -> bool:
     """An unfinished plmrun run with another config or init source and no checkpoint: nothing in it is worth keeping."""
     saved = path / "config.yaml"
     if not saved.is_file() or (path / "summary.json").exists() or latest_step(path) is not None:
         return False
     _refuse_if_running(path)
     try:
-        other = (_normalised(saved.read_text()) != _normalised(config_yaml(cfg))
-                 or _init_source(path) != _source(init_from))
+        other = _normalised(saved.read_text()) != _normalised(config_yaml(cfg)) or _init_source(path) != _source(
+            init_from
+        )
     except (yaml.YAMLError, AttributeError):
         return False
     foreign = foreign_entries(path, RUN_ENTRIES)
     if other and foreign:  # replacing it would delete what plmrun did not write
-        raise RunDirError(f"{path}: has another config and stopped before its first checkpoint, but holds files "
-                          f"plmrun did not write ({names_line(foreign)}); move them away or choose another "
-                          "--logging.name")
+        raise RunDirError(
+            f"{path}: has another config and stopped before its first checkpoint, but holds files "
+            f"plmrun did not write ({names_line(foreign)}); move them away or choose another "
+            "--logging.name"
+        )
     return other
 
 
@@ -273,8 +310,9 @@ def _refuse_if_running(path: Path) -> None:
 
 
 def _busy(path: Path) -> RunDirError:
-    return RunDirError(f"{path}: another process is training this run right now; wait for it or choose another "
-                       "--logging.name")
+    return RunDirError(
+        f"{path}: another process is training this run right now; wait for it or choose another --logging.name"
+    )
 
 
 class RunLock:
@@ -283,6 +321,7 @@ class RunLock:
 
     def __init__(self, run: Path):
         import fcntl
+
         self.fd = os.open(Path(run) / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -293,6 +332,7 @@ class RunLock:
     @staticmethod
     def held(run: Path) -> bool:
         import fcntl
+
         if not (Path(run) / ".lock").exists():
             return False
         fd = os.open(Path(run) / ".lock", os.O_RDWR)
@@ -317,12 +357,17 @@ def _normalised(text: str) -> dict:
     return d
 
 
-def git_commit() -> Optional[str]:
+def git_commit() -> str | None:
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0:
@@ -333,7 +378,9 @@ def git_commit() -> Optional[str]:
 def environment_info(device, world_size: int, data: dict) -> dict:
     import numpy
     import torch
+
     import plmrun
+
     info = {
         "plmrun": plmrun.__version__,
         "git_commit": git_commit(),
@@ -365,11 +412,14 @@ class MetricsLog:
         self.tb = self.wandb = None
         if enabled and cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
+
             self.tb = SummaryWriter(str(path / "tb"))
         if enabled and cfg.logging.wandb:
             import wandb
-            self.wandb = wandb.init(project=cfg.logging.wandb_project, name=run_name, dir=str(path),
-                                    config=cfg.to_dict(), resume="allow")
+
+            self.wandb = wandb.init(
+                project=cfg.logging.wandb_project, name=run_name, dir=str(path), config=cfg.to_dict(), resume="allow"
+            )
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -378,8 +428,11 @@ class MetricsLog:
         self.file.flush()
         step = record.get("step", 0)
         prefix = record.get("kind", "train")
-        scalars = {f"{prefix}/{k}": v for k, v in record.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "kind")}
+        scalars = {
+            f"{prefix}/{k}": v
+            for k, v in record.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "kind")
+        }
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, step)
@@ -414,16 +467,20 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
 def plot_curves(path: Path) -> list[Path]:
     """loss vs tokens and vs training time (train and val) as PNGs under plots/."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     records = read_metrics(path)
     train = [r for r in records if r.get("kind") == "train"]
     val = [r for r in records if r.get("kind") == "eval" and not r.get("final")]
     out_dir = Path(path) / "plots"
     out_dir.mkdir(exist_ok=True)
     written = []
-    for xkey, xlabel, fname in (("tokens", "training tokens", "loss_vs_tokens.png"),
-                                ("train_time_s", "training time (s)", "loss_vs_time.png")):
+    for xkey, xlabel, fname in (
+        ("tokens", "training tokens", "loss_vs_tokens.png"),
+        ("train_time_s", "training time (s)", "loss_vs_time.png"),
+    ):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         if train:
             ax.plot([r[xkey] for r in train], [r["loss"] for r in train], label="train loss", alpha=0.6)

@@ -1,11 +1,11 @@
 """Why a run stops: the reasons, the signal flag, train.max_time, and the reliability tests' injected faults."""
+
 from __future__ import annotations
 
 import os
 import signal
 import time
 from enum import Enum
-from typing import Optional
 
 import torch
 
@@ -15,6 +15,7 @@ from plmrun.train.parallelize import all_reduce_sum, unwrap
 
 class StopReason(str, Enum):
     """Why the loop ended; the value is what summary.json's "stopped" says."""
+
     MAX_STEPS = "max_steps"
     MAX_TIME = "max_time"
     TARGET = "stop_at_val_loss"
@@ -34,10 +35,10 @@ class StopFlag:
     """
 
     def __init__(self):
-        self.signal: Optional[int] = None
+        self.signal: int | None = None
         self._old = {}
 
-    def __enter__(self) -> "StopFlag":
+    def __enter__(self) -> StopFlag:
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._old[sig] = signal.signal(sig, self._handle)

@@ -1,8 +1,8 @@
 """A finished run's summary: summary.json's fields and the lines printed at the end."""
+
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 from plmrun.config import Config
 from plmrun.train.peak import Peak
@@ -10,9 +10,23 @@ from plmrun.train.peak import mfu as model_flops_utilisation
 from plmrun.train.state import TrainState
 
 
-def summarize(cfg: Config, *, name: str, run_dir, state: TrainState, n_params: int, n_dense: int, peak: Peak,
-              device, world_size: int, precision: str, final_full: Optional[dict], reason: str, launch: float,
-              records: list[dict]) -> dict:
+def summarize(
+    cfg: Config,
+    *,
+    name: str,
+    run_dir,
+    state: TrainState,
+    n_params: int,
+    n_dense: int,
+    peak: Peak,
+    device,
+    world_size: int,
+    precision: str,
+    final_full: dict | None,
+    reason: str,
+    launch: float,
+    records: list[dict],
+) -> dict:
     evals = [r for r in records if r.get("kind") == "eval" and not r.get("final")]
     final_val = {k[4:]: v for k, v in evals[-1].items() if k.startswith("val_")} if evals else None
     t = state.train_time_s
@@ -54,43 +68,57 @@ def summarize(cfg: Config, *, name: str, run_dir, state: TrainState, n_params: i
     return summary
 
 
-def unigram_warning(s: dict) -> Optional[str]:
+def unigram_warning(s: dict) -> str | None:
     """A line for a run whose final val loss is above the unigram baseline's (it learned less than residue
     frequencies), else None."""
     if not s.get("worse_than_unigram"):
         return None
     last = s["final_full_val"] or s["final_val"]
     which = "full valid split" if s["final_full_val"] else "eval subset"
-    return (f"warning: the final val loss {last['loss']:.4f} ({which}) is worse than the unigram baseline "
-            f"{last['unigram_loss']:.4f} (gain {last['gain']:.4f} nats): the model predicts masked residues worse "
-            "than the training split's residue frequencies; train longer or check the learning rates")
+    return (
+        f"warning: the final val loss {last['loss']:.4f} ({which}) is worse than the unigram baseline "
+        f"{last['unigram_loss']:.4f} (gain {last['gain']:.4f} nats): the model predicts masked residues worse "
+        "than the training split's residue frequencies; train longer or check the learning rates"
+    )
 
 
 def mfu_text(s: dict) -> str:
     """MFU as printed: a rate above the peak is shown as a bound (the peak was underestimated), never > 100%."""
     if s.get("mfu_capped"):
-        return f"≥{s['mfu']:.0%} (the model FLOP rate exceeded the peak {s['peak_flops_per_device'] / 1e9:.0f} " \
-               "GFLOP/s: set PLMRUN_PEAK_FLOPS to this machine's real peak)"
+        return (
+            f"≥{s['mfu']:.0%} (the model FLOP rate exceeded the peak {s['peak_flops_per_device'] / 1e9:.0f} "
+            "GFLOP/s: set PLMRUN_PEAK_FLOPS to this machine's real peak)"
+        )
     return f"{s['mfu']:.1%}"
 
 
 def summary_lines(s: dict) -> str:
-    lines = [f"run {s['run_dir']}: {s['steps']} steps, {s['tokens']:,} tokens in {s['train_time_s']:.1f} s of training"
-             f" ({s['total_time_s']:.1f} s total) — {s['tok_per_s']:,.0f} tok/s, MFU {mfu_text(s)}"]
+    lines = [
+        f"run {s['run_dir']}: {s['steps']} steps, {s['tokens']:,} tokens in {s['train_time_s']:.1f} s of training"
+        f" ({s['total_time_s']:.1f} s total) — {s['tok_per_s']:,.0f} tok/s, MFU {mfu_text(s)}"
+    ]
     if s["final_val"]:
-        lines.append(f"val loss (first {s['eval_subset'] or 'all'} valid sequences): {s['final_val']['loss']:.4f}"
-                     f"  best {s['best_val_loss']:.4f}")
+        lines.append(
+            f"val loss (first {s['eval_subset'] or 'all'} valid sequences): {s['final_val']['loss']:.4f}"
+            f"  best {s['best_val_loss']:.4f}"
+        )
     if s["final_full_val"]:
         f = s["final_full_val"]
-        lines.append(f"full valid split: loss {f['loss']:.4f}  ppl {f['perplexity']:.2f}  acc {f['accuracy']:.3f}"
-                     f"  F1 {f['f1']:.3f}  MCC {f['mcc']:.3f}  unigram loss {f['unigram_loss']:.4f}"
-                     f"  gain {f['gain']:.4f}")
+        lines.append(
+            f"full valid split: loss {f['loss']:.4f}  ppl {f['perplexity']:.2f}  acc {f['accuracy']:.3f}"
+            f"  F1 {f['f1']:.3f}  MCC {f['mcc']:.3f}  unigram loss {f['unigram_loss']:.4f}"
+            f"  gain {f['gain']:.4f}"
+        )
     for thr, r in sorted(s["time_to_target"].items(), key=lambda kv: -float(kv[0])):
-        lines.append(f"time-to-target {thr}: {r['train_time_s']:.1f} s training ({r['wall_time_s_incl_eval']:.1f} s incl."
-                     f" eval), {r['tokens']:,} tokens, step {r['step']}")
+        lines.append(
+            f"time-to-target {thr}: {r['train_time_s']:.1f} s training ({r['wall_time_s_incl_eval']:.1f} s incl."
+            f" eval), {r['tokens']:,} tokens, step {r['step']}"
+        )
     if s.get("machine_contended"):
-        lines.append("note: the machine was contended at start-up (other work slowed its matmul): times and tok/s "
-                     "are slower than this machine's")
+        lines.append(
+            "note: the machine was contended at start-up (other work slowed its matmul): times and tok/s "
+            "are slower than this machine's"
+        )
     warning = unigram_warning(s)
     if warning:
         lines.append(warning)

@@ -9,6 +9,7 @@ The pieces (torchtitan's split): `Trainer` builds the run and steps it; `TrainSt
 checkpointed counters; `Checkpointer` decides when to save; `Evaluator` decides when to evaluate and
 tracks the targets; `stopping` says why the loop ended.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,7 +20,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,20 +30,40 @@ from plmrun.errors import PlmrunError
 from plmrun.train.checkpointer import Checkpointer
 from plmrun.train.evaluator import Evaluator
 from plmrun.train.guards import SpikePolicy, check_divergence, check_eval_divergence
-from plmrun.train.inputs import (build_train_loader, grad_accum_for, open_test_split, open_training_data,
-                                 require_splits, resume_grad_accum)
+from plmrun.train.inputs import (
+    build_train_loader,
+    grad_accum_for,
+    open_test_split,
+    open_training_data,
+    require_splits,
+    resume_grad_accum,
+)
+from plmrun.train.parallelize import (
+    DistEnv,
+    all_reduce_sum,
+    autocast_dtype,
+    init_distributed,
+    native_bf16,
+    parallelize,
+    unwrap,
+)
 from plmrun.train.peak import mfu as model_flops_utilisation
 from plmrun.train.peak import stable_peak
-from plmrun.train.parallelize import (DistEnv, all_reduce_sum, autocast_dtype, init_distributed, native_bf16,
-                                      parallelize, unwrap)
-from plmrun.train.rundir import (MetricsLog, choose_run_dir, environment_info, plot_curves, read_metrics,
-                                 truncate_metrics, write_json_atomic)
+from plmrun.train.rundir import (
+    MetricsLog,
+    choose_run_dir,
+    environment_info,
+    plot_curves,
+    read_metrics,
+    truncate_metrics,
+    write_json_atomic,
+)
 from plmrun.train.state import TrainingError, TrainState
 from plmrun.train.stopping import StopFlag, StopReason, TimeBudget, any_rank, inject_fault
 from plmrun.train.summary import summarize, summary_lines
 
 
-def train(cfg: Config, *, resume: Optional[str] = None, init_from_hf: Optional[str] = None) -> dict:
+def train(cfg: Config, *, resume: str | None = None, init_from_hf: str | None = None) -> dict:
     """Train as configured; returns the summary (also written to summary.json).
 
     Stopped by SIGTERM/SIGINT: saves a checkpoint and returns {"stopped": "signal N", "exit_code": 128 + N, ...}
@@ -51,14 +71,13 @@ def train(cfg: Config, *, resume: Optional[str] = None, init_from_hf: Optional[s
     """
     held = []  # rank 0's lock on the run directory, released however train() ends
     try:
-        return run_to_end(Trainer(cfg, resume=resume, init_from_hf=init_from_hf, launch=time.perf_counter(),
-                                  held=held))
+        return run_to_end(Trainer(cfg, resume=resume, init_from_hf=init_from_hf, launch=time.perf_counter(), held=held))
     finally:
         for lock in held:
             lock.release()
 
 
-def run_to_end(trainer: "Trainer") -> dict:
+def run_to_end(trainer: Trainer) -> dict:
     """The loop under a SIGTERM/SIGINT flag, then the trainer's ending (final evals and summary, or where to resume)."""
     with StopFlag() as stop:
         try:
@@ -75,8 +94,7 @@ class Trainer:
     finetune) builds its own in its constructor and overrides `loss_sum`, `train_record` and `finish`.
     """
 
-    def __init__(self, cfg: Config, *, resume: Optional[str], init_from_hf: Optional[str], launch: float,
-                 held: list):
+    def __init__(self, cfg: Config, *, resume: str | None, init_from_hf: str | None, launch: float, held: list):
         self.launch, self.progress = launch, None
         self.env = env = init_distributed(cfg)
         if env.device.type == "cpu":
@@ -88,12 +106,14 @@ class Trainer:
             require_splits(cfg, Path(cfg.data.dataset))  # so is a dataset without the splits training needs
         if cfg.logging.push_to_hub:
             from plmrun.eval.export import hub_token
+
             hub_token()  # no token: stop now, not after training
 
         def decide():  # rank 0 picks the run directory and checkpoint, everyone agrees; the lock stays in `held`
             run_dir, continuing, note, lock = choose_run_dir(cfg, resume, init_from_hf)
             held.append(lock)
             return run_dir, continuing, note, (ckpt.latest_checkpoint(run_dir / "checkpoints") if continuing else None)
+
         self.run_dir, is_resume, note, latest = from_rank0(env, decide)
         if note and env.is_main:
             print(note, flush=True)
@@ -105,8 +125,9 @@ class Trainer:
         unigram = _unigram_baseline(self.run_dir, train_src, data_path, cfg, env)
         test_src = open_test_split(cfg, data_path) if cfg.eval.final_test else None
         if latest is not None:
-            accum = resume_grad_accum(ckpt.read_train_state(latest), env.world_size, cfg.train.grad_accum, latest,
-                                      verbose=env.is_main)
+            accum = resume_grad_accum(
+                ckpt.read_train_state(latest), env.world_size, cfg.train.grad_accum, latest, verbose=env.is_main
+            )
             if accum != cfg.train.grad_accum:
                 cfg = _with_grad_accum(cfg, accum)
         self.cfg = cfg
@@ -118,11 +139,15 @@ class Trainer:
         self.model = parallelize(plm, cfg, env)
 
         from plmrun.optim.build import build_optimizer
+
         self.amp_dtype = autocast_dtype(cfg, env.device)
         if self.amp_dtype is not None and not native_bf16(env.device) and env.is_main:
-            print(f"warning: train.precision={cfg.train.precision}, but bf16 matmuls are emulated on this "
-                  f"{env.device.type} (tens of times slower than fp32); train.precision=auto picks fp32 here",
-                  file=sys.stderr, flush=True)
+            print(
+                f"warning: train.precision={cfg.train.precision}, but bf16 matmuls are emulated on this "
+                f"{env.device.type} (tens of times slower than fp32); train.precision=auto picks fp32 here",
+                file=sys.stderr,
+                flush=True,
+            )
         # Newton-Schulz in fp32 for fp32 runs, so distributed and resumed runs match single-process ones exactly,
         # and where bf16 matmuls are emulated (bf16 Newton-Schulz is much slower than fp32 there).
         ns_dtype = torch.bfloat16 if self.amp_dtype is not None and native_bf16(env.device) else torch.float32
@@ -131,13 +156,26 @@ class Trainer:
         self.peak_info = stable_peak(env.device, self.amp_dtype or torch.float32, update=env.is_main)
         self.peak = self.peak_info.flops
 
-        data_info = {"dataset": str(data_path), "train_fingerprint": train_src.fingerprint,
-                     "valid_fingerprint": self.valid_src.fingerprint, "train_sequences": len(train_src),
-                     "valid_sequences": len(self.valid_src)}
+        data_info = {
+            "dataset": str(data_path),
+            "train_fingerprint": train_src.fingerprint,
+            "valid_fingerprint": self.valid_src.fingerprint,
+            "train_sequences": len(train_src),
+            "valid_sequences": len(self.valid_src),
+        }
         self.state = TrainState(world_x_accum=env.world_size * cfg.train.grad_accum, data=data_info)
-        self.checkpointer = Checkpointer(self.run_dir, cfg.train.checkpoint_every, cfg.train.keep_latest_k,
-                                         {"model": ckpt.ModelState(self.model), "optimizers": self.optimizers,
-                                          "loader": self.loader, "trainer": self.state, "rng": ckpt.RNGState()})
+        self.checkpointer = Checkpointer(
+            self.run_dir,
+            cfg.train.checkpoint_every,
+            cfg.train.keep_latest_k,
+            {
+                "model": ckpt.ModelState(self.model),
+                "optimizers": self.optimizers,
+                "loader": self.loader,
+                "trainer": self.state,
+                "rng": ckpt.RNGState(),
+            },
+        )
         if latest is not None:
             self.state.check_continues(ckpt.read_train_state(latest), latest)
             self.checkpointer.load(latest)
@@ -146,14 +184,19 @@ class Trainer:
                 truncate_metrics(self.run_dir, self.state.step)
             if latest is None:
                 (self.run_dir / "environment.json").write_text(
-                    json.dumps(environment_info(env.device, env.world_size, data_info), indent=2))
+                    json.dumps(environment_info(env.device, env.world_size, data_info), indent=2)
+                )
         self.log = MetricsLog(self.run_dir, cfg, self.name, enabled=env.is_main)  # after the truncation
-        self.evaluator = Evaluator(cfg, env, self.model, self.state, self.log, self.say, self.valid_src, test_src,
-                                   unigram)
+        self.evaluator = Evaluator(
+            cfg, env, self.model, self.state, self.log, self.say, self.valid_src, test_src, unigram
+        )
         if env.is_main:
-            print(f"plmrun: run {self.run_dir}  params {self.n_params/1e6:.2f}M  device {env.device}  world "
-                  f"{env.world_size}  precision {self.precision}  {self.peak_info.describe()}"
-                  + (f"  resumed at step {self.state.step}" if latest is not None else ""), flush=True)
+            print(
+                f"plmrun: run {self.run_dir}  params {self.n_params / 1e6:.2f}M  device {env.device}  world "
+                f"{env.world_size}  precision {self.precision}  {self.peak_info.describe()}"
+                + (f"  resumed at step {self.state.step}" if latest is not None else ""),
+                flush=True,
+            )
 
     @property
     def precision(self) -> str:
@@ -200,6 +243,7 @@ class Trainer:
         Stops (TrainingError) on a non-finite loss or gradient, on divergence and on an aborting spike.
         """
         from plmrun.model.registry import flops_per_step
+
         cfg, env, optimizers = self.cfg, self.env, self.optimizers
         t0 = time.perf_counter()
         optimizers.set_step(step)
@@ -214,8 +258,16 @@ class Trainer:
         global_norm = float(local[0])
         if global_norm <= 0:
             raise TrainingError(f"step {step}: no loss targets in the global batch (check the masking settings)")
-        loss_sum = forward_backward(self.model, micro, global_norm=global_norm, world_size=env.world_size,
-                                    device=env.device, amp_dtype=self.amp_dtype, step=step, loss_sum=self.loss_sum)
+        loss_sum = forward_backward(
+            self.model,
+            micro,
+            global_norm=global_norm,
+            world_size=env.world_size,
+            device=env.device,
+            amp_dtype=self.amp_dtype,
+            step=step,
+            loss_sum=self.loss_sum,
+        )
         grad_norm, clip_to = optimizers.clip_gradients()
         # one collective: the global loss sum and which ranks saw a non-finite local loss
         red = torch.zeros(1 + env.world_size, dtype=torch.float64)
@@ -226,26 +278,44 @@ class Trainer:
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             bad = [r for r in range(env.world_size) if red[1 + r] > 0]
             where = f"rank {', '.join(map(str, bad))}" if bad else "the gradients of all ranks"
-            raise TrainingError(f"step {step + 1}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'}"
-                                f" from {where} (loss {loss}, grad norm {grad_norm}; reported by rank {env.rank});"
-                                f" {self.checkpointer.hint()}")
+            raise TrainingError(
+                f"step {step + 1}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'}"
+                f" from {where} (loss {loss}, grad norm {grad_norm}; reported by rank {env.rank});"
+                f" {self.checkpointer.hint()}"
+            )
         check_divergence(cfg, self.state, step + 1, loss, self.precision, self.checkpointer.hint)
-        skip = SpikePolicy(cfg.train, self.state, self.checkpointer.hint).check(step + 1, loss,
-                                                                                lambda m: self.say(m, err=True))
+        skip = SpikePolicy(cfg.train, self.state, self.checkpointer.hint).check(
+            step + 1, loss, lambda m: self.say(m, err=True)
+        )
         if not skip:
             optimizers.step()
         optimizers.zero_grad()
         if env.device.type == "cuda":
             torch.cuda.synchronize(env.device)
         spike = cfg.train.loss_spike if self.state.spikes_in_a_row else None
-        return {"loss": loss, "grad_norm": grad_norm, "clip": clip_to, "tokens": int(local[1]),
-                "flops": float(local[2]), "dt": time.perf_counter() - t0, "spike": spike}
+        return {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "clip": clip_to,
+            "tokens": int(local[1]),
+            "flops": float(local[2]),
+            "dt": time.perf_counter() - t0,
+            "spike": spike,
+        }
 
     def _open_progress(self) -> None:
         if self.env.is_main and self.cfg.logging.progress:
             from tqdm import tqdm
-            self.progress = tqdm(total=self.cfg.train.max_steps, initial=self.state.step, desc="train", unit="step",
-                                 dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+
+            self.progress = tqdm(
+                total=self.cfg.train.max_steps,
+                initial=self.state.step,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                mininterval=1.0,
+            )
             self.evaluator.progress = self.progress
         self._interval = {"t": 0.0, "tokens": 0, "flops": 0.0}
 
@@ -267,17 +337,26 @@ class Trainer:
         mfu, over = model_flops_utilisation(iv["flops"], iv["t"], self.peak, self.env.world_size)
         self.log.write(self.train_record(r, tok_s, mfu, over))
         if self.progress is not None:
-            shown = f"≥{mfu:.0%}" if over else f"{mfu:.1%}"   # a rate above the peak: the peak is underestimated
+            shown = f"≥{mfu:.0%}" if over else f"{mfu:.1%}"  # a rate above the peak: the peak is underestimated
             self.progress.set_postfix(loss=f"{r['loss']:.3f}", tok_s=f"{tok_s:,.0f}", mfu=shown, refresh=False)
         self._interval = {"t": 0.0, "tokens": 0, "flops": 0.0}
 
     def train_record(self, r: dict, tok_s: float, mfu: float, mfu_capped: bool = False) -> dict:
         """The metrics.jsonl line of a logged step."""
         st = self.state
-        rec = {"kind": "train", "step": st.step, "tokens": st.tokens, "train_time_s": round(st.train_time_s, 3),
-               "loss": r["loss"], "grad_norm": r["grad_norm"], "clip": r["clip"], "tok_per_s": tok_s, "mfu": mfu,
-               "lr_mult": self.optimizers.lr_multiplier(st.step - 1),
-               "packing_efficiency": self.loader.packing_efficiency}
+        rec = {
+            "kind": "train",
+            "step": st.step,
+            "tokens": st.tokens,
+            "train_time_s": round(st.train_time_s, 3),
+            "loss": r["loss"],
+            "grad_norm": r["grad_norm"],
+            "clip": r["clip"],
+            "tok_per_s": tok_s,
+            "mfu": mfu,
+            "lr_mult": self.optimizers.lr_multiplier(st.step - 1),
+            "packing_efficiency": self.loader.packing_efficiency,
+        }
         if mfu_capped:
             rec["mfu_capped"] = True
         if r["spike"]:
@@ -301,22 +380,42 @@ class Trainer:
         if reason is StopReason.SIGNAL:
             stopped = f"signal {stop.exit_code - 128}"
             latest = self.checkpointer.latest()
-            self.say(f"stopped at step {st.step}, checkpoint saved at {latest}, resume with "
-                     f"`plmrun train --resume {self.run_dir}`", err=True)
-            summary = {"stopped": stopped, "exit_code": stop.exit_code, "run_dir": str(self.run_dir),
-                       "step": st.step, "checkpoint": str(latest)}
+            self.say(
+                f"stopped at step {st.step}, checkpoint saved at {latest}, resume with "
+                f"`plmrun train --resume {self.run_dir}`",
+                err=True,
+            )
+            summary = {
+                "stopped": stopped,
+                "exit_code": stop.exit_code,
+                "run_dir": str(self.run_dir),
+                "step": st.step,
+                "checkpoint": str(latest),
+            }
         else:
             stopped = reason.value
             final_full, final_test = self.evaluator.final()
             _save_final_model(self.run_dir, self.model, cfg, env)
             if env.is_main:
-                summary = summarize(cfg, name=self.name, run_dir=self.run_dir, state=st, n_params=self.n_params,
-                                    n_dense=self.n_dense, peak=self.peak_info, device=env.device,
-                                    world_size=env.world_size, precision=self.precision, final_full=final_full,
-                                    reason=stopped, launch=self.launch, records=read_metrics(self.run_dir))
+                summary = summarize(
+                    cfg,
+                    name=self.name,
+                    run_dir=self.run_dir,
+                    state=st,
+                    n_params=self.n_params,
+                    n_dense=self.n_dense,
+                    peak=self.peak_info,
+                    device=env.device,
+                    world_size=env.world_size,
+                    precision=self.precision,
+                    final_full=final_full,
+                    reason=stopped,
+                    launch=self.launch,
+                    records=read_metrics(self.run_dir),
+                )
                 if cfg.eval.final_test:
                     summary["final_test"] = final_test
-                plot_curves(self.run_dir)   # before summary.json, which marks the run finished
+                plot_curves(self.run_dir)  # before summary.json, which marks the run finished
                 write_json_atomic(self.run_dir / "summary.json", summary)
                 print(summary_lines(summary), flush=True)
                 if cfg.logging.push_to_hub:
@@ -331,12 +430,16 @@ class Trainer:
         """logging.push_to_hub: the `plmrun export --push-to-hub` path on the finished run. A failed upload is one
         line; the run stays finished (model, checkpoint, summary) and can be uploaded later by hand."""
         from plmrun.eval.export import ExportError, export, push_to_hub
+
         repo = self.cfg.logging.push_to_hub
         try:
             url = push_to_hub(export(self.run_dir, self.run_dir / "hf", overwrite=True), repo)
         except ExportError as e:
-            self.say(f"warning: {e}; the run is finished, upload it later with `plmrun export {self.run_dir} --out "
-                     f"{self.run_dir / 'hf'} --overwrite --push-to-hub {repo}`", err=True)
+            self.say(
+                f"warning: {e}; the run is finished, upload it later with `plmrun export {self.run_dir} --out "
+                f"{self.run_dir / 'hf'} --overwrite --push-to-hub {repo}`",
+                err=True,
+            )
             return {"repo": repo, "error": str(e)}
         self.say(f"uploaded to {url}")
         return {"repo": repo, "url": url}
@@ -350,14 +453,29 @@ def mlm_loss_sum(model, mb, device: torch.device, step: int, forward_context) ->
     targets = mb.targets.to(device, non_blocking=True)
     index = (targets != -100).nonzero().squeeze(1)
     with forward_context:
-        out = model(tokens, p.positions.to(device, non_blocking=True), p.cu_seqlens.to(device, non_blocking=True),
-                    p.max_seqlen, logits_index=index, step=step)
+        out = model(
+            tokens,
+            p.positions.to(device, non_blocking=True),
+            p.cu_seqlens.to(device, non_blocking=True),
+            p.max_seqlen,
+            logits_index=index,
+            step=step,
+        )
     ce = F.cross_entropy(out.logits.float(), targets[index], reduction="none")
     return (ce * mb.loss_weights.to(device, non_blocking=True)[index]).sum()
 
 
-def forward_backward(model, micro: list, *, global_norm: float, world_size: int, device: torch.device,
-                     amp_dtype=None, step: Optional[int] = None, loss_sum=None) -> torch.Tensor:
+def forward_backward(
+    model,
+    micro: list,
+    *,
+    global_norm: float,
+    world_size: int,
+    device: torch.device,
+    amp_dtype=None,
+    step: int | None = None,
+    loss_sum=None,
+) -> torch.Tensor:
     """Accumulate the gradient of Σ loss / global_norm over this rank's micro-batches.
 
     `loss_sum(model, mb, device, step, forward_context)` gives a micro-batch's summed loss (default: the
@@ -393,6 +511,7 @@ def _no_sync(model, last: bool):
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return model.no_sync()
     if hasattr(model, "set_requires_gradient_sync"):
+
         @contextlib.contextmanager
         def fsdp_no_sync():
             model.set_requires_gradient_sync(False)
@@ -400,6 +519,7 @@ def _no_sync(model, last: bool):
                 yield
             finally:
                 model.set_requires_gradient_sync(True)
+
         return fsdp_no_sync()
     return contextlib.nullcontext()
 
@@ -411,9 +531,10 @@ def _with_grad_accum(cfg: Config, accum: int) -> Config:
     return cfg
 
 
-def _build_model(cfg: Config, env: DistEnv, init_from_hf: Optional[str]) -> torch.nn.Module:
+def _build_model(cfg: Config, env: DistEnv, init_from_hf: str | None) -> torch.nn.Module:
     """The configured model (random init, or --init-from-hf weights), on the device or on meta for dist.meta_init."""
     from plmrun.model.registry import build_model
+
     if cfg.dist.meta_init:
         if init_from_hf:
             raise TrainingError("--init-from-hf loads full weights; it cannot be combined with dist.meta_init")
@@ -422,6 +543,7 @@ def _build_model(cfg: Config, env: DistEnv, init_from_hf: Optional[str]) -> torc
     model = build_model(cfg.model)
     if init_from_hf:
         from plmrun.model.loading import load_hf_weights_into
+
         load_hf_weights_into(model, init_from_hf)
     return model.to(env.device)
 
@@ -449,6 +571,7 @@ def _unigram_baseline(run_dir: Path, train_src, data_path, cfg: Config, env: Dis
     from plmrun.data.stats import residue_counts
     from plmrun.eval.metrics import unigram_log_probs
     from plmrun.eval.mlm import write_unigram
+
     counts = residue_counts(train_src)
     if env.is_main:
         write_unigram(run_dir, counts, f"{data_path} split {cfg.data.train_split} ({train_src.fingerprint})")
@@ -457,7 +580,9 @@ def _unigram_baseline(run_dir: Path, train_src, data_path, cfg: Config, env: Dis
 
 def _save_final_model(run_dir: Path, model, cfg: Config, env: DistEnv) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     from plmrun.model.loading import save_model_dir
+
     sd = get_model_state_dict(unwrap(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if env.is_main:
         save_model_dir(run_dir / "model", sd, cfg.model)

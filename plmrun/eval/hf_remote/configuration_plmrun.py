@@ -1,4 +1,5 @@
 """Hugging Face config of an exported plmrun model (copied into the export folder by `plmrun export`)."""
+
 from transformers import PretrainedConfig
 
 from .vocab import PAD, VOCAB_SIZE

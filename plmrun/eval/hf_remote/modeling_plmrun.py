@@ -1,9 +1,11 @@
 """Hugging Face wrapper of an exported plmrun model.
 
 `plmrun export` copies this file next to plmrun's own model modules as they are (`plmrun/model/`:
-registry, config, the architectures and what they import), so the architecture has one source. The wrapper turns a padded [B, L] batch into plmrun's packed input
-(one token stream + cu_seqlens) and scatters the outputs back to [B, L, ...].
+registry, config, the architectures and what they import), so the architecture has one source. The
+wrapper turns a padded [B, L] batch into plmrun's packed input (one token stream + cu_seqlens) and
+scatters the outputs back to [B, L, ...].
 """
+
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
@@ -30,8 +32,9 @@ class PlmrunForMaskedLM(PreTrainedModel):
         if callable(reset):
             reset()
 
-    def forward(self, input_ids, attention_mask=None, labels=None, output_hidden_states=None, return_dict=None,
-                **kwargs):
+    def forward(
+        self, input_ids, attention_mask=None, labels=None, output_hidden_states=None, return_dict=None, **kwargs
+    ):
         if attention_mask is None:
             attention_mask = (input_ids != self.config.pad_token_id).long()
         valid = attention_mask.bool()
@@ -40,7 +43,9 @@ class PlmrunForMaskedLM(PreTrainedModel):
         tokens = input_ids[valid]
         positions = (attention_mask.long().cumsum(1) - 1)[valid]
         cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-        out = self.plm(tokens, positions, cu_seqlens, int(lengths.max()), output_hidden_states=bool(output_hidden_states))
+        out = self.plm(
+            tokens, positions, cu_seqlens, int(lengths.max()), output_hidden_states=bool(output_hidden_states)
+        )
 
         def unpack(x):
             full = x.new_zeros(B, L, x.shape[-1])
