@@ -42,32 +42,16 @@ ROTARY_MAX_LENGTH = 1_000_000_000
 
 def write_tokenizer_files(out: Path, model_max_length: int = ESM2_POSITION_LIMIT) -> None:
     (out / "vocab.txt").write_text("\n".join(tok.VOCAB) + "\n")
-    (out / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "EsmTokenizer",
-                "model_max_length": model_max_length,
-                "cls_token": "<cls>",
-                "eos_token": "<eos>",
-                "pad_token": "<pad>",
-                "unk_token": "<unk>",
-                "mask_token": "<mask>",
-            },
-            indent=2,
-        )
-    )
-    (out / "special_tokens_map.json").write_text(
-        json.dumps(
-            {
-                "cls_token": "<cls>",
-                "eos_token": "<eos>",
-                "pad_token": "<pad>",
-                "unk_token": "<unk>",
-                "mask_token": "<mask>",
-            },
-            indent=2,
-        )
-    )
+    special = {
+        "cls_token": "<cls>",
+        "eos_token": "<eos>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "mask_token": "<mask>",
+    }
+    tokenizer_config = {"tokenizer_class": "EsmTokenizer", "model_max_length": model_max_length, **special}
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
 
 
 def esm_hf_config(cfg: ModelConfig) -> dict:
