@@ -213,7 +213,8 @@ class TrainConfig:
     (
         "Stop (exit 2) at an eval whose loss is more than this many nats above the unigram baseline (the training "
         "split's residue frequencies; guessing uniformly over the vocabulary is about 0.6 above it on proteins), once "
-        "the run is past its LR warm-up and train.divergence_steps steps, before its last step (0 = never)."
+        "the run is past its LR warm-up, train.divergence_steps steps and half of train.max_steps (at most 1,000 "
+        "steps), before its last step (0 = never)."
     )
 
 

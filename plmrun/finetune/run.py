@@ -517,7 +517,7 @@ class FinetuneTrainer(Trainer):
             return ((out[:, 0] - y) ** 2).sum()
         return nn.functional.cross_entropy(out, y, reduction="sum")
 
-    def train_record(self, r: dict, tok_s: float, mfu: float) -> dict:
+    def train_record(self, r: dict, tok_s: float, mfu: float, mfu_capped: bool = False) -> dict:
         step = self.state.step
         if (step % 10 == 0 or step == 1) and self.progress is None:
             self.say(
