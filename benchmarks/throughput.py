@@ -90,9 +90,10 @@ def measure_plmrun(cfg, env, *, warmup: int, windows: int, steps_per_window: int
 
     Under torchrun every rank calls this; token and FLOP counts are summed over ranks.
     """
+    from plmrun.dist import all_reduce_sum
     from plmrun.model.registry import build_model, flops_per_step
     from plmrun.optim.build import build_optimizer
-    from plmrun.train.parallelize import all_reduce_sum, autocast_dtype, parallelize
+    from plmrun.train.parallelize import autocast_dtype, parallelize
     from plmrun.train.trainer import build_train_loader, forward_backward, open_training_data
 
     torch.manual_seed(cfg.train.seed)

@@ -16,7 +16,6 @@ import torch.nn as nn
 
 from plmrun.config import Config
 from plmrun.device import resolve_device
-from plmrun.dist import all_reduce_sum as all_reduce_sum  # re-exported: the trainer and benchmarks import it here
 
 
 @dataclass

@@ -10,7 +10,8 @@ from enum import Enum
 import torch
 
 from plmrun import checkpoint as ckpt
-from plmrun.train.parallelize import all_reduce_sum, unwrap
+from plmrun.dist import all_reduce_sum
+from plmrun.train.parallelize import unwrap
 
 
 class StopReason(str, Enum):

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from plmrun import checkpoint as ckpt
 from plmrun.config import Config
+from plmrun.dist import all_reduce_sum
 from plmrun.errors import PlmrunError
 from plmrun.train.checkpointer import Checkpointer
 from plmrun.train.evaluator import Evaluator
@@ -40,7 +41,6 @@ from plmrun.train.inputs import (
 )
 from plmrun.train.parallelize import (
     DistEnv,
-    all_reduce_sum,
     autocast_dtype,
     init_distributed,
     native_bf16,
