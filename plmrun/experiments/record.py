@@ -45,7 +45,7 @@ class Track:
 
 
 TRACKS = {
-    # target 2.90 until 2026-12-02 (its entries stay in records/cpu-2core.jsonl, labelled by their target)
+    # earlier entries of another target stay in records/cpu-2core.jsonl, labelled by their target
     "cpu-2core": Track(
         "cpu-2core",
         "val loss <= 2.85 (well below the amino-acid-frequency cross-entropy 2.899) "

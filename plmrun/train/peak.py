@@ -1,7 +1,7 @@
 """The matmul peak that MFU divides by: the best this machine has shown, not the load of the moment.
 
-Why: a 0.4 s matmul timed at start-up on a machine busy with other work measured 93 GFLOP/s where
-the quiet machine does 406, and the run then reported MFU 113%. So the peak is a best-of, kept per
+Why: a short matmul timed at start-up measures the load of the moment, so on a busy machine the peak
+comes out several times too low and MFU above 100%. So the peak is a best-of, kept per
 machine in `$PLMRUN_CACHE/matmul_peak.json` (default ~/.cache/plmrun), keyed by everything a matmul
 rate depends on: CPU model and vector ISA flags (or the GPU's name and capability), torch version,
 dtype and thread count. Every start still times a short matmul: the cache keeps the maximum over
