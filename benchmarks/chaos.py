@@ -213,9 +213,13 @@ def chaos_run(chaos: Chaos, kills: int, seed: int, ref: dict) -> tuple[list[Kill
         proc = chaos.launch("chaos", resume=start > 0, extra_env=extra)
         k = Kill(n, kind, "", start)
         if kind == "startup":
+            # the reference's start-up time, measured on one load, says nothing of this launch's: the kill
+            # lands `delay` after launch or at the first new step logged, whichever comes first
             delay = rng.uniform(0, ref["startup_s"])
-            k.target = f"{delay:.2f} s after launch"
-            chaos.wait(proc, lambda t0=t0, delay=delay: time.time() - t0 >= delay)
+            k.target = f"{delay:.2f} s after launch (or at its first step)"
+            chaos.wait(
+                proc, lambda t0=t0, delay=delay, start=start: time.time() - t0 >= delay or last_step(run) > start
+            )
         elif kind == "step":
             delay = rng.uniform(0, 0.02)
             k.target = f"{delay * 1e3:.0f} ms after step {step}"
