@@ -23,13 +23,12 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_profile import op_kind  # noqa: E402
+from step_profile import op_kind, timed_step  # noqa: E402
 from throughput import RESULTS, plmrun_config  # noqa: E402
 
 WARMUP = 2
@@ -55,24 +54,8 @@ def build_variant(cfg, env, amp):
 
 def one_step(model, optimizers, micro, env, amp, step: int) -> tuple[float, float]:
     """Seconds of forward + backward and of the whole step (clipping and optimizer included)."""
-    from plmrun.train.trainer import forward_backward
-
-    optimizers.set_step(step)
-    t0 = time.perf_counter()
-    forward_backward(
-        model,
-        micro,
-        global_norm=float(sum(mb.normalizer for mb in micro)),
-        world_size=1,
-        device=env.device,
-        amp_dtype=amp,
-        step=step,
-    )
-    t1 = time.perf_counter()
-    optimizers.clip_gradients()
-    optimizers.step()
-    optimizers.zero_grad()
-    return t1 - t0, time.perf_counter() - t0
+    fwd_bwd, opt = timed_step(model, optimizers, micro, env, amp, step)
+    return fwd_bwd, fwd_bwd + opt
 
 
 def main(argv=None) -> dict:
@@ -89,8 +72,9 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     from plmrun.model.registry import flops_per_step
+    from plmrun.train.inputs import build_train_loader, open_training_data
     from plmrun.train.parallelize import autocast_dtype, init_distributed
-    from plmrun.train.trainer import build_train_loader, measure_matmul_peak, open_training_data
+    from plmrun.train.peak import time_matmul
 
     variants = {}
     for spec in a.variant or ["base"]:
@@ -110,7 +94,7 @@ def main(argv=None) -> dict:
         for m in batches
     ]
     tokens = [sum(mb.packed.num_real_tokens for mb in m) for m in batches]
-    peak = max(measure_matmul_peak(env.device, amp or torch.float32) for _ in range(5))
+    peak = max(time_matmul(env.device, amp or torch.float32) for _ in range(5))
     runs = {n: build_variant(c, env, amp) for n, c in cfgs.items()}
     times = {n: [] for n in runs}
     for step in range(a.warmup + a.steps):
