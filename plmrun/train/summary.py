@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 from plmrun.config import Config
@@ -100,7 +101,7 @@ def summary_lines(s: dict) -> str:
     if s["final_val"]:
         lines.append(
             f"val loss (first {s['eval_subset'] or 'all'} valid sequences): {s['final_val']['loss']:.4f}"
-            f"  best {s['best_val_loss']:.4f}"
+            f" ({s['final_val']['loss'] / math.log(2):.4f} bits per masked residue)  best {s['best_val_loss']:.4f}"
         )
     if s["final_full_val"]:
         f = s["final_full_val"]
