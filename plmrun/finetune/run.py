@@ -466,7 +466,6 @@ class FinetuneTrainer(Trainer):
             data, self.width, ft.token_budget, ft.seed, self.norm, env.world_size, env.rank, ft.grad_accum
         )
         self.peak_info = stable_peak(env.device, torch.float32, update=env.is_main)
-        self.peak = self.peak_info.flops
         self.state = TrainState(
             world_x_accum=env.world_size * ft.grad_accum,
             data={"task": data.where, "train_sequences": len(data.train.seqs)},

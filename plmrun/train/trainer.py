@@ -154,7 +154,6 @@ class Trainer:
         self.optimizers = build_optimizer(plm, cfg.optim, cfg.train.max_steps, ns_dtype=ns_dtype)
         self.loader = build_train_loader(cfg, env, train_src)
         self.peak_info = stable_peak(env.device, self.amp_dtype or torch.float32, update=env.is_main)
-        self.peak = self.peak_info.flops
 
         data_info = {
             "dataset": str(data_path),
@@ -334,7 +333,7 @@ class Trainer:
         if not log:
             return
         tok_s = iv["tokens"] / max(iv["t"], 1e-9)
-        mfu, over = model_flops_utilisation(iv["flops"], iv["t"], self.peak, self.env.world_size)
+        mfu, over = model_flops_utilisation(iv["flops"], iv["t"], self.peak_info.flops, self.env.world_size)
         self.log.write(self.train_record(r, tok_s, mfu, over))
         if self.progress is not None:
             shown = f"≥{mfu:.0%}" if over else f"{mfu:.1%}"  # a rate above the peak: the peak is underestimated
