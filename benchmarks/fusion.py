@@ -74,7 +74,7 @@ def main(argv=None) -> dict:
     from plmrun.model.registry import flops_per_step
     from plmrun.train.inputs import build_train_loader, open_training_data
     from plmrun.train.parallelize import autocast_dtype, init_distributed
-    from plmrun.train.peak import time_matmul
+    from plmrun.train.peak import stable_peak
 
     variants = {}
     for spec in a.variant or ["base"]:
@@ -94,7 +94,7 @@ def main(argv=None) -> dict:
         for m in batches
     ]
     tokens = [sum(mb.packed.num_real_tokens for mb in m) for m in batches]
-    peak = max(time_matmul(env.device, amp or torch.float32) for _ in range(5))
+    peak = stable_peak(env.device, amp or torch.float32).flops  # the trainer's MFU denominator
     runs = {n: build_variant(c, env, amp) for n, c in cfgs.items()}
     times = {n: [] for n in runs}
     for step in range(a.warmup + a.steps):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One-command GPU benchmark: check the environment, then train the 133M speedrun config and the
-# ESM-2 150M preset (ESM-2 recipe: AdamW) for a fixed number of steps on the bundled corpus and
-# print real tokens/s, MFU and peak memory; with N > 1 GPUs also the speedrun config on N GPUs
+# One-command GPU benchmark: check the environment, then train the 133M speedrun config (eager,
+# compiled, and compiled with fp8 linears when torchao is installed) and the ESM-2 150M preset
+# (ESM-2 recipe: AdamW) for a fixed number of steps on the bundled corpus and print real tokens/s,
+# MFU and peak memory; with N > 1 GPUs also the speedrun config on N GPUs
 # (torchrun) and its scaling efficiency. Results: benchmarks/results/gpu/*.json and gpu.md.
 #
 #   bash benchmarks/gpu.sh [--set section.key=value ...]      (extra arguments go to every run)
@@ -35,6 +36,11 @@ try:
     print(f"flash-attn {flash_attn.__version__}")
 except ImportError:
     print("flash-attn not installed (attention_backend=auto uses FlexAttention)")
+try:
+    import torchao
+    print(f"torchao {torchao.__version__} (train.fp8)")
+except ImportError:
+    print("torchao not installed: the fp8 row is skipped (pip install 'plmrun[fp8]')")
 PYEOF
 NGPU=${NGPU:-$("$PY" -c "import torch; print(torch.cuda.device_count())")}
 mkdir -p "$OUT"
@@ -48,6 +54,16 @@ echo "== esm2_150m (ESM-2 recipe: AdamW), 1 GPU"
 "$PY" benchmarks/gpu_bench.py --config esm2_150m --set optim.optimizer=adamw "${COMMON[@]}" \
     --out "$OUT/esm2_150m_1gpu.json" "$@"
 FILES=("$OUT/speedrun_133m_1gpu.json" "$OUT/esm2_150m_1gpu.json")
+echo "== speedrun_133m, 1 GPU, compiled"
+"$PY" benchmarks/gpu_bench.py --config speedrun_133m --set train.compile=true "${COMMON[@]}" \
+    --out "$OUT/speedrun_133m_1gpu_compile.json" "$@"
+FILES+=("$OUT/speedrun_133m_1gpu_compile.json")
+if "$PY" -c "import torchao.float8" 2>/dev/null; then
+    echo "== speedrun_133m, 1 GPU, fp8 linears (torchao), compiled"
+    "$PY" benchmarks/gpu_bench.py --config speedrun_133m --set train.compile=true --set train.fp8=true \
+        "${COMMON[@]}" --out "$OUT/speedrun_133m_1gpu_fp8.json" "$@"
+    FILES+=("$OUT/speedrun_133m_1gpu_fp8.json")
+fi
 if [ "$NGPU" -gt 1 ]; then
     echo "== speedrun_133m, $NGPU GPUs (torchrun, DDP)"
     "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" benchmarks/gpu_bench.py \

@@ -15,7 +15,8 @@ peer's batches are collated before the clock starts (its collation time is not c
 
 Real tokens are <cls>, residues and <eos>, never padding; padded tokens are what the model computes
 on. MFU counts useful FLOPs only (plmrun.model.registry.flops_per_step on the real sequence lengths,
-the same count for all three) against the matmul peak measured at start in the run's dtype. Each
+the same count for all three) against the trainer's matmul peak in the run's dtype (the best-of peak
+cached per machine, train/peak.py). Each
 case runs in its own process, so peak memory (RSS on CPU, torch.cuda max allocated on GPU) is its
 own. Reported values are medians over the timed windows after the warm-up steps.
 Writes benchmarks/results/throughput.json and throughput.md.
@@ -282,10 +283,11 @@ def run_case(spec: dict) -> dict:
 
 
 def measure_peaks(device: torch.device, precisions: list[str]) -> dict:
-    from plmrun.train.peak import time_matmul
+    """The trainer's MFU denominator per precision: the stable (best-of, cached) peak of train/peak.py."""
+    from plmrun.train.peak import stable_peak
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    return {p: time_matmul(device, dtypes[p], seconds=1.0) for p in precisions}
+    return {p: stable_peak(device, dtypes[p], seconds=1.0).flops for p in precisions}
 
 
 def hardware() -> dict:

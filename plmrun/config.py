@@ -167,6 +167,12 @@ class TrainConfig:
     )
     compile: bool = False
     "torch.compile each block (static shapes) and, on CPU, the bf16 attention kernel (compiling takes time at start)."
+    fp8: bool = False
+    (
+        "Float8 matmuls in the blocks' linear layers (torchao, dynamic per-tensor scales; needs bf16 precision and "
+        "pip install 'plmrun[fp8]'). For H100-class GPUs, with train.compile=true; on a CPU float8 is emulated "
+        "(slower than bf16: for checks only)."
+    )
     threads: int = 0
     "torch intra-op threads on CPU (0 = all cores)."
     eval_every: int = 80
@@ -662,6 +668,10 @@ def validate(cfg: Config) -> Config:
     _check(t.checkpoint_every >= 0 and t.keep_latest_k >= 1, "train.checkpoint_every >= 0, train.keep_latest_k >= 1")
     _check(t.cost_per_hour >= 0, "train.cost_per_hour must be >= 0")
     _check(t.threads >= 0, "train.threads must be >= 0")
+    _check(
+        not (t.fp8 and t.precision == "fp32"),
+        "train.fp8=true runs the other matmuls in bf16: set train.precision=bf16 or auto, not fp32",
+    )
     _check(t.loss_spike_factor > 1, f"train.loss_spike_factor must be > 1, got {t.loss_spike_factor}")
     _check(t.loss_spike_window >= 1, "train.loss_spike_window must be >= 1")
     _check(t.loss_spike_max_skips >= 1, f"train.loss_spike_max_skips must be >= 1, got {t.loss_spike_max_skips}")

@@ -452,12 +452,21 @@ def test_gpu_table_scaling():
         "mfu": 0.3,
         "peak_memory_mb_max_gpu": 40960,
         "peak_flops_per_gpu": 7e14,
+        "precision": "bf16",
+        "fp8": False,
         "hardware": {"gpu": "NVIDIA H100", "torch": "2.13"},
     }
+    fp8 = {**base, "overrides": ["train.fp8=true"], "fp8": True, "peak_flops_per_gpu": 1.4e15}
     table = gpu_bench.table(
-        [{**base, "gpus": 1, "real_tok_per_s": 500_000.0}, {**base, "gpus": 8, "real_tok_per_s": 3_600_000.0}]
+        [
+            {**base, "gpus": 1, "real_tok_per_s": 500_000.0},
+            {**base, "gpus": 8, "real_tok_per_s": 3_600_000.0},
+            {**fp8, "gpus": 1, "real_tok_per_s": 600_000.0},
+        ]
     )
-    assert "| speedrun_133m | 133.0M | 8 | 65,536 | 3,600,000 | 30.0% | 40.0 | 90% |" in table
+    assert "| speedrun_133m | 133.0M | 8 | 65,536 | 3,600,000 | 30.0% | 40.0 | 90% |  |" in table
+    assert "| speedrun_133m `train.fp8=true` | 133.0M | 1 | 65,536 | 600,000 | 30.0% | 40.0 |  | 2.17× |" in table
+    assert "bf16 runs 700, float8 runs 1,400" in table  # each row's MFU is against its own peak
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the failure without CUDA")

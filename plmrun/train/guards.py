@@ -60,6 +60,8 @@ def _cause(cfg: Config, precision: str) -> str:
     cause = f"the learning rate is likely too high ({learning_rates(cfg.optim)})"
     if precision == "bf16":
         cause += " or bf16 is not precise enough (try train.precision=fp32)"
+    elif precision == "bf16+fp8":
+        cause += " or float8 is not precise enough (try train.fp8=false)"
     return cause
 
 

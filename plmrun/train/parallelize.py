@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from plmrun.config import Config
+from plmrun.config import Config, ConfigError
 from plmrun.device import resolve_device
 
 
@@ -83,13 +83,15 @@ def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
 
 
 def parallelize(model: nn.Module, cfg: Config, env: DistEnv) -> nn.Module:
-    """Apply activation checkpointing, FSDP2 or DDP, then torch.compile, in that order.
+    """Apply float8 linears, activation checkpointing, FSDP2 or DDP, then torch.compile, in that order.
 
     With dist.meta_init the model arrives on the meta device: it is sharded first, then its
     (sharded) storage is allocated on the device and initialised, before DDP broadcasts it.
     """
     plm = model
     blocks = model.blocks  # every PLM names its repeated blocks `blocks`
+    if cfg.train.fp8:
+        convert_to_float8(blocks, cfg, env.device)
     if cfg.dist.activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
@@ -119,6 +121,55 @@ def parallelize(model: nn.Module, cfg: Config, env: DistEnv) -> nn.Module:
         if env.device.type == "cpu":
             plm.use_compiled_cpu_attention()
     return model
+
+
+FP8_MULTIPLE = 16
+"Float8 matmul kernels (torch._scaled_mm) need both dimensions of a weight to be multiples of this."
+
+
+def convert_to_float8(blocks: nn.ModuleList, cfg: Config, device: torch.device) -> int:
+    """train.fp8: every nn.Linear of the blocks whose dimensions are multiples of FP8_MULTIPLE becomes
+    torchao's Float8Linear, in place (dynamic per-tensor scales: inputs and weights cast to e4m3, output
+    gradients to e5m2). Its weight stays the same fp32 parameter, so parameter names, the optimizer,
+    checkpoints and exports are those of a bf16 run; the embeddings and the LM head stay in bf16, as do
+    the layers left out. Returns how many layers were converted."""
+    if resolve_precision(cfg.train.precision, device) != "bf16":
+        raise ConfigError(
+            f"train.fp8=true needs bf16 for the other matmuls, but train.precision={cfg.train.precision} "
+            f"runs fp32 on this {device.type} (its bf16 matmuls are emulated); set train.precision=bf16 or "
+            "train.fp8=false"
+        )
+    convert = _import_float8()
+    eligible = lambda mod, fqn: isinstance(mod, nn.Linear) and all(d % FP8_MULTIPLE == 0 for d in mod.weight.shape)
+    before = sum(isinstance(m, nn.Linear) for m in blocks.modules())
+    convert(blocks, module_filter_fn=eligible)
+    after = sum(isinstance(m, nn.Linear) and type(m) is nn.Linear for m in blocks.modules())
+    converted = before - after
+    if converted == 0:
+        raise ConfigError(
+            f"train.fp8=true: no linear layer of the blocks has both dimensions a multiple of {FP8_MULTIPLE} "
+            "(model.hidden_size and the MLP width), so nothing would run in float8"
+        )
+    return converted
+
+
+def _import_float8():
+    """torchao's convert_to_float8_training, imported quietly: on a machine without CUDA its import
+    logs a warning per CUDA kernel library it cannot load, which says nothing about float8 training."""
+    import logging
+
+    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.ERROR)
+    try:
+        from torchao.float8 import convert_to_float8_training
+    except ImportError as e:
+        raise ConfigError(f"train.fp8=true needs torchao ({e}): pip install 'plmrun[fp8]'") from None
+    finally:
+        for log, level in zip(quiet, levels):
+            log.setLevel(level)
+    return convert_to_float8_training
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -100,16 +100,23 @@ def cpu_model_and_flags() -> tuple[str, list[str]]:
 
 def time_matmul(device: torch.device, dtype: torch.dtype, seconds: float = 0.4, n: int = 0) -> float:
     """FLOP/s of a large square n×n matmul (0: 2048 on CPU, 8192 on GPU) on this device and dtype over
-    about `seconds`."""
+    about `seconds`; float8_e4m3fn times torch._scaled_mm (float8 in, bf16 out), the matmul of train.fp8."""
     n = n or (2048 if device.type == "cpu" else 8192)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b  # warm-up
+    if dtype == torch.float8_e4m3fn:  # float8 inputs, bf16 output, unit scales: what a Float8Linear runs
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype).t()  # column-major, as torch._scaled_mm needs
+        one = torch.ones((), device=device)
+        matmul = lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+    else:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        matmul = lambda: a @ b
+    matmul()  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     reps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds or reps < 2:
-        a @ b
+        matmul()
         reps += 1
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -192,6 +199,13 @@ def stable_peak(
         except OSError as e:  # a read-only cache directory costs the next run a re-measure, nothing more
             print(f"warning: {path}: cannot save the matmul peak ({e.strerror or e})", file=sys.stderr, flush=True)
     return Peak(flops, source, quick, quick < CONTENDED_BELOW * flops, key)
+
+
+def run_peak(device: torch.device, dtypes: list[torch.dtype], update: bool = True) -> Peak:
+    """The MFU denominator of a run whose matmuls run in `dtypes` (bf16 and float8 under train.fp8): the
+    fastest of their stable peaks, so a mixed run is measured against the best its device can do (float8 on
+    an H100; bf16 on a CPU, where float8 matmuls are emulated and slower)."""
+    return max((stable_peak(device, dt, update=update) for dt in dtypes), key=lambda p: p.flops)
 
 
 def mfu(flops: float, seconds: float, peak: float, world_size: int = 1) -> tuple[float, bool]:

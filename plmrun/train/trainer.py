@@ -48,7 +48,7 @@ from plmrun.train.parallelize import (
     unwrap,
 )
 from plmrun.train.peak import mfu as model_flops_utilisation
-from plmrun.train.peak import stable_peak
+from plmrun.train.peak import run_peak
 from plmrun.train.rundir import (
     MetricsLog,
     choose_run_dir,
@@ -153,7 +153,8 @@ class Trainer:
         ns_dtype = torch.bfloat16 if self.amp_dtype is not None and native_bf16(env.device) else torch.float32
         self.optimizers = build_optimizer(plm, cfg.optim, cfg.train.max_steps, ns_dtype=ns_dtype)
         self.loader = build_train_loader(cfg, env, train_src)
-        self.peak_info = stable_peak(env.device, self.amp_dtype or torch.float32, update=env.is_main)
+        matmul_dtypes = [self.amp_dtype or torch.float32] + ([torch.float8_e4m3fn] if cfg.train.fp8 else [])
+        self.peak_info = run_peak(env.device, matmul_dtypes, update=env.is_main)
 
         data_info = {
             "dataset": str(data_path),
@@ -199,7 +200,7 @@ class Trainer:
 
     @property
     def precision(self) -> str:
-        return "fp32" if self.amp_dtype is None else "bf16"
+        return "fp32" if self.amp_dtype is None else "bf16+fp8" if self.cfg.train.fp8 else "bf16"
 
     def say(self, msg: str, err: bool = False) -> None:
         if self.env.is_main:
