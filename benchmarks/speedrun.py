@@ -274,6 +274,10 @@ def markdown(report: dict) -> str:
         f" (15% of residues, all <mask>, fixed masks); seeds {', '.join(map(str, seeds))} per arm.",
         "",
     ]
+    if report.get("overrides"):
+        lines += [f"{names[0]} with {', '.join(f'`{o}`' for o in report['overrides'])}.", ""]
+    if report.get("baseline_tokens") and len(names) > 1:
+        lines += [f"{', '.join(names[1:])}: one schedule of {report['baseline_tokens']:,} tokens.", ""]
     main_rows = arms[names[0]]
     for t in targets:
         hits = [r["hits"][str(float(t))] for r in main_rows]

@@ -353,6 +353,8 @@ def test_speedrun_end_to_end(tmp_path, cache):
     assert set(report["comparisons"]) == {"plmrun esm2 recipe @ 3.3", "plmrun esm2 recipe @ 3.25"}
     md = out.with_suffix(".md").read_text()
     assert "seeds 0, 1 per arm" in md and "| plmrun (debug) | 2 |" in md
+    # what the arms ran is in the result, not only in the command that made it
+    assert "plmrun (debug) with `eval.subset=16`." in md and "plmrun esm2 recipe: one schedule of 8,192 tokens." in md
 
 
 def test_long_curve_ratio_table():
