@@ -55,6 +55,9 @@ def leave_distributed() -> None:
     can be torn down while still joinable and abort a finished rank ("terminate called without an
     active exception", after a torchrun restart)."""
     if dist.is_available() and dist.is_initialized():
+        import gc
+
+        gc.collect()  # the run's FSDP/DDP modules hold the group in reference cycles: free them now, not at exit
         dist.destroy_process_group()
 
 
