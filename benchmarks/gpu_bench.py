@@ -25,7 +25,7 @@ def bench(a) -> dict | None:
 
     from plmrun.config import build_config
     from plmrun.experiments.record import hardware_info
-    from plmrun.train.parallelize import init_distributed
+    from plmrun.train.parallelize import init_distributed, matmul_dtypes
     from plmrun.train.peak import run_peak
 
     cfg = build_config(
@@ -36,9 +36,8 @@ def bench(a) -> dict | None:
     env = init_distributed(cfg)
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
-    amp = torch.float32 if cfg.train.precision == "fp32" else torch.bfloat16
     # the trainer's denominator: the fastest matmul the run uses (float8 on an H100 under train.fp8), best-of, cached
-    peak = run_peak(env.device, [amp] + [torch.float8_e4m3fn] * cfg.train.fp8, update=env.is_main).flops
+    peak = run_peak(env.device, matmul_dtypes(cfg, env.device), update=env.is_main).flops
     out = measure_plmrun(cfg, env, warmup=a.warmup, windows=a.windows, steps_per_window=a.steps_per_window)
     mem = torch.tensor([out["peak_memory_mb"]], dtype=torch.float64, device=env.device)
     if env.world_size > 1:

@@ -85,6 +85,12 @@ def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if resolve_precision(cfg.train.precision, device) == "bf16" else None
 
 
+def matmul_dtypes(cfg: Config, device: torch.device) -> list[torch.dtype]:
+    """The dtypes this run's matmuls run in: the autocast dtype (or fp32), plus float8 under train.fp8;
+    the MFU peak is the fastest of them (peak.run_peak)."""
+    return [autocast_dtype(cfg, device) or torch.float32] + [torch.float8_e4m3fn] * cfg.train.fp8
+
+
 def parallelize(model: nn.Module, cfg: Config, env: DistEnv) -> nn.Module:
     """Apply float8 linears, activation checkpointing, FSDP2 or DDP, then torch.compile, in that order.
 
@@ -146,7 +152,7 @@ def convert_to_float8(blocks: nn.ModuleList, cfg: Config, device: torch.device) 
     eligible = lambda mod, fqn: isinstance(mod, nn.Linear) and all(d % FP8_MULTIPLE == 0 for d in mod.weight.shape)
     before = sum(isinstance(m, nn.Linear) for m in blocks.modules())
     convert(blocks, module_filter_fn=eligible)
-    after = sum(isinstance(m, nn.Linear) and type(m) is nn.Linear for m in blocks.modules())
+    after = sum(type(m) is nn.Linear for m in blocks.modules())
     converted = before - after
     if converted == 0:
         raise ConfigError(

@@ -43,6 +43,7 @@ from plmrun.train.parallelize import (
     DistEnv,
     autocast_dtype,
     init_distributed,
+    matmul_dtypes,
     native_bf16,
     parallelize,
     unwrap,
@@ -153,8 +154,7 @@ class Trainer:
         ns_dtype = torch.bfloat16 if self.amp_dtype is not None and native_bf16(env.device) else torch.float32
         self.optimizers = build_optimizer(plm, cfg.optim, cfg.train.max_steps, ns_dtype=ns_dtype)
         self.loader = build_train_loader(cfg, env, train_src)
-        matmul_dtypes = [self.amp_dtype or torch.float32] + ([torch.float8_e4m3fn] if cfg.train.fp8 else [])
-        self.peak_info = run_peak(env.device, matmul_dtypes, update=env.is_main)
+        self.peak_info = run_peak(env.device, matmul_dtypes(cfg, env.device), update=env.is_main)
 
         data_info = {
             "dataset": str(data_path),
