@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -37,6 +38,42 @@ TINY = [
     "--masking.mask_token_frac=0.8",
     "--masking.random_token_frac=0.1",
 ]
+
+# A tiny esm2-architecture model (ModelConfig keywords): the HF-convertible counterpart of the tiny run.
+TINY_ESM2 = dict(
+    arch="esm2",
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    unet=False,
+    x0_lambdas=False,
+    value_embeddings=False,
+    qk_norm=False,
+    soft_logit_cap=0.0,
+    token_dropout=True,
+)
+
+
+def random_sequences(n=12, seed=0, lengths=(5, 60)):
+    """`n` random residue-token sequences with lengths drawn from [lengths[0], lengths[1])."""
+    from plmrun.data.shards import InMemorySequences
+
+    rng = np.random.default_rng(seed)
+    return InMemorySequences([rng.integers(4, 24, size=int(rng.integers(*lengths))).astype(np.uint8) for _ in range(n)])
+
+
+def masked_micro_batches(src, groups, budget):
+    """The same sequences packed into len(groups) micro-batches, masked identically (fixed per sequence)."""
+    from plmrun.data.masking import eval_masks
+    from plmrun.data.packing import pack
+
+    out = []
+    for g in groups:
+        idx = np.array(g)
+        p = pack(src, idx, np.zeros(len(idx), dtype=np.int64), token_budget=budget, max_length=128)
+        out.append(eval_masks(p, eval_seed=7, mask_rate=0.3))
+    return out
+
 
 # torchrun on CPU/gloo: one thread per rank (the CI machine has 2 cores), and a collective that hangs
 # fails within a minute instead of the default half hour.

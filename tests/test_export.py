@@ -14,6 +14,8 @@ from plmrun.eval.export import ExportError, export, push_to_hub
 from plmrun.model.loading import load_model, save_model_dir
 from plmrun.model.registry import build_model
 
+from helpers import TINY_ESM2
+
 transformers = pytest.importorskip("transformers")
 
 SPEEDRUN = dict(
@@ -24,18 +26,6 @@ SPEEDRUN = dict(
     expansion_ratio=2.0,
     attention_soft_cap=30.0,
     soft_logit_cap=20.0,
-)
-ESM2 = dict(
-    arch="esm2",
-    hidden_size=32,
-    num_layers=2,
-    num_heads=4,
-    unet=False,
-    x0_lambdas=False,
-    value_embeddings=False,
-    qk_norm=False,
-    soft_logit_cap=0.0,
-    token_dropout=True,
 )
 
 
@@ -81,7 +71,7 @@ def _compare(out, cu, lens, logits, hidden):
 
 
 def test_esm2_exports_as_native_esm_for_masked_lm(tmp_path):
-    model, cfg = _saved_model(tmp_path, ESM2)
+    model, cfg = _saved_model(tmp_path, TINY_ESM2)
     out_dir = export(tmp_path / "model", tmp_path / "hf")
     hf = transformers.EsmForMaskedLM.from_pretrained(out_dir).eval()
     ids, mask, lens = _batch()
@@ -171,7 +161,7 @@ def test_export_refuses_non_empty_output(tmp_path):
 
 
 def test_push_to_hub_offline_fails_cleanly_and_never_leaks_the_token(tmp_path, monkeypatch, capsys):
-    _saved_model(tmp_path, ESM2)
+    _saved_model(tmp_path, TINY_ESM2)
     out_dir = export(tmp_path / "model", tmp_path / "hf")
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
@@ -188,7 +178,7 @@ def test_push_to_hub_offline_fails_cleanly_and_never_leaks_the_token(tmp_path, m
     assert secret not in captured.out + captured.err
 
 
-@pytest.mark.parametrize("kw", [ESM2, SPEEDRUN], ids=["esm2", "speedrun"])
+@pytest.mark.parametrize("kw", [TINY_ESM2, SPEEDRUN], ids=["esm2", "speedrun"])
 def test_exported_files_follow_the_umask(tmp_path, kw):
     old = os.umask(0o022)
     try:
@@ -223,7 +213,7 @@ def _card_snippet(card, folder):
     return code.replace('"path/to/this/folder"', repr(str(folder)))
 
 
-@pytest.mark.parametrize("kw", [ESM2, SPEEDRUN], ids=["esm2", "speedrun"])
+@pytest.mark.parametrize("kw", [TINY_ESM2, SPEEDRUN], ids=["esm2", "speedrun"])
 def test_model_card_names_the_dataset_and_its_snippet_runs_unattended(tmp_path, kw):
     import re
 
@@ -248,7 +238,7 @@ def test_model_card_names_the_dataset_and_its_snippet_runs_unattended(tmp_path, 
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
-@pytest.mark.parametrize("kw,limit", [(ESM2, 1026), (SPEEDRUN, None)], ids=["esm2", "speedrun"])
+@pytest.mark.parametrize("kw,limit", [(TINY_ESM2, 1026), (SPEEDRUN, None)], ids=["esm2", "speedrun"])
 def test_tokenizer_max_length_matches_the_model(tmp_path, kw, limit, caplog):
     import logging
 

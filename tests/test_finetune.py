@@ -10,18 +10,8 @@ from plmrun.model.config import ModelConfig
 from plmrun.model.loading import load_model, save_model_dir
 from plmrun.model.registry import build_model
 
-ESM2 = dict(
-    arch="esm2",
-    hidden_size=32,
-    num_layers=2,
-    num_heads=4,
-    unet=False,
-    x0_lambdas=False,
-    value_embeddings=False,
-    qk_norm=False,
-    soft_logit_cap=0.0,
-    token_dropout=True,
-)
+from helpers import TINY_ESM2
+
 SMALL = [
     "--max-train",
     "24",
@@ -289,7 +279,7 @@ def test_lora_without_peft_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_esm2_position_limit(tmp_path, capsys):
-    model = _model(tmp_path, **ESM2)
+    model = _model(tmp_path, **TINY_ESM2)
     long = _table(tmp_path, _rows() + ["M" * 1100 + ",1,train"])
     assert (
         _ft(tmp_path, model, "--task", long, "--max-length", "0", "--token-budget", "2048", "--max-train", "100") == 2

@@ -5,19 +5,15 @@ only real on an H100-class GPU (the cuda test and benchmarks/gpu.sh)."""
 import copy
 import json
 
-import numpy as np
 import pytest
 import torch
 
 from plmrun.config import ConfigError, build_config
-from plmrun.data.masking import eval_masks
-from plmrun.data.packing import pack
-from plmrun.data.shards import InMemorySequences
 from plmrun.model.registry import build_model
 from plmrun.train.parallelize import DistEnv, parallelize
 from plmrun.train.trainer import forward_backward
 
-from helpers import TINY, assert_identical
+from helpers import TINY, assert_identical, masked_micro_batches, random_sequences
 from helpers import run_cli as _plmrun
 
 pytest.importorskip("torchao", reason="train.fp8 needs the fp8 extra (in dev)")
@@ -26,12 +22,9 @@ CPU = DistEnv(1, 0, 0, torch.device("cpu"))
 SHAPE = ["--model.hidden_size=64", "--model.num_layers=2", "--model.num_heads=2", "--train.precision=bf16"]
 
 
-def _batch(budget=1024, seed=0):
-    rng = np.random.default_rng(seed)
-    src = InMemorySequences([rng.integers(4, 24, size=int(rng.integers(20, 90))).astype(np.uint8) for _ in range(16)])
-    idx = np.arange(16)
-    p = pack(src, idx, np.zeros(16, dtype=np.int64), token_budget=budget, max_length=128)
-    return [eval_masks(p, eval_seed=7, mask_rate=0.3)]
+def _batch(budget=1024):
+    """One micro-batch of 16 sequences of 20–89 residues."""
+    return masked_micro_batches(random_sequences(16, lengths=(20, 90)), [range(16)], budget)
 
 
 def _linears(model):

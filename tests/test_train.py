@@ -7,34 +7,16 @@ import pytest
 import torch
 
 from plmrun.config import build_config
-from plmrun.data.masking import eval_masks
-from plmrun.data.packing import pack
-from plmrun.data.shards import InMemorySequences
 from plmrun.model.registry import build_model
 from plmrun.train.trainer import forward_backward
 
-from helpers import TINY
+from helpers import TINY, masked_micro_batches, random_sequences
 from helpers import run_cli as _plmrun
-
-
-def _sequences(n=12, seed=0):
-    rng = np.random.default_rng(seed)
-    return InMemorySequences([rng.integers(4, 24, size=int(rng.integers(5, 60))).astype(np.uint8) for _ in range(n)])
-
-
-def _micro_batches(src, groups, budget):
-    """The same sequences packed into len(groups) micro-batches, masked identically (fixed per sequence)."""
-    out = []
-    for g in groups:
-        idx = np.array(g)
-        p = pack(src, idx, np.zeros(len(idx), dtype=np.int64), token_budget=budget, max_length=128)
-        out.append(eval_masks(p, eval_seed=7, mask_rate=0.3))
-    return out
 
 
 def test_micro_batch_split_invariance():
     """1×8 vs 4×2 accumulation (same sequences) give the same gradient and loss (fp32)."""
-    src = _sequences(16)
+    src = random_sequences(16)
     cfg = build_config(None, ["--model.hidden_size=32", "--model.num_layers=2", "--model.num_heads=2"]).model
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -44,7 +26,7 @@ def test_micro_batch_split_invariance():
     splits = {"8x2": [list(range(i, i + 2)) for i in range(0, 16, 2)], "2x8": [list(range(0, 8)), list(range(8, 16))]}
     grads, losses = {}, {}
     for name, groups in splits.items():
-        micro = _micro_batches(src, groups, budget=1024)
+        micro = masked_micro_batches(src, groups, budget=1024)
         norm = sum(mb.normalizer for mb in micro)
         model.zero_grad()
         loss = forward_backward(model, micro, global_norm=norm, world_size=1, device=torch.device("cpu"))
@@ -56,7 +38,7 @@ def test_micro_batch_split_invariance():
     # a mean of per-micro-batch means (the seed's bug) would differ
     per_mb = [
         float(forward_backward(model, [mb], global_norm=mb.normalizer, world_size=1, device=torch.device("cpu")))
-        for mb in _micro_batches(src, splits["8x2"], 1024)
+        for mb in masked_micro_batches(src, splits["8x2"], 1024)
     ]
     assert abs(np.mean(per_mb) - losses["8x2"]) > 1e-4
 
@@ -255,13 +237,13 @@ def test_compile_matches_eager_keeps_parameter_names_and_static_graphs():
             p.normal_(0, 0.1)
     compiled = parallelize(copy.deepcopy(eager), cfg, DistEnv(1, 0, 0, torch.device("cpu")))
     assert list(compiled.state_dict()) == list(eager.state_dict())
-    src = _sequences(24)
+    src = random_sequences(24)
     results = {}
     for name, model in (("eager", eager), ("compiled", compiled)):
         for j, groups in enumerate(([list(range(0, 6))], [list(range(6, 14))], [list(range(14, 24))])):
             if name == "compiled" and j == 1:
                 frames = counters["stats"]["unique_graphs"]
-            micro = _micro_batches(src, groups, budget=1024)
+            micro = masked_micro_batches(src, groups, budget=1024)
             model.zero_grad()
             loss = forward_backward(
                 model, micro, global_norm=micro[0].normalizer, world_size=1, device=torch.device("cpu")
