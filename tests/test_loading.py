@@ -20,22 +20,11 @@ from plmrun.model.esm2 import Esm2PLM
 from plmrun.model.loading import ModelLoadError, load_hf_weights_into, load_model, save_model_dir
 from plmrun.model.registry import build_model
 
+from helpers import TINY_ESM2
+
 transformers = pytest.importorskip("transformers")
 
-ESM2 = dict(
-    arch="esm2",
-    hidden_size=32,
-    num_layers=2,
-    num_heads=4,
-    expansion_ratio=2.0,
-    unet=False,
-    x0_lambdas=False,
-    value_embeddings=False,
-    qk_norm=False,
-    soft_logit_cap=0.0,
-    token_dropout=True,
-    tie_embeddings=True,
-)
+ESM2 = {**TINY_ESM2, "expansion_ratio": 2.0, "tie_embeddings": True}
 
 
 def tiny_hf(seed=0, **kw) -> "transformers.EsmForMaskedLM":
